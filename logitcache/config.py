@@ -1,0 +1,208 @@
+"""Frozen configuration dataclasses for capture, with dict round trips and validation.
+
+``CaptureConfig.identity()`` is the part of the configuration that determines the bytes of a
+store: a resumed capture must match it field by field. Batch size, device and the output path
+are left out on purpose: they change speed, never results.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+from .targets import METHODS
+
+EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
+BUILTIN_CORPUS = "builtin:pydoc"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """How each position's distribution is summarised.
+
+    ``k`` is the head size (topk, hybrid); ``samples`` the draws N (sample, hybrid);
+    ``temperature`` τ shapes the sampling proposal q ∝ p^(1/τ) (sample only).
+    """
+
+    method: str = "sample"
+    k: int = 64
+    samples: int = 50
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; found {self.method!r}")
+        _check(isinstance(self.k, int) and self.k >= 1, f"k must be an integer >= 1; found {self.k!r}")
+        _check(
+            isinstance(self.samples, int) and 1 <= self.samples <= 65535,
+            f"samples must be an integer in [1, 65535]; found {self.samples!r}",
+        )
+        _check(self.temperature > 0, f"temperature must be > 0; found {self.temperature!r}")
+        _check(
+            self.method == "sample" or self.temperature == 1.0,
+            f"temperature applies to method 'sample' only; found temperature={self.temperature} "
+            f"with method {self.method!r} (hybrid samples the tail at τ=1)",
+        )
+
+    def params(self) -> dict[str, Any]:
+        """Only the parameters the method uses (what the manifest records)."""
+        if self.method == "topk":
+            return {"k": self.k}
+        if self.method == "sample":
+            return {"samples": self.samples, "temperature": self.temperature}
+        if self.method == "hybrid":
+            return {"k": self.k, "samples": self.samples}
+        return {}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Which teacher runs, and how. ``model`` is a local HF directory or ``embedded:...``."""
+
+    model: str = EMBEDDED_TEACHER
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    head_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("hf",), f"backend must be 'hf'; found {self.backend!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
+        _check(self.head_chunk >= 1, f"head_chunk must be >= 1; found {self.head_chunk!r}")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text comes from and how it is cut into windows of ``seq_len + 1`` tokens."""
+
+    source: str = BUILTIN_CORPUS
+    text_field: str = "text"
+    split: str = "train"
+    seq_len: int = 512
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 1, f"seq_len must be >= 1; found {self.seq_len!r}")
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            f"max_tokens must be >= 1 or unset; found {self.max_tokens!r}",
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how targets are written."""
+
+    path: str = "cache"
+    format: str = "arrow"
+    sequences_per_shard: int = 16
+    compression: str = "zstd"
+    logprob_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("arrow",), f"format must be 'arrow'; found {self.format!r}")
+        _check(self.sequences_per_shard >= 1, f"sequences_per_shard must be >= 1; found {self.sequences_per_shard}")
+        _check(
+            self.compression in ("zstd", "lz4", "none"),
+            f"compression must be zstd, lz4 or none; found {self.compression!r}",
+        )
+        _check(
+            self.logprob_dtype in ("float32", "float16"),
+            f"logprob_dtype must be float32 or float16; found {self.logprob_dtype!r}",
+        )
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Everything a capture needs. ``batch_tokens`` bounds a forward batch (speed only)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    seed: int = 0
+    batch_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0; found {self.seed!r}")
+        _check(self.batch_tokens >= 1, f"batch_tokens must be >= 1; found {self.batch_tokens!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptureConfig:
+        return _from_dict(cls, data, "")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> CaptureConfig:
+        """Apply dotted overrides such as ``{"sparsify.k": 12}``; ``None`` values are ignored."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return CaptureConfig.from_dict(data)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the store's bytes (compared on resume)."""
+        d = self.to_dict()
+        teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype")}
+        store = {k: d["store"][k] for k in ("format", "sequences_per_shard", "compression", "logprob_dtype")}
+        return {
+            "teacher": teacher,
+            "corpus": d["corpus"],
+            "sparsify": {"method": self.sparsify.method, **self.sparsify.params()},
+            "store": store,
+            "seed": self.seed,
+        }
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; found {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), list(known), n=1)
+            did_you_mean = f"; did you mean {prefix}{hint[0]!r}?" if hint else ""
+            raise ConfigError(
+                f"unknown config key {prefix}{key!r}; expected one of {', '.join(sorted(known))}{did_you_mean}"
+            )
+        sub = _NESTED.get((cls, key))
+        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {prefix or 'config'}: {exc}") from exc
+
+
+_NESTED = {
+    (CaptureConfig, "teacher"): TeacherConfig,
+    (CaptureConfig, "corpus"): CorpusConfig,
+    (CaptureConfig, "sparsify"): SparsifyConfig,
+    (CaptureConfig, "store"): StoreConfig,
+}
+
+__all__ = [
+    "BUILTIN_CORPUS",
+    "EMBEDDED_TEACHER",
+    "CaptureConfig",
+    "CorpusConfig",
+    "SparsifyConfig",
+    "StoreConfig",
+    "TeacherConfig",
+    "replace",
+]

@@ -1,0 +1,158 @@
+"""SparseTargets: the in-memory contract between sparsifiers, stores and losses.
+
+A sparse summary of the teacher's next-token distribution at ``T`` positions, made of
+two optional parts:
+
+* a **head** of exactly ``k`` ids per position with their exact teacher log-probabilities
+  (``topk``, the head of ``hybrid``, and ``full`` where ``k == V``), plus the exact
+  ``tail_mass`` the head leaves out;
+* a ragged **sample** part: per position the distinct ids drawn by ``N`` draws with
+  replacement, with their counts (``sample`` = RS-KD, the tail of ``hybrid``), stored as
+  flat arrays and per-position lengths, never as Python lists.
+
+Every method yields the same estimate shape through :meth:`SparseTargets.estimate`:
+``t̂_i = exp(logprob_i)`` on the head and ``scale · (count_i / N) · weight_i`` on the sample,
+with ``scale = tail_mass`` for hybrid (draws come from the renormalised tail) and ``1``
+for sample. The estimate is unbiased for ``sample`` and ``hybrid``; for ``topk`` it is the
+exact head and the tail is summarised by ``tail_mass`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("topk", "sample", "hybrid", "full")
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """Sparse teacher targets for ``T`` consecutive positions of one sequence.
+
+    Attributes:
+        method: one of ``topk``, ``sample``, ``hybrid``, ``full``.
+        head_ids: ``int32[T, k]`` ids of the head, by descending probability; ``None`` for sample.
+        head_logprobs: ``float32[T, k]`` exact teacher log-probabilities of ``head_ids``.
+        tail_mass: ``float32[T]`` exact probability mass outside the head (``topk``, ``hybrid``).
+        sample_lengths: ``int32[T]`` distinct sampled ids per position; ``None`` without samples.
+        sample_ids: ``int32[P]`` distinct sampled ids, ascending within each position.
+        sample_counts: ``int32[P]`` draws of each id; per position they sum to ``num_samples``.
+        sample_weights: ``float32[P]`` importance weights ``p/q`` (``sample`` with τ ≠ 1), else ``None``.
+        num_samples: ``N``, the number of draws per position (0 without samples).
+    """
+
+    method: str
+    head_ids: torch.Tensor | None = None
+    head_logprobs: torch.Tensor | None = None
+    tail_mass: torch.Tensor | None = None
+    sample_lengths: torch.Tensor | None = None
+    sample_ids: torch.Tensor | None = None
+    sample_counts: torch.Tensor | None = None
+    sample_weights: torch.Tensor | None = None
+    num_samples: int = 0
+
+    @property
+    def num_positions(self) -> int:
+        if self.head_ids is not None:
+            return int(self.head_ids.shape[0])
+        if self.sample_lengths is not None:
+            return int(self.sample_lengths.shape[0])
+        return 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.head_ids is not None
+
+    @property
+    def has_samples(self) -> bool:
+        return self.sample_ids is not None
+
+    def sample_offsets(self) -> torch.Tensor:
+        """``int64[T+1]`` start of each position's entries in the flat sample arrays."""
+        if self.sample_lengths is None:
+            raise ValueError(f"method {self.method!r} has no sample part")
+        lengths = self.sample_lengths.to(torch.int64)
+        return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
+
+    def ids_per_position(self) -> torch.Tensor:
+        """``int64[T]`` number of stored ids at each position (head plus sample)."""
+        total = torch.zeros(self.num_positions, dtype=torch.int64)
+        if self.head_ids is not None:
+            total += self.head_ids.shape[1]
+        if self.sample_lengths is not None:
+            total += self.sample_lengths.to(torch.int64)
+        return total
+
+    def sample_estimate(self) -> torch.Tensor:
+        """``float32[P]`` the estimate ``scale · count / N · weight`` of each sampled id."""
+        if self.sample_counts is None:
+            raise ValueError(f"method {self.method!r} has no sample part")
+        est = self.sample_counts.to(torch.float32) / float(self.num_samples)
+        if self.sample_weights is not None:
+            est = est * self.sample_weights
+        if self.method == "hybrid":
+            scale = torch.repeat_interleave(self.tail_mass, self.sample_lengths.to(torch.int64))
+            est = est * scale
+        return est
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat ``(offsets int64[T+1], ids int64[E], probs float32[E])`` of ``t̂`` per position.
+
+        Head entries come first at each position, then sampled entries. Head and sample ids
+        are disjoint for ``hybrid`` by construction.
+        """
+        t = self.num_positions
+        parts_ids, parts_probs, parts_len = [], [], []
+        if self.head_ids is not None:
+            k = self.head_ids.shape[1]
+            parts_ids.append(self.head_ids.to(torch.int64))
+            parts_probs.append(self.head_logprobs.to(torch.float32).exp())
+            parts_len.append(torch.full((t,), k, dtype=torch.int64))
+        if self.sample_ids is not None:
+            parts_len.append(self.sample_lengths.to(torch.int64))
+        lengths = sum(parts_len) if parts_len else torch.zeros(t, dtype=torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        if self.sample_ids is None:
+            return offsets, parts_ids[0].reshape(-1), parts_probs[0].reshape(-1)
+        s_ids = self.sample_ids.to(torch.int64)
+        s_probs = self.sample_estimate()
+        if self.head_ids is None:
+            return offsets, s_ids, s_probs
+        # interleave: head block of position i, then its sample entries
+        k = self.head_ids.shape[1]
+        pos_of_sample = torch.repeat_interleave(torch.arange(t), self.sample_lengths.to(torch.int64))
+        s_off = self.sample_offsets()
+        rank_in_pos = torch.arange(s_ids.numel()) - s_off[pos_of_sample]
+        ids = torch.empty(int(offsets[-1]), dtype=torch.int64)
+        probs = torch.empty(int(offsets[-1]), dtype=torch.float32)
+        head_dst = (offsets[:-1, None] + torch.arange(k)[None, :]).reshape(-1)
+        ids[head_dst] = parts_ids[0].reshape(-1)
+        probs[head_dst] = parts_probs[0].reshape(-1)
+        sample_dst = offsets[pos_of_sample] + k + rank_in_pos
+        ids[sample_dst] = s_ids
+        probs[sample_dst] = s_probs
+        return offsets, ids, probs
+
+
+def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
+    """Concatenate targets of consecutive position chunks of one sequence."""
+    if not parts:
+        raise ValueError("concat_targets needs at least one part")
+    first = parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values, 0)
+
+    return SparseTargets(
+        method=first.method,
+        head_ids=cat("head_ids"),
+        head_logprobs=cat("head_logprobs"),
+        tail_mass=cat("tail_mass"),
+        sample_lengths=cat("sample_lengths"),
+        sample_ids=cat("sample_ids"),
+        sample_counts=cat("sample_counts"),
+        sample_weights=cat("sample_weights"),
+        num_samples=first.num_samples,
+    )
