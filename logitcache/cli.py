@@ -1,0 +1,161 @@
+"""Command-line entry points: ``logitcache capture | inspect | verify``.
+
+``capture`` reads an optional YAML config (``--config``); flags given on the command line
+override it field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import CaptureConfig
+from .errors import ConfigError, LogitCacheError
+
+# flag name -> dotted config field
+CAPTURE_FLAGS = {
+    "teacher": "teacher.model",
+    "device": "teacher.device",
+    "dtype": "teacher.dtype",
+    "trust_remote_code": "teacher.trust_remote_code",
+    "corpus": "corpus.source",
+    "text_field": "corpus.text_field",
+    "split": "corpus.split",
+    "seq_len": "corpus.seq_len",
+    "max_tokens": "corpus.max_tokens",
+    "method": "sparsify.method",
+    "k": "sparsify.k",
+    "samples": "sparsify.samples",
+    "temperature": "sparsify.temperature",
+    "out": "store.path",
+    "sequences_per_shard": "store.sequences_per_shard",
+    "logprob_dtype": "store.logprob_dtype",
+    "seed": "seed",
+    "batch_tokens": "batch_tokens",
+}
+
+
+def load_config(path: str | None, overrides: dict) -> CaptureConfig:
+    """A CaptureConfig from an optional YAML file plus flag overrides (``None`` = not given)."""
+    import yaml
+
+    data = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping; found {type(data).__name__}")
+    config = CaptureConfig.from_dict(data)
+    return config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
+
+
+@click.group()
+@click.version_option(package_name="logitcache")
+def main() -> None:
+    """Capture sparse teacher targets once; stream them to student trainers."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML capture config; flags override it.")
+@click.option("--teacher", help="Local HF model directory, or embedded:smollm2-135m-instruct (default).")
+@click.option("--device", help="cpu, cuda, cuda:N or auto (default).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
+@click.option("--corpus", help="Path (.txt/.md dir or file, .jsonl, .parquet, HF save_to_disk dir) or builtin:pydoc.")
+@click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
+@click.option("--split", help="Split of a saved HF DatasetDict (default train).")
+@click.option("--seq-len", type=int, help="Positions per window (default 512).")
+@click.option("--max-tokens", type=int, help="Stop after about this many tokens (whole windows).")
+@click.option("--method", type=click.Choice(["topk", "sample", "hybrid", "full"]), help="Sparsifier (default sample).")
+@click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
+@click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
+@click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
+@click.option("--seed", type=int, help="Global seed for the draws (default 0).")
+@click.option("--out", help="Store directory (default ./cache).")
+@click.option("--sequences-per-shard", type=int, help="Windows per shard = unit of work (default 16).")
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16"]), help="Stored logprob precision.")
+@click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def capture(config_path, overwrite, quiet, **flags) -> None:
+    """Run the teacher over a corpus and write sparse targets to a store (resumable)."""
+    from .capture import capture as run_capture
+
+    config = load_config(config_path, flags)
+    summary = run_capture(config, overwrite=overwrite, progress=not quiet)
+    click.echo(f"captured {summary.tokens} positions in {summary.seconds:.1f}s "
+               f"({summary.tokens_per_second:.0f} tok/s); units written {summary.units_written}, "
+               f"already committed {summary.units_skipped}; store {summary.store}", err=True)
+    _print_summary(summary.store)
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(store, as_json) -> None:
+    """Summarise a store: method, teacher, sizes, completeness."""
+    from .store import inspect_store
+
+    summary = inspect_store(store)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        _print_summary(store, summary)
+
+
+def _print_summary(store: str, summary: dict | None = None) -> None:
+    from .store import inspect_store
+
+    s = summary or inspect_store(store)
+    lines = [
+        f"store            {s['path']}  (format v{s['format_version']}, {'complete' if s['complete'] else 'INCOMPLETE'})",
+        f"method           {s['method']} {json.dumps(s['params'])}  seed {s['seed']}",
+        f"teacher          {s['teacher']['name']}  {s['teacher']['dtype']}  weights {s['teacher']['weights_sha256'][:12]}",
+        f"tokenizer        {s['tokenizer_fingerprint'][:16]}",
+        f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
+        f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions",
+        f"shards           {s['shards']} of {s['planned_shards']}",
+        f"bytes on disk    {s['bytes_on_disk']:,}  ({s['bytes_per_position']:.1f} B/position)",
+        f"ids per position {s['mean_ids_per_position']:.2f}",
+    ]
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("store", type=click.Path(file_okay=False))
+def verify(store) -> None:
+    """Check every shard's checksum, size, schema and counts; exit 1 on any problem."""
+    from .store import verify_store
+
+    report = verify_store(store)
+    for problem in report.problems:
+        click.echo(f"BAD  {problem}", err=True)
+    if not report.ok:
+        click.echo(f"{len(report.problems)} problem(s) in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {report.shards} shards verified in {store}")
+
+
+def run() -> None:
+    """Entry point that turns our errors into one clean line and exit code 2."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LogitCacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()
