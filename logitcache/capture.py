@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from .config import CaptureConfig
 from .corpus import read_documents
+from .faults import fault_point
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
 from .store.arrow import EXTENSION, ShardSpec, encode_shard
@@ -103,7 +104,7 @@ def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
         idx = range(start, min(start + per_batch, unit.stop))
-        windows = np.stack([plan.window(i) for i in idx])
+        windows = plan.windows(idx.start, idx.stop)
         ids = [plan.seq_id(i) for i in idx]
         batch_targets = sparsify_batch(teacher, torch.from_numpy(windows).long(), ids, config)
         seq_ids += ids
@@ -151,11 +152,14 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
                             initial=sum(r.positions for r in committed))
         tokens = 0
         for unit in todo:
+            fault_point("unit_start")
             record, data = capture_unit(teacher, plan, unit, config, spec, on_batch=bar.update)
             commit_unit(root, record, data)
             records.append(record)
             tokens += record.positions
+            fault_point("after_commit")
         bar.close()
+        fault_point("before_finalize")
         manifest = finalize_store(root, header, records)
     return CaptureSummary(store=str(root), units_total=len(units), units_skipped=len(units) - len(todo),
                           units_written=len(todo), tokens=tokens, seconds=time.perf_counter() - started,

@@ -177,9 +177,9 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         if key not in known:
             hint = difflib.get_close_matches(str(key), list(known), n=1)
-            did_you_mean = f"; did you mean {prefix}{hint[0]!r}?" if hint else ""
+            did_you_mean = f"; did you mean {prefix + hint[0]!r}?" if hint else ""
             raise ConfigError(
-                f"unknown config key {prefix}{key!r}; expected one of {', '.join(sorted(known))}{did_you_mean}"
+                f"unknown config key {prefix + str(key)!r}; expected one of {', '.join(sorted(known))}{did_you_mean}"
             )
         sub = _NESTED.get((cls, key))
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..faults import fault_point
 from ..errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 
 FORMAT_NAME = "logitcache"
@@ -185,6 +186,7 @@ def _shard_matches(root: Path, record: ShardRecord) -> bool:
 def commit_unit(root: Path, record: ShardRecord, data: bytes) -> None:
     """Write one unit's shard, then its commit record: exactly-once, crash-safe."""
     atomic_write(root / record.path, data)
+    fault_point("after_shard")
     atomic_write(root / COMMIT_DIR / f"{record.index:05d}.json", dump_json(record.to_dict()))
 
 

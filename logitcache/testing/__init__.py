@@ -1,0 +1,1 @@
+"""Test helpers: a tiny offline teacher and corpus writers (see ``logitcache.testing.tiny``)."""

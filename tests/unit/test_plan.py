@@ -1,0 +1,198 @@
+"""Plan: packing, window arithmetic, limits, stable ids and fingerprints, units, error messages."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from logitcache.corpus import Document, read_documents
+from logitcache.errors import ConfigError, CorpusError, TeacherError
+from logitcache.plan import Plan, Unit, build_plan, plan_units, seq_id_for, tokenizer_fingerprint
+
+
+def docs(*texts: str) -> list[Document]:
+    return [Document(t, f"mem:{i}") for i, t in enumerate(texts)]
+
+
+@pytest.fixture(scope="module")
+def pydoc_plan(tiny_tokenizer) -> Plan:
+    return build_plan(read_documents("builtin:pydoc"), tiny_tokenizer, seq_len=64, max_tokens=None)
+
+
+def test_packing_appends_eos_after_each_document(tiny_tokenizer):
+    texts = ["hello world", "  \n ", "def f(x): return x", "", "last one"]
+    plan = build_plan(docs(*texts), tiny_tokenizer, seq_len=4, max_tokens=None)
+    eos = tiny_tokenizer.eos_token_id
+    expected = []
+    for t in texts:
+        if t.strip():
+            expected += tiny_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]
+    assert plan.tokens.dtype == np.int32
+    assert plan.tokens.tolist() == expected
+    assert plan.stats["documents"] == 5 and plan.stats["empty_documents_skipped"] == 2
+    assert plan.stats["documents_tokenized"] == 3
+
+
+def test_windows_overlap_by_one_and_labels_tile_the_stream(pydoc_plan):
+    plan, s = pydoc_plan, pydoc_plan.seq_len
+    assert plan.num_windows == (plan.tokens.size - 1) // s
+    labels = np.concatenate([plan.window(i)[1:] for i in range(plan.num_windows)])
+    # every token but the first, up to the last full window, is a label exactly once, in order
+    assert np.array_equal(labels, plan.tokens[1 : plan.num_windows * s + 1])
+    for i in range(plan.num_windows - 1):
+        assert plan.window(i)[-1] == plan.window(i + 1)[0]
+        assert plan.window(i).shape == (s + 1,) and plan.window(i).dtype == np.int32
+    stacked = plan.windows(2, 5)
+    assert stacked.shape == (3, s + 1) and np.array_equal(stacked[1], plan.window(3))
+
+
+def test_stats_are_consistent(pydoc_plan):
+    st = pydoc_plan.stats
+    from pydoc_data.topics import topics
+
+    assert st["documents"] == len(topics)
+    assert st["tokens"] == pydoc_plan.tokens.size
+    assert st["windows"] == pydoc_plan.num_windows
+    assert st["tokens_in_windows"] == st["windows"] * pydoc_plan.seq_len + 1
+    assert st["tail_tokens_skipped"] == st["tokens"] - st["tokens_in_windows"]
+    assert 0 <= st["tail_tokens_skipped"] < pydoc_plan.seq_len
+
+
+def test_window_is_read_only_view(pydoc_plan):
+    w = pydoc_plan.window(0)
+    assert np.shares_memory(w, pydoc_plan.tokens)
+    with pytest.raises(ValueError):
+        w[0] = 1
+    with pytest.raises(IndexError, match="out of range"):
+        pydoc_plan.window(pydoc_plan.num_windows)
+
+
+def test_tail_exact_fit(tiny_tokenizer):
+    full = build_plan(docs("abc def ghi jkl mno pqr stu"), tiny_tokenizer, seq_len=1, max_tokens=None)
+    n = full.tokens.size
+    exact = build_plan(docs("abc def ghi jkl mno pqr stu"), tiny_tokenizer, seq_len=n - 1, max_tokens=None)
+    assert exact.num_windows == 1 and exact.stats["tail_tokens_skipped"] == 0
+    assert full.num_windows == n - 1
+
+
+@pytest.mark.parametrize("max_tokens", [1, 63, 64, 65, 640, 10**9])
+def test_max_tokens_keeps_first_windows_with_same_ids(tiny_tokenizer, pydoc_plan, max_tokens):
+    plan = build_plan(read_documents("builtin:pydoc"), tiny_tokenizer, seq_len=64, max_tokens=max_tokens)
+    expected = min(math.ceil(max_tokens / 64), pydoc_plan.num_windows)
+    assert plan.num_windows == expected
+    assert plan.corpus_fingerprint == pydoc_plan.corpus_fingerprint
+    assert plan.stats["documents"] == pydoc_plan.stats["documents"]
+    for i in range(plan.num_windows):
+        assert np.array_equal(plan.window(i), pydoc_plan.window(i))
+        assert plan.seq_id(i) == pydoc_plan.seq_id(i)
+    if expected < pydoc_plan.num_windows:  # stops tokenizing once the windows are complete
+        assert plan.stats["documents_tokenized"] < pydoc_plan.stats["documents_tokenized"]
+
+
+def test_seq_ids_deterministic_distinct_63_bit(pydoc_plan, tiny_tokenizer):
+    again = build_plan(read_documents("builtin:pydoc"), tiny_tokenizer, seq_len=64, max_tokens=None)
+    ids = [pydoc_plan.seq_id(i) for i in range(pydoc_plan.num_windows)]
+    assert ids == [again.seq_id(i) for i in range(again.num_windows)]
+    assert len(set(ids)) == len(ids) and all(0 <= x < 2**63 for x in ids)
+    assert seq_id_for(pydoc_plan.corpus_fingerprint, 64, 0) == ids[0]
+    assert seq_id_for(pydoc_plan.corpus_fingerprint, 65, 0) != ids[0]
+    assert np.array_equal(again.tokens, pydoc_plan.tokens)
+
+
+def test_corpus_fingerprint_is_text_only_and_length_prefixed(tiny_tokenizer):
+    a = build_plan(docs("ab c", "d e f"), tiny_tokenizer, seq_len=2, max_tokens=None)
+    b = build_plan(docs("ab", " cd e f"), tiny_tokenizer, seq_len=2, max_tokens=None)
+    c = build_plan(docs("ab c", "d e f"), tiny_tokenizer, seq_len=3, max_tokens=None, eos_id=1)
+    assert a.corpus_fingerprint != b.corpus_fingerprint  # same concatenation, different boundaries
+    assert a.corpus_fingerprint == c.corpus_fingerprint  # independent of seq_len and eos
+    assert len(a.corpus_fingerprint) == 64
+
+
+def test_tokenizer_fingerprint(tiny_teacher):
+    from transformers import AutoTokenizer
+
+    t1 = AutoTokenizer.from_pretrained(tiny_teacher)
+    t2 = AutoTokenizer.from_pretrained(tiny_teacher)
+    fp = tokenizer_fingerprint(t1)
+    assert fp == tokenizer_fingerprint(t2) and len(fp) == 64
+    t2.add_tokens(["<new_token>"])
+    assert tokenizer_fingerprint(t2) != fp
+
+
+def test_tokenizer_fingerprint_changes_with_one_vocab_entry():
+    class FakeTok:
+        special_tokens_map = {"eos_token": "</s>"}
+        all_special_tokens = ["</s>"]
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    base = {"</s>": 0, "a": 1, "b": 2}
+    fp = tokenizer_fingerprint(FakeTok(base))
+    assert tokenizer_fingerprint(FakeTok(dict(reversed(base.items())))) == fp  # order-free
+    assert tokenizer_fingerprint(FakeTok({**base, "b": 3})) != fp  # renumbered
+    assert tokenizer_fingerprint(FakeTok({"</s>": 0, "a": 1, "c": 2})) != fp  # renamed
+    other = FakeTok(base)
+    other.special_tokens_map = {"eos_token": "a"}
+    assert tokenizer_fingerprint(other) != fp
+
+
+@pytest.mark.parametrize(("n", "per", "sizes"), [(10, 4, [4, 4, 2]), (8, 4, [4, 4]), (3, 16, [3]), (5, 1, [1] * 5)])
+def test_plan_units(tiny_tokenizer, n, per, sizes):
+    plan = Plan(np.zeros(n * 2 + 1, dtype=np.int32), 2, n, "f" * 64, {})
+    units = plan_units(plan, per)
+    assert [u.size for u in units] == sizes
+    assert [u.index for u in units] == list(range(len(sizes)))
+    assert units[0].start == 0 and units[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(units, units[1:]))
+    assert isinstance(units[0], Unit)
+    with pytest.raises(ConfigError, match="sequences_per_shard"):
+        plan_units(plan, 0)
+
+
+def test_empty_corpus(tiny_tokenizer):
+    with pytest.raises(CorpusError, match="empty corpus"):
+        build_plan([], tiny_tokenizer, seq_len=4, max_tokens=None)
+
+
+def test_all_documents_empty(tiny_tokenizer):
+    with pytest.raises(CorpusError, match=r"all 3 documents are empty or whitespace-only"):
+        build_plan(docs("", " \n", "\t"), tiny_tokenizer, seq_len=4, max_tokens=None)
+
+
+def test_too_few_tokens_says_counts_and_fix(tiny_tokenizer):
+    plan = build_plan(docs("hi"), tiny_tokenizer, seq_len=1, max_tokens=None)
+    n = plan.tokens.size
+    with pytest.raises(CorpusError) as err:
+        build_plan(docs("hi"), tiny_tokenizer, seq_len=n, max_tokens=None)
+    msg = str(err.value)
+    assert f"has {n} tokens" in msg and f"seq_len + 1 = {n + 1}" in msg and "--seq-len" in msg
+
+
+def test_window_must_fit_teacher(tiny_tokenizer):
+    with pytest.raises(TeacherError, match=r"seq_len = 257 .*max_positions = 256"):
+        build_plan(docs("x"), tiny_tokenizer, seq_len=257, max_tokens=None, max_positions=256)
+    plan = build_plan(docs("x " * 400), tiny_tokenizer, seq_len=256, max_tokens=None, max_positions=256)
+    assert plan.window(0).size == 257
+
+
+def test_eos_required(tiny_tokenizer):
+    class NoEos:
+        eos_token_id = None
+
+    with pytest.raises(CorpusError, match="eos"):
+        build_plan(docs("x"), NoEos(), seq_len=1, max_tokens=None)
+    plan = build_plan(docs("a", "b"), tiny_tokenizer, seq_len=1, max_tokens=None, eos_id=1)
+    assert plan.tokens[-1] == 1
+
+
+@pytest.mark.parametrize(("kw", "match"), [({"seq_len": 0}, "seq_len"), ({"seq_len": 2, "max_tokens": 0}, "max_tokens")])
+def test_bad_arguments(tiny_tokenizer, kw, match):
+    kw.setdefault("max_tokens", None)
+    with pytest.raises(ConfigError, match=match):
+        build_plan(docs("x"), tiny_tokenizer, **kw)
