@@ -1,0 +1,117 @@
+"""Time each sparsifier on [4096, V] logits fed in chunks of 256 rows, against a logsumexp-only baseline.
+
+    python benchmarks/sparsify_speed.py [--csv results.csv] [--real] [--threads N] [--repeats R]
+
+``--real`` uses logits of the SmolLM2-135M directory at ``--model`` (default /tmp/smol/out) on the
+built-in pydoc corpus, and also times that bf16 forward, so the table shows what share of a capture
+step each method costs. Otherwise logits are ``N(0, 9)`` with one +8 spike and a few +4 bumps per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from logitcache.sparsify import draw_uniforms, hybrid, sample, topk
+
+
+def synthetic_logits(t: int, v: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(t, v, generator=g) * 3
+    x[torch.arange(t), torch.randint(0, v, (t,), generator=g)] += 8
+    bumps = torch.randint(0, v, (t, 8), generator=g)
+    x.scatter_add_(1, bumps, torch.full((t, 8), 4.0))
+    return x
+
+
+def real_logits(model_dir: str, t: int) -> tuple[torch.Tensor, float]:
+    """``(fp32 logits [t, V], seconds of the bf16 forward)`` from a local HF model on pydoc text."""
+    from pydoc_data.topics import topics
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    ids = tok("\n\n".join(topics.values()), return_tensors="pt").input_ids[0][: t]
+    batch = ids.reshape(-1, 512)
+    with torch.inference_mode():
+        model(batch[:1])
+        start = time.perf_counter()
+        logits = model(batch).logits
+        seconds = time.perf_counter() - start
+    return logits.reshape(t, -1).float(), seconds
+
+
+def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) -> float:
+    """Median seconds to run ``fn`` over all rows of ``x`` in ``chunk``-row pieces."""
+    fn(x[:chunk], u[:chunk])
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for a in range(0, x.shape[0], chunk):
+            fn(x[a : a + chunk], u[a : a + chunk])
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+METHODS = {
+    "logsumexp (baseline)": lambda x, u: torch.logsumexp(x.float(), -1),
+    "topk k=64": lambda x, u: topk(x, 64),
+    "sample N=50": lambda x, u: sample(x, 50, 1.0, u),
+    "sample N=50 tau=0.8": lambda x, u: sample(x, 50, 0.8, u),
+    "hybrid k=8 N=50": lambda x, u: hybrid(x, 8, 50, u),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", help="append result rows to this CSV file")
+    ap.add_argument("--positions", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--real", action="store_true", help="use real SmolLM2 logits from --model")
+    ap.add_argument("--model", default="/tmp/smol/out")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    forward_s = None
+    if args.real and os.path.isdir(args.model):
+        x, forward_s = real_logits(args.model, args.positions)
+    else:
+        x = synthetic_logits(args.positions, args.vocab)
+    u = draw_uniforms(0, 0, x.shape[0], 50)
+    rows = []
+    print(f"{x.shape[0]} x {x.shape[1]} logits, chunks of {args.chunk}, {torch.get_num_threads()} threads"
+          + (f", bf16 forward {forward_s:.2f} s" if forward_s else ""))
+    print(f"{'method':24s} {'dtype':9s} {'seconds':>8s} {'pos/s':>10s} {'vs lse':>7s}"
+          + (f" {'% of fwd':>8s}" if forward_s else ""))
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        base = None
+        for name, fn in METHODS.items():
+            sec = time_method(fn, xd, u, args.chunk, args.repeats)
+            base = base or sec
+            pps = x.shape[0] / sec
+            extra = f" {100 * sec / forward_s:7.1f}%" if forward_s else ""
+            print(f"{name:24s} {str(dtype)[6:]:9s} {sec:8.3f} {pps:10.0f} {base / sec:7.2f}{extra}", flush=True)
+            rows.append([datetime.datetime.now().isoformat(timespec="seconds"), platform.node(), torch.__version__,
+                         name, str(dtype)[6:], x.shape[0], f"{sec:.4f}", f"{pps:.1f}"])
+    if args.csv:
+        new = not os.path.exists(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["timestamp", "machine", "torch", "method", "dtype", "positions", "seconds", "positions_per_s"])
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
