@@ -1,0 +1,208 @@
+"""RS-KD loss forward+backward time and peak memory ÷ cross-entropy's, on the same logits, in one run.
+
+Cases (B = 1, one sequence of T positions, RS-KD targets with N = 50 draws, U ≈ 12 ids):
+
+* ``ce``          — ``F.cross_entropy(logits, labels)`` forward + backward (the baseline);
+* ``rskd``        — ``kd_loss(..., alpha=1, kind="sparse")`` (KD only);
+* ``rskd+ce``     — ``kd_loss(..., alpha=0.5)`` (what a trainer runs);
+* the same three on bf16 logits (ratios against ``ce_bf16``);
+* ``head_plain``  — ``kd_loss(hidden @ W.T, alpha=0.5)`` from hidden states, and
+  ``head_chunked`` — :func:`chunked_kd_loss` on the same inputs (ratios against ``head_plain``).
+
+Every case runs in a fresh subprocess. Peak memory is the growth over the state right after the
+inputs were built: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the kernel's peak RSS
+(``VmHWM``, reset through ``/proc/self/clear_refs`` once the inputs exist; ``ru_maxrss`` where that
+is not possible), with glibc's mmap threshold pinned at 64 KiB so freed tensors leave RSS. Time is
+the minimum of ``--repeats`` runs after one warm-up (the minimum, because the
+machine may be shared: contention only ever adds time).
+
+    python benchmarks/loss_speed.py --csv benchmarks/results/loss_speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CASES = ("ce", "rskd", "rskd+ce", "ce_bf16", "rskd_bf16", "rskd+ce_bf16", "head_plain", "head_chunked")
+BASELINE = {"ce": "ce", "rskd": "ce", "rskd+ce": "ce", "ce_bf16": "ce_bf16", "rskd_bf16": "ce_bf16",
+            "rskd+ce_bf16": "ce_bf16", "head_plain": "head_plain", "head_chunked": "head_plain"}
+
+
+# ---------------------------------------------------------------- worker (one case per process)
+def _rskd_batch(t: int, v: int, n: int, gen: torch.Generator) -> dict:
+    """A collated RS-KD batch without a dense teacher: per position 64 random candidate ids with
+    Zipf-like probabilities (rank^-1.7), so N = 50 draws keep ≈ 12 distinct ids as in the paper."""
+    from logitcache.collate import collate
+    from logitcache.targets import SparseTargets
+
+    cand = torch.randint(0, v, (t, 64), generator=gen)
+    q = torch.arange(1, 65, dtype=torch.float32) ** -1.7 * torch.exp(0.3 * torch.randn(t, 64, generator=gen))
+    draws = torch.multinomial(q, n, replacement=True, generator=gen)
+    counts = torch.zeros(t, 64, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+    ids = torch.where(counts > 0, cand, v)  # merge duplicate candidates: sort ids, then run-length
+    sorted_ids, order = ids.sort(-1)
+    sorted_counts = counts.gather(1, order)
+    rows = torch.arange(t)[:, None].expand(t, 64)
+    keep = sorted_ids < v
+    flat_pos, flat_ids, flat_counts = rows[keep], sorted_ids[keep], sorted_counts[keep]
+    key = flat_pos * v + flat_ids
+    uniq, inverse = torch.unique_consecutive(key, return_inverse=True)
+    merged = torch.zeros(uniq.numel(), dtype=torch.int64).scatter_add_(0, inverse, flat_counts)
+    pos = uniq // v
+    targets = SparseTargets(
+        method="sample", sample_lengths=torch.bincount(pos, minlength=t).to(torch.int32),
+        sample_ids=(uniq % v).to(torch.int32), sample_counts=merged.to(torch.int32), num_samples=n,
+    )
+    labels = torch.randint(0, v, (t,), generator=gen)
+    return collate([{"seq_id": 0, "input_ids": labels, "labels": labels, "targets": targets}])
+
+
+def _peak_reset(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmRSS") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_read(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    try:
+        return _status_kib("VmHWM") * 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats: int) -> dict:
+    from logitcache.losses import kd_loss
+    from logitcache.losses_chunked import chunked_kd_loss
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    batch = {k: x.to(device) if isinstance(x, torch.Tensor) else x for k, x in _rskd_batch(t, v, n, gen).items()}
+    dtype = torch.bfloat16 if case.endswith("_bf16") else torch.float32
+    name = case.removesuffix("_bf16")
+    if name.startswith("head"):
+        h = torch.randn(1, t, hidden, generator=gen).to(device).requires_grad_(True)
+        w = (torch.randn(v, hidden, generator=gen) / hidden**0.5).to(device).requires_grad_(True)
+        inputs = (h, w)
+        if name == "head_plain":
+            def step():
+                return torch.autograd.grad(kd_loss(h @ w.T, batch, alpha=0.5), inputs)
+        else:
+            def step():
+                return torch.autograd.grad(chunked_kd_loss(h, w, batch, alpha=0.5, chunk_size=chunk), inputs)
+    else:
+        z = torch.randn(1, t, v, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        labels = batch["labels"]
+        if name == "ce":
+            def step():
+                return torch.autograd.grad(F.cross_entropy(z.view(-1, v), labels.view(-1)), z)
+        else:
+            alpha = 1.0 if name == "rskd" else 0.5
+            def step():
+                return torch.autograd.grad(kd_loss(z, batch, alpha=alpha, kind="sparse"), z)
+    base = _peak_reset(device)
+    seconds = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        grads = step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            seconds.append(time.perf_counter() - start)
+        del grads
+    return {"seconds": min(seconds), "peak_bytes": _peak_read(device) - base,
+            "U": int(batch["target_ids"].shape[-1]), "mean_ids": float(batch["target_mask"].sum()) / t,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+
+
+# ---------------------------------------------------------------- driver
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--csv", default="benchmarks/results/loss_speed.csv")
+    ap.add_argument("--vocab", default="49152,152064", help="comma-separated vocabulary sizes")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size for the head_* cases")
+    ap.add_argument("--chunk", type=int, default=256, help="positions per chunk for head_chunked")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        v = int(args.vocab)
+        print(json.dumps(run_case(args.worker, v, args.seq, args.samples, args.hidden, args.chunk, args.repeats)))
+        return
+    rows = []
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    for v in (int(x) for x in args.vocab.split(",")):
+        results = {}
+        for case in args.cases.split(","):
+            cmd = [sys.executable, __file__, "--worker", case, "--vocab", str(v), "--seq", str(args.seq),
+                   "--samples", str(args.samples), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
+                   "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            results[case] = json.loads(out.strip().splitlines()[-1])
+        for case, r in results.items():
+            base = results.get(BASELINE[case])
+            rows.append({
+                "timestamp": stamp, "machine": f"{platform.node()} ({os.cpu_count()} cpu, {r['device']})",
+                "torch": torch.__version__, "case": case, "V": v, "T": args.seq, "U": r["U"],
+                "mean_ids": round(r["mean_ids"], 2), "seconds": round(r["seconds"], 4),
+                "peak_bytes": r["peak_bytes"], "baseline": BASELINE[case],
+                "ratio": round(r["seconds"] / base["seconds"], 3) if base else "",
+                "peak_ratio": round(r["peak_bytes"] / base["peak_bytes"], 3) if base and base["peak_bytes"] else "",
+            })
+    write_csv(Path(args.csv), rows)
+    print_table(rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'case':>14} {'V':>7} {'T':>5} {'U':>3} {'ids':>5} {'seconds':>8} {'peak MiB':>9} {'vs':>11} {'time×':>6} {'peak×':>6}")
+    for r in rows:
+        print(f"{r['case']:>14} {r['V']:>7} {r['T']:>5} {r['U']:>3} {r['mean_ids']:>5} {r['seconds']:>8.3f} "
+              f"{r['peak_bytes'] / 2**20:>9.1f} {r['baseline']:>11} {r['ratio']!s:>6} {r['peak_ratio']!s:>6}")
+
+
+if __name__ == "__main__":
+    main()
