@@ -52,6 +52,9 @@ def load_config(path: str | None, overrides: dict) -> CaptureConfig:
             raise ConfigError(f"cannot read config file {path}: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping; found {type(data).__name__}")
+        kind = data.pop("kind", "capture")
+        if kind != "capture":
+            raise ConfigError(f"config file {path} has kind {kind!r}; `logitcache capture` expects kind 'capture'")
     config = CaptureConfig.from_dict(data)
     return config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
 
