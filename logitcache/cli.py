@@ -146,6 +146,11 @@ def verify(store) -> None:
     click.echo(f"ok: {report.shards} shards verified in {store}")
 
 
+from .cli_train import train_command  # noqa: E402
+
+main.add_command(train_command)
+
+
 def run() -> None:
     """Entry point that turns our errors into one clean line and exit code 2."""
     try:
