@@ -12,20 +12,16 @@ sparsification, Arrow encoding, checksums, fsync and manifest. Repeats are inter
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from common import provenance, write_csv
 
 import torch
 
-from logitcache import __version__
 from logitcache.capture import capture
 from logitcache.config import CaptureConfig
 from logitcache.corpus import read_documents
@@ -39,13 +35,6 @@ METHODS = {
     "hybrid-12+50": {"method": "hybrid", "k": 12, "samples": 50},
 }
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bare_forward_seconds(teacher, windows: torch.Tensor, per_batch: int) -> float:
@@ -92,9 +81,7 @@ def main() -> None:
                 capt.append(summary.seconds)
             info = inspect_store(workdir / name)
             row = {
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "machine": f"{platform.node()} ({os.cpu_count()} cpu)", "torch": torch.__version__,
-                "logitcache": __version__, "commit": git_commit(), "teacher": teacher.name, "dtype": args.dtype,
+                **provenance(), "teacher": teacher.name, "dtype": args.dtype,
                 "method": name, "positions": positions, "batch_windows": per_batch,
                 "bare_tok_s": round(positions / statistics.median(bare), 1),
                 "capture_tok_s": round(positions / statistics.median(capt), 1),
@@ -111,15 +98,6 @@ def main() -> None:
     if args.png:
         plot(rows, Path(args.png))
 
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -18,15 +18,13 @@ Everything runs on one thread (``torch.set_num_threads(1)``, ``pyarrow.set_cpu_c
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
 import shutil
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from common import provenance, write_csv
 
 import pyarrow as pa
 import torch
@@ -108,26 +106,16 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    machine = f"{platform.node()} ({os.cpu_count()} cpu, 1 thread)"
+    meta = dict(provenance(), threads=1)
     rows = []
     for name in cases:
         seconds = statistics.median(times[name])
-        rows.append({"timestamp": stamp, "machine": machine, "case": name, "positions": positions[name],
+        rows.append({**meta, "case": name, "positions": positions[name],
                      "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
         print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
               f"positions/s={positions[name] / seconds:,.0f}", flush=True)
     write_csv(Path(args.csv), rows)
 
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

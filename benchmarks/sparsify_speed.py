@@ -2,7 +2,7 @@
 
     python benchmarks/sparsify_speed.py [--csv results.csv] [--real] [--threads N] [--repeats R]
 
-``--real`` uses logits of the SmolLM2-135M directory at ``--model`` (default /tmp/smol/out) on the
+``--real`` uses logits of the SmolLM2-135M directory at ``--model`` (default: the embedded teacher, converted on first use) on the
 built-in pydoc corpus, and also times that bf16 forward, so the table shows what share of a capture
 step each method costs. Otherwise logits are ``N(0, 9)`` with one +8 spike and a few +4 bumps per row.
 """
@@ -78,11 +78,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--real", action="store_true", help="use real SmolLM2 logits from --model")
-    ap.add_argument("--model", default="/tmp/smol/out")
+    ap.add_argument("--model", default=None, help="HF model dir (default: the embedded teacher)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     forward_s = None
+    if args.real and args.model is None:
+        from logitcache.teachers import resolve_teacher_path
+
+        args.model = str(resolve_teacher_path("embedded:smollm2-135m-instruct"))
     if args.real and os.path.isdir(args.model):
         x, forward_s = real_logits(args.model, args.positions)
     else:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
-from .config import CaptureConfig
-from .errors import ConfigError, LogitCacheError
+from .config import CaptureConfig, read_job_file
+from .errors import LogitCacheError
 
 # flag name -> dotted config field
 CAPTURE_FLAGS = {
@@ -40,21 +39,7 @@ CAPTURE_FLAGS = {
 
 def load_config(path: str | None, overrides: dict) -> CaptureConfig:
     """A CaptureConfig from an optional YAML file plus flag overrides (``None`` = not given)."""
-    import yaml
-
-    data = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping; found {type(data).__name__}")
-        kind = data.pop("kind", "capture")
-        if kind != "capture":
-            raise ConfigError(f"config file {path} has kind {kind!r}; `logitcache capture` expects kind 'capture'")
+    data = read_job_file(path, "capture") if path else {}
     config = CaptureConfig.from_dict(data)
     return config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
 

@@ -7,36 +7,20 @@ An optional YAML config (``--config``, ``kind: train``) is read first; flags ove
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import ConfigError
+from .config import read_job_file
 
 __all__ = ["load_train_config", "train_command"]
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any]):
     """A :class:`~logitcache.train.TrainConfig` from an optional YAML file plus flag overrides (``None`` = not given)."""
-    import yaml
-
     from .train import TrainConfig
 
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping; found {type(data).__name__}")
-        job = data.pop("kind", "train")
-        if job != "train":
-            raise ConfigError(f"config file {path} has kind {job!r}; `logitcache train` expects kind 'train' "
-                              "(set the loss kind with --loss-kind)")
+    data: dict[str, Any] = read_job_file(path, "train") if path else {}
     data.update({key: value for key, value in overrides.items() if value is not None})
     return TrainConfig.from_dict(data)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -167,6 +168,24 @@ class CaptureConfig:
             "store": store,
             "seed": self.seed,
         }
+
+
+def read_job_file(path: str, kind: str) -> dict[str, Any]:
+    """The mapping in a YAML job file, minus its ``kind`` marker (which must equal ``kind`` if present)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping; found {type(data).__name__}")
+    found = data.pop("kind", kind)
+    if found != kind:
+        raise ConfigError(f"config file {path} has kind {found!r}; `logitcache {kind}` expects kind {kind!r}")
+    return data
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:

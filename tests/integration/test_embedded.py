@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from logitcache.config import EMBEDDED_TEACHER, TeacherConfig
 from logitcache.teachers import HFTeacher, ensure_embedded_teacher
