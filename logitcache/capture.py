@@ -9,6 +9,7 @@ worker count never change a byte.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
         "head_size": head_size(config, teacher.vocab_size),
         "seed": config.seed,
         "teacher": teacher.identity(),
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(teacher.tokenizer), "eos_id": plan_eos(teacher)},
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(teacher.tokenizer), "eos_id": int(teacher.eos_id)},
         "corpus": {"source": config.corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats},
         "seq_len": plan.seq_len,
         "plan": {"sequences": plan.num_windows, "positions": plan.num_windows * plan.seq_len,
@@ -74,10 +75,6 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
                   "logprob_dtype": config.store.logprob_dtype},
         "written_by": f"logitcache {__version__}",
     }
-
-
-def plan_eos(teacher: Teacher) -> int:
-    return int(teacher.eos_id)
 
 
 def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
@@ -118,15 +115,9 @@ def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig
         positions=sum(t.num_positions for t in targets),
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)),
         bytes=len(data),
-        sha256=_sha256(data),
+        sha256=hashlib.sha256(data).hexdigest(),
     )
     return record, data
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,
