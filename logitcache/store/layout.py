@@ -194,23 +194,23 @@ def finalize_store(root: Path, header: dict[str, Any], records: list[ShardRecord
     """Write the final manifest listing every shard, then drop the commit records."""
     manifest = dict(header, complete=True, shards=[r.to_dict() for r in sorted(records, key=lambda r: r.index)])
     atomic_write(root / MANIFEST, dump_json(manifest))
-    commit_dir = root / COMMIT_DIR
-    if commit_dir.is_dir():
-        for p in commit_dir.iterdir():
-            p.unlink()
-        commit_dir.rmdir()
+    _remove_flat_dir(root / COMMIT_DIR)
     return manifest
 
 
 def remove_store(root: Path) -> None:
     """Delete a store's own files (manifest, shards, commits); refuses foreign content."""
     for sub in (SHARD_DIR, COMMIT_DIR):
-        d = root / sub
-        if d.is_dir():
-            for p in d.iterdir():
-                p.unlink()
-            d.rmdir()
+        _remove_flat_dir(root / sub)
     (root / MANIFEST).unlink(missing_ok=True)
+
+
+def _remove_flat_dir(path: Path) -> None:
+    """Delete a directory of plain files (shards/ or commits/), if present."""
+    if path.is_dir():
+        for p in path.iterdir():
+            p.unlink()
+        path.rmdir()
 
 
 class StoreLock:
