@@ -38,16 +38,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
 from .errors import ConfigError, CorruptShardError, StoreError, StoreMismatchError
 from .partition import default_window, epoch_order, partition, rank_count
-from .store.arrow import ShardSpec, read_shard_table, targets_from_arrays
+from .store.encoding import decode_row
+from .store.fs import StoreFS
 from .store.layout import ShardRecord, read_manifest
-from .store.reader import check_shard, shard_records, shard_path, spec_from_manifest
+from .store.reader import read_unit, shard_records
+from .store.spec import ShardSpec, spec_from_manifest
+from .store.units import UnitRows
 from .world import World, detect_world
 
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
@@ -55,31 +57,14 @@ __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
 STATE_VERSION = 1
 
 
-class _OpenShard:
-    """One shard's columns as flat numpy values plus int64 row offsets (views of the Arrow buffers)."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.seq_ids = table.column("seq_id").to_numpy()
-        self.columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in table.schema.names[1:]:
-            col = table.column(name).combine_chunks()
-            self.columns[name] = (col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy().astype(np.int64))
-        self.table = table  # keeps the mapped buffers alive
-
-    def part(self, name: str, row: int) -> np.ndarray | None:
-        if name not in self.columns:
-            return None
-        values, off = self.columns[name]
-        return values[off[row]:off[row + 1]]
-
-
 class _Store:
     """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | None,
                  cache_shards: int = 4) -> None:
-        self.root = Path(path)
-        manifest = read_manifest(self.root)
+        self.root = str(path)
+        self.fs = StoreFS(path)
+        manifest = read_manifest(self.fs)
         self.spec: ShardSpec = spec_from_manifest(manifest)
         self.records: list[ShardRecord] = shard_records(manifest)
         self.verify = verify
@@ -93,29 +78,19 @@ class _Store:
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.num_sequences = int(self.starts[-1])
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
-        self._verified: set[int] = set()
-        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
+        self._open: OrderedDict[int, UnitRows] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # mapped buffers stay in the process that opened them
         return state
 
-    def _shard(self, s: int) -> _OpenShard:
+    def _shard(self, s: int) -> UnitRows:
         shard = self._open.get(s)
         if shard is not None:
             self._open.move_to_end(s)
             return shard
-        record = self.records[s]
-        path = shard_path(self.root, record)
-        if self.verify and s not in self._verified:
-            check_shard(path, record)
-            self._verified.add(s)
-        table = read_shard_table(str(path), self.spec)
-        if table.num_rows != record.sequences:
-            raise CorruptShardError(f"shard {record.index} ({path}) holds {table.num_rows} sequences; "
-                                    f"the manifest records {record.sequences}")
-        shard = self._open[s] = _OpenShard(table)
+        shard = self._open[s] = read_unit(self.fs, self.spec, self.records[s], check=self.verify)
         while len(self._open) > self.cache_shards:
             self._open.popitem(last=False)
         return shard
@@ -127,8 +102,9 @@ class _Store:
         s = int(np.searchsorted(self.starts, index, side="right")) - 1
         row = int(index - self.starts[s])
         shard = self._shard(s)
-        tokens = torch.from_numpy(shard.part("tokens", row).astype(np.int64))
-        targets = targets_from_arrays(self.spec, lambda name: shard.part(name, row), tokens.numel() - 1)
+        tokens, targets = decode_row(self.spec.encoding, self.spec.method, self.spec.num_samples, self.spec.k,
+                                     shard.row(row))
+        tokens = torch.from_numpy(tokens.astype(np.int64))
         return {"seq_id": int(shard.seq_ids[row]), "input_ids": tokens[:-1], "labels": tokens[1:],
                 "targets": targets}
 
