@@ -20,6 +20,7 @@ CAPTURE_FLAGS = {
     "device": "teacher.device",
     "dtype": "teacher.dtype",
     "trust_remote_code": "teacher.trust_remote_code",
+    "head_chunk": "teacher.head_chunk",
     "corpus": "corpus.source",
     "text_field": "corpus.text_field",
     "split": "corpus.split",
@@ -59,6 +60,7 @@ def main() -> None:
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
+@click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
 @click.option("--corpus", help="Path (.txt/.md dir or file, .jsonl, .parquet, HF save_to_disk dir) or builtin:pydoc.")
 @click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
 @click.option("--split", help="Split of a saved HF DatasetDict (default train).")

@@ -286,8 +286,8 @@ def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
         counts = _with_label_first(flags, label_counts, rest_counts, rest_len)
         if np.any(counts < 1):
             raise CorruptShardError("decoded a sample count below 1")
-        pos = np.repeat(np.arange(num_positions), lengths)
-        order = np.lexsort((ids, pos))
+        pos = np.repeat(np.arange(num_positions, dtype=np.int64), lengths)
+        order = np.argsort(pos * enc.vocab_size + ids, kind="stable")  # ascending ids within each position
         sample = dict(sample_lengths=torch.from_numpy(lengths.astype(np.int32)),
                       sample_ids=torch.from_numpy(ids[order].astype(np.int32)),
                       sample_counts=torch.from_numpy(counts[order].astype(np.int32)))

@@ -36,6 +36,7 @@ def make_config(teacher: str, out: Path, method: str = "sample", **over) -> Capt
 def cli_args(config: CaptureConfig) -> list[str]:
     c = config
     return ["capture", "--teacher", c.teacher.model, "--dtype", c.teacher.dtype, "--seq-len", str(SEQ_LEN),
+            "--head-chunk", str(c.teacher.head_chunk),
             "--max-tokens", str(c.corpus.max_tokens), "--out", c.store.path, "--sequences-per-shard", "3",
             "--method", c.sparsify.method, "--k", str(c.sparsify.k), "--samples", str(c.sparsify.samples),
             "--batch-tokens", str(c.batch_tokens), "--quiet"]
