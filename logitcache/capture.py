@@ -21,6 +21,7 @@ from . import __version__
 from .config import CaptureConfig
 from .corpus import read_documents
 from .faults import fault_point
+from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
 from .store.arrow import EXTENSION, ShardSpec, encode_shard
@@ -90,6 +91,7 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
         u = uniforms[row]
         chunk_u = None if u is None else u[start:start + logits.shape[0]]
         parts[row].append(sparsify(logits, cfg, chunk_u))
+        fault_point("teacher_chunk")
     return [concat_targets(p) for p in parts]
 
 
@@ -133,7 +135,7 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
     spec = spec_from_manifest(dict(header, shards=[]))
     root = Path(config.store.path)
     started = time.perf_counter()
-    with StoreLock(root):
+    with translated_write_errors(root), StoreLock(root):
         committed = begin_store(root, header, overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]

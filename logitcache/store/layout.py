@@ -83,7 +83,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(memoryview(data)[:half])
+            f.flush()
+            fault_point("mid_write", f"{path.parent.name}/{path.name}")
+            f.write(memoryview(data)[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -156,6 +160,7 @@ def begin_store(root: Path, header: dict[str, Any], *, overwrite: bool) -> list[
     Refuses a store whose recorded identity differs from ``header["identity"]``, naming the
     first differing field. With ``overwrite`` an existing store is removed first.
     """
+    remove_temp_files(root)
     if overwrite and (root / MANIFEST).exists():
         remove_store(root)
     if (root / MANIFEST).exists():
@@ -172,10 +177,19 @@ def begin_store(root: Path, header: dict[str, Any], *, overwrite: bool) -> list[
     if root.exists() and any(p.name != LOCK for p in root.iterdir()):
         raise StoreError(f"{root} exists, is not empty and holds no {MANIFEST}; expected an empty or new "
                          "directory. Choose another --out or empty it.")
-    (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write(root / MANIFEST, dump_json(dict(header, complete=False, shards=[])))  # first: a failed start leaves no half store
+    (root / SHARD_DIR).mkdir(exist_ok=True)
     (root / COMMIT_DIR).mkdir(exist_ok=True)
-    atomic_write(root / MANIFEST, dump_json(dict(header, complete=False, shards=[])))
     return []
+
+
+def remove_temp_files(root: Path) -> None:
+    """Delete temp files a killed writer left (``atomic_write`` names them ``.NAME.*.tmp``); call under the lock."""
+    temps = list(root.glob(f".{MANIFEST}.*.tmp"))
+    if (root / MANIFEST).exists():
+        temps += [p for sub in (SHARD_DIR, COMMIT_DIR) for p in (root / sub).glob(".*.tmp")]
+    for p in temps:
+        p.unlink()
 
 
 def _shard_matches(root: Path, record: ShardRecord) -> bool:
@@ -194,6 +208,7 @@ def finalize_store(root: Path, header: dict[str, Any], records: list[ShardRecord
     """Write the final manifest listing every shard, then drop the commit records."""
     manifest = dict(header, complete=True, shards=[r.to_dict() for r in sorted(records, key=lambda r: r.index)])
     atomic_write(root / MANIFEST, dump_json(manifest))
+    fault_point("after_manifest")
     _remove_flat_dir(root / COMMIT_DIR)
     return manifest
 
