@@ -201,11 +201,28 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
                 f"unknown config key {prefix + str(key)!r}; expected one of {', '.join(sorted(known))}{did_you_mean}"
             )
         sub = _NESTED.get((cls, key))
+        if not sub:
+            _check_type(known[key].type, value, prefix + key)
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"invalid {prefix or 'config'}: {exc}") from exc
+
+
+# the annotations config dataclasses use (strings under `from __future__ import annotations`) -> accepted types
+_LEAF_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+               "int | None": (int, type(None)), "str | None": (str, type(None)), "float | None": (int, float, type(None))}
+
+
+def _check_type(annotation: Any, value: Any, name: str) -> None:
+    """Refuse a value of the wrong type (a YAML ``"512"`` for an int, ``"false"`` for a bool) by name."""
+    allowed = _LEAF_TYPES.get(annotation) if isinstance(annotation, str) else None
+    if allowed is None:
+        return
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        raise ConfigError(f"{name} must be {annotation.replace(' | None', ' or null')}; found "
+                          f"{type(value).__name__} {value!r}. Fix it in the config (in YAML a quoted value is a string).")
 
 
 _NESTED = {

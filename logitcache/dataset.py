@@ -32,6 +32,7 @@ is used (``num_workers`` may change). The skip applies to the epoch in the state
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -53,6 +54,8 @@ from .world import World, detect_world
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
 
 STATE_VERSION = 1
+ON_CORRUPT = ("raise", "skip")
+log = logging.getLogger("logitcache")
 
 
 class _OpenShard:
@@ -77,7 +80,9 @@ class _Store:
     """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | None,
-                 cache_shards: int = 4) -> None:
+                 cache_shards: int = 4, on_corrupt: str = "raise") -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}; found {on_corrupt!r}")
         self.root = Path(path)
         manifest = read_manifest(self.root)
         self.spec: ShardSpec = spec_from_manifest(manifest)
@@ -89,11 +94,14 @@ class _Store:
             raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
                              f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
                              "Train with the teacher's tokenizer, or capture a store with this one.")
+        self._verified: set[int] = set()
+        self.skipped: list[str] = []  # one line per shard left out (on_corrupt="skip")
+        if on_corrupt == "skip":
+            self.records, self.skipped = self._sound_records()
         self.sizes = [r.sequences for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.num_sequences = int(self.starts[-1])
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
-        self._verified: set[int] = set()
         self._open: OrderedDict[int, _OpenShard] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -101,21 +109,38 @@ class _Store:
         state["_open"] = OrderedDict()  # mapped buffers stay in the process that opened them
         return state
 
+    def _sound_records(self) -> tuple[list[ShardRecord], list[str]]:
+        """Every shard checked now (checksum, schema, rows): the sound ones, and one line per bad one."""
+        sound, problems = [], []
+        for record in self.records:
+            try:
+                self._load(record, verify=True)
+                sound.append(record)
+            except StoreError as exc:
+                problems.append(str(exc))
+                log.warning("skipping corrupt shard (on_corrupt='skip'): %s", exc)
+        if problems:
+            log.warning("skipped %d of %d shards of %s", len(problems), len(self.records), self.root)
+        self._verified = set(range(len(sound)))
+        return sound, problems
+
+    def _load(self, record: ShardRecord, *, verify: bool) -> _OpenShard:
+        path = shard_path(self.root, record)
+        if verify:
+            check_shard(path, record)
+        table = read_shard_table(str(path), self.spec)
+        if table.num_rows != record.sequences:
+            raise CorruptShardError(f"shard {record.index} ({path}) holds {table.num_rows} sequences; "
+                                    f"the manifest records {record.sequences}")
+        return _OpenShard(table)
+
     def _shard(self, s: int) -> _OpenShard:
         shard = self._open.get(s)
         if shard is not None:
             self._open.move_to_end(s)
             return shard
-        record = self.records[s]
-        path = shard_path(self.root, record)
-        if self.verify and s not in self._verified:
-            check_shard(path, record)
-            self._verified.add(s)
-        table = read_shard_table(str(path), self.spec)
-        if table.num_rows != record.sequences:
-            raise CorruptShardError(f"shard {record.index} ({path}) holds {table.num_rows} sequences; "
-                                    f"the manifest records {record.sequences}")
-        shard = self._open[s] = _OpenShard(table)
+        shard = self._open[s] = self._load(self.records[s], verify=self.verify and s not in self._verified)
+        self._verified.add(s)
         while len(self._open) > self.cache_shards:
             self._open.popitem(last=False)
         return shard
@@ -148,6 +173,10 @@ class CacheDataset(IterableDataset):
         batch_size: the DataLoader's batch size; needed for mid-epoch state with ``num_workers > 1``.
         shuffle_window: window of the in-window shuffle (default twice the largest shard).
         cache_shards: shards kept open per reader.
+        on_corrupt: ``"raise"`` (default): a bad shard raises :class:`CorruptShardError` naming it, before
+            any of its rows is yielded. ``"skip"``: every shard is checked when the dataset is built
+            (checksum, schema, row count) and bad ones are left out of the epoch, logged as warnings and
+            listed in :attr:`corrupt_shards`. Either way no row of a bad shard is ever yielded.
     """
 
     collate = staticmethod(_collate)
@@ -155,10 +184,10 @@ class CacheDataset(IterableDataset):
     def __init__(self, path: str | os.PathLike, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  world: World | None = None, drop_uneven: bool = False, verify: bool = True,
                  tokenizer_fingerprint: str | None = None, batch_size: int | None = None,
-                 shuffle_window: int | None = None, cache_shards: int = 4) -> None:
+                 shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         super().__init__()
         self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
-                             cache_shards=cache_shards)
+                             cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
         self.shuffle, self.seed, self.drop_uneven = bool(shuffle), int(seed), bool(drop_uneven)
         self.world = (world or detect_world()).with_worker(0, 0)
@@ -173,6 +202,16 @@ class CacheDataset(IterableDataset):
     def num_sequences(self) -> int:
         """Sequences in the store (committed shards)."""
         return self._store.num_sequences
+
+    @property
+    def corrupt_shards(self) -> list[str]:
+        """One line per shard left out by ``on_corrupt="skip"`` (what was wrong with it)."""
+        return list(self._store.skipped)
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many shards ``on_corrupt="skip"`` left out."""
+        return len(self._store.skipped)
 
     @property
     def store_fingerprint(self) -> str:
@@ -276,15 +315,21 @@ class CacheView(Dataset):
 
     ``view[i]`` is the same item dict as :class:`CacheDataset` yields; shards open lazily and are
     verified on first use (``verify``). ``collate`` batches items like ``CacheDataset.collate``.
+    ``on_corrupt`` is as for :class:`CacheDataset` (with ``"skip"``, indices run over the sound shards).
     """
 
     collate = staticmethod(_collate)
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, tokenizer_fingerprint: str | None = None,
-                 cache_shards: int = 4) -> None:
+                 cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
-                             cache_shards=cache_shards)
+                             cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many shards ``on_corrupt="skip"`` left out."""
+        return len(self._store.skipped)
 
     def __len__(self) -> int:
         return self._store.num_sequences

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..faults import fault_point
+from ..manifest_check import check_manifest, check_shard_entry
 from ..errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 
 FORMAT_NAME = "logitcache"
@@ -128,6 +129,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
                          f"{FORMAT_VERSION}. Upgrade logitcache or recapture the store.")
     if not manifest.get("complete"):
         manifest = dict(manifest, shards=[r.to_dict() for r in read_commits(root)])
+    check_manifest(manifest, str(path))
     return manifest
 
 
@@ -137,7 +139,7 @@ def read_commits(root: Path) -> list[ShardRecord]:
     commit_dir = Path(root) / COMMIT_DIR
     if commit_dir.is_dir():
         for p in sorted(commit_dir.glob("*.json")):
-            records.append(ShardRecord.from_dict(read_json(p, "commit record")))
+            records.append(ShardRecord.from_dict(check_shard_entry(read_json(p, "commit record"), str(p))))
     return sorted(records, key=lambda r: r.index)
 
 
