@@ -21,6 +21,7 @@ from . import __version__
 from .config import CaptureConfig
 from .corpus import read_documents
 from .faults import fault_point
+from .manifest_check import with_header_digest
 from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
@@ -57,8 +58,8 @@ def head_size(config: CaptureConfig, vocab_size: int) -> int:
 
 
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
-    """The manifest header: everything a reader needs, and what a resume must match."""
-    return {
+    """The manifest header: everything a reader needs, and what a resume must match; with its digest."""
+    return with_header_digest({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "identity": config.identity(),
@@ -75,7 +76,7 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
         "store": {"format": config.store.format, "compression": config.store.compression,
                   "logprob_dtype": config.store.logprob_dtype},
         "written_by": f"logitcache {__version__}",
-    }
+    })
 
 
 def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],

@@ -10,6 +10,8 @@ indices unique and within the plan, counts non-negative and bounded, positions e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -19,6 +21,8 @@ from .targets import METHODS
 MAX_COUNT = 1 << 48  # bytes, sequences, positions, entries of one shard or one store
 MAX_SEQ_LEN = 1 << 24  # positions per window; far beyond any teacher's context
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+HEADER_DIGEST = "header_sha256"
+_NOT_HEADER = ("shards", "complete", HEADER_DIGEST)
 _HINT = "The manifest is damaged or was not written by logitcache: run `logitcache verify`, or recapture."
 
 
@@ -56,8 +60,24 @@ def check_shard_entry(entry: Any, where: str, name: str = "shard") -> dict:
     return entry  # whether the path stays inside the store is checked per shard when it is opened
 
 
+def header_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON of every manifest field except ``shards``, ``complete`` and itself."""
+    header = {k: v for k, v in manifest.items() if k not in _NOT_HEADER}
+    return hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def with_header_digest(header: dict) -> dict:
+    """``header`` plus its :func:`header_digest`, so an edited or bit-flipped header is detected."""
+    return {**header, HEADER_DIGEST: header_digest(header)}
+
+
 def check_manifest(manifest: dict, where: str) -> None:
-    """Every field readers use; shard entries consistent with the plan and with each other."""
+    """Header digest; every field readers use; shard entries consistent with the plan and each other."""
+    _mapping(where, "manifest", manifest)
+    found = manifest.get(HEADER_DIGEST)
+    if found != header_digest(manifest):
+        _fail(where, HEADER_DIGEST, found, f"{header_digest(manifest)}, the sha256 of the header fields "
+              "(a header field was changed after the capture wrote it)")
     _mapping(where, "manifest", manifest, ("method", "params", "head_size", "identity", "teacher",
                                            "tokenizer", "corpus", "seq_len", "plan", "store", "shards"))
     if manifest["method"] not in METHODS:

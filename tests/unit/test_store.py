@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from logitcache.manifest_check import with_header_digest
 from logitcache.errors import CorruptShardError, StoreError, StoreLockedError, StoreMismatchError, \
     StoreNotFoundError
 from logitcache.store import ShardSpec, decode_rows, encode_shard, read_manifest, read_shard_table, verify_store
@@ -88,11 +89,11 @@ def test_schema_mismatch_is_named(tmp_path):
         read_shard_table(str(path), ShardSpec(method="sample", num_samples=50))
 
 
-HEADER = {"format": "logitcache", "format_version": 1, "identity": {"seed": 0, "sparsify": {"method": "topk", "k": 2}},
+HEADER = with_header_digest({"format": "logitcache", "format_version": 1, "identity": {"seed": 0, "sparsify": {"method": "topk", "k": 2}},
           "method": "topk", "params": {"k": 2}, "head_size": 2, "teacher": {"name": "t"},
           "tokenizer": {"fingerprint": "f"}, "corpus": {"fingerprint": "c"}, "seq_len": 3,
           "plan": {"sequences": 2, "positions": 6, "shards": 2, "sequences_per_shard": 1},
-          "store": {"format": "arrow", "compression": "zstd", "logprob_dtype": "float32"}}
+          "store": {"format": "arrow", "compression": "zstd", "logprob_dtype": "float32"}})
 
 
 def write_unit(root, index, seed=0):
