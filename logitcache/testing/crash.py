@@ -135,3 +135,33 @@ def job_args(config, job_file: Path) -> list[str]:
 
     job_file.write_text(yaml.safe_dump({"kind": "capture", **config.to_dict()}))
     return ["capture", "--config", str(job_file), "--quiet"]
+
+
+@dataclass(frozen=True)
+class CrashOutcome:
+    """What one kill-then-resume trial found (``identical``: the resumed store equals the reference byte for byte)."""
+
+    fault: str
+    killed: bool
+    recorded_sound: bool
+    identical: bool
+    lost: int
+    duplicated: int
+
+
+def crash_trial(config, out: Path, job: Path, *, spec: str | None = None, after_events: int | None = None) -> CrashOutcome:
+    """Kill a CLI capture of ``config`` into ``out`` (at fault ``spec``, or from outside after ``after_events``
+    trace lines), check what it recorded, resume in this process, and compare with ``config.store.path``."""
+    from ..capture import capture
+    from ..store import verify_store
+
+    args = job_args(config.with_overrides({"store.path": str(out)}), job)
+    if spec is not None:
+        killed = run_with_fault(args, spec).returncode == -signal.SIGKILL
+    else:
+        killed = kill_after_events(args, after_events) is not None
+    sound = verify_store(out).ok if (out / "manifest.json").exists() else not any(out.rglob("shards/*.arrow"))
+    capture(config.with_overrides({"store.path": str(out)}), progress=False)
+    lost, duplicated = lost_and_duplicated(out, config.store.path)
+    return CrashOutcome(fault=spec or f"external after {after_events} events", killed=killed, recorded_sound=sound,
+                        identical=tree_bytes(out) == tree_bytes(config.store.path), lost=lost, duplicated=duplicated)
