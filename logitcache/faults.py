@@ -16,6 +16,7 @@ Points, in the order a capture reaches them:
 ``after_commit``     unit fully committed
 ``before_finalize``  all units committed, manifest not yet final
 ``after_manifest``   final manifest in place, commit records not yet removed
+``reader_commits``   (reader side) an incomplete manifest was read, commit records not yet listed
 
 Unset (the default), :func:`fault_point` costs two environment lookups.
 """

@@ -128,7 +128,14 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise StoreError(f"store {root} has format_version {version!r}; this logitcache reads version "
                          f"{FORMAT_VERSION}. Upgrade logitcache or recapture the store.")
     if not manifest.get("complete"):
-        manifest = dict(manifest, shards=[r.to_dict() for r in read_commits(root)])
+        fault_point("reader_commits")
+        try:
+            records = read_commits(root)
+        except FileNotFoundError:
+            records = None
+        if records is None or read_json(path, "manifest").get("complete"):  # finalized while we read
+            return read_manifest(root)
+        manifest = dict(manifest, shards=[r.to_dict() for r in records])
     check_manifest(manifest, str(path))
     return manifest
 

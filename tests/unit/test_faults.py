@@ -158,3 +158,34 @@ def test_lock_of_another_host_is_refused_until_deleted(traced, tmp_path):
     (out / ".lock").unlink()  # the documented recovery once the other host's writer is known to be gone
     assert resume_in_process(config, out).units_skipped == 1
     assert tree_bytes(out) == tree_bytes(config.store.path)
+
+
+READER = """
+import sys
+from logitcache.dataset import CacheDataset
+print(CacheDataset(sys.argv[1]).num_sequences)
+"""
+
+
+def test_reader_racing_the_finalize_sees_every_unit(traced, tmp_path):
+    """A reader that read the incomplete manifest just before the capture finalized (and removed the
+    commit records) must not come back empty or crash: it re-reads the now final manifest."""
+    import sys
+
+    config, _ = traced
+    out = tmp_path / "s"
+    writer = _start_paused(config, out, tmp_path / "j.yaml", "before_finalize:1")
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, LOGITCACHE_FAULT="reader_commits:1:stop"))
+    try:
+        _, status = os.waitpid(reader.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)  # the reader holds the incomplete manifest, has not listed commits yet
+        writer.send_signal(signal.SIGCONT)
+        assert writer.wait() == 0
+        assert not (out / "commits").exists()  # finalized: commit records gone
+    finally:
+        reader.send_signal(signal.SIGCONT)
+        stdout, stderr = reader.communicate()
+    assert reader.returncode == 0, stderr[-2000:]
+    assert int(stdout) == 4 * SEQUENCES_PER_SHARD
