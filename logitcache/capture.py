@@ -9,10 +9,8 @@ worker count never change a byte.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -25,10 +23,12 @@ from .manifest_check import with_header_digest
 from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
-from .store.arrow import EXTENSION, ShardSpec, encode_shard
+from .store.encoding import Encoding, corpus_order, encode_row
+from .store.fs import StoreFS
 from .store.layout import FORMAT_NAME, FORMAT_VERSION, ShardRecord, StoreLock, begin_store, commit_unit, \
-    finalize_store, shard_name
-from .store.reader import spec_from_manifest
+    finalize_store
+from .store.spec import ShardSpec, spec_from_manifest
+from .store.units import get_backend
 from .targets import SparseTargets, concat_targets
 from .teachers import Teacher, load_teacher
 
@@ -57,8 +57,18 @@ def head_size(config: CaptureConfig, vocab_size: int) -> int:
     return min(config.sparsify.k, vocab_size) if method in ("topk", "hybrid") else 0
 
 
+def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
+    """The row encoding for this capture; ``rank-delta`` ranks ids by their frequency in ``tokens``."""
+    ids = config.store.ids
+    if ids == "auto":
+        ids = "rank-delta" if config.sparsify.method in ("sample", "hybrid") else "packed"
+    order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
+    return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order)
+
+
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
     """The manifest header: everything a reader needs, and what a resume must match; with its digest."""
+    encoding = store_encoding(config, teacher.vocab_size, plan.tokens)
     return with_header_digest({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -74,7 +84,7 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
         "plan": {"sequences": plan.num_windows, "positions": plan.num_windows * plan.seq_len,
                  "shards": len(units), "sequences_per_shard": config.store.sequences_per_shard},
         "store": {"format": config.store.format, "compression": config.store.compression,
-                  "logprob_dtype": config.store.logprob_dtype},
+                  "compression_level": config.store.compression_level, "encoding": encoding.to_manifest()},
         "written_by": f"logitcache {__version__}",
     })
 
@@ -96,9 +106,9 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     return [concat_targets(p) for p in parts]
 
 
-def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig,
-                 spec: ShardSpec, on_batch: Callable[[int], None] = lambda n: None) -> tuple[ShardRecord, bytes]:
-    """Run the teacher over one unit's windows and encode them as one shard."""
+def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
+                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
+    """Run the teacher over one unit's windows and encode them as the unit's objects."""
     per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
@@ -110,17 +120,21 @@ def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig
         tokens += list(windows)
         targets += batch_targets
         on_batch(len(idx) * plan.seq_len)
-    data = encode_shard(spec, seq_ids, tokens, targets)
-    record = ShardRecord(
-        index=unit.index,
-        path=shard_name(unit.index, EXTENSION),
-        sequences=len(seq_ids),
-        positions=sum(t.num_positions for t in targets),
-        entries=int(sum(int(t.ids_per_position().sum()) for t in targets)),
-        bytes=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-    )
-    return record, data
+    return encode_unit(spec, unit.index, seq_ids, tokens, targets)
+
+
+def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets]
+                ) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
+    """Encode one unit's sequences into its container objects and their commit record."""
+    rows = [encode_row(spec.encoding, tok, t) for tok, t in zip(tokens, targets)]
+    objects = get_backend(spec.format).encode_unit(spec, index, index * spec.sequences_per_shard, seq_ids,
+                                                   [r.columns for r in rows])
+    record = ShardRecord.build(
+        index, sequences=len(seq_ids), positions=sum(t.num_positions for t in targets),
+        entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,
+        max_logprob_error=max((r.logprob_error for r in rows), default=0.0),
+        max_prob_error=max((r.prob_error for r in rows), default=0.0))
+    return record, objects
 
 
 def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,
@@ -134,10 +148,10 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
     units = plan_units(plan, config.store.sequences_per_shard)
     header = build_header(config, teacher, plan, units)
     spec = spec_from_manifest(dict(header, shards=[]))
-    root = Path(config.store.path)
+    fs = StoreFS(config.store.path)
     started = time.perf_counter()
-    with translated_write_errors(root), StoreLock(root):
-        committed = begin_store(root, header, overwrite=overwrite)
+    with translated_write_errors(fs.url), StoreLock(fs):
+        committed = begin_store(fs, header, get_backend(spec.format).static_objects(spec), overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]
         records = list(committed)
@@ -146,15 +160,15 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
         tokens = 0
         for unit in todo:
             fault_point("unit_start")
-            record, data = capture_unit(teacher, plan, unit, config, spec, on_batch=bar.update)
-            commit_unit(root, record, data)
+            record, objects = capture_unit(teacher, plan, unit, config, spec, on_batch=bar.update)
+            commit_unit(fs, record, objects)
             records.append(record)
             tokens += record.positions
             fault_point("after_commit")
         bar.close()
         fault_point("before_finalize")
-        manifest = finalize_store(root, header, records)
-    return CaptureSummary(store=str(root), units_total=len(units), units_skipped=len(units) - len(todo),
+        manifest = finalize_store(fs, header, records)
+    return CaptureSummary(store=fs.url, units_total=len(units), units_skipped=len(units) - len(todo),
                           units_written=len(todo), tokens=tokens, seconds=time.perf_counter() - started,
                           manifest=manifest)
 

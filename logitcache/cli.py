@@ -1,4 +1,4 @@
-"""Command-line entry points: ``logitcache capture | inspect | verify``.
+"""Command-line entry points: ``logitcache capture | inspect | verify | convert | train``.
 
 ``capture`` reads an optional YAML config (``--config``); flags given on the command line
 override it field by field.
@@ -33,6 +33,9 @@ CAPTURE_FLAGS = {
     "out": "store.path",
     "sequences_per_shard": "store.sequences_per_shard",
     "logprob_dtype": "store.logprob_dtype",
+    "format": "store.format",
+    "ids": "store.ids",
+    "compression_level": "store.compression_level",
     "seed": "seed",
     "batch_tokens": "batch_tokens",
 }
@@ -67,9 +70,13 @@ def main() -> None:
 @click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
 @click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
 @click.option("--seed", type=int, help="Global seed for the draws (default 0).")
-@click.option("--out", help="Store directory (default ./cache).")
+@click.option("--out", help="Store directory or fsspec URL such as s3://bucket/prefix (default ./cache).")
+@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Store container (default arrow).")
 @click.option("--sequences-per-shard", type=int, help="Windows per shard = unit of work (default 16).")
-@click.option("--logprob-dtype", type=click.Choice(["float32", "float16"]), help="Stored logprob precision.")
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]),
+              help="Stored logprob precision: float32 (lossless, default); float16 or q8 are lossy (opt-in).")
+@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default auto).")
+@click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
 @click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -86,7 +93,25 @@ def capture(config_path, overwrite, quiet, **flags) -> None:
 
 
 @main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("src")
+@click.argument("dst")
+@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Destination container (default: the source's).")
+@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default: the source's).")
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]), help="Logprob codec (lossy opt-in).")
+@click.option("--compression-level", type=int, help="zstd level (default: the source's).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at DST first.")
+def convert(src, dst, format, ids, logprob_dtype, compression_level, overwrite) -> None:
+    """Re-encode store SRC into DST (streaming, resumable), then check both hold the same targets."""
+    from .convert import convert as run_convert
+
+    s = run_convert(src, dst, format=format, ids=ids, logprob_dtype=logprob_dtype,
+                    compression_level=compression_level, overwrite=overwrite)
+    click.echo(f"converted {s.units} units ({s.sequences} sequences): {s.source_bytes:,} → {s.destination_bytes:,} "
+               f"bytes; verified equal" + (f" within max |Δp| {s.max_prob_error:.3g}" if s.max_prob_error else ""))
+
+
+@main.command()
+@click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(store, as_json) -> None:
     """Summarise a store: method, teacher, sizes, completeness."""
@@ -111,14 +136,19 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
         f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions",
         f"shards           {s['shards']} of {s['planned_shards']}",
+        f"encoding         {s['store_format']}  ids {s['encoding']['ids']}  logprobs {s['encoding']['logprobs']}  "
+        f"{s['compression']}",
         f"bytes on disk    {s['bytes_on_disk']:,}  ({s['bytes_per_position']:.1f} B/position)",
         f"ids per position {s['mean_ids_per_position']:.2f}",
     ]
+    if s["encoding"]["logprobs"] != "float32":
+        lines.append(f"lossy logprobs   max |Δp| {s['max_prob_error']:.3g}, max |Δ logp| {s['max_logprob_error']:.3g} "
+                     "(where p >= 1e-3)")
     click.echo("\n".join(lines))
 
 
 @main.command()
-@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("store")
 def verify(store) -> None:
     """Check the manifest and every shard's checksum, size, schema and counts; exit 1 on any problem."""
     from .store import verify_store

@@ -100,24 +100,36 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where and how targets are written."""
+    """Where and how targets are written (docs/format.md).
+
+    ``path`` is a directory or an fsspec URL (``s3://bucket/prefix``); ``format`` the container
+    (``arrow`` or ``zarr``); ``ids`` the id code (``auto``: ``rank-delta`` for sample and hybrid,
+    ``packed`` for topk and full, the smaller on measured SmolLM2 targets); ``logprob_dtype``
+    ``float32`` (lossless), or lossy ``float16`` / ``q8`` (opt-in; error recorded per unit).
+    """
 
     path: str = "cache"
     format: str = "arrow"
     sequences_per_shard: int = 16
     compression: str = "zstd"
+    compression_level: int = 9
     logprob_dtype: str = "float32"
+    ids: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(self.format in ("arrow",), f"format must be 'arrow'; found {self.format!r}")
+        _check(self.format in ("arrow", "zarr"), f"format must be 'arrow' or 'zarr'; found {self.format!r}")
+        _check(self.ids in ("auto", "rank-delta", "packed"),
+               f"ids must be auto, rank-delta or packed; found {self.ids!r}")
+        _check(isinstance(self.compression_level, int) and 1 <= self.compression_level <= 22,
+               f"compression_level must be an integer in [1, 22]; found {self.compression_level!r}")
         _check(self.sequences_per_shard >= 1, f"sequences_per_shard must be >= 1; found {self.sequences_per_shard}")
         _check(
             self.compression in ("zstd", "lz4", "none"),
             f"compression must be zstd, lz4 or none; found {self.compression!r}",
         )
         _check(
-            self.logprob_dtype in ("float32", "float16"),
-            f"logprob_dtype must be float32 or float16; found {self.logprob_dtype!r}",
+            self.logprob_dtype in ("float32", "float16", "q8"),
+            f"logprob_dtype must be float32, float16 or q8 (lossy: opt-in); found {self.logprob_dtype!r}",
         )
 
 
@@ -160,7 +172,7 @@ class CaptureConfig:
         """The fields that determine the store's bytes (compared on resume)."""
         d = self.to_dict()
         teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype")}
-        store = {k: d["store"][k] for k in ("format", "sequences_per_shard", "compression", "logprob_dtype")}
+        store = {k: v for k, v in d["store"].items() if k != "path"}
         return {
             "teacher": teacher,
             "corpus": d["corpus"],

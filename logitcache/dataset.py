@@ -39,16 +39,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
 from .errors import ConfigError, CorruptShardError, StoreError, StoreMismatchError
 from .partition import default_window, epoch_order, partition, rank_count
-from .store.arrow import ShardSpec, read_shard_table, targets_from_arrays
+from .store.encoding import decode_row
+from .store.fs import StoreFS
 from .store.layout import ShardRecord, read_manifest
-from .store.reader import check_shard, shard_records, shard_path, spec_from_manifest
+from .store.reader import read_unit, shard_records
+from .store.spec import ShardSpec, spec_from_manifest
+from .store.units import UnitRows
 from .world import World, detect_world
 
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
@@ -58,24 +60,6 @@ ON_CORRUPT = ("raise", "skip")
 log = logging.getLogger("logitcache")
 
 
-class _OpenShard:
-    """One shard's columns as flat numpy values plus int64 row offsets (views of the Arrow buffers)."""
-
-    def __init__(self, table: pa.Table) -> None:
-        self.seq_ids = table.column("seq_id").to_numpy()
-        self.columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in table.schema.names[1:]:
-            col = table.column(name).combine_chunks()
-            self.columns[name] = (col.values.to_numpy(zero_copy_only=False), col.offsets.to_numpy().astype(np.int64))
-        self.table = table  # keeps the mapped buffers alive
-
-    def part(self, name: str, row: int) -> np.ndarray | None:
-        if name not in self.columns:
-            return None
-        values, off = self.columns[name]
-        return values[off[row]:off[row + 1]]
-
-
 class _Store:
     """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
 
@@ -83,8 +67,9 @@ class _Store:
                  cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}; found {on_corrupt!r}")
-        self.root = Path(path)
-        manifest = read_manifest(self.root)
+        self.root = str(path)
+        self.fs = StoreFS(path)
+        manifest = read_manifest(self.fs)
         self.spec: ShardSpec = spec_from_manifest(manifest)
         self.records: list[ShardRecord] = shard_records(manifest)
         self.verify = verify
@@ -94,15 +79,14 @@ class _Store:
             raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
                              f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
                              "Train with the teacher's tokenizer, or capture a store with this one.")
-        self._verified: set[int] = set()
-        self.skipped: list[str] = []  # one line per shard left out (on_corrupt="skip")
+        self.skipped: list[str] = []  # one line per unit left out (on_corrupt="skip")
         if on_corrupt == "skip":
             self.records, self.skipped = self._sound_records()
         self.sizes = [r.sequences for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.num_sequences = int(self.starts[-1])
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
-        self._open: OrderedDict[int, _OpenShard] = OrderedDict()
+        self._open: OrderedDict[int, UnitRows] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -110,37 +94,25 @@ class _Store:
         return state
 
     def _sound_records(self) -> tuple[list[ShardRecord], list[str]]:
-        """Every shard checked now (checksum, schema, rows): the sound ones, and one line per bad one."""
+        """Every unit checked now (checksums, rows): the sound ones, and one line per bad one."""
         sound, problems = [], []
         for record in self.records:
             try:
-                self._load(record, verify=True)
+                read_unit(self.fs, self.spec, record, check=True)
                 sound.append(record)
             except StoreError as exc:
                 problems.append(str(exc))
-                log.warning("skipping corrupt shard (on_corrupt='skip'): %s", exc)
+                log.warning("skipping corrupt unit (on_corrupt='skip'): %s", exc)
         if problems:
-            log.warning("skipped %d of %d shards of %s", len(problems), len(self.records), self.root)
-        self._verified = set(range(len(sound)))
+            log.warning("skipped %d of %d units of %s", len(problems), len(self.records), self.root)
         return sound, problems
 
-    def _load(self, record: ShardRecord, *, verify: bool) -> _OpenShard:
-        path = shard_path(self.root, record)
-        if verify:
-            check_shard(path, record)
-        table = read_shard_table(str(path), self.spec)
-        if table.num_rows != record.sequences:
-            raise CorruptShardError(f"shard {record.index} ({path}) holds {table.num_rows} sequences; "
-                                    f"the manifest records {record.sequences}")
-        return _OpenShard(table)
-
-    def _shard(self, s: int) -> _OpenShard:
+    def _shard(self, s: int) -> UnitRows:
         shard = self._open.get(s)
         if shard is not None:
             self._open.move_to_end(s)
             return shard
-        shard = self._open[s] = self._load(self.records[s], verify=self.verify and s not in self._verified)
-        self._verified.add(s)
+        shard = self._open[s] = read_unit(self.fs, self.spec, self.records[s], check=self.verify)
         while len(self._open) > self.cache_shards:
             self._open.popitem(last=False)
         return shard
@@ -152,8 +124,9 @@ class _Store:
         s = int(np.searchsorted(self.starts, index, side="right")) - 1
         row = int(index - self.starts[s])
         shard = self._shard(s)
-        tokens = torch.from_numpy(shard.part("tokens", row).astype(np.int64))
-        targets = targets_from_arrays(self.spec, lambda name: shard.part(name, row), tokens.numel() - 1)
+        tokens, targets = decode_row(self.spec.encoding, self.spec.method, self.spec.num_samples, self.spec.k,
+                                     shard.row(row))
+        tokens = torch.from_numpy(tokens.astype(np.int64))
         return {"seq_id": int(shard.seq_ids[row]), "input_ids": tokens[:-1], "labels": tokens[1:],
                 "targets": targets}
 
@@ -175,7 +148,7 @@ class CacheDataset(IterableDataset):
         cache_shards: shards kept open per reader.
         on_corrupt: ``"raise"`` (default): a bad shard raises :class:`CorruptShardError` naming it, before
             any of its rows is yielded. ``"skip"``: every shard is checked when the dataset is built
-            (checksum, schema, row count) and bad ones are left out of the epoch, logged as warnings and
+            (checksums, row count) and bad ones are left out of the epoch, logged as warnings and
             listed in :attr:`corrupt_shards`. Either way no row of a bad shard is ever yielded.
     """
 

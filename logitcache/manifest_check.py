@@ -48,16 +48,27 @@ def _mapping(where: str, name: str, value: Any, keys: tuple[str, ...] = ()) -> d
 
 
 def check_shard_entry(entry: Any, where: str, name: str = "shard") -> dict:
-    """One shard entry (a manifest ``shards[i]`` or a commit record): fields, types, ranges, path."""
-    _mapping(where, name, entry, ("index", "path", "sequences", "positions", "entries", "bytes", "sha256"))
+    """One unit entry (a manifest ``shards[i]`` or a commit record): fields, types, ranges, its objects."""
+    _mapping(where, name, entry, ("index", "sequences", "positions", "entries", "objects"))
     _int(where, f"{name}.index", entry["index"], 0, MAX_COUNT)
-    for key in ("sequences", "positions", "entries", "bytes"):
+    for key in ("sequences", "positions", "entries"):
         _int(where, f"{name}.{key}", entry[key], 0, MAX_COUNT)
-    if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
-        _fail(where, f"{name}.sha256", entry["sha256"], "64 lowercase hex digits")
-    if not isinstance(entry["path"], str) or not entry["path"]:
-        _fail(where, f"{name}.path", entry["path"], "a path such as 'shards/00000.arrow'")
-    return entry  # whether the path stays inside the store is checked per shard when it is opened
+    for key in ("max_logprob_error", "max_prob_error"):
+        value = entry.get(key, 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
+            _fail(where, f"{name}.{key}", value, "a number >= 0")
+    objects = entry["objects"]
+    if not isinstance(objects, list) or not 1 <= len(objects) <= 1024:
+        _fail(where, f"{name}.objects", objects, "a list of 1 to 1024 object entries")
+    for j, obj in enumerate(objects):
+        oname = f"{name}.objects[{j}]"
+        _mapping(where, oname, obj, ("path", "bytes", "sha256"))
+        _int(where, f"{oname}.bytes", obj["bytes"], 0, MAX_COUNT)
+        if not isinstance(obj["sha256"], str) or not _SHA256.fullmatch(obj["sha256"]):
+            _fail(where, f"{oname}.sha256", obj["sha256"], "64 lowercase hex digits")
+        if not isinstance(obj["path"], str) or not obj["path"]:
+            _fail(where, f"{oname}.path", obj["path"], "a path such as 'shards/00000.arrow'")
+    return entry  # whether a path stays inside the store is checked per unit when it is read
 
 
 def header_digest(manifest: dict) -> str:
@@ -86,15 +97,18 @@ def check_manifest(manifest: dict, where: str) -> None:
     _mapping(where, "identity", manifest["identity"], ("seed",))
     _mapping(where, "teacher", manifest["teacher"])
     _mapping(where, "corpus", manifest["corpus"])
-    _mapping(where, "store", manifest["store"], ("compression", "logprob_dtype"))
+    _mapping(where, "store", manifest["store"], ("format", "compression", "compression_level", "encoding"))
+    _mapping(where, "store.encoding", manifest["store"]["encoding"])
+    _int(where, "store.compression_level", manifest["store"]["compression_level"], 0, 22)
     fingerprint = _mapping(where, "tokenizer", manifest["tokenizer"], ("fingerprint",))["fingerprint"]
     if not isinstance(fingerprint, str):
         _fail(where, "tokenizer.fingerprint", fingerprint, "a string")
     _int(where, "head_size", manifest["head_size"], 0, MAX_SEQ_LEN)
     seq_len = _int(where, "seq_len", manifest["seq_len"], 1, MAX_SEQ_LEN)
-    plan = _mapping(where, "plan", manifest["plan"], ("shards", "sequences"))
+    plan = _mapping(where, "plan", manifest["plan"], ("shards", "sequences", "sequences_per_shard"))
     planned = _int(where, "plan.shards", plan["shards"], 0, MAX_COUNT)
     _int(where, "plan.sequences", plan["sequences"], 0, MAX_COUNT)
+    _int(where, "plan.sequences_per_shard", plan["sequences_per_shard"], 1, MAX_COUNT)
     shards = manifest["shards"]
     if not isinstance(shards, list):
         _fail(where, "shards", shards, "a list of shard entries")

@@ -1,22 +1,22 @@
-"""Stores: directory layout and exactly-once commits (``layout``), shard codecs (``arrow``),
-and read-side helpers (``reader``)."""
+"""Stores: layout and exactly-once commits (``layout``), object I/O (``fs``), compact row encodings
+(``encoding``), containers (``arrow_backend``, ``zarr_backend``) and the read side (``reader``)."""
 
-from .arrow import ShardSpec, decode_rows, encode_shard, read_shard_table
+from .encoding import Encoding
 from .layout import FORMAT_VERSION, ShardRecord, StoreLock, read_manifest
-from .reader import inspect_store, iter_sequences, open_hf_dataset, spec_from_manifest, verify_store
+from .reader import inspect_store, iter_sequences, open_hf_dataset, read_unit, verify_store
+from .spec import ShardSpec, spec_from_manifest
 
 __all__ = [
     "FORMAT_VERSION",
+    "Encoding",
     "ShardRecord",
     "ShardSpec",
     "StoreLock",
-    "decode_rows",
-    "encode_shard",
     "inspect_store",
     "iter_sequences",
     "open_hf_dataset",
     "read_manifest",
-    "read_shard_table",
+    "read_unit",
     "spec_from_manifest",
     "verify_store",
 ]

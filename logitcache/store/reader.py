@@ -1,76 +1,92 @@
-"""Read side of a store: inspect, verify, iterate, and open as a ``datasets.Dataset``."""
+"""Read side of a store: read and check units, iterate, verify, inspect, open as a ``datasets.Dataset``."""
 
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ..errors import CorruptShardError, StoreError
 from ..targets import SparseTargets
-from .arrow import ShardSpec, decode_rows, read_shard_table
-from .layout import MANIFEST, ShardRecord, read_manifest, sha256_file
+from .encoding import decode_row
+from .fs import StoreFS
+from .layout import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
+from .spec import ShardSpec, spec_from_manifest
+from .units import UnitRows, get_backend
 
-
-def spec_from_manifest(manifest: dict[str, Any]) -> ShardSpec:
-    """The shard schema a manifest promises."""
-    params = manifest["params"]
-    return ShardSpec(
-        method=manifest["method"],
-        k=int(manifest.get("head_size", 0)),
-        num_samples=int(params.get("samples", 0)),
-        weighted=manifest["method"] == "sample" and float(params.get("temperature", 1.0)) != 1.0,
-        logprob_dtype=manifest["store"]["logprob_dtype"],
-        compression=manifest["store"]["compression"],
-    )
+__all__ = ["decode_rows", "inspect_store", "iter_sequences", "open_hf_dataset", "read_unit", "shard_records",
+           "spec_from_manifest", "verify_store"]
 
 
 def shard_records(manifest: dict[str, Any]) -> list[ShardRecord]:
     return [ShardRecord.from_dict(r) for r in manifest["shards"]]
 
 
-def shard_path(root: Path, record: ShardRecord) -> Path:
-    """The shard's path, refusing manifest paths that escape the store root."""
-    path = (root / record.path).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise StoreError(f"manifest entry {record.index} points outside the store: {record.path!r}; "
-                         "expected a path under shards/")
-    return path
+def object_path(record: ShardRecord, rel: str) -> str:
+    """``rel`` if it names a place inside the store; refuses manifest paths that escape the root."""
+    norm = posixpath.normpath(rel)
+    if rel.startswith(("/", "\\")) or "://" in rel or norm == ".." or norm.startswith("../") or "\\" in rel:
+        raise StoreError(f"manifest entry {record.index} points outside the store: {rel!r}; "
+                         "expected a path under shards/ or data.zarr/")
+    return norm
 
 
-def iter_sequences(root: str | os.PathLike, *, check: bool = True) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
-    """Every committed sequence in shard order as ``(seq_id, tokens, targets)``.
+def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool = True) -> UnitRows:
+    """One unit's rows; with ``check`` every object's size and sha256 are verified first."""
+    backend = get_backend(spec.format)
+    expected = backend.unit_paths(spec, record.index)
+    listed = sorted(o.path for o in record.objects)
+    if listed != sorted(expected):
+        raise CorruptShardError(f"unit {record.index} lists objects {listed}; a {spec.format} unit has {expected}")
+    objects = {}
+    for obj in record.objects:
+        rel = object_path(record, obj.path)
+        if not fs.remote and not fs.local_path(rel).resolve().is_relative_to(fs.root.resolve()):  # a symlink out
+            raise StoreError(f"manifest entry {record.index} points outside the store: {rel!r} resolves to "
+                             f"{fs.local_path(rel).resolve()}; expected a path under shards/ or data.zarr/")
+        try:
+            data = fs.read(rel)
+        except FileNotFoundError:
+            raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} is missing") from None
+        if check:
+            if len(data) != obj.bytes:
+                raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} has {len(data)} bytes; "
+                                        f"the manifest records {obj.bytes}")
+            digest = sha256_bytes(data)
+            if digest != obj.sha256:
+                raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} has sha256 {digest[:16]}…; "
+                                        f"the manifest records {obj.sha256[:16]}…")
+        objects[obj.path] = data
+    first_row = record.index * spec.sequences_per_shard
+    rows = backend.decode_unit(spec, record.index, first_row, record.sequences, objects)
+    if len(rows) != record.sequences:
+        raise CorruptShardError(f"unit {record.index} holds {len(rows)} sequences; the manifest records "
+                                f"{record.sequences}")
+    return rows
 
-    With ``check`` each shard's checksum is verified before its rows are yielded.
-    """
-    root = Path(root)
-    manifest = read_manifest(root)
+
+def decode_rows(spec: ShardSpec, rows: UnitRows) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
+    for r in range(len(rows)):
+        tokens, targets = decode_row(spec.encoding, spec.method, spec.num_samples, spec.k, rows.row(r))
+        yield int(rows.seq_ids[r]), tokens, targets
+
+
+def iter_sequences(root: str | os.PathLike | StoreFS, *, check: bool = True
+                   ) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
+    """Every committed sequence in unit order as ``(seq_id, tokens int32[T+1], targets)``."""
+    fs = as_fs(root)
+    manifest = read_manifest(fs)
     spec = spec_from_manifest(manifest)
     for record in shard_records(manifest):
-        path = shard_path(root, record)
-        if check:
-            check_shard(path, record)
-        yield from decode_rows(read_shard_table(str(path), spec), spec)
-
-
-def check_shard(path: Path, record: ShardRecord) -> None:
-    if not path.is_file():
-        raise CorruptShardError(f"shard {record.index} is missing: {path}")
-    size = path.stat().st_size
-    if size != record.bytes:
-        raise CorruptShardError(f"shard {record.index} ({path}) has {size} bytes; the manifest records {record.bytes}")
-    digest = sha256_file(path)
-    if digest != record.sha256:
-        raise CorruptShardError(f"shard {record.index} ({path}) has sha256 {digest[:16]}…; "
-                                f"the manifest records {record.sha256[:16]}…")
+        yield from decode_rows(spec, read_unit(fs, spec, record, check=check))
 
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify_store`: one line per bad shard."""
+    """Outcome of :func:`verify_store`: one line per bad unit."""
 
     root: str
     shards: int = 0
@@ -81,25 +97,22 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_store(root: str | os.PathLike) -> VerifyReport:
-    """Check every recorded shard: present, size, checksum, schema, rows and positions."""
-    root = Path(root)
-    report = VerifyReport(root=str(root))
-    manifest = read_manifest(root)
+def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
+    """Check every recorded unit: objects present, sizes, checksums, decodable rows and positions."""
+    fs = as_fs(root)
+    report = VerifyReport(root=fs.url)
+    manifest = read_manifest(fs)
     spec = spec_from_manifest(manifest)
     records = shard_records(manifest)
     report.shards = len(records)
     for record in records:
         try:
-            path = shard_path(root, record)
-            check_shard(path, record)
-            table = read_shard_table(str(path), spec)
-            offsets = table.column("tokens").combine_chunks().offsets.to_numpy()
-            positions = int(offsets[-1] - offsets[0]) - table.num_rows
-            if table.num_rows != record.sequences or positions != record.positions:
-                raise CorruptShardError(f"shard {record.index} ({path}) holds {table.num_rows} sequences and "
-                                        f"{positions} positions; the manifest records {record.sequences} and "
-                                        f"{record.positions}")
+            rows = read_unit(fs, spec, record)
+            positions = int(rows.columns["tokens"][1][-1]) // 4 - len(rows)
+            entries = sum(int(t.ids_per_position().sum()) for _, _, t in decode_rows(spec, rows))
+            if positions != record.positions or entries != record.entries:
+                raise CorruptShardError(f"unit {record.index} holds {positions} positions and {entries} entries; "
+                                        f"the manifest records {record.positions} and {record.entries}")
         except StoreError as exc:
             report.problems.append(str(exc))
     if manifest.get("complete") and len(records) != manifest["plan"]["shards"]:
@@ -108,18 +121,23 @@ def verify_store(root: str | os.PathLike) -> VerifyReport:
     return report
 
 
-def inspect_store(root: str | os.PathLike) -> dict[str, Any]:
+def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
     """A summary of a store (what ``logitcache inspect --json`` prints)."""
-    root = Path(root)
-    manifest = read_manifest(root)
+    fs = as_fs(root)
+    manifest = read_manifest(fs)
     records = shard_records(manifest)
     positions = sum(r.positions for r in records)
     shard_bytes = sum(r.bytes for r in records)
-    total_bytes = shard_bytes + (root / MANIFEST).stat().st_size
+    total_bytes = shard_bytes + (fs.size(MANIFEST) or 0)
     entries = sum(r.entries for r in records)
+    store = manifest["store"]
+    encoding = {k: v for k, v in store["encoding"].items() if k != "vocab_order"}
     return {
-        "path": str(root),
+        "path": fs.url,
         "format_version": manifest["format_version"],
+        "store_format": store["format"],
+        "encoding": encoding,
+        "compression": f"{store['compression']}-{store['compression_level']}",
         "method": manifest["method"],
         "params": manifest["params"],
         "seed": manifest["identity"]["seed"],
@@ -134,21 +152,33 @@ def inspect_store(root: str | os.PathLike) -> dict[str, Any]:
         "bytes_on_disk": total_bytes,
         "bytes_per_position": shard_bytes / positions if positions else 0.0,
         "mean_ids_per_position": entries / positions if positions else 0.0,
+        "max_logprob_error": max((r.max_logprob_error for r in records), default=0.0),
+        "max_prob_error": max((r.max_prob_error for r in records), default=0.0),
         "complete": bool(manifest.get("complete")),
     }
 
 
-def open_hf_dataset(root: str | os.PathLike):
-    """The store as one ``datasets.Dataset``, memory-mapping the shard files (no copy).
+def _hf_rows(root: str, fingerprint: str) -> Iterator[dict[str, Any]]:
+    for seq_id, tokens, t in iter_sequences(root):
+        row: dict[str, Any] = {"seq_id": seq_id, "tokens": tokens.tolist()}
+        for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
+                     "sample_weights"):
+            value = getattr(t, name)
+            if value is not None:
+                row[name] = value.reshape(-1).tolist()
+        yield row
 
-    Rows are sequences with the columns of docs/format.md. Equivalent to
-    ``datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in shard_paths])``.
+
+def open_hf_dataset(root: str | os.PathLike, cache_dir: str | None = None):
+    """The store as one ``datasets.Dataset`` of decoded rows (flat lists, docs/format.md).
+
+    Rows are decoded once into an Arrow cache file (``cache_dir`` or the datasets cache).
     """
     import datasets
 
-    root = Path(root)
     manifest = read_manifest(root)
-    parts = [datasets.Dataset.from_file(str(shard_path(root, r))) for r in shard_records(manifest)]
-    if not parts:
+    if not manifest["shards"]:
         raise StoreError(f"store {root} has no committed shards yet")
-    return datasets.concatenate_datasets(parts)
+    fingerprint = "".join(r.sha256 for r in shard_records(manifest))  # a recaptured store gets a new cache
+    return datasets.Dataset.from_generator(_hf_rows, gen_kwargs={"root": str(root), "fingerprint": fingerprint},
+                                           cache_dir=cache_dir)

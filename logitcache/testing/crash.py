@@ -39,7 +39,7 @@ class FaultEvent:
         if self.point == "teacher_chunk":
             return "teacher forward"
         if self.point == "mid_write":
-            if self.detail.startswith("shards/"):
+            if self.detail.startswith(("shards/", "data.zarr/")):
                 return "shard mid-write"
             return "between shard and commit" if self.detail.startswith("commits/") else "manifest update"
         if self.point == "after_shard":

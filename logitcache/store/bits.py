@@ -1,0 +1,102 @@
+"""Bit-level integer codes used by the compact encodings (pure numpy, vectorised).
+
+- :func:`pack_fixed` / :func:`unpack_fixed`: every value in ``width`` bits, MSB first.
+- :func:`gamma_split` / :func:`unpack_gamma_split`: an Elias-gamma-like code split in two streams. Value
+  ``v >= 0`` becomes a *symbol* byte ``s = bit_length(v)`` (0 for 0) and a *mantissa*, the ``s - 1``
+  bits below the leading one. Symbols are bytes so the container's entropy coder (zstd's Huffman
+  stage) models their skewed distribution; mantissas are nearly uniform, so they are packed raw.
+  Values up to ``2**32 - 1`` fit; nothing is ever truncated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_BITS = 32
+
+
+def bit_length(values: np.ndarray) -> np.ndarray:
+    """``int64`` bit length of each non-negative value (0 for 0)."""
+    v = np.asarray(values, dtype=np.uint64)
+    out = np.zeros(v.shape, dtype=np.int64)
+    nz = v > 0
+    out[nz] = np.floor(np.log2(v[nz].astype(np.float64))).astype(np.int64) + 1
+    # float64 log2 can round up just below a power of two: correct by one where needed
+    too_big = nz & ((np.uint64(1) << (out.astype(np.uint64) - np.uint64(1))) > v)
+    out[too_big] -= 1
+    return out
+
+
+def _pack_variable(values: np.ndarray, widths: np.ndarray) -> bytes:
+    """Concatenate ``widths[i]`` low bits of each value, MSB first, padded to a byte."""
+    widths = widths.astype(np.int64)
+    total = int(widths.sum())
+    if total == 0:
+        return b""
+    owner = np.repeat(np.arange(values.size), widths)
+    starts = np.cumsum(widths) - widths
+    shift = (widths[owner] - 1 - (np.arange(total) - starts[owner])).astype(np.uint64)
+    bits = (values.astype(np.uint64)[owner] >> shift) & np.uint64(1)
+    return np.packbits(bits.astype(np.uint8)).tobytes()
+
+
+def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    widths = widths.astype(np.int64)
+    total = int(widths.sum())
+    out = np.zeros(widths.size, dtype=np.uint64)
+    if total == 0:
+        return out
+    if data.size * 8 < total:
+        raise ValueError(f"bit stream holds {data.size * 8} bits; {total} expected")
+    bits = np.unpackbits(data[: (total + 7) // 8])[:total].astype(np.uint64)
+    owner = np.repeat(np.arange(widths.size), widths)
+    starts = np.cumsum(widths) - widths
+    shift = (widths[owner] - 1 - (np.arange(total) - starts[owner])).astype(np.uint64)
+    nonzero = widths > 0
+    out[nonzero] = np.add.reduceat(bits << shift, starts[nonzero])
+    return out
+
+
+def pack_fixed(values: np.ndarray, width: int) -> bytes:
+    """Each value in exactly ``width`` bits; refuses values that do not fit."""
+    values = np.asarray(values, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() >= (1 << width)):
+        raise ValueError(f"values in [{values.min()}, {values.max()}] do not fit in {width} bits")
+    return _pack_variable(values, np.full(values.size, width, dtype=np.int64))
+
+
+def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
+    data = np.asarray(data, dtype=np.uint8)
+    if data.size != fixed_size(count, width):
+        raise ValueError(f"bit stream holds {data.size} bytes; {fixed_size(count, width)} expected")
+    return _unpack_variable(np.asarray(data, dtype=np.uint8), np.full(count, width, dtype=np.int64)).astype(np.int64)
+
+
+def fixed_size(count: int, width: int) -> int:
+    """Bytes :func:`pack_fixed` writes for ``count`` values."""
+    return (count * width + 7) // 8
+
+
+def gamma_split(values: np.ndarray) -> tuple[bytes, bytes]:
+    """``(symbols, mantissa bits)``: one symbol byte per value, then the packed mantissas."""
+    values = np.asarray(values, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() >= (1 << MAX_BITS)):
+        raise ValueError(f"gamma code takes values in [0, 2**{MAX_BITS}); found [{values.min()}, {values.max()}]")
+    symbols = bit_length(values)
+    return symbols.astype(np.uint8).tobytes(), _pack_variable(values, np.maximum(symbols - 1, 0))
+
+
+def unpack_gamma_split(symbols: np.ndarray, bits: np.ndarray, count: int) -> np.ndarray:
+    """Inverse of :func:`gamma_split` for ``count`` values; refuses streams of the wrong size."""
+    symbols = np.asarray(symbols, dtype=np.uint8).astype(np.int64)
+    if symbols.size != count:
+        raise ValueError(f"gamma stream holds {symbols.size} symbols; {count} expected")
+    if count and symbols.max() > MAX_BITS:
+        raise ValueError(f"gamma symbol {symbols.max()} exceeds {MAX_BITS}")
+    widths = np.maximum(symbols - 1, 0)
+    expected = (int(widths.sum()) + 7) // 8
+    if np.asarray(bits).size != expected:
+        raise ValueError(f"gamma mantissa stream holds {np.asarray(bits).size} bytes; {expected} expected")
+    mantissa = _unpack_variable(np.asarray(bits, dtype=np.uint8), widths).astype(np.int64)
+    lead = np.where(symbols > 0, np.left_shift(1, widths), 0)
+    return lead | mantissa

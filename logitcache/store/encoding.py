@@ -1,0 +1,318 @@
+"""Compact, versioned row encodings shared by every store backend (docs/format.md, "Encoding").
+
+A row (one sequence of ``T`` positions) becomes a few byte columns; backends only store bytes.
+Lossless unless ``logprobs="float16"`` or ``"q8"`` is chosen (opt-in; the error is measured and
+recorded). Ideas, each measured on real SmolLM2 targets in benchmarks/storage.py:
+
+- **Label first.** The store holds the tokens anyway, so when the next token (the label) is among
+  a position's entries, one flag bit replaces its id, and for samples its count is implied
+  (counts sum to ``N``). Other entries follow in the id codec's order.
+- **Ids** (``ids``): ``"rank-delta"`` (default) maps ids to ranks by corpus frequency (the order
+  is stored once in the manifest; ids the corpus never used follow by id), sorts each position's
+  ranks and writes the gaps with a gamma code (:mod:`logitcache.store.bits`); ``"packed"`` writes
+  each id in ``bit_length(V - 1)`` bits (17 for vocabularies up to 131072, wider beyond). Ids
+  ``>= V`` are refused, never truncated.
+- **Counts** as ``count - 1`` in one byte while ``N <= 256`` (else two): bytes, not bits, so the
+  entropy coder sees whole symbols (measured: 6-bit packing is ~3x larger after zstd).
+- **Log-probabilities** (``logprobs``): ``float32``; ``float16``; or ``q8``, one byte per entry
+  holding ``q = round(255 * sqrt(p))`` (decoded ``p = (q / 255)^2``, and ``(0.25 / 255)^2`` for
+  ``q = 0`` so no stored logprob is −inf). The error is absolute in probability, which is what a
+  KD gradient ``p_student − t`` sees: ``|Δp| <= sqrt(p) / 255 + 1 / 510^2`` per entry, so at most
+  ``sqrt(k) / 255 + k / 510^2`` summed over a head of ``k`` (Cauchy–Schwarz). Small probabilities
+  get few distinct codes, which the entropy coder exploits.
+- Tail mass and importance weights stay float32.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, CorruptShardError
+from ..targets import SparseTargets
+from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
+
+ENCODING_VERSION = 2
+ID_CODECS = ("rank-delta", "packed")
+LOGPROB_CODECS = ("float32", "float16", "q8")
+Q8_LEVELS = 255
+Q8_ZERO = (0.25 / Q8_LEVELS) ** 2  # decoded probability of code 0
+
+
+def q8_bound(p: np.ndarray | float) -> np.ndarray | float:
+    """The documented per-entry bound on ``|Δp|`` of the ``q8`` codec."""
+    return np.sqrt(p) / Q8_LEVELS + 1.0 / (2 * Q8_LEVELS) ** 2
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How rows are encoded: id and logprob codecs, the vocabulary size and the rank order."""
+
+    ids: str = "rank-delta"
+    logprobs: str = "float32"
+    vocab_size: int = 0
+    order: tuple[int, ...] = ()  # ids by descending corpus frequency (rank-delta only)
+    _rank: np.ndarray = field(default=None, repr=False, compare=False)
+    _unrank: np.ndarray = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ids not in ID_CODECS:
+            raise ConfigError(f"id encoding must be one of {', '.join(ID_CODECS)}; found {self.ids!r}")
+        if self.logprobs not in LOGPROB_CODECS:
+            raise ConfigError(f"logprob encoding must be one of {', '.join(LOGPROB_CODECS)}; found {self.logprobs!r}")
+        if self.ids == "rank-delta":
+            unrank = np.asarray(self.order, dtype=np.int64)
+            seen = np.zeros(self.vocab_size, dtype=bool)
+            seen[unrank] = True
+            unrank = np.concatenate([unrank, np.flatnonzero(~seen)])
+            rank = np.empty(self.vocab_size, dtype=np.int64)
+            rank[unrank] = np.arange(self.vocab_size)
+            object.__setattr__(self, "_rank", rank)
+            object.__setattr__(self, "_unrank", unrank)
+
+    @property
+    def lossless(self) -> bool:
+        return self.logprobs == "float32"
+
+    @property
+    def id_width(self) -> int:
+        return max(1, (self.vocab_size - 1).bit_length())
+
+    def to_manifest(self) -> dict[str, Any]:
+        blob = np.asarray(self.order, dtype="<u4").tobytes()
+        return {"version": ENCODING_VERSION, "ids": self.ids, "logprobs": self.logprobs, "vocab_size": self.vocab_size,
+                "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
+
+    @classmethod
+    def from_manifest(cls, d: dict[str, Any]) -> Encoding:
+        if d.get("version") != ENCODING_VERSION:
+            raise CorruptShardError(f"store encoding version {d.get('version')!r}; this logitcache reads "
+                                    f"version {ENCODING_VERSION}. Upgrade logitcache or recapture.")
+        order: tuple[int, ...] = ()
+        if d["ids"] == "rank-delta":
+            order = tuple(np.frombuffer(zlib.decompress(base64.b64decode(d["vocab_order"])), dtype="<u4").tolist())
+        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order)
+
+
+def corpus_order(tokens: np.ndarray, vocab_size: int) -> tuple[int, ...]:
+    """Ids that occur in ``tokens``, by descending count, ties by id: the rank-delta order."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    seen = np.flatnonzero(counts)
+    return tuple(seen[np.lexsort((seen, -counts[seen]))].tolist())
+
+
+# ---------------------------------------------------------------- ids
+
+def _encode_ids(enc: Encoding, ids: np.ndarray, seg: np.ndarray) -> tuple[bytes, bytes, np.ndarray]:
+    """Ids of several positions (``seg`` = position of each, non-decreasing) →
+    (symbol bytes, packed bits, order used). ``packed`` has no symbols."""
+    if ids.size and (ids.min() < 0 or ids.max() >= enc.vocab_size):
+        raise ConfigError(f"token id {int(ids.max())} or {int(ids.min())} outside the vocabulary [0, {enc.vocab_size})")
+    if enc.ids == "packed":
+        order = np.lexsort((ids, seg))
+        return b"", pack_fixed(ids[order], enc.id_width), order
+    ranks = enc._rank[ids]
+    order = np.lexsort((ranks, seg))
+    r, s = ranks[order], seg[order]
+    gaps = r.copy()
+    same = np.r_[False, s[1:] == s[:-1]]
+    gaps[same] = r[same] - r[np.flatnonzero(same) - 1]
+    symbols, bits = gamma_split(gaps)
+    return symbols, bits, order
+
+
+def _decode_ids(enc: Encoding, symbols: np.ndarray, bits: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    count = int(lengths.sum())
+    if enc.ids == "packed":
+        ids = unpack_fixed(bits, count, enc.id_width)
+    else:
+        gaps = unpack_gamma_split(symbols, bits, count)
+        csum = np.cumsum(gaps)
+        starts = np.cumsum(lengths) - lengths
+        base = np.where(starts > 0, csum[np.maximum(starts - 1, 0)] if count else 0, 0)
+        ranks = csum - np.repeat(base, lengths)
+        if count and ranks.max() >= enc.vocab_size:
+            raise CorruptShardError(f"decoded rank {int(ranks.max())} outside the vocabulary of {enc.vocab_size}")
+        ids = enc._unrank[ranks]
+    if count and ids.max() >= enc.vocab_size:
+        raise CorruptShardError(f"decoded id {int(ids.max())} outside the vocabulary of {enc.vocab_size}")
+    return ids
+
+
+# ---------------------------------------------------------------- logprobs
+
+def _encode_logprobs(enc: Encoding, lp: np.ndarray) -> tuple[bytes, float, float]:
+    """(blob, max |Δ logp| over entries with p >= 1e-3, max |Δ p| over all entries)."""
+    lp = lp.astype(np.float32)
+    if enc.logprobs == "float32":
+        return lp.astype("<f4").tobytes(), 0.0, 0.0
+    if enc.logprobs == "float16":
+        stored = lp.astype("<f2")
+    else:
+        stored = np.clip(np.rint(Q8_LEVELS * np.exp(0.5 * lp.astype(np.float64))), 0, Q8_LEVELS).astype(np.uint8)
+    back = _decode_logprobs(enc, np.frombuffer(stored.tobytes(), np.uint8), lp.size).astype(np.float64)
+    p, p_back = np.exp(lp.astype(np.float64)), np.exp(back)
+    big = p >= 1e-3
+    lp_err = float(np.abs(back[big] - lp[big]).max()) if big.any() else 0.0
+    p_err = float(np.abs(p_back - p).max()) if lp.size else 0.0
+    return stored.tobytes(), lp_err, p_err
+
+
+def _decode_logprobs(enc: Encoding, data: np.ndarray, count: int) -> np.ndarray:
+    if enc.logprobs == "float32":
+        return _view(data, "<f4", count).astype(np.float32)
+    if enc.logprobs == "float16":
+        return _view(data, "<f2", count).astype(np.float32)
+    q = _view(data, "u1", count).astype(np.float64)
+    p = np.where(q > 0, (q / Q8_LEVELS) ** 2, Q8_ZERO)
+    return np.log(p).astype(np.float32)
+
+
+def _view(data: np.ndarray, dtype: str, count: int) -> np.ndarray:
+    size = np.dtype(dtype).itemsize * count
+    if data.size != size:
+        raise CorruptShardError(f"column holds {data.size} bytes; {size} expected ({count} × {dtype})")
+    return data.view(dtype)
+
+
+# ---------------------------------------------------------------- rows
+
+@dataclass
+class EncodedRow:
+    columns: dict[str, bytes]
+    logprob_error: float = 0.0  # max |Δ logp| over entries with p >= 1e-3
+    prob_error: float = 0.0  # max |Δ p| over all entries
+
+
+def row_columns(method: str, weighted: bool) -> list[str]:
+    """Byte columns of a row for ``method`` (after ``seq_id``)."""
+    cols = ["tokens"]
+    if method in ("topk", "hybrid", "full"):
+        cols += ["head_label", "head_ids", "head_id_bits", "head_logprobs", "tail_mass"]
+    if method in ("sample", "hybrid"):
+        cols += ["sample_lengths", "sample_label", "sample_ids", "sample_id_bits", "sample_counts"]
+        if weighted:
+            cols.append("sample_weights")
+    return cols
+
+
+def _count_dtype(num_samples: int) -> str:
+    """Stored ``count - 1`` and per-position lengths are at most ``N``: one byte while ``N <= 255``."""
+    return "u1" if num_samples <= 255 else "<u2"
+
+
+def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRow:
+    """Encode one sequence: ``tokens`` int[T+1] (labels are ``tokens[1:]``) and its targets."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    labels = tokens[1:]
+    num_positions = labels.size
+    if t.num_positions != num_positions:
+        raise ConfigError(f"targets cover {t.num_positions} positions; the window has {num_positions}")
+    out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
+    if t.head_ids is not None:
+        ids = t.head_ids.numpy().astype(np.int64)
+        lp = t.head_logprobs.float().numpy()
+        k = ids.shape[1]
+        is_label = ids == labels[:, None]
+        flags = is_label.any(1)
+        seg = np.repeat(np.arange(num_positions), k).reshape(num_positions, k)
+        rest = ~is_label
+        symbols, bits, order = _encode_ids(enc, ids[rest], seg[rest])
+        label_lp = lp[is_label]  # one per flagged position, in position order
+        rest_lp = lp[rest][order]
+        rest_pos = seg[rest][order]
+        lp_stream = np.concatenate([label_lp, rest_lp])
+        lp_order = np.argsort(np.concatenate([np.flatnonzero(flags) * 2, rest_pos * 2 + 1]), kind="stable")
+        lp_blob, out.logprob_error, out.prob_error = _encode_logprobs(enc, lp_stream[lp_order])
+        out.columns.update(head_label=np.packbits(flags).tobytes(), head_ids=symbols, head_id_bits=bits,
+                           head_logprobs=lp_blob,
+                           tail_mass=t.tail_mass.numpy().astype("<f4").tobytes())
+    if t.sample_ids is not None:
+        lengths = t.sample_lengths.numpy().astype(np.int64)
+        ids = t.sample_ids.numpy().astype(np.int64)
+        counts = t.sample_counts.numpy().astype(np.int64)
+        seg = np.repeat(np.arange(num_positions), lengths)
+        sums = np.bincount(seg, weights=counts, minlength=num_positions)
+        if np.any((lengths > 0) & (sums != t.num_samples)):
+            raise ConfigError(f"sample counts must sum to N={t.num_samples} at every sampled position")
+        is_label = ids == labels[seg]
+        flags = np.zeros(num_positions, dtype=bool)
+        flags[seg[is_label]] = True
+        rest = ~is_label
+        symbols, bits, order = _encode_ids(enc, ids[rest], seg[rest])
+        out.columns.update(sample_lengths=(lengths - flags).astype(_count_dtype(t.num_samples)).tobytes(), sample_label=np.packbits(flags).tobytes(),
+                           sample_ids=symbols, sample_id_bits=bits,
+                           sample_counts=(counts[rest][order] - 1).astype(_count_dtype(t.num_samples)).tobytes())
+        if t.sample_weights is not None:
+            w = t.sample_weights.numpy().astype("<f4")
+            w_order = np.argsort(np.concatenate([seg[is_label] * 2, seg[rest][order] * 2 + 1]), kind="stable")
+            out.columns["sample_weights"] = np.concatenate([w[is_label], w[rest][order]])[w_order].tobytes()
+    return out
+
+
+def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
+               columns: dict[str, np.ndarray]) -> tuple[np.ndarray, SparseTargets]:
+    """``(tokens int32[T+1], targets)`` in canonical order: head by (−logp, id), samples by id."""
+    tokens = _view(columns["tokens"], "<i4", columns["tokens"].size // 4).astype(np.int32)
+    labels = tokens[1:].astype(np.int64)
+    num_positions = labels.size
+    head = {}
+    if "head_ids" in columns:
+        flags = _flags(columns["head_label"], num_positions)
+        rest_len = k - flags.astype(np.int64)
+        rest_ids = _decode_ids(enc, columns["head_ids"], columns["head_id_bits"], rest_len)
+        lp = _decode_logprobs(enc, columns["head_logprobs"], num_positions * k).reshape(num_positions, k)
+        ids = _with_label_first(flags, labels, rest_ids, rest_len).reshape(num_positions, k)
+        order = np.lexsort((ids, -lp), axis=1)
+        head = dict(head_ids=torch.from_numpy(np.take_along_axis(ids, order, 1).astype(np.int32)),
+                    head_logprobs=torch.from_numpy(np.take_along_axis(lp, order, 1)),
+                    tail_mass=torch.from_numpy(_view(columns["tail_mass"], "<f4", num_positions).copy()))
+    sample = {}
+    if "sample_ids" in columns:
+        flags = _flags(columns["sample_label"], num_positions)
+        rest_len = _view(columns["sample_lengths"], _count_dtype(num_samples), num_positions).astype(np.int64)
+        rest_ids = _decode_ids(enc, columns["sample_ids"], columns["sample_id_bits"], rest_len)
+        rest_counts = _view(columns["sample_counts"], _count_dtype(num_samples), rest_ids.size).astype(np.int64) + 1
+        lengths = rest_len + flags
+        ids = _with_label_first(flags, labels, rest_ids, rest_len)
+        seg = np.repeat(np.arange(num_positions), rest_len)
+        label_counts = num_samples - np.bincount(seg, weights=rest_counts, minlength=num_positions).astype(np.int64)
+        counts = _with_label_first(flags, label_counts, rest_counts, rest_len)
+        if np.any(counts < 1):
+            raise CorruptShardError("decoded a sample count below 1")
+        pos = np.repeat(np.arange(num_positions), lengths)
+        order = np.lexsort((ids, pos))
+        sample = dict(sample_lengths=torch.from_numpy(lengths.astype(np.int32)),
+                      sample_ids=torch.from_numpy(ids[order].astype(np.int32)),
+                      sample_counts=torch.from_numpy(counts[order].astype(np.int32)))
+        if "sample_weights" in columns:
+            w = _view(columns["sample_weights"], "<f4", ids.size)
+            sample["sample_weights"] = torch.from_numpy(w[order].astype(np.float32))
+    targets = SparseTargets(method=method, num_samples=num_samples if sample else 0, **head, **sample)
+    return tokens, targets
+
+
+def _flags(data: np.ndarray, num_positions: int) -> np.ndarray:
+    if data.size != math.ceil(num_positions / 8):
+        raise CorruptShardError(f"label flags hold {data.size} bytes; {math.ceil(num_positions / 8)} expected")
+    return np.unpackbits(data)[:num_positions].astype(bool)
+
+
+def _with_label_first(flags: np.ndarray, label_values: np.ndarray, rest: np.ndarray,
+                      rest_len: np.ndarray) -> np.ndarray:
+    """Per position: ``label_values[t]`` if flagged, then that position's ``rest`` entries."""
+    lengths = rest_len + flags
+    out = np.empty(int(lengths.sum()), dtype=rest.dtype)
+    starts = np.cumsum(lengths) - lengths
+    label_at = starts[flags]
+    out[label_at] = label_values[flags]
+    mask = np.ones(out.size, dtype=bool)
+    mask[label_at] = False
+    out[mask] = rest
+    return out

@@ -1,0 +1,59 @@
+"""What a manifest promises about every shard: method, head size, encoding and container."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreError
+from .encoding import Encoding, row_columns
+
+FORMATS = ("arrow", "zarr")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Fixes a shard's logical schema (method, k, N, weights) and its physical form (encoding, container)."""
+
+    method: str
+    encoding: Encoding
+    k: int = 0
+    num_samples: int = 0
+    weighted: bool = False
+    format: str = "arrow"
+    compression: str = "zstd"
+    compression_level: int = 9
+    sequences_per_shard: int = 16
+    num_sequences: int = 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.method in ("topk", "hybrid", "full")
+
+    @property
+    def has_samples(self) -> bool:
+        return self.method in ("sample", "hybrid")
+
+    def columns(self) -> list[str]:
+        """The byte columns of every row (after ``seq_id``)."""
+        return row_columns(self.method, self.weighted)
+
+
+def spec_from_manifest(manifest: dict[str, Any]) -> ShardSpec:
+    """The shard spec a manifest (or a capture header) promises."""
+    params = manifest["params"]
+    store = manifest["store"]
+    if store.get("format") not in FORMATS:
+        raise StoreError(f"manifest names store format {store.get('format')!r}; expected one of {', '.join(FORMATS)}")
+    return ShardSpec(
+        method=manifest["method"],
+        encoding=Encoding.from_manifest(store["encoding"]),
+        k=int(manifest.get("head_size", 0)),
+        num_samples=int(params.get("samples", 0)),
+        weighted=manifest["method"] == "sample" and float(params.get("temperature", 1.0)) != 1.0,
+        format=store["format"],
+        compression=store["compression"],
+        compression_level=int(store["compression_level"]),
+        sequences_per_shard=int(manifest["plan"]["sequences_per_shard"]),
+        num_sequences=int(manifest["plan"]["sequences"]),
+    )
