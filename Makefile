@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first: a CPU build where one is provided (pip's find-links), so no CUDA wheels get pulled in
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,bench
+EXTRAS ?= test,bench,zarr,s3
 DEMO_OUT ?= cache/pydoc-rskd
 
 .PHONY: setup demo test test-unit bench clean

@@ -3,10 +3,10 @@
 Captures a store with the tiny offline teacher (default: seq_len 128, 200 sequences, sample N=50)
 in a temporary directory, then times, interleaved over ``--repeats`` rounds (median reported):
 
-* ``raw``: ``pyarrow`` memory-map + ``read_all`` of every shard and ``to_numpy`` of every column's
-  values and offsets — the floor for reading these bytes;
-* ``loader``: iterate ``CacheDataset`` (shuffle, ``verify=True``: each shard's sha256 checked on
-  first open) through ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
+* ``raw``: ``pyarrow`` memory-map + ``read_all`` (zstd decompression) of every shard's columns —
+  the floor for reading these bytes, without decoding the compact row encoding;
+* ``loader``: iterate ``CacheDataset`` (shuffle, ``verify=True``: each shard's sha256 checked when
+  it is read; rows decoded from the compact encoding) through ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
 * ``loader-noverify``: the same with ``verify=False``;
 * ``iterate-only``: ``CacheDataset`` items without collation.
 
@@ -50,15 +50,10 @@ def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard
 def raw_read(store: Path) -> int:
     positions = 0
     for record in read_manifest(store)["shards"]:
-        with pa.memory_map(str(store / record["path"])) as source:
-            table = pa.ipc.open_stream(source).read_all()
+        with pa.memory_map(str(store / record["objects"][0]["path"])) as source:
+            table = pa.ipc.open_stream(source).read_all()  # decompresses every column
         for name in table.schema.names:
-            col = table.column(name).combine_chunks()
-            if isinstance(col, pa.ListArray):
-                col.values.to_numpy(zero_copy_only=False)
-                col.offsets.to_numpy()
-            else:
-                col.to_numpy()
+            table.column(name).combine_chunks()
         positions += record["positions"]
     return positions
 

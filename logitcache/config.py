@@ -171,7 +171,8 @@ class CaptureConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that determine the store's bytes (compared on resume)."""
         d = self.to_dict()
-        teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype")}
+        # head_chunk is here because the head's matmul shape can change float rounding in the last bit
+        teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype", "head_chunk")}
         store = {k: v for k, v in d["store"].items() if k != "path"}
         return {
             "teacher": teacher,

@@ -63,9 +63,9 @@ def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str
                           "would compound two lossy steps. Convert from a float32 store instead.")
     store.update(format=format or store["format"], compression=compression or store["compression"],
                  compression_level=compression_level or store["compression_level"], encoding=enc.to_manifest())
-    header["identity"]["store"] = {**header["identity"]["store"], "format": store["format"], "ids": enc.ids,
-                                   "logprob_dtype": enc.logprobs, "compression": store["compression"],
-                                   "compression_level": store["compression_level"]}
+    given = {"format": format, "ids": ids, "logprob_dtype": logprob_dtype, "compression": compression,
+             "compression_level": compression_level}
+    header["identity"]["store"].update({k: v for k, v in given.items() if v is not None})
     assert store["encoding"]["version"] == ENCODING_VERSION
     return header
 

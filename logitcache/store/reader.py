@@ -40,7 +40,7 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
     expected = backend.unit_paths(spec, record.index)
     listed = sorted(o.path for o in record.objects)
     if listed != sorted(expected):
-        raise CorruptShardError(f"unit {record.index} lists objects {listed}; a {spec.format} unit has {expected}")
+        raise CorruptShardError(f"shard {record.index} lists objects {listed}; a {spec.format} unit has {expected}")
     objects = {}
     for obj in record.objects:
         rel = object_path(record, obj.path)
@@ -50,20 +50,20 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
         try:
             data = fs.read(rel)
         except FileNotFoundError:
-            raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} is missing") from None
+            raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} is missing") from None
         if check:
             if len(data) != obj.bytes:
-                raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} has {len(data)} bytes; "
+                raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} has {len(data)} bytes; "
                                         f"the manifest records {obj.bytes}")
             digest = sha256_bytes(data)
             if digest != obj.sha256:
-                raise CorruptShardError(f"unit {record.index}: object {fs.describe(rel)} has sha256 {digest[:16]}…; "
+                raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} has sha256 {digest[:16]}…; "
                                         f"the manifest records {obj.sha256[:16]}…")
         objects[obj.path] = data
     first_row = record.index * spec.sequences_per_shard
     rows = backend.decode_unit(spec, record.index, first_row, record.sequences, objects)
     if len(rows) != record.sequences:
-        raise CorruptShardError(f"unit {record.index} holds {len(rows)} sequences; the manifest records "
+        raise CorruptShardError(f"shard {record.index} holds {len(rows)} sequences; the manifest records "
                                 f"{record.sequences}")
     return rows
 
@@ -111,7 +111,7 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
             positions = int(rows.columns["tokens"][1][-1]) // 4 - len(rows)
             entries = sum(int(t.ids_per_position().sum()) for _, _, t in decode_rows(spec, rows))
             if positions != record.positions or entries != record.entries:
-                raise CorruptShardError(f"unit {record.index} holds {positions} positions and {entries} entries; "
+                raise CorruptShardError(f"shard {record.index} holds {positions} positions and {entries} entries; "
                                         f"the manifest records {record.positions} and {record.entries}")
         except StoreError as exc:
             report.problems.append(str(exc))

@@ -116,5 +116,5 @@ def decode_unit(spec: ShardSpec, index: int, first_row: int, num_rows: int, obje
                 columns[name] = (np.frombuffer(b"".join(blobs), dtype=np.uint8),
                                  np.concatenate([[0], np.cumsum(lengths)]))
     except Exception as exc:  # zarr raises assorted codec errors on damaged bytes
-        raise CorruptShardError(f"unit {index} is not a readable Zarr shard ({type(exc).__name__}: {exc})") from exc
+        raise CorruptShardError(f"shard {index} is not a readable Zarr shard ({type(exc).__name__}: {exc})") from exc
     return UnitRows(seq_ids, columns)

@@ -166,8 +166,8 @@ class StoreConformance:
             else:
                 fs.write(obj.path, bytes(StoreFS(other).read(obj.path)))
             report = verify_store(root)
-            assert not report.ok and len(report.problems) == 1 and "unit 1" in report.problems[0], report.problems
-            with pytest.raises(CorruptShardError, match="unit 1"):
+            assert not report.ok and len(report.problems) == 1 and "shard 1" in report.problems[0], report.problems
+            with pytest.raises(CorruptShardError, match="shard 1"):
                 list(iter_sequences(root))
             fs.write(obj.path, original)
             assert verify_store(root).ok
@@ -181,7 +181,7 @@ class StoreConformance:
         evil["objects"][0]["path"] = "../../etc/passwd"
         finalize_store(StoreFS(root), header, [ShardRecord.from_dict(evil)])
         problems = verify_store(root).problems
-        assert len(problems) == 1 and "unit 0" in problems[0]
+        assert len(problems) == 1 and "shard 0" in problems[0]
         assert "outside the store" in problems[0] or "lists objects" in problems[0]
 
     def test_plain_container_readers_can_open_it(self, tmp_path):
