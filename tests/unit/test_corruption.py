@@ -70,12 +70,12 @@ def assert_shard_refused_and_skipped(store: Path, shard: int, reference, match: 
     """verify names the shard and exits 1; the dataset raises before any row of it, or skips exactly it."""
     report = verify_store(store)
     assert len(report.problems) == 1, report.problems
-    assert re.search(rf"(unit|entry) {shard}\b", report.problems[0]), report.problems
+    assert re.search(rf"(shard|unit|entry) {shard}\b", report.problems[0]), report.problems
     assert match in report.problems[0]
     result = run_verify(store)
     assert result.exit_code == 1 and "1 problem(s)" in result.output
     seen = []
-    with pytest.raises(StoreError, match=rf"(unit|entry) {shard}\b"):
+    with pytest.raises(StoreError, match=rf"(shard|unit|entry) {shard}\b"):
         for item in CacheDataset(store):
             seen.append(item)
     assert_items_equal(seen, reference[:shard * PER_SHARD])  # everything before the bad shard, nothing of it
