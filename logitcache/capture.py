@@ -19,6 +19,8 @@ from . import __version__
 from .config import CaptureConfig
 from .corpus import read_documents
 from .faults import fault_point
+from .manifest_check import with_header_digest
+from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
 from .store.encoding import Encoding, corpus_order, encode_row
@@ -65,9 +67,9 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
 
 
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
-    """The manifest header: everything a reader needs, and what a resume must match."""
+    """The manifest header: everything a reader needs, and what a resume must match; with its digest."""
     encoding = store_encoding(config, teacher.vocab_size, plan.tokens)
-    return {
+    return with_header_digest({
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "identity": config.identity(),
@@ -84,7 +86,7 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
         "store": {"format": config.store.format, "compression": config.store.compression,
                   "compression_level": config.store.compression_level, "encoding": encoding.to_manifest()},
         "written_by": f"logitcache {__version__}",
-    }
+    })
 
 
 def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
@@ -100,6 +102,7 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
         u = uniforms[row]
         chunk_u = None if u is None else u[start:start + logits.shape[0]]
         parts[row].append(sparsify(logits, cfg, chunk_u))
+        fault_point("teacher_chunk")
     return [concat_targets(p) for p in parts]
 
 
@@ -147,7 +150,7 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
     spec = spec_from_manifest(dict(header, shards=[]))
     fs = StoreFS(config.store.path)
     started = time.perf_counter()
-    with StoreLock(fs):
+    with translated_write_errors(fs.url), StoreLock(fs):
         committed = begin_store(fs, header, get_backend(spec.format).static_objects(spec), overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -151,10 +152,17 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
 @main.command()
 @click.argument("store")
 def verify(store) -> None:
-    """Check every shard's checksum, size, schema and counts; exit 1 on any problem."""
+    """Check the manifest and every shard's checksum, size, schema and counts; exit 1 on any problem."""
     from .store import verify_store
 
-    report = verify_store(store)
+    try:
+        report = verify_store(store)
+    except LogitCacheError as exc:  # no manifest, or one that cannot be trusted: nothing else can be checked
+        click.echo(f"BAD  {exc}", err=True)
+        if (Path(store) / "shards").is_dir():
+            click.echo(f"{store} holds shards but no usable manifest; recapture it (`logitcache capture ... "
+                       "--overwrite`)", err=True)
+        sys.exit(1)
     for problem in report.problems:
         click.echo(f"BAD  {problem}", err=True)
     if not report.ok:
@@ -178,6 +186,9 @@ def run() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except LogitCacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # e.g. a store or config that cannot be read: one line, no traceback
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -190,7 +190,11 @@ def read_job_file(path: str, kind: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; "
+                          "fix the syntax (indentation, brackets, quotes)") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     if not isinstance(data, dict):
@@ -214,11 +218,28 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
                 f"unknown config key {prefix + str(key)!r}; expected one of {', '.join(sorted(known))}{did_you_mean}"
             )
         sub = _NESTED.get((cls, key))
+        if not sub:
+            _check_type(known[key].type, value, prefix + key)
         kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"invalid {prefix or 'config'}: {exc}") from exc
+
+
+# the annotations config dataclasses use (strings under `from __future__ import annotations`) -> accepted types
+_LEAF_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+               "int | None": (int, type(None)), "str | None": (str, type(None)), "float | None": (int, float, type(None))}
+
+
+def _check_type(annotation: Any, value: Any, name: str) -> None:
+    """Refuse a value of the wrong type (a YAML ``"512"`` for an int, ``"false"`` for a bool) by name."""
+    allowed = _LEAF_TYPES.get(annotation) if isinstance(annotation, str) else None
+    if allowed is None:
+        return
+    if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+        raise ConfigError(f"{name} must be {annotation.replace(' | None', ' or null')}; found "
+                          f"{type(value).__name__} {value!r}. Fix it in the config (in YAML a quoted value is a string).")
 
 
 _NESTED = {

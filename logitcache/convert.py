@@ -19,6 +19,7 @@ from .capture import encode_unit
 from .errors import ConfigError, StoreError
 from .store.encoding import ENCODING_VERSION, Encoding, q8_bound
 from .store.fs import StoreFS
+from .manifest_check import with_header_digest
 from .store.layout import StoreLock, begin_store, commit_unit, finalize_store, read_manifest
 from .store.reader import decode_rows, iter_sequences, read_unit, shard_records
 from .store.spec import spec_from_manifest
@@ -67,7 +68,7 @@ def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str
              "compression_level": compression_level}
     header["identity"]["store"].update({k: v for k, v in given.items() if v is not None})
     assert store["encoding"]["version"] == ENCODING_VERSION
-    return header
+    return with_header_digest(header)
 
 
 def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = None,

@@ -32,6 +32,7 @@ is used (``num_workers`` may change). The skip applies to the epoch in the state
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -55,13 +56,17 @@ from .world import World, detect_world
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
 
 STATE_VERSION = 1
+ON_CORRUPT = ("raise", "skip")
+log = logging.getLogger("logitcache")
 
 
 class _Store:
     """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | None,
-                 cache_shards: int = 4) -> None:
+                 cache_shards: int = 4, on_corrupt: str = "raise") -> None:
+        if on_corrupt not in ON_CORRUPT:
+            raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}; found {on_corrupt!r}")
         self.root = str(path)
         self.fs = StoreFS(path)
         manifest = read_manifest(self.fs)
@@ -74,6 +79,9 @@ class _Store:
             raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
                              f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
                              "Train with the teacher's tokenizer, or capture a store with this one.")
+        self.skipped: list[str] = []  # one line per unit left out (on_corrupt="skip")
+        if on_corrupt == "skip":
+            self.records, self.skipped = self._sound_records()
         self.sizes = [r.sequences for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.num_sequences = int(self.starts[-1])
@@ -84,6 +92,20 @@ class _Store:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()  # mapped buffers stay in the process that opened them
         return state
+
+    def _sound_records(self) -> tuple[list[ShardRecord], list[str]]:
+        """Every unit checked now (checksums, rows): the sound ones, and one line per bad one."""
+        sound, problems = [], []
+        for record in self.records:
+            try:
+                read_unit(self.fs, self.spec, record, check=True)
+                sound.append(record)
+            except StoreError as exc:
+                problems.append(str(exc))
+                log.warning("skipping corrupt unit (on_corrupt='skip'): %s", exc)
+        if problems:
+            log.warning("skipped %d of %d units of %s", len(problems), len(self.records), self.root)
+        return sound, problems
 
     def _shard(self, s: int) -> UnitRows:
         shard = self._open.get(s)
@@ -124,6 +146,10 @@ class CacheDataset(IterableDataset):
         batch_size: the DataLoader's batch size; needed for mid-epoch state with ``num_workers > 1``.
         shuffle_window: window of the in-window shuffle (default twice the largest shard).
         cache_shards: shards kept open per reader.
+        on_corrupt: ``"raise"`` (default): a bad shard raises :class:`CorruptShardError` naming it, before
+            any of its rows is yielded. ``"skip"``: every shard is checked when the dataset is built
+            (checksums, row count) and bad ones are left out of the epoch, logged as warnings and
+            listed in :attr:`corrupt_shards`. Either way no row of a bad shard is ever yielded.
     """
 
     collate = staticmethod(_collate)
@@ -131,10 +157,10 @@ class CacheDataset(IterableDataset):
     def __init__(self, path: str | os.PathLike, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  world: World | None = None, drop_uneven: bool = False, verify: bool = True,
                  tokenizer_fingerprint: str | None = None, batch_size: int | None = None,
-                 shuffle_window: int | None = None, cache_shards: int = 4) -> None:
+                 shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         super().__init__()
         self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
-                             cache_shards=cache_shards)
+                             cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
         self.shuffle, self.seed, self.drop_uneven = bool(shuffle), int(seed), bool(drop_uneven)
         self.world = (world or detect_world()).with_worker(0, 0)
@@ -149,6 +175,16 @@ class CacheDataset(IterableDataset):
     def num_sequences(self) -> int:
         """Sequences in the store (committed shards)."""
         return self._store.num_sequences
+
+    @property
+    def corrupt_shards(self) -> list[str]:
+        """One line per shard left out by ``on_corrupt="skip"`` (what was wrong with it)."""
+        return list(self._store.skipped)
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many shards ``on_corrupt="skip"`` left out."""
+        return len(self._store.skipped)
 
     @property
     def store_fingerprint(self) -> str:
@@ -252,15 +288,21 @@ class CacheView(Dataset):
 
     ``view[i]`` is the same item dict as :class:`CacheDataset` yields; shards open lazily and are
     verified on first use (``verify``). ``collate`` batches items like ``CacheDataset.collate``.
+    ``on_corrupt`` is as for :class:`CacheDataset` (with ``"skip"``, indices run over the sound shards).
     """
 
     collate = staticmethod(_collate)
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, tokenizer_fingerprint: str | None = None,
-                 cache_shards: int = 4) -> None:
+                 cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
-                             cache_shards=cache_shards)
+                             cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many shards ``on_corrupt="skip"`` left out."""
+        return len(self._store.skipped)
 
     def __len__(self) -> int:
         return self._store.num_sequences

@@ -41,3 +41,7 @@ class CorruptShardError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process holds the store's write lock."""
+
+
+class StoreWriteError(StoreError):
+    """The store cannot be written: disk full, file too large, permission denied, read-only filesystem."""

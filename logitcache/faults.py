@@ -1,27 +1,54 @@
-"""Deterministic fault injection for crash tests.
+"""Deterministic fault injection and tracing for crash tests.
 
-Set ``LOGITCACHE_FAULT="<point>:<n>"`` and the process kills itself with SIGKILL the n-th time
-(1-based) it reaches ``<point>``. Points: ``unit_start`` (before a unit's teacher forward),
-``after_shard`` (shard renamed into place, commit record not yet written), ``after_commit``
-(unit fully committed), ``before_finalize`` (all units committed, manifest not yet final).
-Unset (the default), :func:`fault_point` costs one dict lookup.
+``LOGITCACHE_FAULT="<point>:<n>[:stop]"``: the n-th time (1-based) the process reaches ``<point>``
+it kills itself with SIGKILL (or, with ``:stop``, stops itself with SIGSTOP so a test can look at
+the paused capture and continue it with SIGCONT).
+
+``LOGITCACHE_FAULT_TRACE=<path>`` (``-`` for stderr): append one line ``fault-trace <point> <n>
+<detail>`` each time a point is reached, so a test can list every point of a run and pick some.
+
+Points, in the order a capture reaches them:
+
+``teacher_chunk``    one chunk of the teacher head was computed and sparsified (during the forward)
+``unit_start``       before a unit's teacher forward
+``mid_write``        inside an atomic write, half the bytes are in the temp file (detail: the file)
+``after_shard``      shard renamed into place, commit record not yet written
+``after_commit``     unit fully committed
+``before_finalize``  all units committed, manifest not yet final
+``after_manifest``   final manifest in place, commit records not yet removed
+``reader_commits``   (reader side) an incomplete manifest was read, commit records not yet listed
+
+Unset (the default), :func:`fault_point` costs two environment lookups.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 
+TRACE_PREFIX = "fault-trace"
 _hits: dict[str, int] = {}
 
 
-def fault_point(point: str) -> None:
+def fault_point(point: str, detail: str = "") -> None:
     spec = os.environ.get("LOGITCACHE_FAULT")
-    if not spec:
+    trace = os.environ.get("LOGITCACHE_FAULT_TRACE")
+    if not spec and not trace:
         return
-    name, _, n = spec.partition(":")
-    if name != point:
+    hit = _hits[point] = _hits.get(point, 0) + 1
+    if trace:
+        _write_trace(trace, f"{TRACE_PREFIX} {point} {hit} {detail}".rstrip() + "\n")
+    if spec:
+        name, n, action = (spec.split(":") + ["1", "kill"])[:3]
+        if name == point and hit == int(n or 1):
+            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+
+
+def _write_trace(target: str, line: str) -> None:
+    if target == "-":
+        sys.stderr.write(line)
+        sys.stderr.flush()
         return
-    _hits[point] = _hits.get(point, 0) + 1
-    if _hits[point] == int(n or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    with open(target, "a") as f:
+        f.write(line)

@@ -18,6 +18,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..faults import fault_point
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -97,7 +99,11 @@ class StoreFS:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                half = len(data) // 2
+                f.write(memoryview(data)[:half])
+                f.flush()
+                fault_point("mid_write", rel)
+                f.write(memoryview(data)[half:])
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 from ..faults import fault_point
+from ..manifest_check import check_manifest, check_shard_entry
 from .fs import StoreFS
 
 FORMAT_NAME = "logitcache"
@@ -133,13 +134,21 @@ def read_manifest(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
         raise StoreError(f"store {root} has format_version {version!r}; this logitcache reads version "
                          f"{FORMAT_VERSION}. Upgrade logitcache or recapture the store.")
     if not manifest.get("complete"):
-        manifest = dict(manifest, shards=[r.to_dict() for r in read_commits(fs)])
+        fault_point("reader_commits")
+        try:
+            records = read_commits(fs)
+        except FileNotFoundError:
+            records = None
+        if records is None or read_json(fs, MANIFEST, "manifest").get("complete"):  # finalized while we read
+            return read_manifest(fs)
+        manifest = dict(manifest, shards=[r.to_dict() for r in records])
+    check_manifest(manifest, path)
     return manifest
 
 
 def read_commits(fs: StoreFS) -> list[ShardRecord]:
     """Commit records of the units committed so far, by index."""
-    records = [ShardRecord.from_dict(read_json(fs, rel, "commit record"))
+    records = [ShardRecord.from_dict(check_shard_entry(read_json(fs, rel, "commit record"), fs.describe(rel)))
                for rel in fs.list(COMMIT_DIR) if rel.endswith(".json")]
     return sorted(records, key=lambda r: r.index)
 
@@ -166,6 +175,7 @@ def begin_store(fs: StoreFS, header: dict[str, Any], static_objects: list[tuple[
     ``static_objects`` (container metadata) are written before the header.
     """
     root = fs.url
+    remove_temp_files(fs)
     if overwrite and fs.exists(MANIFEST):
         remove_store(fs)
     if fs.exists(MANIFEST):
@@ -178,14 +188,28 @@ def begin_store(fs: StoreFS, header: dict[str, Any], static_objects: list[tuple[
                                          "or another --out.")
         if existing.get("complete"):
             return [ShardRecord.from_dict(r) for r in existing["shards"]]
+        for rel, data in static_objects:  # a start killed before they were all written
+            if fs.size(rel) != len(data):
+                fs.write(rel, data)
         return [r for r in read_commits(fs) if _unit_matches(fs, r)]
     if not fs.is_empty(ignore=(LOCK,)):
         raise StoreError(f"{root} exists, is not empty and holds no {MANIFEST}; expected an empty or new "
                          "directory. Choose another --out or empty it.")
+    fs.write(MANIFEST, dump_json(dict(header, complete=False, shards=[])))  # first: a failed start leaves no half store
     for rel, data in static_objects:
         fs.write(rel, data)
-    fs.write(MANIFEST, dump_json(dict(header, complete=False, shards=[])))
     return []
+
+
+def remove_temp_files(fs: StoreFS) -> None:
+    """Delete temp files a killed writer left (``StoreFS.write`` names them ``.NAME.*.tmp``); call under the lock."""
+    if fs.remote:
+        return  # object stores have no temp files: each object is one PUT
+    temps = list(fs.root.glob(f".{MANIFEST}.*.tmp"))
+    if fs.exists(MANIFEST):
+        temps += [p for sub in STORE_ENTRIES for p in fs.root.joinpath(sub).rglob(".*.tmp")]
+    for p in temps:
+        p.unlink()
 
 
 def _unit_matches(fs: StoreFS, record: ShardRecord) -> bool:
@@ -204,6 +228,7 @@ def finalize_store(fs: StoreFS, header: dict[str, Any], records: list[ShardRecor
     """Write the final manifest listing every unit, then drop the commit records."""
     manifest = dict(header, complete=True, shards=[r.to_dict() for r in sorted(records, key=lambda r: r.index)])
     fs.write(MANIFEST, dump_json(manifest))
+    fault_point("after_manifest")
     fs.remove(COMMIT_DIR)
     return manifest
 

@@ -44,6 +44,9 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
     objects = {}
     for obj in record.objects:
         rel = object_path(record, obj.path)
+        if not fs.remote and not fs.local_path(rel).resolve().is_relative_to(fs.root.resolve()):  # a symlink out
+            raise StoreError(f"manifest entry {record.index} points outside the store: {rel!r} resolves to "
+                             f"{fs.local_path(rel).resolve()}; expected a path under shards/ or data.zarr/")
         try:
             data = fs.read(rel)
         except FileNotFoundError:

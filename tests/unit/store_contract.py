@@ -23,6 +23,7 @@ from logitcache.store.encoding import Encoding, corpus_order
 from logitcache.store.fs import StoreFS
 from logitcache.store.layout import ShardRecord, begin_store, commit_unit, finalize_store, read_manifest
 from logitcache.store.reader import iter_sequences, verify_store
+from logitcache.manifest_check import with_header_digest
 from logitcache.store.spec import spec_from_manifest
 from logitcache.store.units import get_backend
 from test_encoding import assert_equal, canonical, random_row
@@ -31,18 +32,19 @@ VOCAB = 97
 
 
 def make_header(method: str, fmt: str, *, sequences: int, per_shard: int, k: int = 4, n: int = 50,
-                weighted: bool = False, ids: str = "rank-delta", logprobs: str = "float32", order=()) -> dict:
+                weighted: bool = False, ids: str = "rank-delta", logprobs: str = "float32", order=(),
+                seq_len: int = 1) -> dict:
     params = {"topk": {"k": k}, "sample": {"samples": n, "temperature": 0.5 if weighted else 1.0},
               "hybrid": {"k": k, "samples": n}, "full": {}}[method]
     head = {"topk": k, "hybrid": k, "full": VOCAB}.get(method, 0)
     enc = Encoding(ids=ids, logprobs=logprobs, vocab_size=VOCAB, order=tuple(order) if ids == "rank-delta" else ())
-    return {"format": "logitcache", "format_version": 2,
+    return with_header_digest({"format": "logitcache", "format_version": 2,
             "identity": {"seed": 0, "sparsify": {"method": method, **params}}, "method": method, "params": params,
             "head_size": head, "teacher": {"name": "t"}, "tokenizer": {"fingerprint": "f"},
-            "corpus": {"fingerprint": "c"}, "seq_len": 0,
+            "corpus": {"fingerprint": "c"}, "seq_len": seq_len,
             "plan": {"sequences": sequences, "positions": 0, "shards": -(-sequences // per_shard),
                      "sequences_per_shard": per_shard},
-            "store": {"format": fmt, "compression": "zstd", "compression_level": 3, "encoding": enc.to_manifest()}}
+            "store": {"format": fmt, "compression": "zstd", "compression_level": 3, "encoding": enc.to_manifest()}})
 
 
 def make_rows(method: str, sequences: int, t: int, seed: int, k: int = 4, weighted: bool = False):
@@ -80,7 +82,9 @@ class StoreConformance:
 
     def header(self, method, rows, per_shard, **kw):
         order = corpus_order(np.concatenate([r[1] for r in rows]), VOCAB) if rows else ()
-        return make_header(method, self.format, sequences=len(rows), per_shard=per_shard, order=order, **kw)
+        seq_len = len(rows[0][1]) - 1 if rows else 1
+        return make_header(method, self.format, sequences=len(rows), per_shard=per_shard, order=order,
+                           seq_len=seq_len, **kw)
 
     def test_round_trip(self, tmp_path_factory):
         @settings(max_examples=self.max_examples, deadline=None, suppress_health_check=list(HealthCheck))

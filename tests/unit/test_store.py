@@ -71,7 +71,8 @@ def test_lock_refuses_live_owner_and_recovers_stale(tmp_path):
 def test_inspect_reports_encoding_and_measured_error(tmp_path, logprobs):
     rows = make_rows("topk", 3, 6, seed=1)
     root = str(tmp_path / "s")
-    write_store(root, make_header("topk", "arrow", sequences=3, per_shard=2, ids="packed", logprobs=logprobs), rows)
+    write_store(root, make_header("topk", "arrow", sequences=3, per_shard=2, ids="packed", logprobs=logprobs,
+                                       seq_len=6), rows)
     info = inspect_store(root)
     assert info["encoding"]["logprobs"] == logprobs and info["encoding"]["ids"] == "packed"
     assert info["positions"] == 18 and info["shards"] == 2
