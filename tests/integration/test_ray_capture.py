@@ -85,3 +85,17 @@ def test_a_dead_job_resumes_on_ray(cluster, tiny_teacher, reference, tmp_path):
     summary = capture(make_config(tiny_teacher, out, workers=2), progress=False)
     assert summary.units_skipped == 2 and summary.units_written == WINDOWS // 2 - 2
     assert tree_bytes(out) == reference
+
+
+def test_cli_workers_flag(cluster, tiny_teacher, reference, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    c = make_config(tiny_teacher, tmp_path / "s")
+    args = ["capture", "--teacher", tiny_teacher, "--dtype", "float32", "--device", "cpu", "--seq-len", str(SEQ_LEN),
+            "--max-tokens", str(c.corpus.max_tokens), "--out", c.store.path, "--sequences-per-shard", "2",
+            "--method", "hybrid", "--k", "5", "--samples", "20", "--workers", "2", "--quiet"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert tree_bytes(tmp_path / "s") == reference
