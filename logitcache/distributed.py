@@ -25,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .capture import CaptureSummary, capture_and_commit, run_capture
 from .config import CaptureConfig
 from .errors import ConfigError
-from .plan import Plan, Unit
+from .plan import Plan, Unit, seq_id_for
 from .store.arrow import ShardSpec
 from .store.layout import ShardRecord
 
@@ -50,6 +52,32 @@ class TeacherFacts:
         return dict(self.teacher_identity)
 
 
+@dataclass(frozen=True)
+class PlanSlice:
+    """The windows of one unit, indexed as in the whole plan: what a worker needs to capture it.
+
+    Ships ``unit.size * seq_len + 1`` tokens per task instead of the whole packed corpus.
+    """
+
+    tokens: np.ndarray
+    seq_len: int
+    first: int
+    corpus_fingerprint: str
+
+    @classmethod
+    def of(cls, plan: Plan, unit: Unit) -> PlanSlice:
+        lo, hi = unit.start * plan.seq_len, unit.stop * plan.seq_len + 1
+        return cls(np.array(plan.tokens[lo:hi]), plan.seq_len, unit.start, plan.corpus_fingerprint)
+
+    def windows(self, start: int, stop: int) -> np.ndarray:
+        view = np.lib.stride_tricks.sliding_window_view(self.tokens, self.seq_len + 1)
+        lo, hi = (start - self.first) * self.seq_len, (stop - self.first) * self.seq_len
+        return np.array(view[lo:hi:self.seq_len], dtype=np.int32)
+
+    def seq_id(self, i: int) -> int:
+        return seq_id_for(self.corpus_fingerprint, self.seq_len, i)
+
+
 class CaptureWorker:
     """A Ray actor holding one teacher engine; ``run`` computes and commits one unit."""
 
@@ -64,7 +92,7 @@ class CaptureWorker:
         return TeacherFacts(name=t.name, vocab_size=t.vocab_size, max_positions=t.max_positions,
                             tokenizer=t.tokenizer, eos_id=t.eos_id, teacher_identity=t.identity())
 
-    def run(self, plan: Plan, spec: ShardSpec, root: str, unit: Unit) -> ShardRecord:
+    def run(self, plan: PlanSlice, spec: ShardSpec, root: str, unit: Unit) -> ShardRecord:
         return capture_and_commit(self.teacher, plan, unit, self.config, spec, Path(root))
 
     def pid(self) -> int:
@@ -115,9 +143,9 @@ def capture_distributed(config: CaptureConfig, *, overwrite: bool = False, progr
         def execute(plan, spec, root, todo, on_positions):
             from ray.util import ActorPool
 
-            plan_ref = ray.put(plan)
             pool = ActorPool(workers)
-            for record in pool.map_unordered(lambda w, u: w.run.remote(plan_ref, spec, str(root), u), todo):
+            run = lambda w, u: w.run.remote(PlanSlice.of(plan, u), spec, str(root), u)  # noqa: E731
+            for record in pool.map_unordered(run, todo):
                 on_positions(record.positions)
                 yield record
 

@@ -40,3 +40,18 @@ def test_bad_engine_flag_and_workers_are_refused():
         load_config(None, {"backend": "vllm", "engine": ("tensor_parallel_size",)})
     with pytest.raises(ConfigError, match="workers must be an integer >= 0"):
         CaptureConfig(workers=-1)
+
+
+def test_a_plan_slice_reads_like_the_plan(tiny_tokenizer):
+    from logitcache.corpus import Document
+    from logitcache.distributed import PlanSlice
+    from logitcache.plan import build_plan, plan_units
+
+    docs = [Document(text=f"document number {i} " * 7, origin=str(i)) for i in range(9)]
+    plan = build_plan(docs, tiny_tokenizer, seq_len=8, max_tokens=None, eos_id=0, max_positions=256)
+    for unit in plan_units(plan, 3):
+        part = PlanSlice.of(plan, unit)
+        assert (part.windows(unit.start, unit.stop) == plan.windows(unit.start, unit.stop)).all()
+        assert [part.seq_id(i) for i in range(unit.start, unit.stop)] == \
+            [plan.seq_id(i) for i in range(unit.start, unit.stop)]
+        assert part.tokens.size == unit.size * 8 + 1
