@@ -138,7 +138,7 @@ def capture_distributed(config: CaptureConfig, *, overwrite: bool = False, progr
     )
     workers = [actor.remote(worker_config(config)) for _ in range(config.workers)]
     try:
-        facts = ray.get(workers[0].facts.remote())
+        facts = ray.get([w.facts.remote() for w in workers])[0]  # every engine up before the clock starts
 
         def execute(plan, spec, root, todo, on_positions):
             from ray.util import ActorPool
