@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -137,17 +138,36 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
     return record, objects
 
 
-def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,
-            teacher: Teacher | None = None) -> CaptureSummary:
-    """Capture sparse targets for ``config``; resumes an interrupted store with the same configuration."""
-    teacher = teacher or load_teacher(config.teacher)
+def capture_and_commit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
+                       root: str, on_batch: Callable[[int], None] = lambda n: None) -> ShardRecord:
+    """The one place a unit is computed and committed, in-process and in Ray workers alike
+    (``root`` is the store's path or URL)."""
+    fault_point("unit_start")
+    record, objects = capture_unit(teacher, plan, unit, config, spec, on_batch=on_batch)
+    commit_unit(StoreFS(root), record, objects)
+    fault_point("after_commit")
+    return record
+
+
+def prepare_capture(config: CaptureConfig, teacher: Teacher) -> tuple[Plan, list[Unit], dict[str, Any], ShardSpec]:
+    """Plan, units, manifest header and shard spec: a pure function of the config and the teacher."""
     corpus = config.corpus
     documents = read_documents(corpus.source, text_field=corpus.text_field, split=corpus.split)
     plan = build_plan(documents, teacher.tokenizer, seq_len=corpus.seq_len, max_tokens=corpus.max_tokens,
                       eos_id=teacher.eos_id, max_positions=teacher.max_positions)
     units = plan_units(plan, config.store.sequences_per_shard)
     header = build_header(config, teacher, plan, units)
-    spec = spec_from_manifest(dict(header, shards=[]))
+    return plan, units, header, spec_from_manifest(dict(header, shards=[]))
+
+
+# execute(plan, spec, root URL, units, on_positions) -> the committed ShardRecords, in any order
+Executor = Callable[[Plan, ShardSpec, str, list[Unit], Callable[[int], None]], Iterable[ShardRecord]]
+
+
+def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, overwrite: bool,
+                progress: bool) -> CaptureSummary:
+    """Plan, open the store, hand the units not yet committed to ``execute``, finalise the manifest."""
+    plan, units, header, spec = prepare_capture(config, teacher)
     fs = StoreFS(config.store.path)
     started = time.perf_counter()
     with translated_write_errors(fs.url), StoreLock(fs):
@@ -157,20 +177,35 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
         records = list(committed)
         bar = _progress_bar(progress, total=plan.num_windows * plan.seq_len,
                             initial=sum(r.positions for r in committed))
-        tokens = 0
-        for unit in todo:
-            fault_point("unit_start")
-            record, objects = capture_unit(teacher, plan, unit, config, spec, on_batch=bar.update)
-            commit_unit(fs, record, objects)
-            records.append(record)
-            tokens += record.positions
-            fault_point("after_commit")
+        fresh = list(execute(plan, spec, fs.url, todo, bar.update))
         bar.close()
+        if sorted(r.index for r in fresh) != [u.index for u in todo]:
+            raise RuntimeError(f"capture executor returned units {sorted(r.index for r in fresh)}; "
+                               f"expected {[u.index for u in todo]}")
         fault_point("before_finalize")
-        manifest = finalize_store(fs, header, records)
+        manifest = finalize_store(fs, header, records + fresh)
     return CaptureSummary(store=fs.url, units_total=len(units), units_skipped=len(units) - len(todo),
-                          units_written=len(todo), tokens=tokens, seconds=time.perf_counter() - started,
-                          manifest=manifest)
+                          units_written=len(todo), tokens=sum(r.positions for r in fresh),
+                          seconds=time.perf_counter() - started, manifest=manifest)
+
+
+def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,
+            teacher: Teacher | None = None) -> CaptureSummary:
+    """Capture sparse targets for ``config``; resumes an interrupted store with the same configuration.
+
+    With ``config.workers`` >= 1 (and no ``teacher`` given) the units run on that many Ray actors.
+    """
+    if config.workers and teacher is None:
+        from .distributed import capture_distributed
+
+        return capture_distributed(config, overwrite=overwrite, progress=progress)
+    teacher = teacher or load_teacher(config.teacher)
+
+    def execute(plan, spec, root, todo, on_positions):
+        for unit in todo:
+            yield capture_and_commit(teacher, plan, unit, config, spec, root, on_batch=on_positions)
+
+    return run_capture(config, teacher, execute, overwrite=overwrite, progress=progress)
 
 
 def _progress_bar(enabled: bool, *, total: int, initial: int):

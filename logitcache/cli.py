@@ -18,6 +18,7 @@ from .errors import LogitCacheError
 # flag name -> dotted config field
 CAPTURE_FLAGS = {
     "teacher": "teacher.model",
+    "backend": "teacher.backend",
     "device": "teacher.device",
     "dtype": "teacher.dtype",
     "trust_remote_code": "teacher.trust_remote_code",
@@ -39,14 +40,33 @@ CAPTURE_FLAGS = {
     "compression_level": "store.compression_level",
     "seed": "seed",
     "batch_tokens": "batch_tokens",
+    "workers": "workers",
 }
+
+
+def parse_engine_args(pairs: tuple[str, ...]) -> dict | None:
+    """``("tensor_parallel_size=8", "enforce_eager=true")`` → ``{"tensor_parallel_size": 8, "enforce_eager": True}``."""
+    import yaml
+
+    if not pairs:
+        return None
+    engine = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE (e.g. tensor_parallel_size=8); found {pair!r}",
+                                     param_hint="--engine")
+        engine[key.strip()] = yaml.safe_load(value)
+    return engine
 
 
 def load_config(path: str | None, overrides: dict) -> CaptureConfig:
     """A CaptureConfig from an optional YAML file plus flag overrides (``None`` = not given)."""
     data = read_job_file(path, "capture") if path else {}
     config = CaptureConfig.from_dict(data)
-    return config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
+    config = config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
+    engine = parse_engine_args(overrides.get("engine") or ())
+    return config.with_overrides({f"teacher.engine.{k}": v for k, v in engine.items()}) if engine else config
 
 
 @click.group()
@@ -58,7 +78,11 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML capture config; flags override it.")
 @click.option("--teacher", help="Local HF model directory, or embedded:smollm2-135m-instruct (default).")
-@click.option("--device", help="cpu, cuda, cuda:N or auto (default).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), help="Teacher engine: hf (transformers, default) or vllm.")
+@click.option("--engine", multiple=True, metavar="KEY=VALUE",
+              help="vllm.LLM argument, repeatable (tensor_parallel_size=8, max_model_len=4096, ...); vllm only.")
+@click.option("--workers", type=int, help="0 = in this process (default); N = N Ray actors (one engine each).")
+@click.option("--device", help="cpu, cuda, cuda:N or auto (default); with vllm, where the output head runs.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
 @click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")

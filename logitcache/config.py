@@ -18,6 +18,7 @@ from .targets import METHODS
 EMBEDDED_TEACHER = "embedded:smollm2-135m-instruct"
 BUILTIN_CORPUS = "builtin:pydoc"
 DTYPES = ("bfloat16", "float16", "float32")
+BACKENDS = ("hf", "vllm")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -65,7 +66,12 @@ class SparsifyConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Which teacher runs, and how. ``model`` is a local HF directory or ``embedded:...``."""
+    """Which teacher runs, and how. ``model`` is a local HF directory or ``embedded:...``.
+
+    ``backend`` is ``hf`` (transformers) or ``vllm``; ``engine`` holds keyword arguments passed
+    through to ``vllm.LLM`` (``tensor_parallel_size``, ``max_model_len``, ``gpu_memory_utilization``,
+    ``enforce_eager``, ...), vllm backend only. ``device`` is where the output head runs.
+    """
 
     model: str = EMBEDDED_TEACHER
     backend: str = "hf"
@@ -73,9 +79,15 @@ class TeacherConfig:
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
     head_chunk: int = 256
+    engine: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(self.backend in ("hf",), f"backend must be 'hf'; found {self.backend!r}")
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}; found {self.backend!r}")
+        _check(isinstance(self.engine, dict), f"engine must be a mapping of vllm.LLM arguments; found {self.engine!r}")
+        _check(self.backend == "vllm" or not self.engine,
+               f"engine arguments apply to backend 'vllm' only; found {sorted(self.engine)} with backend {self.backend!r}")
+        reserved = sorted(set(self.engine) & {"model", "dtype", "runner", "convert", "pooler_config", "tokenizer"})
+        _check(not reserved, f"engine may not set {reserved}: logitcache sets them (use teacher.model / teacher.dtype)")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
         _check(self.head_chunk >= 1, f"head_chunk must be >= 1; found {self.head_chunk!r}")
 
@@ -135,7 +147,11 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """Everything a capture needs. ``batch_tokens`` bounds a forward batch (speed only)."""
+    """Everything a capture needs. ``batch_tokens`` bounds a forward batch (speed only).
+
+    ``workers`` = 0 captures in this process; ``workers`` = N >= 1 runs N teacher engines as Ray
+    actors (see :mod:`logitcache.distributed`). Neither changes a byte of the store.
+    """
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -143,8 +159,11 @@ class CaptureConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
     batch_tokens: int = 4096
+    workers: int = 0
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.workers, int) and self.workers >= 0,
+               f"workers must be an integer >= 0 (0 = in-process, N = N Ray actors); found {self.workers!r}")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0; found {self.seed!r}")
         _check(self.batch_tokens >= 1, f"batch_tokens must be >= 1; found {self.batch_tokens!r}")
 

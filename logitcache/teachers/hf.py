@@ -1,8 +1,8 @@
 """Hugging Face transformers teacher: any local causal-LM directory, on CPU or one GPU.
 
 The model is split into its *body* (the decoder whose ``last_hidden_state`` feeds the output
-head) and its *head* (``get_output_embeddings()`` plus the architecture's logit post-processing:
-Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma's ``final_logit_softcapping``).
+head) and its *head* (``get_output_embeddings()`` plus the architecture's logit post-processing,
+:class:`~logitcache.teachers.head.HeadPost`, shared with the vLLM backend).
 The body runs once per batch; the head runs per sequence per chunk, so full-vocabulary logits
 for a whole batch never exist and results do not depend on batch composition.
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,48 +24,15 @@ from torch import nn
 
 from ..config import TeacherConfig
 from ..errors import TeacherError
+from .base import check_input_ids
 from .hashing import weights_sha256
+from .head import HeadPost, head_chunks
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Parity tolerance, relative to max(1, max |logit|): a few units in the last place of the dtype.
 _PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _PARITY_SHAPE = (2, 16)
 _PARITY_CHUNK = 5
-
-
-@dataclass(frozen=True)
-class HeadPost:
-    """Logit post-processing after the output projection, applied in this order when set."""
-
-    logit_scale: float | None = None  # Cohere: logits * scale
-    logits_scaling: float | None = None  # Granite: logits / scaling
-    softcap: float | None = None  # Gemma 2/3: cap * tanh(logits / cap)
-
-    @classmethod
-    def from_config(cls, config: Any) -> HeadPost:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        return cls(
-            logit_scale=_optional_float(text, "logit_scale"),
-            logits_scaling=_optional_float(text, "logits_scaling"),
-            softcap=_optional_float(text, "final_logit_softcapping"),
-        )
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        # Same operations in the same order as the transformers forwards, for bitwise parity.
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logits_scaling is not None:
-            logits = logits / self.logits_scaling
-        if self.softcap is not None:
-            logits = logits / self.softcap
-            logits = torch.tanh(logits)
-            logits = logits * self.softcap
-        return logits
-
-
-def _optional_float(config: Any, name: str) -> float | None:
-    value = getattr(config, name, None)
-    return None if value is None else float(value)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -150,31 +116,12 @@ class HFTeacher:
     def _chunks(self, body: nn.Module, ids: torch.Tensor, chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         hidden = _last_hidden_state(body(input_ids=ids, use_cache=False))
         for row in range(hidden.shape[0]):
-            for start in range(0, hidden.shape[1], chunk):
-                yield row, start, self.post.apply(self.head(hidden[row, start : start + chunk]))
+            for start, logits in head_chunks(self.head, self.post, hidden[row], chunk):
+                yield row, start, logits
 
     def _check_input(self, input_ids: Any, chunk: int) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            found = f"{type(input_ids).__name__}"
-            if isinstance(input_ids, torch.Tensor):
-                found = f"{input_ids.dtype} tensor of shape {tuple(input_ids.shape)}"
-            raise TeacherError(f"input_ids must be an int64 tensor of shape [B, L]; found {found}")
-        if not isinstance(chunk, int) or chunk < 1:
-            raise TeacherError(f"chunk must be an integer >= 1; found {chunk!r}")
-        batch, length = input_ids.shape
-        if batch == 0 or length == 0:
-            raise TeacherError(f"input_ids must be non-empty; found shape {tuple(input_ids.shape)}")
-        if length > self.max_positions:
-            raise TeacherError(
-                f"windows of {length} tokens exceed teacher {self.name!r}'s {self.max_positions} positions; "
-                f"use windows of at most {self.max_positions} tokens (seq_len <= {self.max_positions - 1})"
-            )
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise TeacherError(
-                f"token ids must lie in [0, {self.vocab_size}) for teacher {self.name!r}; found [{lo}, {hi}]"
-            )
-        return input_ids.to(self.device)
+        return check_input_ids(input_ids, chunk, name=self.name, max_positions=self.max_positions,
+                               vocab_size=self.vocab_size).to(self.device)
 
     def _find_body(self) -> nn.Module:
         """The decoder whose last hidden state feeds the head, confirmed by the parity check."""

@@ -22,6 +22,23 @@ def test_import_does_not_pull_heavy_engines():
     assert out.stdout.strip() == ""
 
 
+def test_backends_and_orchestration_import_neither_vllm_nor_ray():
+    """Every module imports vllm / ray lazily: only using the vllm backend or Ray capture loads them."""
+    code = ("import sys, logitcache, logitcache.cli, logitcache.capture, logitcache.distributed, "
+            "logitcache.teachers, logitcache.teachers.vllm, logitcache.teachers.head; "
+            "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_hf_teacher_does_not_import_vllm(tiny_teacher):
+    code = ("import sys; from logitcache.config import TeacherConfig; from logitcache.teachers import load_teacher; "
+            f"load_teacher(TeacherConfig(model={tiny_teacher!r}, dtype='float32', device='cpu')); "
+            "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("name", logitcache.__all__)
 def test_public_names_resolve(name):
     assert getattr(logitcache, name) is not None

@@ -1,0 +1,144 @@
+"""vLLM backend throughput ÷ vLLM prefill-only throughput on the same prompts, and Ray scaling.
+
+In one process, on the same windows, interleaved (baseline, ours, baseline, ours, ...):
+
+* ``prefill``: a vLLM generate engine, ``max_tokens=1``, no logprobs — the bare prefill baseline
+  (prefix caching off, as in the pooling engine: the prompts repeat across rounds).
+* ``hidden``: the pooling engine alone (``token_embed`` hidden states, no head): vLLM's side of ours.
+* ``capture/<method>``: the whole ``logitcache.capture.capture`` with the vllm backend — hidden
+  states, our output head, sparsifier, Arrow encoding, checksums, fsync, manifest.
+* ``prompt_logprobs-64``: vLLM's own top-k route (flat, no detokenisation) for comparison.
+
+``--ray`` adds a capture through Ray with 1 and 2 workers (HF backend, RS-KD N=50, one window per
+unit, one CPU and one thread per worker, engines loaded before the clock starts) against the same
+capture in this process. Rows append to the CSV (see common.py).
+
+    python benchmarks/vllm_speed.py --csv benchmarks/results/vllm_speed.csv --ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from common import provenance, write_csv
+
+METHODS = {"topk-64": {"method": "topk", "k": 64}, "sample-50": {"method": "sample", "samples": 50},
+           "hybrid-12+50": {"method": "hybrid", "k": 12, "samples": 50}}
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def vllm_rows(args, workdir: Path) -> list[dict]:
+    from vllm import SamplingParams, TokensPrompt
+
+    from logitcache.capture import capture, prepare_capture
+    from logitcache.config import CaptureConfig
+    from logitcache.teachers import load_teacher, resolve_teacher_path
+    from logitcache.teachers.vllm import prompt_topk, start_engine
+
+    engine = {"enforce_eager": True, "max_model_len": args.seq_len + 8}
+    base = CaptureConfig().with_overrides({
+        "teacher.backend": "vllm", "teacher.dtype": args.dtype, "teacher.device": "cpu", "teacher.engine": engine,
+        "corpus.seq_len": args.seq_len, "corpus.max_tokens": args.tokens, "batch_tokens": args.batch_tokens})
+    teacher = load_teacher(base.teacher)
+    generate_config = dataclasses.replace(base.teacher, engine={**engine, "max_logprobs": 64,
+                                                                     "enable_prefix_caching": False})
+    generate = start_engine(resolve_teacher_path(base.teacher.model), generate_config, pooling=False)
+    plan, _, _, _ = prepare_capture(base, teacher)
+    rows_ids = [plan.window(i)[:-1].tolist() for i in range(plan.num_windows)]
+    prompts = [TokensPrompt(prompt_token_ids=r) for r in rows_ids]
+    positions = plan.num_windows * plan.seq_len
+    prefill = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    per_batch = max(1, args.batch_tokens // (args.seq_len + 1))
+    runs = {
+        "prefill": lambda: generate.generate(prompts, prefill, use_tqdm=False),
+        "hidden": lambda: [teacher.hidden_states(rows_ids[i:i + per_batch]) for i in range(0, len(rows_ids), per_batch)],
+        "prompt_logprobs-64": lambda: prompt_topk(generate, rows_ids, 64),
+    }
+    for name, over in METHODS.items():
+        config = base.with_overrides({**{f"sparsify.{k}": v for k, v in over.items()}, "store.path": str(workdir / name)})
+        runs[f"capture/{name}"] = lambda c=config: capture(c, overwrite=True, progress=False, teacher=teacher)
+    for fn in runs.values():  # warm-up
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            seconds[name].append(timed(fn))
+    base_s = statistics.median(seconds["prefill"])
+    rows = []
+    for name, s in seconds.items():
+        med = statistics.median(s)
+        rows.append({**provenance(), "backend": "vllm", "dtype": args.dtype, "route": name, "workers": 0,
+                     "positions": positions, "tok_s": round(positions / med, 1),
+                     "ratio_vs_baseline": round(base_s / med, 3), "baseline": "vllm prefill (max_tokens=1)",
+                     "load_1min": round(os.getloadavg()[0], 2)})
+    teacher.close()
+    return rows
+
+
+def ray_rows(args, workdir: Path) -> list[dict]:
+    import ray
+
+    from logitcache.capture import capture
+    from logitcache.config import CaptureConfig
+
+    base = CaptureConfig().with_overrides({
+        "teacher.dtype": args.dtype, "teacher.device": "cpu", "corpus.seq_len": args.seq_len,
+        "corpus.max_tokens": args.tokens, "batch_tokens": args.batch_tokens, "sparsify.method": "sample",
+        "sparsify.samples": 50, "store.sequences_per_shard": 1})
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(workdir / "ray"), configure_logging=False)
+    seconds: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    try:
+        for rep in range(args.repeats + 1):
+            for workers in seconds:
+                config = base.with_overrides({"workers": workers, "store.path": str(workdir / f"ray{workers}")})
+                s = capture(config, overwrite=True, progress=False).seconds
+                if rep:  # the first round warms caches and Ray's worker pool
+                    seconds[workers].append(s)
+    finally:
+        ray.shutdown()
+    positions = (args.tokens // args.seq_len) * args.seq_len
+    base_s = statistics.median(seconds[0])
+    return [{**provenance(), "backend": "hf", "dtype": args.dtype, "route": "capture/sample-50",
+             "workers": w, "positions": positions, "tok_s": round(positions / statistics.median(s), 1),
+             "ratio_vs_baseline": round(base_s / statistics.median(s), 3),
+             "baseline": "in-process capture (2 threads)", "load_1min": round(os.getloadavg()[0], 2)}
+            for w, s in seconds.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192, help="positions per measurement")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-tokens", type=int, default=4104)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--ray", action="store_true", help="also measure Ray capture with 1 and 2 workers")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM measurements")
+    ap.add_argument("--csv", default="benchmarks/results/vllm_speed.csv")
+    args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="lc-vllm-bench-"))
+    try:
+        rows = [] if args.no_vllm else vllm_rows(args, workdir)
+        if args.ray:
+            rows += ray_rows(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for row in rows:
+        print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("timestamp", "machine", "torch")), flush=True)
+    write_csv(Path(args.csv), rows)
+
+
+if __name__ == "__main__":
+    main()

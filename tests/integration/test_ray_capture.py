@@ -1,0 +1,101 @@
+"""Ray capture on a local 2-CPU cluster: 2 workers, a worker killed part-way, a dead job resumed.
+
+Every store is compared byte for byte with a one-process capture of the same configuration.
+The teacher is the tiny offline one: what is under test is the orchestration, not the model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logitcache.capture import capture
+from logitcache.config import CaptureConfig
+from logitcache.store import inspect_store, verify_store
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.integration
+
+SEQ_LEN = 32
+WINDOWS = 12
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def make_config(teacher: str, out: Path, workers: int = 0) -> CaptureConfig:
+    return CaptureConfig().with_overrides({
+        "teacher.model": teacher, "teacher.dtype": "float32", "teacher.device": "cpu", "corpus.seq_len": SEQ_LEN,
+        "corpus.max_tokens": SEQ_LEN * WINDOWS, "store.path": str(out), "store.sequences_per_shard": 2,
+        "sparsify.method": "hybrid", "sparsify.k": 5, "sparsify.samples": 20, "workers": workers,
+        "batch_tokens": 3 * (SEQ_LEN + 1),
+    })
+
+
+@pytest.fixture(scope="module")
+def cluster(engine_env, tmp_path_factory):
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "store"
+    capture(make_config(tiny_teacher, out), progress=False)
+    return tree_bytes(out)
+
+
+def test_two_workers_write_the_single_process_store(cluster, tiny_teacher, reference, tmp_path):
+    summary = capture(make_config(tiny_teacher, tmp_path / "s", workers=2), progress=False)
+    assert summary.units_written == WINDOWS // 2 and summary.tokens == WINDOWS * SEQ_LEN
+    assert tree_bytes(tmp_path / "s") == reference
+
+
+@pytest.mark.parametrize("fault", ["after_shard:2", "unit_start:2"])
+def test_a_killed_worker_is_replaced_and_the_store_is_identical(cluster, tiny_teacher, reference, tmp_path, fault):
+    from logitcache.distributed import capture_distributed
+
+    marker = tmp_path / "killed"
+    env = {"LOGITCACHE_FAULT": fault, "LOGITCACHE_FAULT_ONCE": str(marker)}
+    summary = capture_distributed(make_config(tiny_teacher, tmp_path / "s", workers=2), progress=False,
+                                  worker_env=env)
+    assert marker.exists()  # one worker process did SIGKILL itself part-way
+    assert summary.units_written == WINDOWS // 2
+    assert verify_store(tmp_path / "s").ok
+    assert tree_bytes(tmp_path / "s") == reference
+
+
+def test_a_dead_job_resumes_on_ray(cluster, tiny_teacher, reference, tmp_path):
+    out = tmp_path / "s"
+    code = ("import sys; from logitcache.capture import capture; from logitcache.config import CaptureConfig; "
+            "capture(CaptureConfig.from_dict(eval(sys.argv[1])), progress=False)")
+    one_process = make_config(tiny_teacher, out).to_dict()
+    killed = subprocess.run([sys.executable, "-c", code, repr(one_process)], capture_output=True, text=True,
+                            env=dict(os.environ, LOGITCACHE_FAULT="after_commit:2"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not inspect_store(out)["complete"]
+    summary = capture(make_config(tiny_teacher, out, workers=2), progress=False)
+    assert summary.units_skipped == 2 and summary.units_written == WINDOWS // 2 - 2
+    assert tree_bytes(out) == reference
+
+
+def test_cli_workers_flag(cluster, tiny_teacher, reference, tmp_path):
+    from click.testing import CliRunner
+
+    from logitcache.cli import main
+
+    c = make_config(tiny_teacher, tmp_path / "s")
+    args = ["capture", "--teacher", tiny_teacher, "--dtype", "float32", "--device", "cpu", "--seq-len", str(SEQ_LEN),
+            "--max-tokens", str(c.corpus.max_tokens), "--out", c.store.path, "--sequences-per-shard", "2",
+            "--method", "hybrid", "--k", "5", "--samples", "20", "--workers", "2", "--quiet"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert tree_bytes(tmp_path / "s") == reference
