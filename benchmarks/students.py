@@ -19,7 +19,12 @@ ECE: 15 equal-width bins on the student's top-1 confidence, correctness = top-1 
 token (``ece``) or equals the teacher's top-1 (``ece_vs_teacher``).
 
     python benchmarks/students.py --csv benchmarks/results/students.csv --png docs/img/students --results-md
-    python benchmarks/students.py --quick       # 1 seed, fewer steps: ≤ 5 minutes on a quiet 2-core machine
+    python benchmarks/students.py --quick       # 1 seed, 12 steps, 512 held-out positions
+
+Sized for a quiet 2-core CPU (estimated from the measured ~264-300 positions/s of such students, not
+measured on a quiet machine): --quick about 4 minutes, the default (3 seeds x 7 runs x 40 steps)
+about 30. On a shared machine everything stretches with the load; the wall time and load averages
+are recorded with every CSV row.
 """
 
 from __future__ import annotations
