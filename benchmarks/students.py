@@ -261,7 +261,7 @@ def results_section(rows: list[dict], reference: dict, command: str) -> str:
             f"(1/5/15-min averages at the end).\n\n" + markdown_table(head, body))
 
 
-def plot(rows: list[dict], pooled: dict, reference: dict, prefix: Path) -> list[Path]:
+def plot_gap(rows: list[dict], prefix: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,6 +287,14 @@ def plot(rows: list[dict], pooled: dict, reference: dict, prefix: Path) -> list[
     gap_png = prefix.with_name(prefix.name + "_gap.png")
     fig.savefig(gap_png, dpi=110)
     plt.close(fig)
+    return gap_png
+
+
+def plot_reliability(pooled: dict, reference: dict, prefix: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     panels = list(pooled.items()) + [("teacher", {"conf": [reference["conf"]], "correct": [reference["correct"]]})]
     cols = 4
@@ -310,7 +318,36 @@ def plot(rows: list[dict], pooled: dict, reference: dict, prefix: Path) -> list[
     rel_png = prefix.with_name(prefix.name + "_reliability.png")
     fig.savefig(rel_png, dpi=100)
     plt.close(fig)
-    return [gap_png, rel_png]
+    return rel_png
+
+
+def summarize(args) -> None:
+    """Table and gap PNG from CSV rows written by earlier invocations (e.g. one per seed)."""
+    import csv
+
+    with open(args.summarize, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (r["quick"] == "True") == args.quick]
+    if not rows:
+        raise SystemExit(f"{args.summarize} holds no rows with quick={args.quick}")
+    latest = {(r["method"], r["seed"]): r for r in rows}
+    numeric = ("bytes_per_position", "ids_per_position", "ce", "kl", "top1_agreement", "accuracy", "ece",
+               "ece_vs_teacher", "gap_closed_ce", "gap_closed_kl", "wall_s")
+    rows = [{**r, **{k: float(r[k]) for k in numeric}, "seed": int(r["seed"])} for r in latest.values()]
+    reference = {"ce": args.teacher_ce if args.teacher_ce is not None else float("nan"),
+                 "ece": args.teacher_ece if args.teacher_ece is not None else float("nan")}
+    command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    commits = sorted({r["commit"] for r in rows})
+    walls = ", ".join(f"seed {r['seed']}: {r['wall_s']:.0f} s at load {r['load']}" for r in rows if r["method"] == "CE only")
+    section = results_section(rows, reference, command).replace(
+        f"Run {rows[0]['timestamp']}, commit {rows[0]['commit']}",
+        f"Rows of {len({r['seed'] for r in rows})} invocations (commits {', '.join(commits)})").replace(
+        f"**wall {rows[0]['wall_s']} s** at load {rows[0]['load']} (1/5/15-min averages at the end)",
+        f"wall per invocation: {walls}")
+    if args.results_md:
+        update_results_md("students-quick" if args.quick else "students", section)
+    if args.png:
+        plot_gap(rows, args.png)
+    print(section)
 
 
 def main() -> None:
@@ -329,7 +366,15 @@ def main() -> None:
     ap.add_argument("--csv", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None, help="prefix: writes <prefix>_gap.png and <prefix>_reliability.png")
     ap.add_argument("--results-md", action="store_true", help="replace the students table in docs/results.md")
+    ap.add_argument("--summarize", type=Path, default=None,
+                    help="no training: rebuild the table (mean ± sd over seeds) and the gap PNG from the rows of "
+                         "this CSV (quick or not as --quick says; the last row per method and seed wins)")
+    ap.add_argument("--teacher-ce", type=float, default=None, help="with --summarize: the teacher's held-out CE")
+    ap.add_argument("--teacher-ece", type=float, default=None, help="with --summarize: the teacher's ECE")
     args = ap.parse_args()
+    if args.summarize:
+        summarize(args)
+        return
     if args.quick:
         args.seeds, args.steps, args.eval_windows = args.seeds[:1], 12, 4
     args.train_tokens = args.steps * args.batch * args.seq_len
@@ -342,7 +387,8 @@ def main() -> None:
     if args.csv:
         write_csv(args.csv, rows)
     if args.png:
-        plot(rows, pooled, reference, args.png)
+        plot_gap(rows, args.png)
+        plot_reliability(pooled, reference, args.png)
     if args.results_md:
         command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
         update_results_md("students-quick" if args.quick else "students", results_section(rows, reference, command))
