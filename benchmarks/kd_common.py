@@ -5,6 +5,7 @@ docs/results.md section writer."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ import torch
 from logitcache.config import BUILTIN_CORPUS, EMBEDDED_TEACHER, TeacherConfig
 from logitcache.corpus import read_documents
 from logitcache.plan import Plan, build_plan
-from logitcache.store.arrow import ShardSpec, encode_shard
+from logitcache.capture import encode_unit
+from logitcache.store.encoding import Encoding, corpus_order
+from logitcache.store.spec import ShardSpec
 from logitcache.targets import SparseTargets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,15 +25,22 @@ RESULTS_MD = ROOT / "docs" / "results.md"
 
 def bytes_per_position(spec: ShardSpec, seq_ids: list[int], tokens: list[np.ndarray],
                        targets: list[SparseTargets]) -> float:
-    """Bytes per position of these sequences as one shard written by the store's encoder
-    (the token column included). The one place to change when the encoder changes."""
-    data = encode_shard(spec, seq_ids, tokens, targets)
-    return len(data) / sum(t.num_positions for t in targets)
+    """Bytes per position of these sequences as one unit written by the store's encoder and Arrow
+    container (v2 compact encoding, token column included). For ``rank-delta`` ids the rank order
+    comes from these sequences' own tokens, as a capture of just these windows would have it."""
+    if spec.encoding.ids == "rank-delta":
+        order = corpus_order(np.concatenate([np.asarray(t) for t in tokens]), spec.encoding.vocab_size)
+        spec = replace(spec, encoding=replace(spec.encoding, order=order))
+    record, _ = encode_unit(replace(spec, sequences_per_shard=len(seq_ids)), 0, seq_ids, tokens, targets)
+    return record.bytes / sum(t.num_positions for t in targets)
 
 
-def shard_spec(method: str, k: int = 0, samples: int = 0) -> ShardSpec:
-    """The spec capture writes for a method with the default store settings (fp32 logprobs, zstd)."""
-    return ShardSpec(method=method, k=k if method in ("topk", "hybrid") else 0,
+def shard_spec(method: str, k: int = 0, samples: int = 0, vocab_size: int = 49152) -> ShardSpec:
+    """The spec capture writes for a method with the default store settings (``ids=auto``, float32
+    logprobs, arrow, zstd-9)."""
+    ids = "rank-delta" if method in ("sample", "hybrid") else "packed"
+    return ShardSpec(method=method, encoding=Encoding(ids=ids, vocab_size=vocab_size),
+                     k=k if method in ("topk", "hybrid") else 0,
                      num_samples=samples if method in ("sample", "hybrid") else 0)
 
 
