@@ -38,8 +38,7 @@ def bytes_per_position(spec: ShardSpec, seq_ids: list[int], tokens: list[np.ndar
 def shard_spec(method: str, k: int = 0, samples: int = 0, vocab_size: int = 49152) -> ShardSpec:
     """The spec capture writes for a method with the default store settings (``ids=auto``, float32
     logprobs, arrow, zstd-9)."""
-    ids = "rank-delta" if method in ("sample", "hybrid") else "packed"
-    return ShardSpec(method=method, encoding=Encoding(ids=ids, vocab_size=vocab_size),
+    return ShardSpec(method=method, encoding=Encoding(ids="rank-delta", vocab_size=vocab_size),
                      k=k if method in ("topk", "hybrid") else 0,
                      num_samples=samples if method in ("sample", "hybrid") else 0)
 

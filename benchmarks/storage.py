@@ -41,9 +41,8 @@ METHODS = {
     "hybrid-12+50": {"method": "hybrid", "k": 12, "samples": 50},
 }
 # (container, ids, logprobs); logprobs only matter for methods with a head
-VARIANTS = [("arrow", "auto", "float32"), ("arrow", "rank-delta", "float32"), ("arrow", "packed", "float32"),
-            ("arrow", "auto", "float16"), ("arrow", "auto", "q8"), ("zarr", "auto", "float32"),
-            ("zarr", "auto", "q8")]
+VARIANTS = [("arrow", "rank-delta", "float32"), ("arrow", "packed", "float32"), ("arrow", "rank-delta", "float16"),
+            ("arrow", "rank-delta", "q8"), ("zarr", "rank-delta", "float32"), ("zarr", "rank-delta", "q8")]
 
 
 def plain_zstd_bytes(rows, level: int) -> int:
@@ -71,8 +70,8 @@ def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, level
     from logitcache.convert import destination_header
 
     manifest = read_manifest(src)
-    if ids == "auto":  # what a capture with ids=auto picks for this method
-        ids = "rank-delta" if manifest["method"] in ("sample", "hybrid") else "packed"
+    if ids == "auto":  # what a capture with ids=auto picks
+        ids = "rank-delta"
     header = destination_header(StoreFS(src), manifest, format=fmt, ids=ids, logprob_dtype=logprobs,
                                 compression=None, compression_level=level)
     spec = spec_from_manifest(dict(header, shards=[]))

@@ -115,8 +115,8 @@ class StoreConfig:
     """Where and how targets are written (docs/format.md).
 
     ``path`` is a directory or an fsspec URL (``s3://bucket/prefix``); ``format`` the container
-    (``arrow`` or ``zarr``); ``ids`` the id code (``auto``: ``rank-delta`` for sample and hybrid,
-    ``packed`` for topk and full, the smaller on measured SmolLM2 targets); ``logprob_dtype``
+    (``arrow`` or ``zarr``); ``ids`` the id code (``auto`` = ``rank-delta``, the smaller on measured
+    SmolLM2 targets for every method; ``packed`` is fixed-width); ``logprob_dtype``
     ``float32`` (lossless), or lossy ``float16`` / ``q8`` (opt-in; error recorded per unit).
     """
 

@@ -30,7 +30,7 @@ from .capture import CaptureSummary, capture_and_commit, run_capture
 from .config import CaptureConfig
 from .errors import ConfigError
 from .plan import Plan, Unit, seq_id_for
-from .store.arrow import ShardSpec
+from .store.spec import ShardSpec
 from .store.layout import ShardRecord
 
 MAX_RESTARTS = 3

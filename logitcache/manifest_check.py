@@ -5,7 +5,7 @@ type and range here, with one error naming the field, the value found and what w
 Shard contents are checked elsewhere (checksums); this module only guards the bookkeeping:
 indices unique and within the plan, counts non-negative and bounded, positions equal to
 ``sequences · seq_len``. Paths escaping the store are refused per shard when opened
-(:func:`logitcache.store.reader.shard_path`), so `verify` can name each one.
+(:func:`logitcache.store.reader.object_path`), so `verify` can name each one.
 """
 
 from __future__ import annotations

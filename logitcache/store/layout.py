@@ -225,7 +225,12 @@ def commit_unit(fs: StoreFS, record: ShardRecord, objects: list[tuple[str, bytes
 
 
 def finalize_store(fs: StoreFS, header: dict[str, Any], records: list[ShardRecord]) -> dict[str, Any]:
-    """Write the final manifest listing every unit, then drop the commit records."""
+    """Write the final manifest listing every unit, then drop the commit records.
+
+    Call under the lock with every writer done: temp files a killed worker left mid-write (a Ray
+    worker's unit is retried elsewhere, nobody resumes over its leftovers) are swept first.
+    """
+    remove_temp_files(fs)
     manifest = dict(header, complete=True, shards=[r.to_dict() for r in sorted(records, key=lambda r: r.index)])
     fs.write(MANIFEST, dump_json(manifest))
     fault_point("after_manifest")

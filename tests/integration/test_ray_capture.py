@@ -59,7 +59,7 @@ def test_two_workers_write_the_single_process_store(cluster, tiny_teacher, refer
     assert tree_bytes(tmp_path / "s") == reference
 
 
-@pytest.mark.parametrize("fault", ["after_shard:2", "unit_start:2"])
+@pytest.mark.parametrize("fault", ["unit_start:2", "teacher_chunk:5", "mid_write:3", "after_shard:2", "after_commit:1"])
 def test_a_killed_worker_is_replaced_and_the_store_is_identical(cluster, tiny_teacher, reference, tmp_path, fault):
     from logitcache.distributed import capture_distributed
 

