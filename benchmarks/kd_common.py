@@ -15,7 +15,7 @@ from logitcache.config import BUILTIN_CORPUS, EMBEDDED_TEACHER, TeacherConfig
 from logitcache.corpus import read_documents
 from logitcache.plan import Plan, build_plan
 from logitcache.capture import encode_unit
-from logitcache.store.encoding import Encoding, corpus_order
+from logitcache.store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from logitcache.store.spec import ShardSpec
 from logitcache.targets import SparseTargets
 
@@ -38,7 +38,7 @@ def bytes_per_position(spec: ShardSpec, seq_ids: list[int], tokens: list[np.ndar
 def shard_spec(method: str, k: int = 0, samples: int = 0, vocab_size: int = 49152) -> ShardSpec:
     """The spec capture writes for a method with the default store settings (``ids=auto``, float32
     logprobs, arrow, zstd-9)."""
-    return ShardSpec(method=method, encoding=Encoding(ids="rank-delta", vocab_size=vocab_size),
+    return ShardSpec(method=method, encoding=Encoding(ids=DEFAULT_ID_CODEC, vocab_size=vocab_size),
                      k=k if method in ("topk", "hybrid") else 0,
                      num_samples=samples if method in ("sample", "hybrid") else 0)
 

@@ -70,8 +70,6 @@ def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, level
     from logitcache.convert import destination_header
 
     manifest = read_manifest(src)
-    if ids == "auto":  # what a capture with ids=auto picks
-        ids = "rank-delta"
     header = destination_header(StoreFS(src), manifest, format=fmt, ids=ids, logprob_dtype=logprobs,
                                 compression=None, compression_level=level)
     spec = spec_from_manifest(dict(header, shards=[]))

@@ -24,7 +24,7 @@ from .manifest_check import with_header_digest
 from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
-from .store.encoding import Encoding, corpus_order, encode_row
+from .store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order, encode_row
 from .store.fs import StoreFS
 from .store.layout import FORMAT_NAME, FORMAT_VERSION, ShardRecord, StoreLock, begin_store, commit_unit, \
     finalize_store
@@ -60,9 +60,7 @@ def head_size(config: CaptureConfig, vocab_size: int) -> int:
 
 def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
     """The row encoding for this capture; ``rank-delta`` ranks ids by their frequency in ``tokens``."""
-    ids = config.store.ids
-    if ids == "auto":  # rank-delta was the smaller for every method on SmolLM2 (benchmarks/storage.py)
-        ids = "rank-delta"
+    ids = DEFAULT_ID_CODEC if config.store.ids == "auto" else config.store.ids
     order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
     return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order)
 

@@ -41,6 +41,8 @@ from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 
 ENCODING_VERSION = 2
 ID_CODECS = ("rank-delta", "packed")
+# what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
+DEFAULT_ID_CODEC = "rank-delta"
 LOGPROB_CODECS = ("float32", "float16", "q8")
 Q8_LEVELS = 255
 Q8_ZERO = (0.25 / Q8_LEVELS) ** 2  # decoded probability of code 0
