@@ -18,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import provenance, write_csv
+from common import provenance, synchronize, write_csv
 
 import torch
 
-from logitcache.capture import capture
+from logitcache.capture import capture, encode_threads
 from logitcache.config import CaptureConfig
 from logitcache.corpus import read_documents
 from logitcache.plan import build_plan
@@ -42,6 +42,7 @@ def bare_forward_seconds(teacher, windows: torch.Tensor, per_batch: int) -> floa
     for i in range(0, windows.shape[0], per_batch):
         logits = teacher.bare_forward(windows[i:i + per_batch, :-1])
         del logits
+    synchronize()
     return time.perf_counter() - start
 
 
@@ -52,6 +53,10 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4104)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto", help="teacher device: auto (cuda when present), cpu, cuda")
+    ap.add_argument("--encode-threads", type=int, default=0, help="capture's encode threads (0 = auto)")
+    ap.add_argument("--head-chunk", type=int, default=CaptureConfig().teacher.head_chunk,
+                    help="positions per output-head chunk (larger suits a GPU)")
     ap.add_argument("--teacher", default=CaptureConfig().teacher.model)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--csv", default="benchmarks/results/capture_speed.csv")
@@ -59,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
 
     base = CaptureConfig().with_overrides({
-        "teacher.model": args.teacher, "teacher.dtype": args.dtype, "corpus.seq_len": args.seq_len,
+        "teacher.model": args.teacher, "teacher.dtype": args.dtype, "teacher.device": args.device,
+        "teacher.head_chunk": args.head_chunk, "encode_threads": args.encode_threads, "corpus.seq_len": args.seq_len,
         "corpus.max_tokens": args.tokens, "batch_tokens": args.batch_tokens})
     teacher = load_teacher(base.teacher)
     plan = build_plan(read_documents(base.corpus.source), teacher.tokenizer, seq_len=args.seq_len,
@@ -82,7 +88,8 @@ def main() -> None:
             info = inspect_store(workdir / name)
             row = {
                 **provenance(), "teacher": teacher.name, "dtype": args.dtype,
-                "method": name, "positions": positions, "batch_windows": per_batch,
+                "method": name, "positions": positions, "batch_windows": per_batch, "head_chunk": args.head_chunk,
+                "encode_threads": encode_threads(config),
                 "bare_tok_s": round(positions / statistics.median(bare), 1),
                 "capture_tok_s": round(positions / statistics.median(capt), 1),
                 "ratio": round(statistics.median(bare) / statistics.median(capt), 3),

@@ -21,9 +21,18 @@ def provenance() -> dict[str, str]:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({os.cpu_count()} cpu)", "torch": torch.__version__,
+            "machine": f"{platform.node()} ({os.cpu_count()} cpu{gpu})", "torch": torch.__version__,
             "logitcache": __version__, "commit": commit}
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA work, so a timer read after it measures the work (no-op on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

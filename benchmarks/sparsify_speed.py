@@ -31,21 +31,28 @@ def synthetic_logits(t: int, v: int) -> torch.Tensor:
     return x
 
 
-def real_logits(model_dir: str, t: int) -> tuple[torch.Tensor, float]:
+def real_logits(model_dir: str, t: int, device: torch.device) -> tuple[torch.Tensor, float]:
     """``(fp32 logits [t, V], seconds of the bf16 forward)`` from a local HF model on pydoc text."""
     from pydoc_data.topics import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(device)
     ids = tok("\n\n".join(topics.values()), return_tensors="pt").input_ids[0][: t]
-    batch = ids.reshape(-1, 512)
+    batch = ids.reshape(-1, 512).to(device)
     with torch.inference_mode():
         model(batch[:1])
+        _sync(device)
         start = time.perf_counter()
         logits = model(batch).logits
+        _sync(device)
         seconds = time.perf_counter() - start
     return logits.reshape(t, -1).float(), seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) -> float:
@@ -53,9 +60,11 @@ def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) 
     fn(x[:chunk], u[:chunk])
     runs = []
     for _ in range(repeats):
+        _sync(x.device)
         start = time.perf_counter()
         for a in range(0, x.shape[0], chunk):
             fn(x[a : a + chunk], u[a : a + chunk])
+        _sync(x.device)
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
@@ -79,6 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--real", action="store_true", help="use real SmolLM2 logits from --model")
     ap.add_argument("--model", default=None, help="HF model dir (default: the embedded teacher)")
+    ap.add_argument("--device", default="cpu", help="where the logits and sparsifiers run: cpu or cuda")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +98,7 @@ def main() -> None:
 
         args.model = str(resolve_teacher_path("embedded:smollm2-135m-instruct"))
     if args.real and os.path.isdir(args.model):
-        x, forward_s = real_logits(args.model, args.positions)
+        x, forward_s = real_logits(args.model, args.positions, torch.device(args.device))
     else:
         x = synthetic_logits(args.positions, args.vocab)
     u = draw_uniforms(0, 0, x.shape[0], 50)
@@ -97,8 +107,10 @@ def main() -> None:
           + (f", bf16 forward {forward_s:.2f} s" if forward_s else ""))
     print(f"{'method':24s} {'dtype':9s} {'seconds':>8s} {'pos/s':>10s} {'vs lse':>7s}"
           + (f" {'% of fwd':>8s}" if forward_s else ""))
+    device = torch.device(args.device)
+    machine = platform.node() + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
     for dtype in (torch.float32, torch.bfloat16):
-        xd = x.to(dtype)
+        xd = x.to(device=device, dtype=dtype)
         base = None
         for name, fn in METHODS.items():
             sec = time_method(fn, xd, u, args.chunk, args.repeats)
@@ -106,7 +118,7 @@ def main() -> None:
             pps = x.shape[0] / sec
             extra = f" {100 * sec / forward_s:7.1f}%" if forward_s else ""
             print(f"{name:24s} {str(dtype)[6:]:9s} {sec:8.3f} {pps:10.0f} {base / sec:7.2f}{extra}", flush=True)
-            rows.append([datetime.datetime.now().isoformat(timespec="seconds"), platform.node(), torch.__version__,
+            rows.append([datetime.datetime.now().isoformat(timespec="seconds"), machine, torch.__version__,
                          name, str(dtype)[6:], x.shape[0], f"{sec:.4f}", f"{pps:.1f}"])
     if args.csv:
         new = not os.path.exists(args.csv)

@@ -39,6 +39,22 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def head_share(teacher) -> float:
+    """The output head's share of the parameters that every position's forward multiplies by:
+    ``V·d / (body + V·d)``. The capture computes the head at every position and a prefill only at
+    the last, so ``1 − head_share`` bounds capture ÷ prefill (attention FLOPs aside)."""
+    from transformers import AutoConfig
+
+    from logitcache.teachers import resolve_teacher_path
+
+    c = AutoConfig.from_pretrained(resolve_teacher_path(teacher.name)).get_text_config()
+    d, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
+    kv = d // c.num_attention_heads * getattr(c, "num_key_value_heads", c.num_attention_heads)
+    body = layers * (d * (2 * d + 2 * kv) + 3 * d * inter)
+    head = c.vocab_size * d
+    return head / (body + head)
+
+
 def vllm_rows(args, workdir: Path) -> list[dict]:
     from vllm import SamplingParams, TokensPrompt
 
@@ -49,7 +65,8 @@ def vllm_rows(args, workdir: Path) -> list[dict]:
 
     engine = {"enforce_eager": True, "max_model_len": args.seq_len + 8}
     base = CaptureConfig().with_overrides({
-        "teacher.backend": "vllm", "teacher.dtype": args.dtype, "teacher.device": "cpu", "teacher.engine": engine,
+        "teacher.model": args.teacher, "teacher.backend": "vllm", "teacher.dtype": args.dtype, "teacher.device": "cpu",
+        "teacher.engine": engine,
         "corpus.seq_len": args.seq_len, "corpus.max_tokens": args.tokens, "batch_tokens": args.batch_tokens})
     teacher = load_teacher(base.teacher)
     generate_config = dataclasses.replace(base.teacher, engine={**engine, "max_logprobs": 64,
@@ -79,7 +96,8 @@ def vllm_rows(args, workdir: Path) -> list[dict]:
     rows = []
     for name, s in seconds.items():
         med = statistics.median(s)
-        rows.append({**provenance(), "backend": "vllm", "dtype": args.dtype, "route": name, "workers": 0,
+        rows.append({**provenance(), "teacher": args.teacher, "head_share": round(head_share(teacher), 3),
+                     "backend": "vllm", "dtype": args.dtype, "route": name, "workers": 0,
                      "positions": positions, "tok_s": round(positions / med, 1),
                      "ratio_vs_baseline": round(base_s / med, 3), "baseline": "vllm prefill (max_tokens=1)",
                      "load_1min": round(os.getloadavg()[0], 2)})
@@ -124,6 +142,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4104)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--teacher", default="embedded:smollm2-135m-instruct",
+                    help="teacher model (a directory; benchmarks/random_teacher.py makes one of any shape)")
     ap.add_argument("--ray", action="store_true", help="also measure Ray capture with 1 and 2 workers")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM measurements")
     ap.add_argument("--csv", default="benchmarks/results/vllm_speed.csv")

@@ -9,9 +9,12 @@ worker count never change a byte.
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -99,8 +102,9 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     parts: list[list[SparseTargets]] = [[] for _ in seq_ids]
     for row, start, logits in teacher.forward_chunks(inputs, config.teacher.head_chunk):
         u = uniforms[row]
-        chunk_u = None if u is None else u[start:start + logits.shape[0]]
-        parts[row].append(sparsify(logits, cfg, chunk_u))
+        chunk_u = None if u is None else u[start:start + logits.shape[0]].to(logits.device)
+        # sparsify where the logits are (the teacher's device); only the sparse result comes back to the CPU
+        parts[row].append(sparsify(logits, cfg, chunk_u).to("cpu"))
         fault_point("teacher_chunk")
     return [concat_targets(p) for p in parts]
 
@@ -108,6 +112,12 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
 def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
                  on_batch: Callable[[int], None] = lambda n: None) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
     """Run the teacher over one unit's windows and encode them as the unit's objects."""
+    return encode_unit(spec, unit.index, *compute_unit(teacher, plan, unit, config, on_batch))
+
+
+def compute_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig,
+                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], list, list[SparseTargets]]:
+    """The teacher's part of a unit: ``(seq_ids, token windows, targets)`` of its windows."""
     per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
@@ -119,7 +129,7 @@ def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig
         tokens += list(windows)
         targets += batch_targets
         on_batch(len(idx) * plan.seq_len)
-    return encode_unit(spec, unit.index, seq_ids, tokens, targets)
+    return seq_ids, tokens, targets
 
 
 def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets]
@@ -141,10 +151,50 @@ def capture_and_commit(teacher: Teacher, plan: Plan, unit: Unit, config: Capture
     """The one place a unit is computed and committed, in-process and in Ray workers alike
     (``root`` is the store's path or URL)."""
     fault_point("unit_start")
-    record, objects = capture_unit(teacher, plan, unit, config, spec, on_batch=on_batch)
+    return encode_and_commit(spec, unit.index, *compute_unit(teacher, plan, unit, config, on_batch), root=root)
+
+
+def encode_and_commit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
+                      *, root: str) -> ShardRecord:
+    """Encode a computed unit and commit it through the store's exactly-once path (CPU only)."""
+    record, objects = encode_unit(spec, index, seq_ids, tokens, targets)
     commit_unit(StoreFS(root), record, objects)
     fault_point("after_commit")
     return record
+
+
+def encode_threads(config: CaptureConfig) -> int:
+    """``config.encode_threads``, or for 0 (auto) 1 beside a CPU teacher (the teacher wants the cores)
+    and up to 8 beside a GPU teacher (encoding is then the slow side: docs/capture.md, "Throughput")."""
+    if config.encode_threads:
+        return config.encode_threads
+    device = config.teacher.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: CaptureConfig, spec: ShardSpec,
+                      root: str, on_batch: Callable[[int], None] = lambda n: None) -> Iterator[ShardRecord]:
+    """In-process capture of ``units``: this thread runs the teacher while a pool encodes and commits
+    finished units (numpy and zstd release the GIL). At most ``threads`` units wait to be encoded, so
+    memory stays bounded. Every unit still goes through :func:`encode_and_commit`; a crash leaves
+    committed units and nothing else, exactly as the sequential loop would."""
+    threads = encode_threads(config)
+    with ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for unit in units:
+                fault_point("unit_start")
+                work = compute_unit(teacher, plan, unit, config, on_batch)
+                pending.append(pool.submit(encode_and_commit, spec, unit.index, *work, root=root))
+                while len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # on an error, units not yet started are dropped; running ones finish their commit
+            for future in pending:
+                future.cancel()
 
 
 def prepare_capture(config: CaptureConfig, teacher: Teacher) -> tuple[Plan, list[Unit], dict[str, Any], ShardSpec]:
@@ -200,8 +250,7 @@ def capture(config: CaptureConfig, *, overwrite: bool = False, progress: bool = 
     teacher = teacher or load_teacher(config.teacher)
 
     def execute(plan, spec, root, todo, on_positions):
-        for unit in todo:
-            yield capture_and_commit(teacher, plan, unit, config, spec, root, on_batch=on_positions)
+        return capture_pipelined(teacher, plan, todo, config, spec, root, on_batch=on_positions)
 
     return run_capture(config, teacher, execute, overwrite=overwrite, progress=progress)
 

@@ -41,6 +41,7 @@ CAPTURE_FLAGS = {
     "seed": "seed",
     "batch_tokens": "batch_tokens",
     "workers": "workers",
+    "encode_threads": "encode_threads",
 }
 
 
@@ -82,6 +83,8 @@ def main() -> None:
 @click.option("--engine", multiple=True, metavar="KEY=VALUE",
               help="vllm.LLM argument, repeatable (tensor_parallel_size=8, max_model_len=4096, ...); vllm only.")
 @click.option("--workers", type=int, help="0 = in this process (default); N = N Ray actors (one engine each).")
+@click.option("--encode-threads", type=int,
+              help="Threads encoding finished units while the teacher runs (0 = auto: 1 on CPU, up to 8 with a GPU).")
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default); with vllm, where the output head runs.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")

@@ -150,7 +150,9 @@ class CaptureConfig:
     """Everything a capture needs. ``batch_tokens`` bounds a forward batch (speed only).
 
     ``workers`` = 0 captures in this process; ``workers`` = N >= 1 runs N teacher engines as Ray
-    actors (see :mod:`logitcache.distributed`). Neither changes a byte of the store.
+    actors (see :mod:`logitcache.distributed`). ``encode_threads`` threads encode and commit finished
+    units while the teacher computes the next (0 = auto: 1 for a CPU teacher, up to 8 beside a GPU).
+    None of the three changes a byte of the store.
     """
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -160,8 +162,11 @@ class CaptureConfig:
     seed: int = 0
     batch_tokens: int = 4096
     workers: int = 0
+    encode_threads: int = 0
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.encode_threads, int) and self.encode_threads >= 0,
+               f"encode_threads must be an integer >= 0 (0 = auto); found {self.encode_threads!r}")
         _check(isinstance(self.workers, int) and self.workers >= 0,
                f"workers must be an integer >= 0 (0 = in-process, N = N Ray actors); found {self.workers!r}")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0; found {self.seed!r}")

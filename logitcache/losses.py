@@ -53,7 +53,14 @@ __all__ = [
 
 KINDS = ("auto", "sparse", "topk_renorm", "ghost", "reverse")
 _AUTO = {"sample": "sparse", "hybrid": "sparse", "topk": "ghost", "full": "sparse"}
-_CHUNK_ELEMENTS = 1 << 21  # fp32 elements per row chunk (8 MiB; below glibc's mmap threshold cap)
+# fp32 elements per row chunk: on the CPU 8 MiB (below glibc's mmap threshold cap); on a GPU 256 MiB,
+# since there each chunk costs a few kernel launches and small chunks made the loss launch-bound
+# (13 rows per chunk at V = 152064 ran 4.8x slower than cross-entropy on an H100; docs/benchmarks.md)
+_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+
+
+def _chunk_rows(z: torch.Tensor) -> int:
+    return max(1, _CHUNK_ELEMENTS.get(z.device.type, 1 << 21) // max(z.shape[1], 1))
 _FILL = -1e30  # finite stand-in for log 0 (keeps every gradient finite)
 
 
@@ -66,7 +73,7 @@ class _GatherLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-        rows = max(1, _CHUNK_ELEMENTS // max(z.shape[1], 1))
+        rows = _chunk_rows(z)
         out = torch.empty(ids.shape, dtype=torch.float32, device=z.device)
         bufs = _ChunkBuffers(z, rows, temperature)
         for s in range(0, z.shape[0], rows):

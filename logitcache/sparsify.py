@@ -99,7 +99,8 @@ def _check_row_max(row_max: torch.Tensor, offset: int = 0) -> None:
                           f"with at least one finite value per row")
 
 
-def _check_uniforms(uniforms: torch.Tensor | None, t: int, n: int) -> torch.Tensor:
+def _check_uniforms(uniforms: torch.Tensor | None, t: int, n: int, device: torch.device) -> torch.Tensor:
+    """The uniforms as float64 on the logits' ``device`` (they are drawn on the CPU, see draw_uniforms)."""
     if uniforms is None:
         raise ConfigError(f"sampling needs uniforms float64[{t}, {n}]; found None (use draw_uniforms)")
     if not isinstance(uniforms, torch.Tensor) or tuple(uniforms.shape) != (t, n):
@@ -107,7 +108,7 @@ def _check_uniforms(uniforms: torch.Tensor | None, t: int, n: int) -> torch.Tens
         raise ConfigError(f"uniforms must have shape [positions, samples] = [{t}, {n}]; found {shape}")
     if not uniforms.is_floating_point():
         raise ConfigError(f"uniforms must be float64; found {uniforms.dtype}")
-    u = uniforms.to(torch.float64)
+    u = uniforms.to(device=device, dtype=torch.float64)
     if u.numel() and not bool(((u >= 0) & (u < 1)).all()):
         raise ConfigError("uniforms must lie in [0, 1); found values outside (or NaN)")
     return u
@@ -139,9 +140,9 @@ def _head(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         vals, ids = torch.topk(x, k, dim=1)
         return vals.float(), ids
     _, top_blocks = torch.topk(_block_max(x), k, dim=1)  # [T, k]
-    cand_ids = (top_blocks[:, :, None] * BLOCK + torch.arange(BLOCK)).reshape(t, -1)
+    cand_ids = (top_blocks[:, :, None] * BLOCK + torch.arange(BLOCK, device=x.device)).reshape(t, -1)
     if v % BLOCK == 0:  # copy whole blocks (much faster than an element gather)
-        cand = x.reshape(t, v // BLOCK, BLOCK)[torch.arange(t)[:, None], top_blocks].reshape(t, -1)
+        cand = x.reshape(t, v // BLOCK, BLOCK)[torch.arange(t, device=x.device)[:, None], top_blocks].reshape(t, -1)
     else:
         outside = cand_ids >= v
         cand = torch.gather(x, 1, cand_ids.clamp(max=v - 1)).masked_fill_(outside, float("-inf"))
@@ -171,12 +172,15 @@ def _exp_pass(
     """
     t, v = x.shape
     nb = -(-v // BLOCK)
-    buf = torch.zeros(min(ROW_CHUNK, t), nb * BLOCK)  # padding columns stay 0
-    totals = torch.empty(t, dtype=torch.float64)
-    p_totals = torch.empty(t, dtype=torch.float64) if with_p_total else None
-    draws = None if uniforms is None else torch.empty(uniforms.shape, dtype=torch.int64)
-    for a in range(0, t, ROW_CHUNK):
-        b = min(a + ROW_CHUNK, t)
+    dev = x.device
+    # CPU: row chunks that fit the cache; CUDA: one launch per op over all rows (rows are independent)
+    rows = t if dev.type == "cuda" else ROW_CHUNK
+    buf = torch.zeros(min(rows, t), nb * BLOCK, device=dev)  # padding columns stay 0
+    totals = torch.empty(t, dtype=torch.float64, device=dev)
+    p_totals = torch.empty(t, dtype=torch.float64, device=dev) if with_p_total else None
+    draws = None if uniforms is None else torch.empty(uniforms.shape, dtype=torch.int64, device=dev)
+    for a in range(0, t, max(rows, 1)):
+        b = min(a + rows, t)
         e = buf[: b - a]
         ev = e[:, :v]
         torch.sub(x[a:b], row_max[a:b, None], out=ev)
@@ -212,7 +216,7 @@ def _draw(eb: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor
     blk = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
     prev = torch.gather(torch.nn.functional.pad(cdf, (1, 0)), 1, blk)
     frac = ((target - prev) / torch.gather(sums, 1, blk)).clamp_(0.0, 1.0)
-    inner = eb[torch.arange(r)[:, None], blk].to(torch.float64).cumsum(-1)  # [r, N, BLOCK]
+    inner = eb[torch.arange(r, device=eb.device)[:, None], blk].to(torch.float64).cumsum(-1)  # [r, N, BLOCK]
     inner_total = inner[:, :, -1:]
     j = torch.searchsorted(inner, frac[:, :, None] * inner_total, right=True)
     j_last = torch.searchsorted(inner, inner_total.contiguous(), right=False)
@@ -226,7 +230,7 @@ def _run_lengths(draws: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor
     Returns ``(lengths int32[T], ids int64[P], counts int32[P], rows int64[P])``.
     """
     t, n = draws.shape
-    new = torch.ones(t, n, dtype=torch.bool)
+    new = torch.ones(t, n, dtype=torch.bool, device=draws.device)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     new &= valid[:, None]
     starts = new.reshape(-1).nonzero().squeeze(1)
@@ -265,7 +269,7 @@ def topk(logits: torch.Tensor, k: int) -> SparseTargets:
     vals, ids = _head(logits, kk)
     _check_row_max(vals[:, 0])
     if kk == logits.shape[1]:
-        tail = torch.zeros(logits.shape[0], dtype=torch.float64)
+        tail = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
     else:
         tail, _, _ = _exp_pass(logits, vals[:, 0], head_ids=ids)
     logprobs, tail_mass = _lse_parts(vals, tail)
@@ -281,7 +285,7 @@ def full(logits: torch.Tensor) -> SparseTargets:
     totals, _, _ = _exp_pass(logits, row_max)
     lse = (row_max.double() + torch.log(totals)).float()
     logprobs = vals.float() - lse[:, None]
-    tail = torch.zeros(logits.shape[0], dtype=torch.float32)
+    tail = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     return SparseTargets("full", head_ids=ids.to(torch.int32), head_logprobs=logprobs, tail_mass=tail)
 
 
@@ -296,12 +300,12 @@ def sample(logits: torch.Tensor, num_samples: int, temperature: float, uniforms:
     _check_k(num_samples, "num_samples")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0; found {temperature!r}")
-    u = _check_uniforms(uniforms, logits.shape[0], num_samples)
+    u = _check_uniforms(uniforms, logits.shape[0], num_samples, logits.device)
     row_max = logits.amax(1).float()
     _check_row_max(row_max)
     inv_tau = 1.0 / float(temperature)
     q_totals, p_totals, draws = _exp_pass(logits, row_max, inv_tau, None, u, with_p_total=inv_tau != 1.0)
-    valid = torch.ones(logits.shape[0], dtype=torch.bool)
+    valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     lengths, ids, counts, rows = _run_lengths(draws, valid)
     weights = None
     if p_totals is not None:
@@ -325,13 +329,13 @@ def hybrid(logits: torch.Tensor, k: int, num_samples: int, uniforms: torch.Tenso
     _check_k(k)
     _check_k(num_samples, "num_samples")
     t, v = logits.shape
-    u = _check_uniforms(uniforms, t, num_samples)
+    u = _check_uniforms(uniforms, t, num_samples, logits.device)
     kk = min(k, v)
     vals, ids = _head(logits, kk)
     _check_row_max(vals[:, 0])
     if kk == v:
-        tail = torch.zeros(t, dtype=torch.float64)
-        draws = torch.zeros(t, num_samples, dtype=torch.int64)
+        tail = torch.zeros(t, dtype=torch.float64, device=logits.device)
+        draws = torch.zeros(t, num_samples, dtype=torch.int64, device=logits.device)
     else:
         tail, _, draws = _exp_pass(logits, vals[:, 0], 1.0, ids, u)
     logprobs, tail_mass = _lse_parts(vals, tail)

@@ -19,7 +19,7 @@ exact head and the tail is summarised by ``tail_mass`` alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -63,6 +63,13 @@ class SparseTargets:
     @property
     def has_head(self) -> bool:
         return self.head_ids is not None
+
+    def to(self, device: torch.device | str) -> SparseTargets:
+        """The same targets with every tensor on ``device`` (the sparsifiers run where the logits are;
+        stores encode on the CPU)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
     @property
     def has_samples(self) -> bool:

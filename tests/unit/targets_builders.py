@@ -6,6 +6,9 @@ import torch
 
 from logitcache.targets import SparseTargets
 
+# every device the device-parametrised tests run on: CPU always, CUDA where present (no skip noise without it)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
 
 def build_topk(t: torch.Tensor, k: int) -> SparseTargets:
     order = torch.argsort(t, dim=-1, descending=True)

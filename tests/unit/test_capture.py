@@ -70,10 +70,12 @@ def test_store_is_sound_and_summarised(reference_stores, method):
     assert len(open_hf_dataset(root)) == 10
 
 
-@pytest.mark.parametrize("batch_windows", [1, 7])
-def test_other_batch_size_gives_identical_bytes(reference_stores, tiny_teacher, tmp_path, batch_windows):
+@pytest.mark.parametrize(("batch_windows", "threads"), [(1, 1), (7, 1), (4, 3)])
+def test_other_batch_size_gives_identical_bytes(reference_stores, tiny_teacher, tmp_path, batch_windows, threads):
+    """Batch size and the number of encode threads (units committed out of order) change no byte."""
     ref = reference_stores["hybrid"]
-    config = make_config(tiny_teacher, tmp_path / "s", "hybrid", batch_tokens=batch_windows * (SEQ_LEN + 1))
+    config = make_config(tiny_teacher, tmp_path / "s", "hybrid", batch_tokens=batch_windows * (SEQ_LEN + 1),
+                         encode_threads=threads)
     capture(config, progress=False)
     assert tree_bytes(tmp_path / "s") == tree_bytes(Path(ref.store.path))
 
@@ -90,6 +92,36 @@ def test_stored_targets_match_the_teacher(reference_stores, tiny_teacher):
     torch.testing.assert_close(targets.head_logprobs, ref_lp, rtol=0, atol=1e-5)
     assert torch.equal(targets.head_ids.long(), ref_ids)
     torch.testing.assert_close(targets.tail_mass, 1 - ref_lp.exp().sum(-1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
+def test_capture_on_cuda_matches_cpu(reference_stores, tiny_teacher, tmp_path, method):
+    """Teacher, head and sparsifier on the GPU; the store agrees with the CPU capture: same head ids
+    and logprobs within fp32 reduction-order noise, same draws wherever the two CDFs agree."""
+    ref = reference_stores[method]
+    config = make_config(tiny_teacher, tmp_path / "gpu", method, batch_tokens=4 * (SEQ_LEN + 1),
+                         **{"teacher.device": "cuda"})
+    capture(config, progress=False)
+    assert verify_store(tmp_path / "gpu").ok
+    positions = same_draws = 0
+    for (sid, tok, got), (rsid, rtok, want) in zip(iter_sequences(tmp_path / "gpu"), iter_sequences(ref.store.path),
+                                                   strict=True):
+        assert sid == rsid and (tok == rtok).all()
+        if want.head_ids is not None:
+            assert torch.equal(got.head_ids, want.head_ids)
+            torch.testing.assert_close(got.head_logprobs, want.head_logprobs, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got.tail_mass, want.tail_mass, rtol=1e-3, atol=1e-5)
+        if want.sample_ids is not None:
+            go, wo = got.sample_offsets(), want.sample_offsets()
+            for i in range(want.num_positions):
+                a = (got.sample_ids[go[i]:go[i + 1]], got.sample_counts[go[i]:go[i + 1]])
+                b = (want.sample_ids[wo[i]:wo[i + 1]], want.sample_counts[wo[i]:wo[i + 1]])
+                same_draws += bool(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+            positions += want.num_positions
+    if positions:  # a draw can only move where a uniform falls within fp32 noise of a CDF step
+        assert same_draws >= 0.99 * positions, (same_draws, positions)
 
 
 @pytest.mark.parametrize("fault", ["unit_start:2", "after_shard:2", "after_commit:1", "before_finalize:1"])

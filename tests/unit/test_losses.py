@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from targets_builders import build_hybrid, build_sample, build_topk, make_items
+from targets_builders import DEVICES, build_hybrid, build_sample, build_topk, make_items
 
 from logitcache.collate import collate
 from logitcache.losses import KDLoss, ghost_kd_loss, kd_loss, sparse_kd_loss
@@ -106,19 +106,26 @@ CASES = [  # (method, kind): auto for every method, then every explicit kind whe
 RESOLVED = {"sample": "sparse", "hybrid": "sparse", "topk": "ghost", "full": "sparse"}
 
 
+def _on(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize(("method", "kind"), CASES)
-def test_kd_loss_matches_dense_reference(method: str, kind: str, alpha: float, dtype: torch.dtype) -> None:
+def test_kd_loss_matches_dense_reference(method: str, kind: str, alpha: float, dtype: torch.dtype, device: str) -> None:
     batch = _batch(method)
     z = _logits(dtype)
     ref_kind = RESOLVED[method] if kind == "auto" else kind
-    loss, grad = _value_and_grad(lambda x: kd_loss(x, batch, alpha=alpha, kind=kind), z)
+    on = _on(batch, device)
+    loss, grad = _value_and_grad(lambda x: kd_loss(x, on, alpha=alpha, kind=kind), z.detach().to(device))
+    assert loss.device.type == grad.device.type == device
     ref_loss, ref_grad = _value_and_grad(lambda x: _ref_kd_loss(x, batch, ref_kind, alpha), z.detach().double())
-    _assert_close(loss, grad, ref_loss, ref_grad, dtype)
+    _assert_close(loss.cpu(), grad.cpu(), ref_loss, ref_grad, dtype)
     assert grad.dtype == dtype
-    module_loss = KDLoss(alpha=alpha, kind=kind)(z, batch)
-    torch.testing.assert_close(module_loss.detach(), loss, rtol=0, atol=0)
+    module_loss = KDLoss(alpha=alpha, kind=kind)(z.detach().to(device), on)
+    torch.testing.assert_close(module_loss, loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "topk_renorm", "reverse", "ghost"])
@@ -202,11 +209,12 @@ def test_invalid_arguments_raise() -> None:
     ("sample", "auto", 0.5, 1.0), ("topk", "auto", 1.0, 1.0), ("hybrid", "reverse", 0.5, 1.3),
     ("topk", "topk_renorm", 0.0, 1.0), ("hybrid", "ghost", 0.7, 2.0),
 ])
-def test_chunked_matches_plain(method: str, kind: str, alpha: float, tau: float) -> None:
-    batch = _batch(method)
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_matches_plain(method: str, kind: str, alpha: float, tau: float, device: str) -> None:
+    batch = _on(_batch(method), device)
     gen = torch.Generator().manual_seed(9)
-    hidden = torch.randn(B, T, 16, generator=gen, requires_grad=True)
-    weight = (0.3 * torch.randn(V, 16, generator=gen)).requires_grad_(True)
+    hidden = torch.randn(B, T, 16, generator=gen).to(device).requires_grad_(True)
+    weight = (0.3 * torch.randn(V, 16, generator=gen)).to(device).requires_grad_(True)
     plain = kd_loss(hidden @ weight.T, batch, alpha=alpha, kind=kind, temperature=tau)
     g_plain = torch.autograd.grad(plain, (hidden, weight))
     chunked = chunked_kd_loss(hidden, weight, batch, alpha=alpha, kind=kind, chunk_size=10, temperature=tau)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from targets_builders import DEVICES
 
 from logitcache.config import SparsifyConfig
 from logitcache.errors import ConfigError
@@ -39,11 +40,12 @@ def ragged(st):
 # ----------------------------------------------------------------------------- top-k / full
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 5, 64, 123, 500])
 @pytest.mark.parametrize("v", [123, 3000, 4096])
-def test_topk_matches_dense_reference(k, v):
+def test_topk_matches_dense_reference(k, v, device):
     x = make_logits(47, v, seed=k + v)
-    st = topk(x, k)
+    st = topk(x.to(device), k).to("cpu")
     kk = min(k, v)
     ref = torch.log_softmax(x.double(), -1)
     ref_vals, _ = ref.sort(-1, descending=True)
@@ -125,14 +127,15 @@ def test_sample_structure_and_neg_inf_never_drawn():
     assert int(st.sample_lengths.sum()) == st.sample_ids.numel()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [1.0, 0.7, 1.5])
-def test_sample_is_unbiased_monte_carlo(tau):
+def test_sample_is_unbiased_monte_carlo(tau, device):
     v, n, reps = 40, 50, 4000
     x = make_logits(1, v, seed=3)[0]
     x[7] = NEG_INF
     p = torch.softmax(x.double(), -1)
     q = torch.softmax(x.double() / tau, -1)
-    st = sample(x.expand(reps, v).contiguous(), n, tau, draw_uniforms(5, 9, reps, n))
+    st = sample(x.expand(reps, v).contiguous().to(device), n, tau, draw_uniforms(5, 9, reps, n)).to("cpu")
     dense = est(st, v)
     assert (dense[:, 7] == 0).all()
     w = p / q.clamp(min=1e-300)
@@ -189,11 +192,12 @@ def test_hybrid_head_exact_and_tail_disjoint():
         assert not ((ids >= 100) & (ids < 200)).any()
 
 
-def test_hybrid_tail_is_unbiased_monte_carlo():
+@pytest.mark.parametrize("device", DEVICES)
+def test_hybrid_tail_is_unbiased_monte_carlo(device):
     v, k, n, reps = 60, 5, 20, 4000
     x = make_logits(1, v, seed=11)[0]
     p = torch.softmax(x.double(), -1)
-    st = hybrid(x.expand(reps, v).contiguous(), k, n, draw_uniforms(2, 4, reps, n))
+    st = hybrid(x.expand(reps, v).contiguous().to(device), k, n, draw_uniforms(2, 4, reps, n)).to("cpu")
     dense = est(st, v)
     head = p.topk(k).indices
     m = 1 - p[head].sum()

@@ -21,7 +21,7 @@ def _home(tmp_path, monkeypatch):
 
 
 def _config(path, **kw) -> TeacherConfig:
-    return TeacherConfig(model=str(path), device="cpu", dtype=kw.pop("dtype", "float32"), **kw)
+    return TeacherConfig(model=str(path), device=kw.pop("device", "cpu"), dtype=kw.pop("dtype", "float32"), **kw)
 
 
 def _dense(teacher: HFTeacher, ids: torch.Tensor, chunk: int) -> torch.Tensor:
