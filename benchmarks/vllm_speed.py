@@ -128,7 +128,8 @@ def ray_rows(args, workdir: Path) -> list[dict]:
         ray.shutdown()
     positions = (args.tokens // args.seq_len) * args.seq_len
     base_s = statistics.median(seconds[0])
-    return [{**provenance(), "backend": "hf", "dtype": args.dtype, "route": "capture/sample-50",
+    return [{**provenance(), "teacher": "embedded:smollm2-135m-instruct", "head_share": "", "backend": "hf",
+             "dtype": args.dtype, "route": "capture/sample-50",
              "workers": w, "positions": positions, "tok_s": round(positions / statistics.median(s), 1),
              "ratio_vs_baseline": round(base_s / statistics.median(s), 3),
              "baseline": "in-process capture (2 threads)", "load_1min": round(os.getloadavg()[0], 2)}

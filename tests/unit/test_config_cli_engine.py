@@ -33,6 +33,18 @@ def test_bad_teacher_configs_are_refused(kwargs, message):
         TeacherConfig(**kwargs)
 
 
+def test_encode_threads_flag_auto_and_identity():
+    from logitcache.capture import encode_threads
+
+    config = load_config(None, {"encode_threads": 3, "device": "cpu"})
+    assert config.encode_threads == 3 and encode_threads(config) == 3
+    auto = config.with_overrides({"encode_threads": 0})
+    assert encode_threads(auto) == 1  # a CPU teacher keeps the cores
+    assert config.identity() == auto.identity()
+    with pytest.raises(ConfigError, match="encode_threads must be an integer >= 0"):
+        CaptureConfig(encode_threads=-2)
+
+
 def test_bad_engine_flag_and_workers_are_refused():
     import click
 
