@@ -27,33 +27,54 @@ def bit_length(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pack_variable(values: np.ndarray, widths: np.ndarray) -> bytes:
-    """Concatenate ``widths[i]`` low bits of each value, MSB first, padded to a byte."""
+def _layout(widths: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(total bits, word index, bit offset in the word, end offset)`` of each value's bit field
+    in a stream of big-endian 64-bit words (values are at most 32 bits, so a field spans ≤ 2 words)."""
     widths = widths.astype(np.int64)
-    total = int(widths.sum())
+    offsets = np.cumsum(widths) - widths
+    shift = offsets & 63
+    return int(widths.sum()), offsets >> 6, shift, shift + widths
+
+
+def _pack_variable(values: np.ndarray, widths: np.ndarray) -> bytes:
+    """Concatenate ``widths[i]`` low bits of each value, MSB first, padded to a byte.
+
+    Works on 64-bit words, one or two per value (not one array element per bit): the part of a
+    field in its first word is shifted into place, the rest (when it crosses into the next word)
+    goes to that word, and each word is the sum of its disjoint parts."""
+    total, word, shift, end = _layout(widths)
     if total == 0:
         return b""
-    owner = np.repeat(np.arange(values.size), widths)
-    starts = np.cumsum(widths) - widths
-    shift = (widths[owner] - 1 - (np.arange(total) - starts[owner])).astype(np.uint64)
-    bits = (values.astype(np.uint64)[owner] >> shift) & np.uint64(1)
-    return np.packbits(bits.astype(np.uint8)).tobytes()
+    w = widths.astype(np.uint64)
+    v = values.astype(np.uint64) & ((np.uint64(1) << w) - np.uint64(1))
+    fits = end <= 64
+    # numpy takes shift counts modulo 64, so every count below is kept in [0, 63]
+    first = np.where(fits, v << ((64 - end) & 63).astype(np.uint64), v >> ((end - 64) & 63).astype(np.uint64))
+    words = np.zeros((total + 63) // 64 + 1, dtype=np.uint64)
+    starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+    words[word[starts]] = np.add.reduceat(first, starts)
+    cross = ~fits
+    words[word[cross] + 1] += v[cross] << ((128 - end[cross]) & 63).astype(np.uint64)
+    return words.astype(">u8").tobytes()[: (total + 7) // 8]
 
 
 def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
-    widths = widths.astype(np.int64)
-    total = int(widths.sum())
+    total, word, shift, _ = _layout(widths)
     out = np.zeros(widths.size, dtype=np.uint64)
     if total == 0:
         return out
     if data.size * 8 < total:
         raise ValueError(f"bit stream holds {data.size * 8} bits; {total} expected")
-    bits = np.unpackbits(data[: (total + 7) // 8])[:total].astype(np.uint64)
-    owner = np.repeat(np.arange(widths.size), widths)
-    starts = np.cumsum(widths) - widths
-    shift = (widths[owner] - 1 - (np.arange(total) - starts[owner])).astype(np.uint64)
-    nonzero = widths > 0
-    out[nonzero] = np.add.reduceat(bits << shift, starts[nonzero])
+    nbytes = (total + 7) // 8
+    buf = np.zeros(((nbytes + 7) // 8 + 1) * 8, dtype=np.uint8)
+    buf[:nbytes] = data[:nbytes]
+    words = buf.view(">u8").astype(np.uint64)
+    s = shift.astype(np.uint64)
+    window = words[word] << s  # the field's first bit at the top of a 64-bit window
+    window |= np.where(shift > 0, words[word + 1] >> ((64 - shift) & 63).astype(np.uint64), np.uint64(0))
+    w = widths.astype(np.int64)
+    nonzero = w > 0
+    out[nonzero] = window[nonzero] >> (64 - w[nonzero]).astype(np.uint64)
     return out
 
 

@@ -36,6 +36,23 @@ def test_fixed_round_trip(width, data):
     assert unpack_fixed(np.frombuffer(blob, np.uint8), len(values), width).tolist() == values
 
 
+@settings(max_examples=80, deadline=None)
+@given(fields=st.lists(st.tuples(st.integers(0, 32), st.integers(0, 2**40)), max_size=60))
+def test_bit_layout_matches_a_bit_string_reference(fields):
+    """The word-wise packer writes exactly the MSB-first concatenation of each value's low bits
+    (the on-disk layout, docs/format.md), and reads it back."""
+    from logitcache.store.bits import _pack_variable, _unpack_variable
+
+    widths = np.asarray([w for w, _ in fields], dtype=np.int64)
+    values = np.asarray([v for _, v in fields], dtype=np.uint64)
+    bits = "".join(format(v & ((1 << w) - 1), f"0{w}b") if w else "" for w, v in fields)
+    bits += "0" * (-len(bits) % 8)
+    expected = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+    assert _pack_variable(values, widths) == expected
+    back = _unpack_variable(np.frombuffer(expected, np.uint8), widths)
+    assert back.tolist() == [v & ((1 << w) - 1) for w, v in fields]
+
+
 def test_bit_length_matches_python_at_powers_of_two():
     x = [0] + [2**k + d for k in range(33) for d in (-1, 0, 1) if 2**k + d >= 0]
     assert bit_length(np.asarray(x, dtype=np.uint64)).tolist() == [i.bit_length() for i in x]
