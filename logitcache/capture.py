@@ -165,13 +165,14 @@ def encode_and_commit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: l
 
 def encode_threads(config: CaptureConfig) -> int:
     """``config.encode_threads``, or for 0 (auto) 1 beside a CPU teacher (the teacher wants the cores)
-    and up to 8 beside a GPU teacher (encoding is then the slow side: docs/capture.md, "Throughput")."""
+    and up to 4 beside a GPU teacher (encoding is then the slow side; 4 beat 1, 2 and 8 on an H100 with
+    16 cores, where more threads fight over the GIL: docs/benchmarks.md, "GPU")."""
     if config.encode_threads:
         return config.encode_threads
     device = config.teacher.device
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return 1
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: CaptureConfig, spec: ShardSpec,

@@ -84,7 +84,7 @@ def main() -> None:
               help="vllm.LLM argument, repeatable (tensor_parallel_size=8, max_model_len=4096, ...); vllm only.")
 @click.option("--workers", type=int, help="0 = in this process (default); N = N Ray actors (one engine each).")
 @click.option("--encode-threads", type=int,
-              help="Threads encoding finished units while the teacher runs (0 = auto: 1 on CPU, up to 8 with a GPU).")
+              help="Threads encoding finished units while the teacher runs (0 = auto: 1 on CPU, up to 4 with a GPU).")
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default); with vllm, where the output head runs.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")

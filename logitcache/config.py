@@ -151,7 +151,7 @@ class CaptureConfig:
 
     ``workers`` = 0 captures in this process; ``workers`` = N >= 1 runs N teacher engines as Ray
     actors (see :mod:`logitcache.distributed`). ``encode_threads`` threads encode and commit finished
-    units while the teacher computes the next (0 = auto: 1 for a CPU teacher, up to 8 beside a GPU).
+    units while the teacher computes the next (0 = auto: 1 for a CPU teacher, up to 4 beside a GPU).
     None of the three changes a byte of the store.
     """
 
