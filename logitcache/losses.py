@@ -57,11 +57,12 @@ _AUTO = {"sample": "sparse", "hybrid": "sparse", "topk": "ghost", "full": "spars
 # since there each chunk costs a few kernel launches and small chunks made the loss launch-bound
 # (13 rows per chunk at V = 152064 ran 4.8x slower than cross-entropy on an H100; docs/benchmarks.md)
 _CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+_FILL = -1e30  # finite stand-in for log 0 (keeps every gradient finite)
 
 
 def _chunk_rows(z: torch.Tensor) -> int:
-    return max(1, _CHUNK_ELEMENTS.get(z.device.type, 1 << 21) // max(z.shape[1], 1))
-_FILL = -1e30  # finite stand-in for log 0 (keeps every gradient finite)
+    """Rows of ``z[N, V]`` per chunk on ``z``'s device."""
+    return max(1, _CHUNK_ELEMENTS.get(z.device.type, _CHUNK_ELEMENTS["cpu"]) // max(z.shape[1], 1))
 
 
 class _GatherLogSoftmax(torch.autograd.Function):

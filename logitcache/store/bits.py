@@ -31,6 +31,8 @@ def _layout(widths: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray
     """``(total bits, word index, bit offset in the word, end offset)`` of each value's bit field
     in a stream of big-endian 64-bit words (values are at most 32 bits, so a field spans ≤ 2 words)."""
     widths = widths.astype(np.int64)
+    if widths.size and widths.max() > MAX_BITS:
+        raise ValueError(f"bit fields hold at most {MAX_BITS} bits; found a width of {widths.max()}")
     offsets = np.cumsum(widths) - widths
     shift = offsets & 63
     return int(widths.sum()), offsets >> 6, shift, shift + widths
