@@ -68,7 +68,9 @@ def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
     if data.size * 8 < total:
         raise ValueError(f"bit stream holds {data.size * 8} bits; {total} expected")
     nbytes = (total + 7) // 8
-    buf = np.zeros(((nbytes + 7) // 8 + 1) * 8, dtype=np.uint8)
+    # two spare words: a field's next word is read even when the field ends on a word boundary, and
+    # a zero-width field after the last bit sits at offset ``total``, a word past the data
+    buf = np.zeros(((nbytes + 7) // 8 + 2) * 8, dtype=np.uint8)
     buf[:nbytes] = data[:nbytes]
     words = buf.view(">u8").astype(np.uint64)
     s = shift.astype(np.uint64)

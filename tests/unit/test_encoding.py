@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from logitcache.errors import ConfigError, CorruptShardError
@@ -38,6 +38,8 @@ def test_fixed_round_trip(width, data):
 
 @settings(max_examples=80, deadline=None)
 @given(fields=st.lists(st.tuples(st.integers(0, 32), st.integers(0, 2**40)), max_size=60))
+@example(fields=[(32, 5), (32, 7), (0, 0)])  # a zero-width field right after a full 64-bit word
+@example(fields=[(31, 2**31 - 1), (2, 3), (31, 1), (0, 0), (0, 9)])  # crossing a word, then empty fields
 def test_bit_layout_matches_a_bit_string_reference(fields):
     """The word-wise packer writes exactly the MSB-first concatenation of each value's low bits
     (the on-disk layout, docs/format.md), and reads it back."""
