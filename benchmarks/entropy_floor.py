@@ -1,7 +1,7 @@
 """How far the v2 encoding is from the entropy of what it stores (storage targets of issue #4).
 
-For a captured store (lossless; ``topk`` or ``sample``; for ``hybrid`` only its sample part is
-modelled) this prints, in bytes per position:
+For a captured store (lossless, rank-delta ids; ``topk`` or ``sample``, and for ``hybrid`` its
+head) this prints, in bytes per position:
 
 - each encoded column after zstd-9 and zstd-19, as the Arrow container compresses them (per unit);
 - empirical entropies of the same symbols: an ideal order-0 coder per stream (what zstd's Huffman
@@ -27,8 +27,8 @@ import numpy as np
 from numcodecs import Zstd
 
 from logitcache.store import read_manifest
-from logitcache.store.bits import bit_length
-from logitcache.store.encoding import Q8_LEVELS, Encoding, encode_row
+from logitcache.store.bits import bit_length, unpack_gamma_split
+from logitcache.store.encoding import Encoding, _count_dtype, encode_row
 from logitcache.store.reader import iter_sequences
 from logitcache.store.spec import spec_from_manifest
 
@@ -47,34 +47,32 @@ def conditional(x: np.ndarray, *given: np.ndarray) -> float:
     return entropy(x, *given) - entropy(*given)
 
 
-def entries(enc: Encoding, rows) -> dict[str, np.ndarray]:
-    """Per stored (non-label) entry, in encoder order: gap, value (count−1 or q8 code) and contexts."""
+def entries(columns: dict[str, list[bytes]], k: int, num_samples: int) -> dict[str, np.ndarray]:
+    """Per stored non-label entry, from the encoder's own columns (so exactly what is written):
+    ``gap`` (decoded gamma stream), ``value`` (q8 code or count−1) and ``ctx`` (the position's
+    smallest code, or its number of distinct ids), plus ``qmin`` per position for a head."""
     out = defaultdict(list)
-    for _, tokens, t in rows:
-        labels = tokens[1:].astype(np.int64)
-        if t.head_ids is not None and t.sample_ids is None:
-            ids = t.head_ids.numpy().astype(np.int64)
-            q = np.clip(np.rint(Q8_LEVELS * np.exp(0.5 * t.head_logprobs.double().numpy())), 0, Q8_LEVELS)
-            q = q.astype(np.int64)
-            ctx = np.repeat(q.min(1), ids.shape[1])  # the position's smallest code (stored once per position)
+    head = "head_ids" in columns
+    prefix = "head" if head else "sample"
+    for r in range(len(columns["tokens"])):
+        col = {name: np.frombuffer(parts[r], np.uint8) for name, parts in columns.items()}
+        positions = col["tokens"].size // 4 - 1
+        flags = np.unpackbits(col[f"{prefix}_label"])[:positions].astype(bool)
+        if head:
+            rest = k - flags.astype(np.int64)
+            q = col["head_logprobs"].astype(np.int64).reshape(positions, k)  # label's code first if flagged
+            value = q[np.arange(k) >= flags[:, None]]
+            ctx = np.repeat(q.min(1), rest)
             out["qmin"].append(q.min(1))
-            seg = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
-            ids, value = ids.reshape(-1), q.reshape(-1)
         else:
-            lengths = t.sample_lengths.numpy().astype(np.int64)
-            ids = t.sample_ids.numpy().astype(np.int64)
-            seg = np.repeat(np.arange(lengths.size), lengths)
-            value, ctx = t.sample_counts.numpy().astype(np.int64) - 1, np.minimum(lengths, 255)[seg]
-        keep = ids != labels[seg]
-        ranks, seg, value, ctx = enc._rank[ids[keep]], seg[keep], value[keep], ctx[keep]
-        order = np.argsort(seg * enc.vocab_size + ranks, kind="stable")
-        ranks, seg, value, ctx = ranks[order], seg[order], value[order], ctx[order]
-        gaps = ranks.copy()
-        same = np.r_[False, seg[1:] == seg[:-1]]
-        gaps[same] = ranks[same] - ranks[np.flatnonzero(same) - 1]
+            rest = col["sample_lengths"].view(_count_dtype(num_samples)).astype(np.int64)
+            value = col["sample_counts"].view(_count_dtype(num_samples)).astype(np.int64)
+            ctx = np.repeat(rest + flags, rest)
+        symbols = col[f"{prefix}_ids"]
+        gaps = unpack_gamma_split(symbols, col[f"{prefix}_id_bits"], symbols.size)
         for name, a in (("gap", gaps), ("value", value), ("ctx", ctx)):
             out[name].append(a)
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return {name: np.concatenate(v) for name, v in out.items()}
 
 
 def report(path: str) -> None:
@@ -101,7 +99,9 @@ def report(path: str) -> None:
         total9, total19 = total9 + z9, total19 + z19
         print(f"  {name:15s} zstd-9 {z9:7.2f}   zstd-19 {z19:7.2f}")
     print(f"  {'all columns':15s} zstd-9 {total9:7.2f}   zstd-19 {total19:7.2f}")
-    e = entries(enc, rows)
+    if enc.ids != "rank-delta":
+        raise SystemExit(f"{path}: ids are {enc.ids!r}; the gap analysis needs a rank-delta store")
+    e = entries(columns, spec.k, spec.num_samples)
     f = e["gap"].size / 8 / positions  # bits per entry -> bytes per position
     sym = bit_length(e["gap"])
     ids0 = (entropy(sym) + np.maximum(sym - 1, 0).mean()) * f

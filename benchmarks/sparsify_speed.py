@@ -13,9 +13,10 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 import time
+
+from common import provenance, synchronize
 
 import torch
 
@@ -42,17 +43,12 @@ def real_logits(model_dir: str, t: int, device: torch.device) -> tuple[torch.Ten
     batch = ids.reshape(-1, 512).to(device)
     with torch.inference_mode():
         model(batch[:1])
-        _sync(device)
+        synchronize()
         start = time.perf_counter()
         logits = model(batch).logits
-        _sync(device)
+        synchronize()
         seconds = time.perf_counter() - start
     return logits.reshape(t, -1).float(), seconds
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) -> float:
@@ -60,11 +56,11 @@ def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) 
     fn(x[:chunk], u[:chunk])
     runs = []
     for _ in range(repeats):
-        _sync(x.device)
+        synchronize()
         start = time.perf_counter()
         for a in range(0, x.shape[0], chunk):
             fn(x[a : a + chunk], u[a : a + chunk])
-        _sync(x.device)
+        synchronize()
         runs.append(time.perf_counter() - start)
     return statistics.median(runs)
 
@@ -108,7 +104,7 @@ def main() -> None:
     print(f"{'method':24s} {'dtype':9s} {'seconds':>8s} {'pos/s':>10s} {'vs lse':>7s}"
           + (f" {'% of fwd':>8s}" if forward_s else ""))
     device = torch.device(args.device)
-    machine = platform.node() + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    machine = provenance()["machine"]
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(device=device, dtype=dtype)
         base = None

@@ -94,9 +94,10 @@ def vllm_rows(args, workdir: Path) -> list[dict]:
             seconds[name].append(timed(fn))
     base_s = statistics.median(seconds["prefill"])
     rows = []
+    share = round(head_share(teacher), 3)
     for name, s in seconds.items():
         med = statistics.median(s)
-        rows.append({**provenance(), "teacher": args.teacher, "head_share": round(head_share(teacher), 3),
+        rows.append({**provenance(), "teacher": args.teacher, "head_share": share,
                      "backend": "vllm", "dtype": args.dtype, "route": name, "workers": 0,
                      "positions": positions, "tok_s": round(positions / med, 1),
                      "ratio_vs_baseline": round(base_s / med, 3), "baseline": "vllm prefill (max_tokens=1)",

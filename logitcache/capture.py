@@ -35,6 +35,7 @@ from .store.spec import ShardSpec, spec_from_manifest
 from .store.units import get_backend
 from .targets import SparseTargets, concat_targets
 from .teachers import Teacher, load_teacher
+from .teachers.hf import resolve_device
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,10 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     return [concat_targets(p) for p in parts]
 
 
-def capture_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
-                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
-    """Run the teacher over one unit's windows and encode them as the unit's objects."""
-    return encode_unit(spec, unit.index, *compute_unit(teacher, plan, unit, config, on_batch))
-
-
 def compute_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig,
                  on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], list, list[SparseTargets]]:
     """The teacher's part of a unit: ``(seq_ids, token windows, targets)`` of its windows."""
+    fault_point("unit_start")
     per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
@@ -150,7 +146,6 @@ def capture_and_commit(teacher: Teacher, plan: Plan, unit: Unit, config: Capture
                        root: str, on_batch: Callable[[int], None] = lambda n: None) -> ShardRecord:
     """The one place a unit is computed and committed, in-process and in Ray workers alike
     (``root`` is the store's path or URL)."""
-    fault_point("unit_start")
     return encode_and_commit(spec, unit.index, *compute_unit(teacher, plan, unit, config, on_batch), root=root)
 
 
@@ -169,8 +164,7 @@ def encode_threads(config: CaptureConfig) -> int:
     16 cores, where more threads fight over the GIL: docs/benchmarks.md, "GPU")."""
     if config.encode_threads:
         return config.encode_threads
-    device = config.teacher.device
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+    if resolve_device(config.teacher.device).type == "cpu":
         return 1
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
@@ -186,7 +180,6 @@ def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: C
         pending: deque[Future] = deque()
         try:
             for unit in units:
-                fault_point("unit_start")
                 work = compute_unit(teacher, plan, unit, config, on_batch)
                 pending.append(pool.submit(encode_and_commit, spec, unit.index, *work, root=root))
                 while len(pending) > threads:

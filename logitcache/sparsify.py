@@ -174,12 +174,12 @@ def _exp_pass(
     nb = -(-v // BLOCK)
     dev = x.device
     # CPU: row chunks that fit the cache; CUDA: one launch per op over all rows (rows are independent)
-    rows = t if dev.type == "cuda" else ROW_CHUNK
+    rows = max(t, 1) if dev.type == "cuda" else ROW_CHUNK
     buf = torch.zeros(min(rows, t), nb * BLOCK, device=dev)  # padding columns stay 0
     totals = torch.empty(t, dtype=torch.float64, device=dev)
     p_totals = torch.empty(t, dtype=torch.float64, device=dev) if with_p_total else None
     draws = None if uniforms is None else torch.empty(uniforms.shape, dtype=torch.int64, device=dev)
-    for a in range(0, t, max(rows, 1)):
+    for a in range(0, t, rows):
         b = min(a + rows, t)
         e = buf[: b - a]
         ev = e[:, :v]

@@ -67,9 +67,11 @@ class SparseTargets:
     def to(self, device: torch.device | str) -> SparseTargets:
         """The same targets with every tensor on ``device`` (the sparsifiers run where the logits are;
         stores encode on the CPU)."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **moved)
+        device = torch.device(device)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        if all(t.device == device for t in tensors.values()):  # the CPU capture path: nothing to move
+            return self
+        return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
     @property
     def has_samples(self) -> bool:
