@@ -28,6 +28,7 @@ from .oserrors import translated_write_errors
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
 from .store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order, encode_row
+from .store.entropy import pack_unit
 from .store.fs import StoreFS
 from .store.layout import FORMAT_NAME, FORMAT_VERSION, ShardRecord, StoreLock, begin_store, commit_unit, \
     finalize_store
@@ -66,7 +67,8 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
     """The row encoding for this capture; ``rank-delta`` ranks ids by their frequency in ``tokens``."""
     ids = DEFAULT_ID_CODEC if config.store.ids == "auto" else config.store.ids
     order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
-    return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order)
+    return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order,
+                    entropy=config.store.entropy)
 
 
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
@@ -132,8 +134,10 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
                 ) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
     """Encode one unit's sequences into its container objects and their commit record."""
     rows = [encode_row(spec.encoding, tok, t) for tok, t in zip(tokens, targets)]
-    objects = get_backend(spec.format).encode_unit(spec, index, index * spec.sequences_per_shard, seq_ids,
-                                                   [r.columns for r in rows])
+    columns = [r.columns for r in rows]
+    if spec.encoding.entropy == "ans":
+        columns = pack_unit(spec, columns)
+    objects = get_backend(spec.format).encode_unit(spec, index, index * spec.sequences_per_shard, seq_ids, columns)
     record = ShardRecord.build(
         index, sequences=len(seq_ids), positions=sum(t.num_positions for t in targets),
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,

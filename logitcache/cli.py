@@ -37,6 +37,7 @@ CAPTURE_FLAGS = {
     "logprob_dtype": "store.logprob_dtype",
     "format": "store.format",
     "ids": "store.ids",
+    "entropy": "store.entropy",
     "compression_level": "store.compression_level",
     "seed": "seed",
     "batch_tokens": "batch_tokens",
@@ -105,6 +106,8 @@ def main() -> None:
 @click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]),
               help="Stored logprob precision: float32 (lossless, default); float16 or q8 are lossy (opt-in).")
 @click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default auto).")
+@click.option("--entropy", type=click.Choice(["zstd", "ans"]),
+              help="Entropy stage: zstd (default) or ans, context-modelled rANS per unit (smaller, lossless).")
 @click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
 @click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
@@ -128,13 +131,14 @@ def capture(config_path, overwrite, quiet, **flags) -> None:
 @click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default: the source's).")
 @click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]), help="Logprob codec (lossy opt-in).")
 @click.option("--compression-level", type=int, help="zstd level (default: the source's).")
+@click.option("--entropy", type=click.Choice(["zstd", "ans"]), help="Entropy stage (default: the source's).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at DST first.")
-def convert(src, dst, format, ids, logprob_dtype, compression_level, overwrite) -> None:
+def convert(src, dst, format, ids, logprob_dtype, compression_level, entropy, overwrite) -> None:
     """Re-encode store SRC into DST (streaming, resumable), then check both hold the same targets."""
     from .convert import convert as run_convert
 
     s = run_convert(src, dst, format=format, ids=ids, logprob_dtype=logprob_dtype,
-                    compression_level=compression_level, overwrite=overwrite)
+                    compression_level=compression_level, entropy=entropy, overwrite=overwrite)
     click.echo(f"converted {s.units} units ({s.sequences} sequences): {s.source_bytes:,} → {s.destination_bytes:,} "
                f"bytes; verified equal" + (f" within max |Δp| {s.max_prob_error:.3g}" if s.max_prob_error else ""))
 

@@ -127,8 +127,10 @@ class StoreConfig:
     compression_level: int = 9
     logprob_dtype: str = "float32"
     ids: str = "auto"
+    entropy: str = "zstd"
 
     def __post_init__(self) -> None:
+        _check(self.entropy in ("zstd", "ans"), f"entropy must be zstd or ans; found {self.entropy!r}")
         _check(self.format in ("arrow", "zarr"), f"format must be 'arrow' or 'zarr'; found {self.format!r}")
         _check(self.ids in ("auto", "rank-delta", "packed"),
                f"ids must be auto, rank-delta or packed; found {self.ids!r}")

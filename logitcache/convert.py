@@ -17,7 +17,7 @@ import torch
 
 from .capture import encode_unit
 from .errors import ConfigError, StoreError
-from .store.encoding import ENCODING_VERSION, Encoding, q8_bound
+from .store.encoding import ENCODING_VERSIONS, Encoding, q8_bound
 from .store.fs import StoreFS
 from .manifest_check import with_header_digest
 from .store.layout import StoreLock, begin_store, commit_unit, finalize_store, read_manifest
@@ -49,7 +49,7 @@ def _token_order(fs: StoreFS, manifest: dict[str, Any], vocab_size: int) -> tupl
 
 def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str | None, ids: str | None,
                        logprob_dtype: str | None, compression: str | None,
-                       compression_level: int | None) -> dict[str, Any]:
+                       compression_level: int | None, entropy: str | None = None) -> dict[str, Any]:
     header = copy.deepcopy({k: v for k, v in manifest.items() if k not in ("shards", "complete")})
     store = header["store"]
     src_enc = Encoding.from_manifest(store["encoding"])
@@ -58,22 +58,22 @@ def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str
     if new_ids == "rank-delta" and not order:
         order = _token_order(src_fs, manifest, src_enc.vocab_size)
     enc = Encoding(ids=new_ids, logprobs=logprob_dtype or src_enc.logprobs, vocab_size=src_enc.vocab_size,
-                   order=order if new_ids == "rank-delta" else ())
+                   order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy)
     if src_enc.logprobs != "float32" and enc.logprobs != src_enc.logprobs:
         raise ConfigError(f"the source stores {src_enc.logprobs} logprobs; converting them to {enc.logprobs} "
                           "would compound two lossy steps. Convert from a float32 store instead.")
     store.update(format=format or store["format"], compression=compression or store["compression"],
                  compression_level=compression_level or store["compression_level"], encoding=enc.to_manifest())
     given = {"format": format, "ids": ids, "logprob_dtype": logprob_dtype, "compression": compression,
-             "compression_level": compression_level}
+             "compression_level": compression_level, "entropy": entropy}
     header["identity"]["store"].update({k: v for k, v in given.items() if v is not None})
-    assert store["encoding"]["version"] == ENCODING_VERSION
+    assert store["encoding"]["version"] == ENCODING_VERSIONS[enc.entropy]
     return with_header_digest(header)
 
 
 def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = None,
             logprob_dtype: str | None = None, compression: str | None = None, compression_level: int | None = None,
-            overwrite: bool = False) -> ConvertSummary:
+            entropy: str | None = None, overwrite: bool = False) -> ConvertSummary:
     """Re-encode the finished store ``src`` into ``dst``; resumable; verified equal afterwards."""
     src_fs, dst_fs = StoreFS(src), StoreFS(dst)
     if src_fs.url == dst_fs.url:
@@ -84,7 +84,7 @@ def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = 
                          "resume its capture first, then convert")
     src_spec = spec_from_manifest(manifest)
     header = destination_header(src_fs, manifest, format=format, ids=ids, logprob_dtype=logprob_dtype,
-                                compression=compression, compression_level=compression_level)
+                                compression=compression, compression_level=compression_level, entropy=entropy)
     spec = spec_from_manifest(dict(header, shards=[]))
     records = shard_records(manifest)
     with StoreLock(dst_fs):
@@ -113,12 +113,19 @@ def compare_stores(a: StoreFS, b: StoreFS, b_encoding: Encoding) -> float:
     for (sa, ta, xa), (sb, tb, xb) in zip(iter_sequences(a), iter_sequences(b), strict=True):
         if sa != sb or not np.array_equal(ta, tb):
             raise StoreError(f"converted store differs at sequence {sa}: seq ids or tokens differ")
-        worst = max(worst, _compare_targets(sa, xa, xb, b_encoding.logprobs))
+        worst = max(worst, _compare_targets(sa, xa, xb, b_encoding))
     return worst
 
 
-def _compare_targets(seq_id: int, a: SparseTargets, b: SparseTargets, logprobs: str) -> float:
+def _compare_targets(seq_id: int, a: SparseTargets, b: SparseTargets, b_encoding: Encoding) -> float:
+    logprobs = b_encoding.logprobs
+    if a.tail_mass is not None and b_encoding.tail_dtype == "<f2":  # float16: half an ulp, relative 2^-11
+        tail_err = (a.tail_mass.double() - b.tail_mass.double()).abs()
+        if bool((tail_err > torch.clamp(a.tail_mass.double().abs() * 2.0 ** -11, min=2.0 ** -25)).any()):
+            raise StoreError(f"converted store differs at sequence {seq_id} in tail_mass beyond float16 rounding")
     for name in ("tail_mass", "sample_lengths", "sample_ids", "sample_counts", "sample_weights"):
+        if name == "tail_mass" and b_encoding.tail_dtype == "<f2":
+            continue
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
             raise StoreError(f"converted store differs at sequence {seq_id} in {name}")

@@ -22,6 +22,10 @@ recorded). Ideas, each measured on real SmolLM2 targets in benchmarks/storage.py
   get few distinct codes, which the entropy coder exploits.
 - Float streams (float32/float16 logprobs, tail mass, importance weights) are stored as byte
   planes (BYTE_STREAM_SPLIT), which zstd compresses far better than interleaved floats.
+- **Entropy stage** (``entropy``): ``"zstd"`` leaves every column to the container's zstd
+  (encoding version 2); ``"ans"`` (version 3) codes a unit's gap lengths, counts, lengths and q8
+  codes with context-modelled rANS (:mod:`logitcache.store.entropy`), and stores ``tail_mass``
+  as float16 when the logprobs are lossy (its error joins the recorded ``max_prob_error``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from ..errors import ConfigError, CorruptShardError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 
-ENCODING_VERSION = 2
+ENCODING_VERSION = 2  # entropy="zstd"; entropy="ans" writes version 3
+ENCODING_VERSIONS = {"zstd": 2, "ans": 3}
+ENTROPY_CODECS = tuple(ENCODING_VERSIONS)
 ID_CODECS = ("rank-delta", "packed")
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
 DEFAULT_ID_CODEC = "rank-delta"
@@ -61,6 +67,7 @@ class Encoding:
     logprobs: str = "float32"
     vocab_size: int = 0
     order: tuple[int, ...] = ()  # ids by descending corpus frequency (rank-delta only)
+    entropy: str = "zstd"
     _rank: np.ndarray = field(default=None, repr=False, compare=False)
     _unrank: np.ndarray = field(default=None, repr=False, compare=False)
 
@@ -69,6 +76,8 @@ class Encoding:
             raise ConfigError(f"id encoding must be one of {', '.join(ID_CODECS)}; found {self.ids!r}")
         if self.logprobs not in LOGPROB_CODECS:
             raise ConfigError(f"logprob encoding must be one of {', '.join(LOGPROB_CODECS)}; found {self.logprobs!r}")
+        if self.entropy not in ENTROPY_CODECS:
+            raise ConfigError(f"entropy stage must be one of {', '.join(ENTROPY_CODECS)}; found {self.entropy!r}")
         if self.ids == "rank-delta":
             unrank = np.asarray(self.order, dtype=np.int64)
             seen = np.zeros(self.vocab_size, dtype=bool)
@@ -84,23 +93,31 @@ class Encoding:
         return self.logprobs == "float32"
 
     @property
+    def tail_dtype(self) -> str:
+        """float32, or float16 for lossy logprobs under the ``ans`` stage (version 3)."""
+        return "<f2" if self.entropy == "ans" and not self.lossless else "<f4"
+
+    @property
     def id_width(self) -> int:
         return max(1, (self.vocab_size - 1).bit_length())
 
     def to_manifest(self) -> dict[str, Any]:
         blob = np.asarray(self.order, dtype="<u4").tobytes()
-        return {"version": ENCODING_VERSION, "ids": self.ids, "logprobs": self.logprobs, "vocab_size": self.vocab_size,
-                "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
+        out = {"version": ENCODING_VERSIONS[self.entropy], "ids": self.ids, "logprobs": self.logprobs,
+               "vocab_size": self.vocab_size,
+               "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
+        return out if self.entropy == "zstd" else {**out, "entropy": self.entropy}
 
     @classmethod
     def from_manifest(cls, d: dict[str, Any]) -> Encoding:
-        if d.get("version") != ENCODING_VERSION:
-            raise CorruptShardError(f"store encoding version {d.get('version')!r}; this logitcache reads "
-                                    f"version {ENCODING_VERSION}. Upgrade logitcache or recapture.")
+        entropy = d.get("entropy", "zstd")
+        if entropy not in ENCODING_VERSIONS or d.get("version") != ENCODING_VERSIONS[entropy]:
+            raise CorruptShardError(f"store encoding version {d.get('version')!r} (entropy {entropy!r}); this "
+                                    f"logitcache reads version 2 (zstd) and 3 (ans). Upgrade logitcache or recapture.")
         order: tuple[int, ...] = ()
         if d["ids"] == "rank-delta":
             order = tuple(np.frombuffer(zlib.decompress(base64.b64decode(d["vocab_order"])), dtype="<u4").tolist())
-        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order)
+        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy)
 
 
 def corpus_order(tokens: np.ndarray, vocab_size: int) -> tuple[int, ...]:
@@ -213,7 +230,7 @@ class EncodedRow:
 
 
 def row_columns(method: str, weighted: bool) -> list[str]:
-    """Byte columns of a row for ``method`` (after ``seq_id``)."""
+    """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them."""
     cols = ["tokens"]
     if method in ("topk", "hybrid", "full"):
         cols += ["head_label", "head_ids", "head_id_bits", "head_logprobs", "tail_mass"]
@@ -254,7 +271,10 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRo
         lp_blob, out.logprob_error, out.prob_error = _encode_logprobs(enc, lp_stream[lp_order])
         out.columns.update(head_label=np.packbits(flags).tobytes(), head_ids=symbols, head_id_bits=bits,
                            head_logprobs=lp_blob,
-                           tail_mass=_split(t.tail_mass.numpy(), "<f4"))
+                           tail_mass=_split(t.tail_mass.numpy(), enc.tail_dtype))
+        if enc.tail_dtype != "<f4":
+            tail = t.tail_mass.double().numpy()
+            out.prob_error = max(out.prob_error, float(np.abs(tail.astype(enc.tail_dtype) - tail).max(initial=0.0)))
     if t.sample_ids is not None:
         lengths = t.sample_lengths.numpy().astype(np.int64)
         ids = t.sample_ids.numpy().astype(np.int64)
@@ -294,7 +314,8 @@ def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
         order = np.lexsort((ids, -lp), axis=1)
         head = dict(head_ids=torch.from_numpy(np.take_along_axis(ids, order, 1).astype(np.int32)),
                     head_logprobs=torch.from_numpy(np.take_along_axis(lp, order, 1)),
-                    tail_mass=torch.from_numpy(_unsplit(columns["tail_mass"], "<f4", num_positions)))
+                    tail_mass=torch.from_numpy(_unsplit(columns["tail_mass"], enc.tail_dtype, num_positions)
+                                               .astype(np.float32)))
     sample = {}
     if "sample_ids" in columns:
         flags = _flags(columns["sample_label"], num_positions)

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import CorruptShardError, StoreError
 from ..targets import SparseTargets
 from .encoding import decode_row
+from .entropy import unpack_unit
 from .fs import StoreFS
 from .layout import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .spec import ShardSpec, spec_from_manifest
@@ -65,6 +66,11 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
     if len(rows) != record.sequences:
         raise CorruptShardError(f"shard {record.index} holds {len(rows)} sequences; the manifest records "
                                 f"{record.sequences}")
+    if spec.encoding.entropy == "ans":
+        try:
+            rows = unpack_unit(spec, rows)
+        except CorruptShardError as exc:
+            raise CorruptShardError(f"shard {record.index}: {exc}") from None
     return rows
 
 

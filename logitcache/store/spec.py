@@ -35,8 +35,15 @@ class ShardSpec:
         return self.method in ("sample", "hybrid")
 
     def columns(self) -> list[str]:
-        """The byte columns of every row (after ``seq_id``)."""
-        return row_columns(self.method, self.weighted)
+        """The byte columns a container stores per row (after ``seq_id``): the row encoding's, and
+        with the ``ans`` stage the unit's ``entropy`` column in place of the columns it codes."""
+        cols = row_columns(self.method, self.weighted)
+        if self.encoding.entropy == "ans":
+            from .entropy import COLUMN, coded_columns
+
+            coded = set(coded_columns(self))
+            cols = [c for c in cols if c not in coded] + [COLUMN]
+        return cols
 
 
 def spec_from_manifest(manifest: dict[str, Any]) -> ShardSpec:

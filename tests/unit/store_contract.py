@@ -33,11 +33,12 @@ VOCAB = 97
 
 def make_header(method: str, fmt: str, *, sequences: int, per_shard: int, k: int = 4, n: int = 50,
                 weighted: bool = False, ids: str = "rank-delta", logprobs: str = "float32", order=(),
-                seq_len: int = 1) -> dict:
+                seq_len: int = 1, entropy: str = "zstd") -> dict:
     params = {"topk": {"k": k}, "sample": {"samples": n, "temperature": 0.5 if weighted else 1.0},
               "hybrid": {"k": k, "samples": n}, "full": {}}[method]
     head = {"topk": k, "hybrid": k, "full": VOCAB}.get(method, 0)
-    enc = Encoding(ids=ids, logprobs=logprobs, vocab_size=VOCAB, order=tuple(order) if ids == "rank-delta" else ())
+    enc = Encoding(ids=ids, logprobs=logprobs, vocab_size=VOCAB, order=tuple(order) if ids == "rank-delta" else (),
+                   entropy=entropy)
     return with_header_digest({"format": "logitcache", "format_version": 2,
             "identity": {"seed": 0, "sparsify": {"method": method, **params}}, "method": method, "params": params,
             "head_size": head, "teacher": {"name": "t"}, "tokenizer": {"fingerprint": "f"},
@@ -75,6 +76,7 @@ def all_objects(root: str) -> dict[str, bytes]:
 
 class StoreConformance:
     format = "arrow"
+    entropy = "zstd"
     max_examples = 15
 
     def make_root(self, tmp_path, name: str) -> str:
@@ -84,7 +86,7 @@ class StoreConformance:
         order = corpus_order(np.concatenate([r[1] for r in rows]), VOCAB) if rows else ()
         seq_len = len(rows[0][1]) - 1 if rows else 1
         return make_header(method, self.format, sequences=len(rows), per_shard=per_shard, order=order,
-                           seq_len=seq_len, **kw)
+                           seq_len=seq_len, entropy=self.entropy, **kw)
 
     def test_round_trip(self, tmp_path_factory):
         @settings(max_examples=self.max_examples, deadline=None, suppress_health_check=list(HealthCheck))

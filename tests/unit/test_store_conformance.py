@@ -23,6 +23,16 @@ class TestZarrLocal(StoreConformance):
     format = "zarr"
 
 
+class TestArrowLocalAns(StoreConformance):
+    format = "arrow"
+    entropy = "ans"
+
+
+class TestZarrLocalAns(StoreConformance):
+    format = "zarr"
+    entropy = "ans"
+
+
 @pytest.fixture(scope="session")
 def s3_bucket():
     """A bucket on a local moto S3 server; fsspec's s3 defaults point at it for the session."""
@@ -61,3 +71,8 @@ class TestArrowS3(S3Roots, StoreConformance):
 
 class TestZarrS3(S3Roots, StoreConformance):
     format = "zarr"
+
+
+class TestArrowS3Ans(S3Roots, StoreConformance):
+    format = "arrow"
+    entropy = "ans"

@@ -1,0 +1,217 @@
+"""``encoding.entropy = "ans"``: a unit's symbol streams coded by context-modelled rANS (docs/format.md).
+
+A lossless transform of a whole unit's rows, applied after :func:`encoding.encode_row` and undone
+by :func:`unpack_unit` right after the container is read, so everything else sees the same row
+columns as with ``entropy = "zstd"``. The streams that zstd's Huffman stage codes poorly move out
+of the rows into one blob in the unit's first row (column ``entropy``; empty in the other rows), coded
+with tables fitted to the unit (:mod:`logitcache.store.rans`). The streams, in decode
+order, and what each symbol's table is chosen by (its *context*, known to the decoder from the
+streams before it):
+
+1. ``sample_lengths`` — one table;
+2. ``sample_ids`` gap lengths — the entry's index in its position (up to 15) and the bit length
+   of the position's length;
+3. ``sample_counts`` — the entry's gap length (up to 15) and the bit length of the position's length;
+4. ``head_ids`` gap lengths — the entry's index in its position (bucketed);
+5. with ``q8`` logprobs: each position's smallest code (one table), then every code minus it, by
+   the bit length of that smallest code and whether the entry is the flagged label.
+
+Id mantissa bits, tokens, flags, tail mass and float logprobs stay in the rows (zstd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import CorruptShardError
+from . import rans
+from .bits import bit_length
+from .units import UnitRows, from_blobs
+
+COLUMN = "entropy"
+IDX_CAP = 15  # sample entries: index contexts 0..15
+HEAD_IDX_BUCKETS = 24
+
+
+def _head_idx_bucket(idx: np.ndarray) -> np.ndarray:
+    """0..15 one per index, then one per 8 indices, up to HEAD_IDX_BUCKETS - 1."""
+    return np.where(idx < 16, idx, np.minimum(16 + (idx - 16) // 8, HEAD_IDX_BUCKETS - 1))
+
+
+def _within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each entry, index of each entry within its position)."""
+    pos = np.repeat(np.arange(lengths.size), lengths)
+    idx = np.arange(pos.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return pos, idx
+
+
+def _gapped(spec) -> bool:
+    """Rank-delta ids leave gap lengths in the ``*_ids`` columns; packed ids leave them empty."""
+    return spec.encoding.ids == "rank-delta"
+
+
+def _count_dtype(spec) -> str:
+    return "u1" if spec.num_samples <= 255 else "<u2"
+
+
+class _Layout:
+    """What the decoder knows of a unit before decoding: positions per row and label flags."""
+
+    def __init__(self, spec, rows: list[dict[str, np.ndarray]]) -> None:
+        self.positions = np.array([r["tokens"].size // 4 - 1 for r in rows], dtype=np.int64)
+        self.head_flags = None
+        if spec.has_head:
+            self.head_flags = np.concatenate([
+                np.unpackbits(r["head_label"])[:t] for r, t in zip(rows, self.positions)]).astype(np.int64) \
+                if rows else np.zeros(0, np.int64)
+
+
+def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
+    """Yield (name, symbols or None, contexts, number of contexts) in decode order.
+
+    ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
+    decoder can fill ``values[name]`` before the next stream's contexts are computed."""
+    nb = max(1, int(bit_length(np.array([max(spec.num_samples, 1)]))[0]) + 1)
+    if spec.has_samples:
+        n = int(layout.positions.sum())
+        yield "sample_lengths", np.zeros(n, np.int64), 1
+        lengths = values["sample_lengths"]
+        lb = bit_length(lengths)
+        pos, idx = _within(lengths)
+        if _gapped(spec):
+            yield "sample_ids", np.minimum(idx, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
+            gaps = values["sample_ids"]
+        else:  # packed ids: no gap lengths to code or to condition on
+            gaps = np.zeros(pos.size, np.int64)
+        yield "sample_counts", np.minimum(gaps, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
+    if spec.has_head:
+        if _gapped(spec):
+            _, idx = _within(spec.k - layout.head_flags)
+            yield "head_ids", _head_idx_bucket(idx), HEAD_IDX_BUCKETS
+        if spec.encoding.logprobs == "q8":
+            n = int(layout.positions.sum())
+            yield "head_qmin", np.zeros(n, np.int64), 1
+            qmin = values["head_qmin"]
+            first = np.zeros((n, spec.k), dtype=np.int64)
+            first[:, 0] = layout.head_flags
+            ctx = np.repeat(bit_length(qmin) * 2, spec.k) + first.ravel()
+            yield "head_logprobs", ctx, 2 * 9
+
+
+def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
+    """The coded streams of a unit's rows, concatenated in row order (encoder side)."""
+    cd = _count_dtype(spec)
+    cat = lambda name, dt: (np.concatenate([np.frombuffer(r[name], dt) for r in rows]).astype(np.int64)
+                            if rows else np.zeros(0, np.int64))
+    out = {}
+    if spec.has_samples:
+        out["sample_lengths"] = cat("sample_lengths", cd)
+        out["sample_ids"] = cat("sample_ids", "u1")
+        out["sample_counts"] = cat("sample_counts", cd)
+    if spec.has_head:
+        out["head_ids"] = cat("head_ids", "u1")
+        if spec.encoding.logprobs == "q8":
+            codes = cat("head_logprobs", "u1").reshape(-1, spec.k)
+            out["head_qmin"] = codes.min(axis=1) if codes.size else np.zeros(0, np.int64)
+            out["head_logprobs"] = (codes - out["head_qmin"][:, None]).ravel()
+    return out
+
+
+def coded_columns(spec) -> list[str]:
+    cols = []
+    if spec.has_samples:
+        cols += ["sample_lengths", "sample_counts"] + (["sample_ids"] if _gapped(spec) else [])
+    if spec.has_head:
+        cols += (["head_ids"] if _gapped(spec) else []) + (["head_logprobs"] if spec.encoding.logprobs == "q8" else [])
+    return cols
+
+
+def lanes_for(symbols: int) -> int:
+    """Interleaved lanes: about 4096 symbols each (the flush costs 4 bytes per lane), 1 to 1024."""
+    return int(min(1024, max(1, 1 << max(0, math.ceil(math.log2(max(1, symbols) / 4096))))))
+
+
+def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
+    """Rows of :func:`encode_row` columns → the same rows without the coded columns, and the
+    unit's blob in row 0's ``entropy`` column."""
+    layout = _Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
+    values = _row_values(spec, rows, layout)
+    streams, tables = [], []
+    for name, ctx, num_ctx in _streams(spec, layout, values):
+        sym = values[name]
+        t = rans.Tables.fit(sym, ctx, num_ctx, int(sym.max()) + 1 if sym.size else 1)
+        streams.append((sym, ctx, t))
+        tables.append(t)
+    lanes = lanes_for(sum(s[0].size for s in streams))
+    states, words = rans.encode(streams, lanes)
+    packed = rans.pack_tables(tables)
+    blob = (np.array([lanes, len(packed)], "<u4").tobytes() + packed + states.astype("<u4").tobytes()
+            + words.astype("<u2").tobytes())
+    coded = set(coded_columns(spec))
+    return [{**{k: v for k, v in r.items() if k not in coded}, COLUMN: blob if i == 0 else b""}
+            for i, r in enumerate(rows)]
+
+
+def unpack_unit(spec, unit: UnitRows) -> UnitRows:
+    """Undo :func:`pack_unit`: the unit's rows with their coded columns restored."""
+    rows = [unit.row(r) for r in range(len(unit))]
+    if not rows:
+        return unit
+    blob = rows[0][COLUMN].tobytes()
+    if any(r[COLUMN].size for r in rows[1:]):
+        raise CorruptShardError("an entropy-coded unit has entropy bytes outside its first row")
+    if len(blob) < 8:
+        raise CorruptShardError(f"entropy column holds {len(blob)} bytes; at least 8 expected")
+    lanes, tlen = (int(v) for v in np.frombuffer(blob[:8], "<u4"))
+    end_tables, end_states = 8 + tlen, 8 + tlen + 4 * lanes
+    if lanes < 1 or end_states > len(blob) or (len(blob) - end_states) % 2:
+        raise CorruptShardError(f"entropy column of {len(blob)} bytes does not fit {lanes} lanes and "
+                                f"{tlen} bytes of tables")
+    tables = rans.unpack_tables(blob[8:end_tables])
+    decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"))
+    layout = _Layout(spec, rows)
+    values: dict[str, np.ndarray] = {}
+    for i, (name, ctx, _) in enumerate(_streams(spec, layout, values)):
+        if i >= len(tables):
+            raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
+        values[name] = decoder.decode(ctx, tables[i])
+    if len(values) != len(tables):
+        raise CorruptShardError(f"entropy column has {len(tables)} tables for {len(values)} streams")
+    decoder.finish()
+    columns = {name: [r[name].tobytes() for r in rows] for name in rows[0] if name != COLUMN}
+    columns.update(_split_rows(spec, layout, values))
+    return from_blobs(unit.seq_ids, columns)
+
+
+def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
+    """Decoded streams → per-row column bytes, as :func:`encoding.encode_row` wrote them."""
+    cd = _count_dtype(spec)
+    out: dict[str, list[bytes]] = {}
+
+    def split(name: str, data: np.ndarray, per_row: np.ndarray, dtype: str) -> None:
+        cuts = np.cumsum(per_row)[:-1]
+        if data.size != int(per_row.sum()):
+            raise CorruptShardError(f"entropy column decodes {data.size} {name} values; {int(per_row.sum())} expected")
+        if data.size and (data.min() < 0 or data.max() > np.iinfo(np.dtype(dtype)).max):
+            raise CorruptShardError(f"entropy column decodes {name} values outside {dtype}")
+        out[name] = [a.astype(dtype).tobytes() for a in np.split(data, cuts)]
+
+    rows_of_pos = np.repeat(np.arange(layout.positions.size), layout.positions)
+    if spec.has_samples:
+        lengths = values["sample_lengths"]
+        split("sample_lengths", lengths, layout.positions, cd)
+        entries = np.bincount(rows_of_pos, weights=lengths, minlength=layout.positions.size).astype(np.int64)
+        if _gapped(spec):
+            split("sample_ids", values["sample_ids"], entries, "u1")
+        split("sample_counts", values["sample_counts"], entries, cd)
+    if spec.has_head:
+        if _gapped(spec):
+            rest = np.bincount(rows_of_pos, weights=spec.k - layout.head_flags,
+                               minlength=layout.positions.size).astype(np.int64)
+            split("head_ids", values["head_ids"], rest, "u1")
+        if spec.encoding.logprobs == "q8":
+            codes = values["head_logprobs"].reshape(-1, spec.k) + values["head_qmin"][:, None]
+            split("head_logprobs", codes.ravel(), layout.positions * spec.k, "u1")
+    return out

@@ -1,0 +1,200 @@
+"""Interleaved rANS with static, context-conditioned frequency tables (pure numpy, vectorised over lanes).
+
+The entropy stage of ``encoding.entropy = "ans"`` (docs/format.md, "Entropy coding"). Unlike zstd's
+Huffman stage (whole bits per symbol, one table per block) it codes each symbol in its
+information content under a table chosen by a *context* (for example a count given its id's gap
+length), which is what skewed, correlated streams such as sample counts need.
+
+- **Tables** (:class:`Tables`): one row of frequencies per context over an alphabet ``[0, A)``,
+  summing to ``M = 2**PRECISION``. They are fitted to the symbols they code and stored with them as
+  one byte per cell, ``b = 1 + round(8 log2 count)`` (``0``: never used), from which encoder and
+  decoder derive the same integer frequencies (:func:`normalize`, integer arithmetic only).
+- **Coder**: rANS with a 32-bit state in ``[2**16, 2**32)`` and 16-bit words, ``K`` interleaved
+  lanes: symbol ``i`` of a stream goes to lane ``i % K``. Streams are coded one after another
+  through the same lanes (a stream's contexts may depend on earlier streams), encoded last to
+  first so they decode first to last. The decoder must end with every lane back at ``2**16`` and
+  every word read: a cheap integrity check on top of the container's checksums.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CorruptShardError
+
+PRECISION = 12
+M = 1 << PRECISION
+LOW = 1 << 16  # lower bound of a lane's state
+# weight of table byte b >= 1: 2 ** ((b - 1) / 8), in integers (mantissas round(256 * 2 ** (i / 8)))
+_MANT = np.array([256, 279, 304, 332, 362, 395, 431, 470], dtype=np.int64)
+_B = np.arange(256, dtype=np.int64)
+WEIGHTS = np.where(_B > 0, _MANT[(_B - 1) % 8] << ((_B - 1) // 8), 0)
+
+
+def quantize_counts(counts: np.ndarray) -> np.ndarray:
+    """Counts → table bytes (``0`` for zero counts), encoder side only."""
+    c = np.asarray(counts, dtype=np.float64)
+    b = np.zeros(c.shape, dtype=np.uint8)
+    nz = c > 0
+    b[nz] = np.clip(1 + np.rint(8 * np.log2(c[nz])), 1, 255).astype(np.uint8)
+    return b
+
+
+def normalize(table_bytes: np.ndarray) -> np.ndarray:
+    """Table bytes ``[C, A]`` → integer frequencies ``[C, A]`` summing to ``M`` per used context.
+
+    Every cell with a nonzero byte gets at least 1; a context with no used cell stays all zero.
+    The largest cell absorbs the rounding (and gives up what the floors of 1 took)."""
+    w = WEIGHTS[table_bytes.astype(np.int64)]
+    total = w.sum(axis=1, keepdims=True)
+    used = total[:, 0] > 0
+    f = np.zeros_like(w)
+    f[used] = np.maximum((w[used] * M) // total[used], (w[used] > 0).astype(np.int64))
+    for c in np.flatnonzero(used):
+        row = f[c]
+        excess = int(row.sum()) - M
+        while excess:
+            top = int(np.argmax(row))
+            if excess < 0 or row[top] - excess >= 1:
+                row[top] -= excess
+                excess = 0
+            else:  # more cells than the largest can give up: take from the next largest
+                take = int(row[top]) - 1
+                row[top] = 1
+                excess -= take
+    return f
+
+
+@dataclass
+class Tables:
+    """Frequencies ``freq[C, A]``, their prefix sums and a slot → symbol lookup per context."""
+
+    table_bytes: np.ndarray  # uint8 [C, A]
+
+    def __post_init__(self) -> None:
+        self.freq = normalize(self.table_bytes)
+        self.cum = np.cumsum(self.freq, axis=1) - self.freq
+        self.contexts, self.alphabet = self.freq.shape
+
+    @classmethod
+    def fit(cls, symbols: np.ndarray, contexts: np.ndarray, num_contexts: int, alphabet: int) -> Tables:
+        counts = np.bincount(contexts.astype(np.int64) * alphabet + symbols.astype(np.int64),
+                             minlength=num_contexts * alphabet).reshape(num_contexts, alphabet)
+        return cls(quantize_counts(counts))
+
+    def lookup(self) -> np.ndarray:
+        """``[C * M]`` symbol of every slot of every used context (``-1`` for unused contexts)."""
+        out = np.full((self.contexts, M), -1, dtype=np.int64)
+        used = self.freq.sum(axis=1) == M
+        if used.any():
+            sym = np.tile(np.arange(self.alphabet), int(used.sum()))
+            out[used] = np.repeat(sym, self.freq[used].ravel()).reshape(-1, M)
+        return out.ravel()
+
+
+def _steps(n: int, lanes: int) -> range:
+    return range((n + lanes - 1) // lanes)
+
+
+def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``streams`` of (symbols, contexts, tables) in decode order → (final states uint32[lanes], words uint16[])."""
+    x = np.full(lanes, LOW, dtype=np.uint64)
+    emitted: list[np.ndarray] = []
+    for symbols, contexts, tables in reversed(streams):
+        s = symbols.astype(np.int64)
+        c = contexts.astype(np.int64)
+        if s.size and (s.min() < 0 or s.max() >= tables.alphabet):
+            raise ValueError(f"symbol outside the alphabet [0, {tables.alphabet})")
+        freq = tables.freq[c, s].astype(np.uint64)
+        cum = tables.cum[c, s].astype(np.uint64)
+        if s.size and freq.min() == 0:
+            raise ValueError("a symbol has no frequency in its context's table")
+        for j in reversed(_steps(s.size, lanes)):
+            lo, hi = j * lanes, min(s.size, (j + 1) * lanes)
+            f, cu, xs = freq[lo:hi], cum[lo:hi], x[: hi - lo]
+            out = xs >= (f << np.uint64(32 - PRECISION))
+            emitted.append((xs[out] & np.uint64(0xFFFF))[::-1])
+            xs = np.where(out, xs >> np.uint64(16), xs)
+            x[: hi - lo] = (xs // f << np.uint64(PRECISION)) + xs % f + cu
+    words = np.concatenate(emitted)[::-1] if emitted else np.zeros(0, dtype=np.uint64)
+    return x.astype(np.uint32), words.astype(np.uint16)
+
+
+class Decoder:
+    """Decodes the streams of :func:`encode` one at a time, in order."""
+
+    def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
+        self.x = states.astype(np.uint64)
+        self.words = words.astype(np.uint64)
+        self.pos = 0
+        self.lanes = self.x.size
+
+    def decode(self, contexts: np.ndarray, tables: Tables) -> np.ndarray:
+        n = contexts.size
+        out = np.empty(n, dtype=np.int64)
+        if n == 0:
+            return out
+        c = contexts.astype(np.int64)
+        if c.min() < 0 or c.max() >= tables.contexts:
+            raise CorruptShardError("entropy-coded stream names a context outside its tables")
+        lookup, freq, cum = tables.lookup(), tables.freq.ravel(), tables.cum.ravel()
+        base = c * M
+        row = c * tables.alphabet
+        mask = np.uint64(M - 1)
+        for j in _steps(n, self.lanes):
+            lo, hi = j * self.lanes, min(n, (j + 1) * self.lanes)
+            xs = self.x[: hi - lo]
+            slot = (xs & mask).astype(np.int64)
+            s = lookup[base[lo:hi] + slot]
+            if s.min() < 0:
+                raise CorruptShardError("entropy-coded stream uses a context with an empty table")
+            out[lo:hi] = s
+            k = row[lo:hi] + s
+            xs = freq[k].astype(np.uint64) * (xs >> np.uint64(PRECISION)) + slot.astype(np.uint64) - cum[k].astype(np.uint64)
+            need = xs < LOW
+            m = int(need.sum())
+            if m:
+                if self.pos + m > self.words.size:
+                    raise CorruptShardError("entropy-coded stream ends early")
+                xs[need] = (xs[need] << np.uint64(16)) | self.words[self.pos: self.pos + m]
+                self.pos += m
+            self.x[: hi - lo] = xs
+        return out
+
+    def finish(self) -> None:
+        if self.pos != self.words.size or np.any(self.x != LOW):
+            raise CorruptShardError(f"entropy-coded data does not end where it should "
+                                    f"({self.pos} of {self.words.size} words read; lanes not at their start state)")
+
+
+def pack_tables(tables: list[Tables]) -> bytes:
+    """Shapes (uint32 pairs) then every table's bytes, zlib-compressed."""
+    head = np.array([t.table_bytes.shape for t in tables], dtype="<u4").reshape(-1)
+    body = b"".join(np.ascontiguousarray(t.table_bytes, dtype=np.uint8).tobytes() for t in tables)
+    return zlib.compress(np.uint32(len(tables)).astype("<u4").tobytes() + head.tobytes() + body, 9)
+
+
+def unpack_tables(blob: bytes) -> list[Tables]:
+    try:
+        raw = zlib.decompress(blob)
+    except zlib.error as exc:
+        raise CorruptShardError(f"entropy tables do not decompress: {exc}") from None
+    if len(raw) < 4:
+        raise CorruptShardError("entropy tables are truncated")
+    count = int(np.frombuffer(raw[:4], "<u4")[0])
+    shapes = np.frombuffer(raw[4: 4 + 8 * count], "<u4").reshape(-1, 2) if count else np.zeros((0, 2), np.uint32)
+    if shapes.shape[0] != count:
+        raise CorruptShardError("entropy tables are truncated")
+    pos, out = 4 + 8 * count, []
+    for rows, cols in shapes.astype(np.int64):
+        size = int(rows * cols)
+        if pos + size > len(raw):
+            raise CorruptShardError("entropy tables are truncated")
+        out.append(Tables(np.frombuffer(raw[pos: pos + size], np.uint8).reshape(rows, cols)))
+        pos += size
+    if pos != len(raw):
+        raise CorruptShardError("entropy tables have trailing bytes")
+    return out
