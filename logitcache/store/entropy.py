@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from ..errors import CorruptShardError
+from ..errors import ConfigError, CorruptShardError
 from . import rans
 from .bits import bit_length
 from .units import UnitRows, from_blobs
@@ -133,9 +133,25 @@ def lanes_for(symbols: int) -> int:
     return int(min(1024, max(1, 1 << max(0, math.ceil(math.log2(max(1, symbols) / 4096))))))
 
 
+MAX_SAMPLES = rans.M - 1  # lengths take up to N + 1 values in one table
+
+
+def check_spec(spec) -> None:
+    if spec.has_samples and spec.num_samples > MAX_SAMPLES:
+        raise ConfigError(f"the ans entropy stage codes sample counts of N <= {MAX_SAMPLES}; found N = "
+                          f"{spec.num_samples}. Use --entropy zstd for more draws.")
+
+
+def _limits(spec) -> dict[str, int]:
+    """The largest value each stream may hold: a decoded value above it means a corrupt unit."""
+    return {"sample_lengths": spec.num_samples, "sample_ids": 32, "sample_counts": max(spec.num_samples - 1, 0),
+            "head_ids": 32, "head_qmin": 255, "head_logprobs": 255}
+
+
 def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
     """Rows of :func:`encode_row` columns → the same rows without the coded columns, and the
     unit's blob in row 0's ``entropy`` column."""
+    check_spec(spec)
     layout = _Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
     values = _row_values(spec, rows, layout)
     streams, tables = [], []
@@ -177,6 +193,9 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
         if i >= len(tables):
             raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
         values[name] = decoder.decode(ctx, tables[i])
+        if values[name].size and values[name].max() > _limits(spec)[name]:
+            raise CorruptShardError(f"entropy column decodes a {name} value of {int(values[name].max())}; "
+                                    f"at most {_limits(spec)[name]} is possible")
     if len(values) != len(tables):
         raise CorruptShardError(f"entropy column has {len(tables)} tables for {len(values)} streams")
     decoder.finish()

@@ -53,6 +53,8 @@ def normalize(table_bytes: np.ndarray) -> np.ndarray:
     used = total[:, 0] > 0
     f = np.zeros_like(w)
     f[used] = np.maximum((w[used] * M) // total[used], (w[used] > 0).astype(np.int64))
+    if np.any((table_bytes > 0).sum(axis=1) > M):
+        raise ValueError(f"a context uses more than {M} symbols; the coder's precision cannot give each one")
     for c in np.flatnonzero(used):
         row = f[c]
         excess = int(row.sum()) - M
