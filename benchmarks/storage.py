@@ -40,9 +40,12 @@ METHODS = {
     "sample-150": {"method": "sample", "samples": 150},
     "hybrid-12+50": {"method": "hybrid", "k": 12, "samples": 50},
 }
-# (container, ids, logprobs); logprobs only matter for methods with a head
-VARIANTS = [("arrow", "rank-delta", "float32"), ("arrow", "packed", "float32"), ("arrow", "rank-delta", "float16"),
-            ("arrow", "rank-delta", "q8"), ("zarr", "rank-delta", "float32"), ("zarr", "rank-delta", "q8")]
+# (container, ids, logprobs, entropy stage); logprobs only matter for methods with a head
+VARIANTS = [("arrow", "rank-delta", "float32", "zstd"), ("arrow", "packed", "float32", "zstd"),
+            ("arrow", "rank-delta", "float16", "zstd"), ("arrow", "rank-delta", "q8", "zstd"),
+            ("zarr", "rank-delta", "float32", "zstd"), ("zarr", "rank-delta", "q8", "zstd"),
+            ("arrow", "rank-delta", "float32", "ans"), ("arrow", "rank-delta", "q8", "ans"),
+            ("zarr", "rank-delta", "float32", "ans"), ("zarr", "rank-delta", "q8", "ans")]
 
 
 def plain_zstd_bytes(rows, level: int) -> int:
@@ -65,13 +68,13 @@ def plain_zstd_bytes(rows, level: int) -> int:
     return sink.getvalue().size
 
 
-def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, level: int) -> float:
+def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, entropy: str, level: int) -> float:
     """Write ``rows`` (decoded from ``src``) as a store with another encoding; returns seconds."""
     from logitcache.convert import destination_header
 
     manifest = read_manifest(src)
     header = destination_header(StoreFS(src), manifest, format=fmt, ids=ids, logprob_dtype=logprobs,
-                                compression=None, compression_level=level)
+                                compression=None, compression_level=level, entropy=entropy)
     spec = spec_from_manifest(dict(header, shards=[]))
     fs = StoreFS(dst)
     per = spec.sequences_per_shard
@@ -115,18 +118,19 @@ def main() -> None:
                                  ids_per_position="", write_mb_s="", read_mb_s="", read_positions_s="",
                                  max_prob_error=0.0, positions=positions))
             has_head = rows[0][2].head_ids is not None
-            for fmt, ids, logprobs in VARIANTS:
+            for fmt, ids, logprobs, entropy in VARIANTS:
                 if logprobs != "float32" and not has_head:
                     continue
-                dst = work / name / f"{fmt}-{ids}-{logprobs}"
-                seconds = rewrite(src, dst, rows, fmt, ids, logprobs, args.level)
+                dst = work / name / f"{fmt}-{ids}-{logprobs}-{entropy}"
+                seconds = rewrite(src, dst, rows, fmt, ids, logprobs, entropy, args.level)
                 info = inspect_store(dst)
                 t0 = time.perf_counter()
                 n = sum(1 for _ in iter_sequences(dst))
                 read_s = time.perf_counter() - t0
                 assert n == len(rows)
                 mb = info["bytes_on_disk"] / 1e6
-                row = dict(prov, method=name, container=fmt, encoding=f"{info['encoding']['ids']}/{logprobs}",
+                label = f"{info['encoding']['ids']}/{logprobs}" + ("+ans" if entropy == "ans" else "")
+                row = dict(prov, method=name, container=fmt, encoding=label,
                            bytes_per_position=round(info["bytes_per_position"], 2),
                            ids_per_position=round(info["mean_ids_per_position"], 2),
                            write_mb_s=round(mb / seconds, 2), read_mb_s=round(mb / read_s, 2),
