@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -17,7 +18,7 @@ from logitcache.capture import capture
 from logitcache.cli import main
 from logitcache.config import CaptureConfig
 from logitcache.errors import CorpusError, StoreMismatchError
-from logitcache.store import inspect_store, iter_sequences, open_hf_dataset, verify_store
+from logitcache.store import inspect_store, iter_sequences, open_hf_dataset, read_manifest, verify_store
 
 SEQ_LEN = 32
 
@@ -122,6 +123,23 @@ def test_capture_on_cuda_matches_cpu(reference_stores, tiny_teacher, tmp_path, m
             positions += want.num_positions
     if positions:  # a draw can only move where a uniform falls within fp32 noise of a CDF step
         assert same_draws >= 0.99 * positions, (same_draws, positions)
+
+
+def test_ans_entropy_stage_stores_the_same_targets_in_fewer_bytes(reference_stores, tmp_path):
+    """``--entropy ans`` through the CLI: the same sequences and targets as the zstd store, fewer bytes."""
+    from test_encoding import assert_equal
+
+    ref = reference_stores["hybrid"]
+    out = tmp_path / "ans"
+    result = CliRunner().invoke(main, cli_args(ref.with_overrides({"store.path": str(out)})) + ["--entropy", "ans"])
+    assert result.exit_code == 0, result.output
+    assert verify_store(out).ok
+    assert read_manifest(out)["store"]["encoding"]["version"] == 3
+    pairs = list(zip(iter_sequences(out), iter_sequences(ref.store.path), strict=True))
+    for (sa, ta, xa), (sb, tb, xb) in pairs:
+        assert sa == sb and np.array_equal(ta, tb)
+        assert_equal(xa, xb)
+    assert inspect_store(out)["bytes_per_position"] < inspect_store(ref.store.path)["bytes_per_position"]
 
 
 @pytest.mark.parametrize("fault", ["unit_start:2", "after_shard:2", "after_commit:1", "before_finalize:1"])
