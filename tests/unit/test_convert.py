@@ -56,6 +56,27 @@ def test_convert_round_trip_is_byte_identical(hybrid_store, tmp_path):
     assert tree_bytes(tmp_path / "back") == tree_bytes(src)
 
 
+def test_convert_through_the_ans_stage_and_back_is_byte_identical(hybrid_store, tmp_path):
+    src = Path(hybrid_store.store.path)
+    result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "ans"), "--entropy", "ans",
+                                       "--format", "zarr"])
+    assert result.exit_code == 0, result.output
+    same_targets(src, tmp_path / "ans")
+    assert inspect_store(tmp_path / "ans")["encoding"]["entropy"] == "ans"
+    convert(str(tmp_path / "ans"), str(tmp_path / "back"), format="arrow", entropy="zstd")
+    assert tree_bytes(tmp_path / "back") == tree_bytes(src)
+
+
+def test_q8_under_ans_keeps_the_tail_within_float16_rounding(hybrid_store, tmp_path):
+    src = hybrid_store.store.path
+    convert(src, str(tmp_path / "q8"), logprob_dtype="q8", entropy="ans")
+    for (_, _, a), (_, _, b) in zip(iter_sequences(src), iter_sequences(tmp_path / "q8"), strict=True):
+        err = (a.tail_mass.double() - b.tail_mass.double()).abs()
+        assert bool((err <= torch.clamp(a.tail_mass.double() * 2.0 ** -11, min=2.0 ** -25)).all())
+        assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.sample_counts, b.sample_counts)
+    assert 0 < inspect_store(tmp_path / "q8")["max_prob_error"] < 2 / 255
+
+
 def test_lossy_convert_reports_its_measured_error(hybrid_store, tmp_path):
     result = CliRunner().invoke(main, ["convert", hybrid_store.store.path, str(tmp_path / "q8"),
                                        "--logprob-dtype", "q8"])
