@@ -87,14 +87,20 @@ class Tables:
                              minlength=num_contexts * alphabet).reshape(num_contexts, alphabet)
         return cls(quantize_counts(counts))
 
-    def lookup(self) -> np.ndarray:
-        """``[C * M]`` symbol of every slot of every used context (``-1`` for unused contexts)."""
-        out = np.full((self.contexts, M), -1, dtype=np.int64)
+    def slot_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per (context, slot), flattened ``[C * M]``: the symbol (``-1`` in unused contexts), its
+        frequency, and ``slot - cum``, so a decode step is three gathers and no arithmetic on tables."""
+        sym = np.full((self.contexts, M), -1, dtype=np.int64)
+        freq = np.zeros((self.contexts, M), dtype=np.int64)
+        off = np.zeros((self.contexts, M), dtype=np.int64)
         used = self.freq.sum(axis=1) == M
         if used.any():
-            sym = np.tile(np.arange(self.alphabet), int(used.sum()))
-            out[used] = np.repeat(sym, self.freq[used].ravel()).reshape(-1, M)
-        return out.ravel()
+            f = self.freq[used].ravel()
+            s = np.repeat(np.tile(np.arange(self.alphabet), int(used.sum())), f)
+            sym[used] = s.reshape(-1, M)
+            freq[used] = np.repeat(f, f).reshape(-1, M)
+            off[used] = (np.arange(M) - np.repeat(self.cum[used].ravel(), f).reshape(-1, M))
+        return sym.ravel(), freq.ravel(), off.ravel()
 
 
 def _steps(n: int, lanes: int) -> range:
@@ -103,25 +109,27 @@ def _steps(n: int, lanes: int) -> range:
 
 def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> tuple[np.ndarray, np.ndarray]:
     """``streams`` of (symbols, contexts, tables) in decode order → (final states uint32[lanes], words uint16[])."""
-    x = np.full(lanes, LOW, dtype=np.uint64)
+    x = np.full(lanes, LOW, dtype=np.int64)  # states < 2**32: int64 arithmetic is exact
     emitted: list[np.ndarray] = []
     for symbols, contexts, tables in reversed(streams):
         s = symbols.astype(np.int64)
         c = contexts.astype(np.int64)
         if s.size and (s.min() < 0 or s.max() >= tables.alphabet):
             raise ValueError(f"symbol outside the alphabet [0, {tables.alphabet})")
-        freq = tables.freq[c, s].astype(np.uint64)
-        cum = tables.cum[c, s].astype(np.uint64)
+        freq = tables.freq[c, s]
+        cum = tables.cum[c, s]
         if s.size and freq.min() == 0:
             raise ValueError("a symbol has no frequency in its context's table")
+        bound = freq << (32 - PRECISION)  # a state at or above this must emit a word first
         for j in reversed(_steps(s.size, lanes)):
             lo, hi = j * lanes, min(s.size, (j + 1) * lanes)
-            f, cu, xs = freq[lo:hi], cum[lo:hi], x[: hi - lo]
-            out = xs >= (f << np.uint64(32 - PRECISION))
-            emitted.append((xs[out] & np.uint64(0xFFFF))[::-1])
-            xs = np.where(out, xs >> np.uint64(16), xs)
-            x[: hi - lo] = (xs // f << np.uint64(PRECISION)) + xs % f + cu
-    words = np.concatenate(emitted)[::-1] if emitted else np.zeros(0, dtype=np.uint64)
+            xs = x[: hi - lo]
+            out = xs >= bound[lo:hi]
+            emitted.append((xs[out] & 0xFFFF)[::-1])
+            xs = np.where(out, xs >> 16, xs)
+            q, r = np.divmod(xs, freq[lo:hi])
+            x[: hi - lo] = (q << PRECISION) + r + cum[lo:hi]
+    words = np.concatenate(emitted)[::-1] if emitted else np.zeros(0, dtype=np.int64)
     return x.astype(np.uint32), words.astype(np.uint16)
 
 
@@ -129,8 +137,8 @@ class Decoder:
     """Decodes the streams of :func:`encode` one at a time, in order."""
 
     def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
-        self.x = states.astype(np.uint64)
-        self.words = words.astype(np.uint64)
+        self.x = states.astype(np.int64)  # states < 2**32 and every product below fits in int64
+        self.words = words.astype(np.int64)
         self.pos = 0
         self.lanes = self.x.size
 
@@ -142,28 +150,25 @@ class Decoder:
         c = contexts.astype(np.int64)
         if c.min() < 0 or c.max() >= tables.contexts:
             raise CorruptShardError("entropy-coded stream names a context outside its tables")
-        lookup, freq, cum = tables.lookup(), tables.freq.ravel(), tables.cum.ravel()
+        sym, freq, off = tables.slot_tables()
         base = c * M
-        row = c * tables.alphabet
-        mask = np.uint64(M - 1)
-        for j in _steps(n, self.lanes):
-            lo, hi = j * self.lanes, min(n, (j + 1) * self.lanes)
-            xs = self.x[: hi - lo]
-            slot = (xs & mask).astype(np.int64)
-            s = lookup[base[lo:hi] + slot]
-            if s.min() < 0:
-                raise CorruptShardError("entropy-coded stream uses a context with an empty table")
-            out[lo:hi] = s
-            k = row[lo:hi] + s
-            xs = freq[k].astype(np.uint64) * (xs >> np.uint64(PRECISION)) + slot.astype(np.uint64) - cum[k].astype(np.uint64)
+        x, words, lanes = self.x, self.words, self.lanes
+        for j in _steps(n, lanes):
+            lo, hi = j * lanes, min(n, (j + 1) * lanes)
+            xs = x[: hi - lo]
+            k = base[lo:hi] + (xs & (M - 1))
+            out[lo:hi] = sym[k]
+            xs = freq[k] * (xs >> PRECISION) + off[k]
             need = xs < LOW
-            m = int(need.sum())
+            m = int(np.count_nonzero(need))
             if m:
-                if self.pos + m > self.words.size:
+                if self.pos + m > words.size:
                     raise CorruptShardError("entropy-coded stream ends early")
-                xs[need] = (xs[need] << np.uint64(16)) | self.words[self.pos: self.pos + m]
+                xs[need] = (xs[need] << 16) | words[self.pos: self.pos + m]
                 self.pos += m
-            self.x[: hi - lo] = xs
+            x[: hi - lo] = xs
+        if out.min() < 0:
+            raise CorruptShardError("entropy-coded stream uses a context with an empty table")
         return out
 
     def finish(self) -> None:
