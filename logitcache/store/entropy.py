@@ -61,15 +61,18 @@ class _Layout:
 
     def __init__(self, spec, rows: list[dict[str, np.ndarray]]) -> None:
         self.positions = np.array([r["tokens"].size // 4 - 1 for r in rows], dtype=np.int64)
+        if np.any(self.positions < 0):
+            raise CorruptShardError("a row of an entropy-coded unit has no tokens")
         self.head_flags = None
         if spec.has_head:
-            self.head_flags = np.concatenate([
-                np.unpackbits(r["head_label"])[:t] for r, t in zip(rows, self.positions)]).astype(np.int64) \
-                if rows else np.zeros(0, np.int64)
+            flags = [np.unpackbits(r["head_label"])[:t] for r, t in zip(rows, self.positions)]
+            if any(f.size != t for f, t in zip(flags, self.positions)):
+                raise CorruptShardError("a row's label flags are shorter than its positions")
+            self.head_flags = np.concatenate(flags).astype(np.int64) if rows else np.zeros(0, np.int64)
 
 
 def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
-    """Yield (name, symbols or None, contexts, number of contexts) in decode order.
+    """Yield (stream name, context of each symbol, number of contexts) in decode order.
 
     ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
     decoder can fill ``values[name]`` before the next stream's contexts are computed."""
@@ -103,8 +106,11 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
 def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
     """The coded streams of a unit's rows, concatenated in row order (encoder side)."""
     cd = _count_dtype(spec)
-    cat = lambda name, dt: (np.concatenate([np.frombuffer(r[name], dt) for r in rows]).astype(np.int64)
-                            if rows else np.zeros(0, np.int64))
+
+    def cat(name: str, dtype: str) -> np.ndarray:
+        return np.concatenate([np.frombuffer(r[name], dtype) for r in rows]).astype(np.int64) if rows else \
+            np.zeros(0, np.int64)
+
     out = {}
     if spec.has_samples:
         out["sample_lengths"] = cat("sample_lengths", cd)
