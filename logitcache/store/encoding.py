@@ -141,7 +141,8 @@ def _encode_ids(enc: Encoding, ids: np.ndarray, seg: np.ndarray) -> tuple[bytes,
     order = _by_position_then(seg, ranks, enc.vocab_size)
     r, s = ranks[order], seg[order]
     gaps = r.copy()
-    same = np.r_[False, s[1:] == s[:-1]]
+    same = np.zeros(s.size, dtype=bool)  # the entry follows one of its own position
+    same[1:] = s[1:] == s[:-1]
     gaps[same] = r[same] - r[np.flatnonzero(same) - 1]
     symbols, bits = gamma_split(gaps)
     return symbols, bits, order

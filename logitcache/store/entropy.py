@@ -9,10 +9,11 @@ order, and what each symbol's table is chosen by (its *context*, known to the de
 streams before it):
 
 1. ``sample_lengths`` — one table;
-2. ``sample_ids`` gap lengths — the entry's index in its position (up to 15) and the bit length
-   of the position's length;
+2. ``sample_ids`` gap lengths, in *waves* (every position's first entry, then every second entry,
+   …) so that the previous gap length of the same position is known — that (up to 17) and the
+   entry's index (bucketed);
 3. ``sample_counts`` — the entry's gap length (up to 15) and the bit length of the position's length;
-4. ``head_ids`` gap lengths — the entry's index in its position (bucketed);
+4. ``head_ids`` gap lengths, in waves — the previous gap length and the entry's index (bucketed);
 5. with ``q8`` logprobs: each position's smallest code (one table), then every code minus it, by
    the bit length of that smallest code and whether the entry is the flagged label.
 
@@ -31,13 +32,31 @@ from .bits import bit_length
 from .units import UnitRows, from_blobs
 
 COLUMN = "entropy"
-IDX_CAP = 15  # sample entries: index contexts 0..15
-HEAD_IDX_BUCKETS = 24
+IDX_CAP = 15  # counts: gap-length contexts 0..15
+PREV_CAP = 17  # gap lengths: previous gap length 0..17, 18 for a position's first entry
+SAMPLE_IDX_BUCKETS = 5  # index 0, 1, 2-3, 4-7, 8+
+HEAD_IDX_BUCKETS = 8  # index // 8, up to 7
+
+
+def _sample_idx_bucket(idx: np.ndarray) -> np.ndarray:
+    return np.minimum(bit_length(idx), SAMPLE_IDX_BUCKETS - 1)
 
 
 def _head_idx_bucket(idx: np.ndarray) -> np.ndarray:
-    """0..15 one per index, then one per 8 indices, up to HEAD_IDX_BUCKETS - 1."""
-    return np.where(idx < 16, idx, np.minimum(16 + (idx - 16) // 8, HEAD_IDX_BUCKETS - 1))
+    return np.minimum(idx // 8, HEAD_IDX_BUCKETS - 1)
+
+
+def _waves(name: str, idx: np.ndarray, buckets: np.ndarray, num_buckets: int, values: dict[str, np.ndarray]):
+    """Gap lengths in waves: wave ``w`` holds every position's entry ``w`` (positions ascending).
+    Yields ``(name, entries, contexts, number of contexts)`` per wave; the context is the same
+    position's previous gap length (read from ``values[name]``, decoded by then) and the bucket."""
+    key = idx.astype(np.uint16) if idx.size and idx.max() < 1 << 16 else idx  # stable sort of uint16: radix
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(idx[order], np.arange(int(idx.max(initial=-1)) + 2))
+    for w in range(bounds.size - 1):
+        entries = order[bounds[w]:bounds[w + 1]]
+        prev = np.full(entries.size, PREV_CAP + 1) if w == 0 else np.minimum(values[name][entries - 1], PREV_CAP)
+        yield name, entries, prev * num_buckets + buckets[entries], (PREV_CAP + 2) * num_buckets
 
 
 def _within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -72,35 +91,47 @@ class _Layout:
 
 
 def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
-    """Yield (stream name, context of each symbol, number of contexts) in decode order.
+    """Yield ``(stream name, entries, context of each symbol, number of contexts)`` in decode order;
+    ``entries`` is ``None`` for a whole stream, or the indices of one wave's symbols in it.
 
     ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
-    decoder can fill ``values[name]`` before the next stream's contexts are computed."""
+    decoder can fill ``values[name]`` before the next contexts are computed."""
     nb = max(1, int(bit_length(np.array([max(spec.num_samples, 1)]))[0]) + 1)
     if spec.has_samples:
         n = int(layout.positions.sum())
-        yield "sample_lengths", np.zeros(n, np.int64), 1
+        yield "sample_lengths", None, np.zeros(n, np.int64), 1
         lengths = values["sample_lengths"]
         lb = bit_length(lengths)
         pos, idx = _within(lengths)
         if _gapped(spec):
-            yield "sample_ids", np.minimum(idx, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
-            gaps = values["sample_ids"]
+            yield from _waves("sample_ids", idx, _sample_idx_bucket(idx), SAMPLE_IDX_BUCKETS, values)
+            gaps = values.get("sample_ids", np.zeros(0, np.int64))  # absent: no entry had a gap
         else:  # packed ids: no gap lengths to code or to condition on
             gaps = np.zeros(pos.size, np.int64)
-        yield "sample_counts", np.minimum(gaps, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
+        yield "sample_counts", None, np.minimum(gaps, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
     if spec.has_head:
         if _gapped(spec):
             _, idx = _within(spec.k - layout.head_flags)
-            yield "head_ids", _head_idx_bucket(idx), HEAD_IDX_BUCKETS
+            yield from _waves("head_ids", idx, _head_idx_bucket(idx), HEAD_IDX_BUCKETS, values)
         if spec.encoding.logprobs == "q8":
             n = int(layout.positions.sum())
-            yield "head_qmin", np.zeros(n, np.int64), 1
+            yield "head_qmin", None, np.zeros(n, np.int64), 1
             qmin = values["head_qmin"]
             first = np.zeros((n, spec.k), dtype=np.int64)
             first[:, 0] = layout.head_flags
             ctx = np.repeat(bit_length(qmin) * 2, spec.k) + first.ravel()
-            yield "head_logprobs", ctx, 2 * 9
+            yield "head_logprobs", None, ctx, 2 * 9
+
+
+def _stream_sizes(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many symbols each stream has, from the streams decoded before it."""
+    n = int(layout.positions.sum())
+    sizes = {"sample_lengths": n, "head_qmin": n, "head_logprobs": n * spec.k}
+    if "sample_lengths" in values:
+        sizes["sample_ids"] = sizes["sample_counts"] = int(values["sample_lengths"].sum())
+    if spec.has_head:
+        sizes["head_ids"] = int((spec.k - layout.head_flags).sum())
+    return sizes
 
 
 def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
@@ -160,15 +191,18 @@ def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
     check_spec(spec)
     layout = _Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
     values = _row_values(spec, rows, layout)
-    streams, tables = [], []
-    for name, ctx, num_ctx in _streams(spec, layout, values):
-        sym = values[name]
-        t = rans.Tables.fit(sym, ctx, num_ctx, int(sym.max()) + 1 if sym.size else 1)
-        streams.append((sym, ctx, t))
-        tables.append(t)
+    parts = [(name, values[name] if entries is None else values[name][entries], ctx, num_ctx)
+             for name, entries, ctx, num_ctx in _streams(spec, layout, values)]
+    tables: dict[str, rans.Tables] = {}  # one per stream, shared by its waves, in decode order
+    for name in dict.fromkeys(p[0] for p in parts):
+        sym = np.concatenate([p[1] for p in parts if p[0] == name])
+        ctx = np.concatenate([p[2] for p in parts if p[0] == name])
+        num_ctx = next(p[3] for p in parts if p[0] == name)
+        tables[name] = rans.Tables.fit(sym, ctx, num_ctx, int(sym.max()) + 1 if sym.size else 1)
+    streams = [(sym, ctx, tables[name]) for name, sym, ctx, _ in parts]
     lanes = lanes_for(sum(s[0].size for s in streams))
     states, words = rans.encode(streams, lanes)
-    packed = rans.pack_tables(tables)
+    packed = rans.pack_tables(list(tables.values()))
     blob = (np.array([lanes, len(packed)], "<u4").tobytes() + packed + states.astype("<u4").tobytes()
             + words.astype("<u2").tobytes())
     coded = set(coded_columns(spec))
@@ -195,13 +229,19 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
     decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"))
     layout = _Layout(spec, rows)
     values: dict[str, np.ndarray] = {}
-    for i, (name, ctx, _) in enumerate(_streams(spec, layout, values)):
-        if i >= len(tables):
-            raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
-        values[name] = decoder.decode(ctx, tables[i])
-        if values[name].size and values[name].max() > _limits(spec)[name]:
-            raise CorruptShardError(f"entropy column decodes a {name} value of {int(values[name].max())}; "
+    for name, entries, ctx, _ in _streams(spec, layout, values):
+        if name not in values:
+            if len(values) >= len(tables):
+                raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
+            values[name] = np.zeros(_stream_sizes(spec, layout, values)[name], dtype=np.int64)
+        decoded = decoder.decode(ctx, tables[list(values).index(name)])
+        if decoded.size and decoded.max() > _limits(spec)[name]:
+            raise CorruptShardError(f"entropy column decodes a {name} value of {int(decoded.max())}; "
                                     f"at most {_limits(spec)[name]} is possible")
+        if entries is None:
+            values[name] = decoded
+        else:
+            values[name][entries] = decoded
     if len(values) != len(tables):
         raise CorruptShardError(f"entropy column has {len(tables)} tables for {len(values)} streams")
     decoder.finish()
@@ -229,13 +269,13 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
         split("sample_lengths", lengths, layout.positions, cd)
         entries = np.bincount(rows_of_pos, weights=lengths, minlength=layout.positions.size).astype(np.int64)
         if _gapped(spec):
-            split("sample_ids", values["sample_ids"], entries, "u1")
+            split("sample_ids", values.get("sample_ids", np.zeros(0, np.int64)), entries, "u1")
         split("sample_counts", values["sample_counts"], entries, cd)
     if spec.has_head:
         if _gapped(spec):
             rest = np.bincount(rows_of_pos, weights=spec.k - layout.head_flags,
                                minlength=layout.positions.size).astype(np.int64)
-            split("head_ids", values["head_ids"], rest, "u1")
+            split("head_ids", values.get("head_ids", np.zeros(0, np.int64)), rest, "u1")
         if spec.encoding.logprobs == "q8":
             codes = values["head_logprobs"].reshape(-1, spec.k) + values["head_qmin"][:, None]
             split("head_logprobs", codes.ravel(), layout.positions * spec.k, "u1")

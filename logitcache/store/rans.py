@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -87,12 +88,13 @@ class Tables:
                              minlength=num_contexts * alphabet).reshape(num_contexts, alphabet)
         return cls(quantize_counts(counts))
 
+    @cached_property
     def slot_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per (context, slot), flattened ``[C * M]``: the symbol (``-1`` in unused contexts), its
         frequency, and ``slot - cum``, so a decode step is three gathers and no arithmetic on tables."""
-        sym = np.full((self.contexts, M), -1, dtype=np.int64)
-        freq = np.zeros((self.contexts, M), dtype=np.int64)
-        off = np.zeros((self.contexts, M), dtype=np.int64)
+        sym = np.full((self.contexts, M), -1, dtype=np.int32)
+        freq = np.zeros((self.contexts, M), dtype=np.int32)
+        off = np.zeros((self.contexts, M), dtype=np.int32)
         used = self.freq.sum(axis=1) == M
         if used.any():
             f = self.freq[used].ravel()
@@ -150,7 +152,7 @@ class Decoder:
         c = contexts.astype(np.int64)
         if c.min() < 0 or c.max() >= tables.contexts:
             raise CorruptShardError("entropy-coded stream names a context outside its tables")
-        sym, freq, off = tables.slot_tables()
+        sym, freq, off = tables.slot_tables
         base = c * M
         x, words, lanes = self.x, self.words, self.lanes
         for j in _steps(n, lanes):

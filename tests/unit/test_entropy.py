@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from logitcache.errors import ConfigError, CorruptShardError
 from logitcache.store import rans
-from logitcache.store.encoding import Encoding, corpus_order, encode_row
+from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode_row
 from logitcache.store.entropy import COLUMN, coded_columns, pack_unit, unpack_unit
 from logitcache.store.spec import ShardSpec
 from logitcache.store.units import from_blobs
@@ -109,6 +109,28 @@ def test_unit_round_trip_restores_every_row_column(method, ids, logprobs, sequen
     back = unpack_unit(spec, unit)
     for r, original in enumerate(columns):
         assert {name: bytes(v) for name, v in back.row(r).items()} == original
+
+
+@pytest.mark.parametrize("logprobs", ["float32", "q8"])
+def test_units_where_every_entry_is_the_label_round_trip(logprobs):
+    """No gap lengths at all (every draw, every top-1 is the label): streams with no symbols."""
+    import torch
+
+    from logitcache.targets import SparseTargets
+
+    tokens = np.array([3, 5, 7, 5, 9], dtype=np.int32)
+    labels = torch.from_numpy(tokens[1:].astype(np.int64))
+    t = labels.numel()
+    rows = [(tokens, SparseTargets(method="hybrid", num_samples=50, head_ids=labels[:, None].int(),
+                                   head_logprobs=torch.full((t, 1), -0.5), tail_mass=torch.full((t,), 0.39),
+                                   sample_lengths=torch.ones(t, dtype=torch.int32), sample_ids=labels.int(),
+                                   sample_counts=torch.full((t,), 50, dtype=torch.int32)))]
+    spec = _spec("hybrid", "rank-delta", logprobs, k=1)
+    columns, _, unit = _unit(spec, rows)
+    back = unpack_unit(spec, unit)
+    assert {name: bytes(v) for name, v in back.row(0).items()} == columns[0]
+    _, decoded = decode_row(spec.encoding, "hybrid", 50, 1, back.row(0))  # the zstd path reads these columns
+    assert torch.equal(decoded.sample_ids.long(), labels) and torch.equal(decoded.head_ids[:, 0].long(), labels)
 
 
 def test_damaged_entropy_columns_are_refused_clearly():
