@@ -160,7 +160,7 @@ def plot(rows, path: Path) -> None:
     for j, label in enumerate(labels):
         values = [next((r["bytes_per_position"] for r in rows if r["method"] == m and
                         f"{r['container']} {r['encoding']}" == label), np.nan) for m in methods]
-        ax.bar(np.arange(len(methods)) + j * width, values, width, label=label)
+        ax.bar(np.arange(len(methods)) + j * width, values, width, label=label, color=plt.cm.tab20(j % 20))
     ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods)
     ax.set_ylabel("bytes per position on disk")
     ax.set_yscale("log")
