@@ -43,8 +43,7 @@ from ..errors import ConfigError, CorruptShardError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 
-ENCODING_VERSION = 2  # entropy="zstd"; entropy="ans" writes version 3
-ENCODING_VERSIONS = {"zstd": 2, "ans": 3}
+ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
 ENTROPY_CODECS = tuple(ENCODING_VERSIONS)
 ID_CODECS = ("rank-delta", "packed")
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
