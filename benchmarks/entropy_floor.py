@@ -14,6 +14,8 @@ head) this prints, in bytes per position:
   * q8 head codes: ``H(q)``, ``H(q | position's smallest code, gap symbol)`` + the smallest codes.
 
 Entropies are measured on the data they describe (no model cost), so they are optimistic floors.
+Then what the ``ans`` entropy stage (``--entropy ans``) spends per stream on the same rows: the
+cost of each symbol under its unit's fitted table, plus the tables themselves.
 
     python benchmarks/entropy_floor.py cache/sample-50 cache/topk-64
 """
@@ -21,6 +23,7 @@ Entropies are measured on the data they describe (no model cost), so they are op
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -114,6 +117,31 @@ def report(path: str) -> None:
     if "qmin" in e:
         extra = entropy(e["qmin"]) * e["qmin"].size / 8 / positions
     print(f"  {what} given (position context, gap symbol) + context {value_ctx + extra:7.2f}")
+    ans_spec = dataclasses.replace(spec, encoding=dataclasses.replace(
+        q8 if spec.has_head else enc, entropy="ans"))
+    for name, (coded, tables) in ans_costs(ans_spec, columns, per).items():
+        print(f"  ans stage: {name:15s} {coded / positions:7.2f}   its tables {tables / positions:5.2f}")
+
+
+def ans_costs(spec, columns: dict[str, list[bytes]], per: int) -> dict[str, tuple[float, float]]:
+    """Bytes per stream under the ``ans`` stage's fitted tables (ideal rANS cost), and table bytes."""
+    from logitcache.store import entropy as ans
+    from logitcache.store.rans import M, Tables, pack_tables
+
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    names = list(columns)
+    for start in range(0, len(columns[names[0]]), per):
+        rows = [{n: columns[n][i] for n in names} for i in range(start, min(start + per, len(columns[names[0]])))]
+        layout = ans._Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
+        values = ans._row_values(spec, rows, layout)
+        parts = [(n, values[n] if e is None else values[n][e], c, nc) for n, e, c, nc in ans._streams(spec, layout, values)]
+        for name in dict.fromkeys(p[0] for p in parts):
+            sym = np.concatenate([p[1] for p in parts if p[0] == name])
+            ctx = np.concatenate([p[2] for p in parts if p[0] == name])
+            table = Tables.fit(sym, ctx, next(p[3] for p in parts if p[0] == name), int(sym.max(initial=0)) + 1)
+            out[name][0] += float(-np.log2(table.freq[ctx, sym] / M).sum() / 8)
+            out[name][1] += len(pack_tables([table]))
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 def main() -> None:
