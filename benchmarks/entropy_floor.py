@@ -125,21 +125,18 @@ def report(path: str) -> None:
 
 def ans_costs(spec, columns: dict[str, list[bytes]], per: int) -> dict[str, tuple[float, float]]:
     """Bytes per stream under the ``ans`` stage's fitted tables (ideal rANS cost), and table bytes."""
-    from logitcache.store import entropy as ans
-    from logitcache.store.rans import M, Tables, pack_tables
+    from logitcache.store.entropy import fit_unit
+    from logitcache.store.rans import M, pack_tables
 
     out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     names = list(columns)
-    for start in range(0, len(columns[names[0]]), per):
-        rows = [{n: columns[n][i] for n in names} for i in range(start, min(start + per, len(columns[names[0]])))]
-        layout = ans._Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
-        values = ans._row_values(spec, rows, layout)
-        parts = [(n, values[n] if e is None else values[n][e], c, nc) for n, e, c, nc in ans._streams(spec, layout, values)]
-        for name in dict.fromkeys(p[0] for p in parts):
-            sym = np.concatenate([p[1] for p in parts if p[0] == name])
-            ctx = np.concatenate([p[2] for p in parts if p[0] == name])
-            table = Tables.fit(sym, ctx, next(p[3] for p in parts if p[0] == name), int(sym.max(initial=0)) + 1)
-            out[name][0] += float(-np.log2(table.freq[ctx, sym] / M).sum() / 8)
+    count = len(columns[names[0]])
+    for start in range(0, count, per):
+        rows = [{n: columns[n][i] for n in names} for i in range(start, min(start + per, count))]
+        segments, tables = fit_unit(spec, rows)
+        for name, sym, ctx in segments:
+            out[name][0] += float(-np.log2(tables[name].freq[ctx, sym] / M).sum() / 8)
+        for name, table in tables.items():
             out[name][1] += len(pack_tables([table]))
     return {k: (v[0], v[1]) for k, v in out.items()}
 

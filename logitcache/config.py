@@ -173,10 +173,12 @@ class CaptureConfig:
                f"workers must be an integer >= 0 (0 = in-process, N = N Ray actors); found {self.workers!r}")
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0; found {self.seed!r}")
         _check(self.batch_tokens >= 1, f"batch_tokens must be >= 1; found {self.batch_tokens!r}")
+        from .store.entropy import MAX_SAMPLES
+
         _check(self.store.entropy != "ans" or self.sparsify.method not in ("sample", "hybrid")
-               or self.sparsify.samples <= 4095,
-               f"the ans entropy stage codes up to 4095 draws per position; found samples={self.sparsify.samples}. "
-               "Use entropy zstd for more.")
+               or self.sparsify.samples <= MAX_SAMPLES,
+               f"the ans entropy stage codes up to {MAX_SAMPLES} draws per position; found "
+               f"samples={self.sparsify.samples}. Use entropy zstd for more.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -185,21 +185,29 @@ def _limits(spec) -> dict[str, int]:
             "head_ids": 32, "head_qmin": 255, "head_logprobs": 255}
 
 
-def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
-    """Rows of :func:`encode_row` columns → the same rows without the coded columns, and the
-    unit's blob in row 0's ``entropy`` column."""
+def fit_unit(spec, rows: list[dict[str, bytes]]) -> tuple[list[tuple[str, np.ndarray, np.ndarray]],
+                                                         dict[str, rans.Tables]]:
+    """A unit's coded segments ``(stream name, symbols, contexts)`` in decode order, and each
+    stream's table fitted to all its segments (waves share their stream's table)."""
     check_spec(spec)
     layout = _Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
     values = _row_values(spec, rows, layout)
     parts = [(name, values[name] if entries is None else values[name][entries], ctx, num_ctx)
              for name, entries, ctx, num_ctx in _streams(spec, layout, values)]
-    tables: dict[str, rans.Tables] = {}  # one per stream, shared by its waves, in decode order
+    tables: dict[str, rans.Tables] = {}
     for name in dict.fromkeys(p[0] for p in parts):
-        sym = np.concatenate([p[1] for p in parts if p[0] == name])
-        ctx = np.concatenate([p[2] for p in parts if p[0] == name])
-        num_ctx = next(p[3] for p in parts if p[0] == name)
-        tables[name] = rans.Tables.fit(sym, ctx, num_ctx, int(sym.max()) + 1 if sym.size else 1)
-    streams = [(sym, ctx, tables[name]) for name, sym, ctx, _ in parts]
+        mine = [p for p in parts if p[0] == name]
+        sym = np.concatenate([p[1] for p in mine])
+        tables[name] = rans.Tables.fit(sym, np.concatenate([p[2] for p in mine]), mine[0][3],
+                                       int(sym.max()) + 1 if sym.size else 1)
+    return [(name, sym, ctx) for name, sym, ctx, _ in parts], tables
+
+
+def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
+    """Rows of :func:`encode_row` columns → the same rows without the coded columns, and the
+    unit's blob in row 0's ``entropy`` column."""
+    segments, tables = fit_unit(spec, rows)
+    streams = [(sym, ctx, tables[name]) for name, sym, ctx in segments]
     lanes = lanes_for(sum(s[0].size for s in streams))
     states, words = rans.encode(streams, lanes)
     packed = rans.pack_tables(list(tables.values()))
@@ -245,9 +253,9 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
     if len(values) != len(tables):
         raise CorruptShardError(f"entropy column has {len(tables)} tables for {len(values)} streams")
     decoder.finish()
-    columns = {name: [r[name].tobytes() for r in rows] for name in rows[0] if name != COLUMN}
-    columns.update(_split_rows(spec, layout, values))
-    return from_blobs(unit.seq_ids, columns)
+    restored = from_blobs(unit.seq_ids, _split_rows(spec, layout, values)).columns
+    kept = {name: col for name, col in unit.columns.items() if name != COLUMN}  # no copy of the rest
+    return UnitRows(unit.seq_ids, {**kept, **restored}, keepalive=unit.keepalive)
 
 
 def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
