@@ -22,12 +22,13 @@ from common import provenance, synchronize, write_csv
 
 import torch
 
-from logitcache.capture import capture, encode_threads
-from logitcache.config import CaptureConfig
-from logitcache.corpus import read_documents
-from logitcache.plan import build_plan
+from logitcache.capture import capture
+from logitcache.capture.pipeline import encode_threads
+from logitcache.capture.config import CaptureConfig
+from logitcache.capture.corpus import read_documents
+from logitcache.capture.plan import build_plan
 from logitcache.store import inspect_store
-from logitcache.teachers import load_teacher
+from logitcache.capture.teachers import load_teacher
 
 METHODS = {
     "topk-64": {"method": "topk", "k": 64},

@@ -40,11 +40,11 @@ from common import provenance, write_csv
 from kd_common import (bytes_per_position, corpus_plan, heldout_windows, load_cached_teacher, machine_load,
                        markdown_table, shard_spec, update_results_md)
 
-from logitcache.collate import collate
-from logitcache.config import SparsifyConfig
-from logitcache.losses import full_kd_loss, kd_loss
-from logitcache.metrics import ghost_effective_target, gradient_angle, norm_ratio
-from logitcache.sparsify import draw_uniforms, sparsify
+from logitcache.train.collate import collate
+from logitcache.capture.config import SparsifyConfig
+from logitcache.train.losses import full_kd_loss, kd_loss
+from logitcache.train.metrics import ghost_effective_target, gradient_angle, norm_ratio
+from logitcache.capture.sparsify import draw_uniforms, sparsify
 from logitcache.targets import SparseTargets
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logitcache.config import BUILTIN_CORPUS, EMBEDDED_TEACHER, TeacherConfig
-from logitcache.corpus import read_documents
-from logitcache.plan import Plan, build_plan
-from logitcache.capture import encode_unit
+from logitcache.capture.config import BUILTIN_CORPUS, EMBEDDED_TEACHER, TeacherConfig
+from logitcache.capture.corpus import read_documents
+from logitcache.capture.plan import Plan, build_plan
+from logitcache.store.writer import encode_unit
 from logitcache.store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from logitcache.store.spec import ShardSpec
 from logitcache.targets import SparseTargets
@@ -44,7 +44,7 @@ def shard_spec(method: str, k: int = 0, samples: int = 0, vocab_size: int = 4915
 
 
 class CachedBodyTeacher:
-    """An :class:`~logitcache.teachers.hf.HFTeacher` whose decoder runs once per window.
+    """An :class:`~logitcache.capture.teachers.hf.HFTeacher` whose decoder runs once per window.
 
     The body's last hidden states (``[L, d]`` in the teacher's dtype, a few hundred KiB per
     window) are kept per window; the output head runs on demand. Several captures of the same
@@ -86,7 +86,7 @@ class CachedBodyTeacher:
 
 
 def load_cached_teacher(name: str = EMBEDDED_TEACHER) -> CachedBodyTeacher:
-    from logitcache.teachers import load_teacher
+    from logitcache.capture.teachers import load_teacher
 
     return CachedBodyTeacher(load_teacher(TeacherConfig(model=name, device="cpu", dtype="bfloat16")))
 

@@ -31,8 +31,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig
-from logitcache.dataset import CacheDataset
+from logitcache.capture.config import CaptureConfig
+from logitcache.train.dataset import CacheDataset
 from logitcache.store import read_manifest
 
 

@@ -45,7 +45,7 @@ BASELINE = {"ce": "ce", "rskd": "ce", "rskd+ce": "ce", "ce_bf16": "ce_bf16", "rs
 def _rskd_batch(t: int, v: int, n: int, gen: torch.Generator) -> dict:
     """A collated RS-KD batch without a dense teacher: per position 64 random candidate ids with
     Zipf-like probabilities (rank^-1.7), so N = 50 draws keep ≈ 12 distinct ids as in the paper."""
-    from logitcache.collate import collate
+    from logitcache.train.collate import collate
     from logitcache.targets import SparseTargets
 
     cand = torch.randint(0, v, (t, 64), generator=gen)
@@ -100,8 +100,8 @@ def _status_kib(field: str) -> int:
 
 
 def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats: int) -> dict:
-    from logitcache.losses import kd_loss
-    from logitcache.losses_chunked import chunked_kd_loss
+    from logitcache.train.losses import kd_loss
+    from logitcache.train.losses_chunked import chunked_kd_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)

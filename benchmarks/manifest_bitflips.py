@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig
-from logitcache.dataset import CacheDataset
+from logitcache.capture.config import CaptureConfig
+from logitcache.train.dataset import CacheDataset
 from logitcache.errors import LogitCacheError
 from logitcache.store import verify_store
 from logitcache.testing.tiny import make_tiny_teacher

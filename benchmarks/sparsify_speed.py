@@ -20,7 +20,7 @@ from common import provenance, synchronize
 
 import torch
 
-from logitcache.sparsify import draw_uniforms, hybrid, sample, topk
+from logitcache.capture.sparsify import draw_uniforms, hybrid, sample, topk
 
 
 def synthetic_logits(t: int, v: int) -> torch.Tensor:
@@ -90,7 +90,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     forward_s = None
     if args.real and args.model is None:
-        from logitcache.teachers import resolve_teacher_path
+        from logitcache.capture.teachers import resolve_teacher_path
 
         args.model = str(resolve_teacher_path("embedded:smollm2-135m-instruct"))
     if args.real and os.path.isdir(args.model):

@@ -22,15 +22,16 @@ from common import provenance, write_csv
 import numpy as np
 import pyarrow as pa
 
-from logitcache.capture import capture, encode_unit
-from logitcache.config import CaptureConfig
+from logitcache.capture import capture
+from logitcache.store.writer import encode_unit
+from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, read_manifest
 from logitcache.store.fs import StoreFS
-from logitcache.store.layout import begin_store, commit_unit, finalize_store
+from logitcache.store.commit import begin_store, commit_unit, finalize_store
 from logitcache.store.reader import iter_sequences
 from logitcache.store.spec import spec_from_manifest
 from logitcache.store.units import get_backend
-from logitcache.teachers import load_teacher
+from logitcache.capture.teachers import load_teacher
 
 METHODS = {
     "topk-12": {"method": "topk", "k": 12},
@@ -70,7 +71,7 @@ def plain_zstd_bytes(rows, level: int) -> int:
 
 def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, entropy: str, level: int) -> float:
     """Write ``rows`` (decoded from ``src``) as a store with another encoding; returns seconds."""
-    from logitcache.convert import destination_header
+    from logitcache.store.convert import destination_header
 
     manifest = read_manifest(src)
     header = destination_header(StoreFS(src), manifest, format=fmt, ids=ids, logprob_dtype=logprobs,

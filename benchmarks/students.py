@@ -9,7 +9,7 @@ layers and final norm). Training: AdamW (constant lr), grad clip 1.0, ``--steps`
 ``--batch`` windows of ``--seq-len`` tokens from the first windows of builtin:pydoc, one epoch
 in a shuffled order fixed by the seed; the last ``--eval-windows`` windows are held out.
 
-Targets come from real stores written by ``logitcache.capture`` and read by ``CacheDataset`` +
+Targets come from real stores written by ``logitcache.capture.pipeline`` and read by ``CacheDataset`` +
 ``collate``; the losses are ``logitcache.kd_loss`` (α = 1: KD only; the CE-only baseline is
 α = 0). The teacher's decoder runs once per window (``CachedBodyTeacher``); the full-KD reference
 applies its head online to every training batch (``full_kd_loss``). With several seeds, the seed
@@ -47,13 +47,13 @@ from kd_common import (bytes_per_position, corpus_plan, heldout_windows, load_ca
 from torch.utils.data import DataLoader
 
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig, CorpusConfig, SparsifyConfig, StoreConfig, TeacherConfig
-from logitcache.dataset import CacheDataset
-from logitcache.losses import full_kd_loss, kd_loss
-from logitcache.metrics import calibration_bins, expected_calibration_error, kl_per_position
-from logitcache.store.layout import read_manifest
+from logitcache.capture.config import CaptureConfig, CorpusConfig, SparsifyConfig, StoreConfig, TeacherConfig
+from logitcache.train.dataset import CacheDataset
+from logitcache.train.losses import full_kd_loss, kd_loss
+from logitcache.train.metrics import calibration_bins, expected_calibration_error, kl_per_position
+from logitcache.store.commit import read_manifest
 from logitcache.store.reader import iter_sequences, spec_from_manifest
-from logitcache.train import make_student
+from logitcache.train.loop import make_student
 
 BINS = 15
 

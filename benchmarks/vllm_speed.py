@@ -45,7 +45,7 @@ def head_share(teacher) -> float:
     the last, so ``1 − head_share`` bounds capture ÷ prefill (attention FLOPs aside)."""
     from transformers import AutoConfig
 
-    from logitcache.teachers import resolve_teacher_path
+    from logitcache.capture.teachers import resolve_teacher_path
 
     c = AutoConfig.from_pretrained(resolve_teacher_path(teacher.name)).get_text_config()
     d, layers, inter = c.hidden_size, c.num_hidden_layers, c.intermediate_size
@@ -58,10 +58,11 @@ def head_share(teacher) -> float:
 def vllm_rows(args, workdir: Path) -> list[dict]:
     from vllm import SamplingParams, TokensPrompt
 
-    from logitcache.capture import capture, prepare_capture
-    from logitcache.config import CaptureConfig
-    from logitcache.teachers import load_teacher, resolve_teacher_path
-    from logitcache.teachers.vllm import prompt_topk, start_engine
+    from logitcache.capture import capture
+    from logitcache.capture.pipeline import prepare_capture
+    from logitcache.capture.config import CaptureConfig
+    from logitcache.capture.teachers import load_teacher, resolve_teacher_path
+    from logitcache.capture.teachers.vllm import prompt_topk, start_engine
 
     engine = {"enforce_eager": True, "max_model_len": args.seq_len + 8}
     base = CaptureConfig().with_overrides({
@@ -110,7 +111,7 @@ def ray_rows(args, workdir: Path) -> list[dict]:
     import ray
 
     from logitcache.capture import capture
-    from logitcache.config import CaptureConfig
+    from logitcache.capture.config import CaptureConfig
 
     base = CaptureConfig().with_overrides({
         "teacher.dtype": args.dtype, "teacher.device": "cpu", "corpus.seq_len": args.seq_len,

@@ -1,5 +1,11 @@
 """logitcache: capture a teacher's sparse next-token targets once, stream them to any student.
 
+Stages by package, data flowing one way (docs/architecture.md): ``capture`` (corpus, plan,
+teachers, sparsify, the pipeline and its Ray job) writes through ``store`` (manifest, commits,
+codecs, containers, reader, writer, convert), which ``train`` (dataset, losses, trainers) reads.
+``cli`` orchestrates; ``models``, ``targets``, ``errors``, ``choices``, ``jobfile`` and ``faults``
+are shared by all.
+
 Public names are imported lazily on first use, so ``import logitcache`` is cheap and never
 imports vllm, ray or transformers.
 
@@ -15,19 +21,20 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CacheDataset": "dataset",
-    "CacheView": "dataset",
-    "World": "world",
-    "collate": "collate",
-    "kd_loss": "losses",
-    "sparse_kd_loss": "losses",
-    "ghost_kd_loss": "losses",
-    "full_kd_loss": "losses",
-    "KDLoss": "losses",
-    "chunked_kd_loss": "losses_chunked",
-    "ChunkedKDLoss": "losses_chunked",
+    "CacheDataset": "train.dataset",
+    "CacheView": "train.dataset",
+    "World": "train.world",
+    "collate": "train.collate",
+    "kd_loss": "train.losses",
+    "sparse_kd_loss": "train.losses",
+    "ghost_kd_loss": "train.losses",
+    "full_kd_loss": "train.losses",
+    "KDLoss": "train.losses",
+    "chunked_kd_loss": "train.losses_chunked",
+    "ChunkedKDLoss": "train.losses_chunked",
+    "KDTrainer": "train.hf_trainer",
     "SparseTargets": "targets",
-    "CaptureConfig": "config",
+    "CaptureConfig": "capture.config",
     "capture": "capture",
     "open_hf_dataset": "store",
     "iter_sequences": "store",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-METHODS = ("topk", "sample", "hybrid", "full")
+from .choices import METHODS
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 (``encoding``), containers (``arrow_backend``, ``zarr_backend``) and the read side (``reader``)."""
 
 from .encoding import Encoding
-from .layout import FORMAT_VERSION, ShardRecord, StoreLock, read_manifest
+from .commit import FORMAT_VERSION, ShardRecord, StoreLock, read_manifest
 from .reader import inspect_store, iter_sequences, open_hf_dataset, read_unit, verify_store
 from .spec import ShardSpec, spec_from_manifest
 

@@ -39,16 +39,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..choices import ENTROPY_CODECS, ID_CODECS, LOGPROB_DTYPES
 from ..errors import ConfigError, CorruptShardError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 
 ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
-ENTROPY_CODECS = tuple(ENCODING_VERSIONS)
-ID_CODECS = ("rank-delta", "packed")
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
 DEFAULT_ID_CODEC = "rank-delta"
-LOGPROB_CODECS = ("float32", "float16", "q8")
+LOGPROB_CODECS = LOGPROB_DTYPES
 Q8_LEVELS = 255
 Q8_ZERO = (0.25 / Q8_LEVELS) ** 2  # decoded probability of code 0
 

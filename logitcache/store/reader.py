@@ -14,7 +14,7 @@ from ..targets import SparseTargets
 from .encoding import decode_row
 from .entropy import unpack_unit
 from .fs import StoreFS
-from .layout import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
+from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .spec import ShardSpec, spec_from_manifest
 from .units import UnitRows, get_backend
 

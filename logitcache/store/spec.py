@@ -8,7 +8,7 @@ from typing import Any
 from ..errors import StoreError
 from .encoding import Encoding, row_columns
 
-FORMATS = ("arrow", "zarr")
+from ..choices import FORMATS
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from logitcache.config import EMBEDDED_TEACHER, TeacherConfig
-from logitcache.teachers import HFTeacher, ensure_embedded_teacher
-from logitcache.teachers.embedded import MARKER, is_complete
+from logitcache.capture.config import EMBEDDED_TEACHER, TeacherConfig
+from logitcache.capture.teachers import HFTeacher, ensure_embedded_teacher
+from logitcache.models.embedded import MARKER, is_complete
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ SEED = 2026
 
 
 def matrix_config(teacher, out):
-    from logitcache.config import CaptureConfig
+    from logitcache.capture.config import CaptureConfig
 
     return CaptureConfig().with_overrides({
         "teacher.model": teacher, "teacher.dtype": "float32", "teacher.head_chunk": 16,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, verify_store
 
 ray = pytest.importorskip("ray")
@@ -61,7 +61,7 @@ def test_two_workers_write_the_single_process_store(cluster, tiny_teacher, refer
 
 @pytest.mark.parametrize("fault", ["unit_start:2", "teacher_chunk:5", "mid_write:3", "after_shard:2", "after_commit:1"])
 def test_a_killed_worker_is_replaced_and_the_store_is_identical(cluster, tiny_teacher, reference, tmp_path, fault):
-    from logitcache.distributed import capture_distributed
+    from logitcache.capture.distributed import capture_distributed
 
     marker = tmp_path / "killed"
     env = {"LOGITCACHE_FAULT": fault, "LOGITCACHE_FAULT_ONCE": str(marker)}
@@ -75,7 +75,7 @@ def test_a_killed_worker_is_replaced_and_the_store_is_identical(cluster, tiny_te
 
 def test_a_dead_job_resumes_on_ray(cluster, tiny_teacher, reference, tmp_path):
     out = tmp_path / "s"
-    code = ("import sys; from logitcache.capture import capture; from logitcache.config import CaptureConfig; "
+    code = ("import sys; from logitcache.capture import capture; from logitcache.capture.config import CaptureConfig; "
             "capture(CaptureConfig.from_dict(eval(sys.argv[1])), progress=False)")
     one_process = make_config(tiny_teacher, out).to_dict()
     killed = subprocess.run([sys.executable, "-c", code, repr(one_process)], capture_output=True, text=True,

@@ -20,11 +20,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import logitcache.train as train_mod
+import logitcache.train.loop as train_mod
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 from logitcache.errors import ConfigError
-from logitcache.train import TrainConfig, make_student, train
+from logitcache.train.loop import TrainConfig, make_student, train
 
 SEQ_LEN = 32
 SEQUENCES = 24
@@ -187,7 +187,7 @@ def test_job_config_validates():
 
 
 def test_cli_train_with_yaml_and_flags(store, tiny_teacher, tmp_path):
-    from logitcache.cli_train import train_command
+    from logitcache.cli.train import train_command
 
     cfg = {"kind": "train", "store": store, "student": f"init:{tiny_teacher}:1", "out": str(tmp_path / "o"),
            "batch_size": 99, "steps": 100}
@@ -206,7 +206,7 @@ def test_hf_trainer(store, tiny_teacher, tmp_path):
     from transformers import TrainingArguments
 
     from logitcache import CacheDataset
-    from logitcache.hf_trainer import KDTrainer, training_args_defaults
+    from logitcache.train.hf_trainer import KDTrainer, training_args_defaults
 
     assert training_args_defaults()["remove_unused_columns"] is False
     student = make_student(f"init:{tiny_teacher}:1")
@@ -234,8 +234,8 @@ DDP_SCRIPT = textwrap.dedent("""
         dist.init_process_group("gloo", rank=rank, world_size=2)
         torch.set_num_threads(1)
         from logitcache import CacheDataset, World, kd_loss
-        from logitcache.world import detect_world
-        from logitcache.train import make_student
+        from logitcache.train.world import detect_world
+        from logitcache.train.loop import make_student
         world = detect_world()
         assert world == World(rank, 2), world
         ds = CacheDataset(store, shuffle=True, seed=0, batch_size=2)
@@ -258,7 +258,7 @@ DDP_SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         store, student, out, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-        from logitcache.train import make_student  # imported once, inherited by the forked ranks
+        from logitcache.train.loop import make_student  # imported once, inherited by the forked ranks
         make_student(student)
         mp.start_processes(worker, args=(store, student, out, port), nprocs=2, join=True, start_method="fork")
 """)

@@ -15,11 +15,12 @@ import sys
 import pytest
 import torch
 
-from logitcache.capture import capture, prepare_capture, sparsify_batch
-from logitcache.config import CaptureConfig
+from logitcache.capture import capture
+from logitcache.capture.pipeline import prepare_capture, sparsify_batch
+from logitcache.capture.config import CaptureConfig
 from logitcache.errors import TeacherError
 from logitcache.store import inspect_store, iter_sequences, verify_store
-from logitcache.teachers.head import HeadPost
+from logitcache.capture.teachers.head import HeadPost
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.integration
@@ -40,7 +41,7 @@ def config_for(backend: str, out: str = "unused", method: str = "hybrid") -> Cap
 
 @pytest.fixture(scope="module")
 def teachers(engine_env):
-    from logitcache.teachers import load_teacher
+    from logitcache.capture.teachers import load_teacher
 
     hf = load_teacher(config_for("hf").teacher)
     vl = load_teacher(config_for("vllm").teacher)
@@ -68,7 +69,7 @@ def test_vllm_is_imported_only_by_its_backend(teachers):
 
 
 def test_start_up_parity_with_vllm_prompt_logprobs(teachers):
-    from logitcache.teachers.vllm import PARITY_ATOL
+    from logitcache.capture.teachers.vllm import PARITY_ATOL
 
     vl = teachers[1]
     assert vl.parity_deviation is not None and vl.parity_deviation <= PARITY_ATOL["float32"]
@@ -112,7 +113,7 @@ def test_topk_ids_match_where_margins_allow(teachers, windows):
 
 def test_identical_logits_give_identical_samples(teachers, windows):
     """The vLLM backend's head on HF's hidden states reproduces HF's logits bitwise, and so its targets."""
-    from logitcache.sparsify import draw_uniforms, sparsify
+    from logitcache.capture.sparsify import draw_uniforms, sparsify
 
     hf, vl = teachers
     plan, w = windows

@@ -17,13 +17,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from logitcache.capture import encode_unit
+from logitcache.store.writer import encode_unit
 from logitcache.errors import CorruptShardError
 from logitcache.store.encoding import Encoding, corpus_order
 from logitcache.store.fs import StoreFS
-from logitcache.store.layout import ShardRecord, begin_store, commit_unit, finalize_store, read_manifest
+from logitcache.store.commit import ShardRecord, begin_store, commit_unit, finalize_store, read_manifest
 from logitcache.store.reader import iter_sequences, verify_store
-from logitcache.manifest_check import with_header_digest
+from logitcache.store.manifest import with_header_digest
 from logitcache.store.spec import spec_from_manifest
 from logitcache.store.units import get_backend
 from test_encoding import assert_equal, canonical, random_row

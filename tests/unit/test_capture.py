@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from logitcache.capture import capture
 from logitcache.cli import main
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 from logitcache.errors import CorpusError, StoreMismatchError
 from logitcache.store import inspect_store, iter_sequences, open_hf_dataset, read_manifest, verify_store
 

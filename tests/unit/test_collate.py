@@ -6,7 +6,7 @@ import pytest
 import torch
 from targets_builders import build_sample, make_items
 
-from logitcache.collate import collate
+from logitcache.train.collate import collate
 from logitcache.targets import SparseTargets
 
 V = 37

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from logitcache.cli import load_config
-from logitcache.config import CaptureConfig, TeacherConfig
+from logitcache.capture.config import CaptureConfig, TeacherConfig
 from logitcache.errors import ConfigError
 
 
@@ -34,7 +34,7 @@ def test_bad_teacher_configs_are_refused(kwargs, message):
 
 
 def test_encode_threads_flag_auto_and_identity():
-    from logitcache.capture import encode_threads
+    from logitcache.capture.pipeline import encode_threads
 
     config = load_config(None, {"encode_threads": 3, "device": "cpu"})
     assert config.encode_threads == 3 and encode_threads(config) == 3
@@ -55,9 +55,9 @@ def test_bad_engine_flag_and_workers_are_refused():
 
 
 def test_a_plan_slice_reads_like_the_plan(tiny_tokenizer):
-    from logitcache.corpus import Document
-    from logitcache.distributed import PlanSlice
-    from logitcache.plan import build_plan, plan_units
+    from logitcache.capture.corpus import Document
+    from logitcache.capture.distributed import PlanSlice
+    from logitcache.capture.plan import build_plan, plan_units
 
     docs = [Document(text=f"document number {i} " * 7, origin=str(i)) for i in range(9)]
     plan = build_plan(docs, tiny_tokenizer, seq_len=8, max_tokens=None, eos_id=0, max_positions=256)

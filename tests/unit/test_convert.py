@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from logitcache.capture import capture
 from logitcache.cli import main
-from logitcache.convert import convert
+from logitcache.store.convert import convert
 from logitcache.errors import ConfigError, StoreError
 from logitcache.store import inspect_store, iter_sequences, verify_store
 from test_capture import cli_args, make_config, tree_bytes

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from logitcache.corpus import Document, read_documents
+from logitcache.capture.corpus import Document, read_documents
 from logitcache.errors import CorpusError
 from logitcache.testing.tiny import write_jsonl, write_parquet, write_text_corpus
 

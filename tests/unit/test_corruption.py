@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from logitcache.capture import capture
 from logitcache.cli import main
-from logitcache.config import CaptureConfig
-from logitcache.dataset import CacheDataset, CacheView
+from logitcache.capture.config import CaptureConfig
+from logitcache.train.dataset import CacheDataset, CacheView
 from logitcache.errors import CorruptShardError, StoreError, StoreNotFoundError
-from logitcache.manifest_check import HEADER_DIGEST, header_digest
+from logitcache.store.manifest import HEADER_DIGEST, header_digest
 from logitcache.store import verify_store
 from logitcache.store.reader import iter_sequences
 

@@ -15,11 +15,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import logitcache
-from logitcache.dataset import CacheDataset, CacheView
+from logitcache.train.dataset import CacheDataset, CacheView
 from logitcache.errors import ConfigError, CorruptShardError, StoreError, StoreMismatchError
 from logitcache.store import read_manifest
 from logitcache.store.reader import iter_sequences
-from logitcache.world import World
+from logitcache.train.world import World
 
 NUM_SEQUENCES = 37
 TARGET_FIELDS = ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
@@ -30,7 +30,7 @@ BATCH_KEYS = ("seq_ids", "input_ids", "labels", "target_ids", "target_probs", "t
 @pytest.fixture(scope="module")
 def store(tiny_teacher, tmp_path_factory) -> str:
     from logitcache.capture import capture
-    from logitcache.config import CaptureConfig
+    from logitcache.capture.config import CaptureConfig
 
     path = tmp_path_factory.mktemp("dataset_store") / "store"
     capture(CaptureConfig().with_overrides({
@@ -123,7 +123,7 @@ def test_set_epoch_changes_order(store):
 RESUME_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from torch.utils.data import DataLoader
-    from logitcache.dataset import CacheDataset
+    from logitcache.train.dataset import CacheDataset
     store, state_path, out = sys.argv[1:4]
     torch.set_num_threads(1)
     ds = CacheDataset(store, shuffle=True, seed=11)

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from logitcache.capture import capture
 from logitcache.cli import main
-from logitcache.config import CaptureConfig
-from logitcache.dataset import CacheDataset
+from logitcache.capture.config import CaptureConfig
+from logitcache.train.dataset import CacheDataset
 from logitcache.errors import StoreLockedError
 from logitcache.store import inspect_store, verify_store
 from logitcache.store.reader import iter_sequences
@@ -162,7 +162,7 @@ def test_lock_of_another_host_is_refused_until_deleted(traced, tmp_path):
 
 READER = """
 import sys
-from logitcache.dataset import CacheDataset
+from logitcache.train.dataset import CacheDataset
 print(CacheDataset(sys.argv[1]).num_sequences)
 """
 

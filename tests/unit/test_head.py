@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from logitcache.errors import TeacherError
-from logitcache.teachers.head import HeadPost, load_output_head
+from logitcache.capture.teachers.head import HeadPost, load_output_head
 
 
 def hf_config(path):
@@ -21,8 +21,8 @@ def hf_config(path):
 
 
 def test_head_from_checkpoint_reproduces_the_hf_teacher(tiny_teacher):
-    from logitcache.config import TeacherConfig
-    from logitcache.teachers import HFTeacher
+    from logitcache.capture.config import TeacherConfig
+    from logitcache.capture.teachers import HFTeacher
 
     hf = HFTeacher.load(TeacherConfig(model=tiny_teacher, dtype="float32", device="cpu"))
     head = load_output_head(Path(tiny_teacher), hf_config(tiny_teacher), device=torch.device("cpu"),

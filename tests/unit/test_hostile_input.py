@@ -16,7 +16,7 @@ import yaml
 
 from logitcache.capture import capture
 from logitcache.cli import run
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, read_manifest
 
 
@@ -126,7 +126,7 @@ def test_student_tokenizer_not_matching_the_store_is_refused(monkeypatch, capsys
     student = make_tiny_teacher(tmp_path / "student", vocab_size=280)  # another vocabulary
     from transformers import AutoTokenizer
 
-    from logitcache.plan import tokenizer_fingerprint
+    from logitcache.capture.plan import tokenizer_fingerprint
 
     theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(student))
     ours = read_manifest(store)["tokenizer"]["fingerprint"]

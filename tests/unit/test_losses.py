@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from targets_builders import DEVICES, build_hybrid, build_sample, build_topk, make_items
 
-from logitcache.collate import collate
-from logitcache.losses import KDLoss, ghost_kd_loss, kd_loss, sparse_kd_loss
-from logitcache.losses_chunked import ChunkedKDLoss, chunked_kd_loss
+from logitcache.train.collate import collate
+from logitcache.train.losses import KDLoss, ghost_kd_loss, kd_loss, sparse_kd_loss
+from logitcache.train.losses_chunked import ChunkedKDLoss, chunked_kd_loss
 
 B, T, V = 3, 47, 123
 LENGTHS = [47, 30, 11]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from targets_builders import build_hybrid, build_sample, build_topk
 
-from logitcache.losses import ghost_kd_loss
-from logitcache.metrics import (calibration_bins, dense_estimate, expected_calibration_error,
+from logitcache.train.losses import ghost_kd_loss
+from logitcache.train.metrics import (calibration_bins, dense_estimate, expected_calibration_error,
                                 ghost_effective_target, gradient_angle, kl_per_position, norm_ratio)
 
 

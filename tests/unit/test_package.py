@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import logitcache
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,15 +24,15 @@ def test_import_does_not_pull_heavy_engines():
 
 def test_backends_and_orchestration_import_neither_vllm_nor_ray():
     """Every module imports vllm / ray lazily: only using the vllm backend or Ray capture loads them."""
-    code = ("import sys, logitcache, logitcache.cli, logitcache.capture, logitcache.distributed, "
-            "logitcache.teachers, logitcache.teachers.vllm, logitcache.teachers.head; "
+    code = ("import sys, logitcache, logitcache.cli, logitcache.capture.pipeline, logitcache.capture.distributed, "
+            "logitcache.capture.teachers, logitcache.capture.teachers.vllm, logitcache.capture.teachers.head; "
             "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 
 def test_hf_teacher_does_not_import_vllm(tiny_teacher):
-    code = ("import sys; from logitcache.config import TeacherConfig; from logitcache.teachers import load_teacher; "
+    code = ("import sys; from logitcache.capture.config import TeacherConfig; from logitcache.capture.teachers import load_teacher; "
             f"load_teacher(TeacherConfig(model={tiny_teacher!r}, dtype='float32', device='cpu')); "
             "print(','.join(m for m in ('vllm', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -64,6 +64,6 @@ def test_every_job_config_validates(path):
     if kind == "capture":
         CaptureConfig.from_dict(data)
     else:
-        from logitcache.train import TrainConfig
+        from logitcache.train.loop import TrainConfig
 
         TrainConfig.from_dict(data)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from logitcache.errors import ConfigError
-from logitcache.partition import epoch_order, partition, rank_count
-from logitcache.world import World, detect_world
+from logitcache.train.partition import epoch_order, partition, rank_count
+from logitcache.train.world import World, detect_world
 
 SIZES = [5] * 7 + [2]  # 37 sequences in 8 uneven shards, like the test store
 N = sum(SIZES)

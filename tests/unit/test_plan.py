@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from logitcache.corpus import Document, read_documents
+from logitcache.capture.corpus import Document, read_documents
 from logitcache.errors import ConfigError, CorpusError, TeacherError
-from logitcache.plan import Plan, Unit, build_plan, plan_units, seq_id_for, tokenizer_fingerprint
+from logitcache.capture.plan import Plan, Unit, build_plan, plan_units, seq_id_for, tokenizer_fingerprint
 
 
 def docs(*texts: str) -> list[Document]:

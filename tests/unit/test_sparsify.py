@@ -1,4 +1,4 @@
-"""Unit tests of logitcache.sparsify against dense references and Monte-Carlo bounds."""
+"""Unit tests of logitcache.capture.sparsify against dense references and Monte-Carlo bounds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from targets_builders import DEVICES
 
-from logitcache.config import SparsifyConfig
+from logitcache.capture.config import SparsifyConfig
 from logitcache.errors import ConfigError
-from logitcache.sparsify import draw_uniforms, full, hybrid, sample, sequence_seed, sparsify, topk
+from logitcache.capture.sparsify import draw_uniforms, full, hybrid, sample, sequence_seed, sparsify, topk
 
 NEG_INF = float("-inf")
 

@@ -10,7 +10,7 @@ import pytest
 from logitcache.errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 from logitcache.store import inspect_store, read_manifest
 from logitcache.store.fs import StoreFS
-from logitcache.store.layout import ShardRecord, StoreLock, begin_store
+from logitcache.store.commit import ShardRecord, StoreLock, begin_store
 from store_contract import make_header, make_rows, write_store
 
 HEADER = make_header("topk", "arrow", sequences=2, per_shard=1, ids="packed")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from logitcache.capture import capture
-from logitcache.config import CaptureConfig
+from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, verify_store
-from logitcache.store.layout import dump_json
+from logitcache.store.commit import dump_json
 from logitcache.testing.crash import cli_command, job_args, run_with_fault, tree_bytes
 
 IS_ROOT = os.geteuid() == 0

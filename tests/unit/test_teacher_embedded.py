@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from logitcache.config import EMBEDDED_TEACHER
+from logitcache.capture.config import EMBEDDED_TEACHER
 from logitcache.errors import TeacherError
-from logitcache.teachers import embedded
-from logitcache.teachers.embedded import MARKER, ensure_embedded_teacher, is_complete, resolve_teacher_path
+from logitcache.models import embedded
+from logitcache.models.embedded import MARKER, ensure_embedded_teacher, is_complete, resolve_teacher_path
 
 
 def _fake_wheel(path: Path, monkeypatch) -> Path:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from logitcache.config import TeacherConfig
+from logitcache.capture.config import TeacherConfig
 from logitcache.errors import TeacherError
-from logitcache.teachers import HFTeacher, Teacher, weights_sha256
+from logitcache.capture.teachers import HFTeacher, Teacher, weights_sha256
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +199,7 @@ def test_weights_hash_stable_and_cached(tiny_teacher, tmp_path):
 
 
 def test_device_resolution():
-    from logitcache.teachers.hf import resolve_device
+    from logitcache.capture.teachers.hf import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

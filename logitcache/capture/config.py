@@ -1,0 +1,237 @@
+"""Frozen configuration dataclasses for capture, with dict round trips and validation.
+
+``CaptureConfig.identity()`` is the part of the configuration that determines the bytes of a
+store: a resumed capture must match it field by field. Batch size, device and the output path
+are left out on purpose: they change speed, never results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import ConfigError
+from ..models.embedded import EMBEDDED_TEACHER
+from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES,
+                       LOGPROB_DTYPES, METHODS)
+from ..jobfile import from_mapping, read_job_file
+
+BUILTIN_CORPUS = "builtin:pydoc"
+
+
+def _or(values: tuple[str, ...], quote: bool = False) -> str:
+    """``("a", "b", "c")`` → ``"a, b or c"`` (``'a' or 'b'`` with ``quote``), for messages."""
+    names = [repr(v) if quote else v for v in values]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """How each position's distribution is summarised.
+
+    ``k`` is the head size (topk, hybrid); ``samples`` the draws N (sample, hybrid);
+    ``temperature`` τ shapes the sampling proposal q ∝ p^(1/τ) (sample only).
+    """
+
+    method: str = "sample"
+    k: int = 64
+    samples: int = 50
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; found {self.method!r}")
+        _check(isinstance(self.k, int) and self.k >= 1, f"k must be an integer >= 1; found {self.k!r}")
+        _check(
+            isinstance(self.samples, int) and 1 <= self.samples <= 65535,
+            f"samples must be an integer in [1, 65535]; found {self.samples!r}",
+        )
+        _check(self.temperature > 0, f"temperature must be > 0; found {self.temperature!r}")
+        _check(
+            self.method == "sample" or self.temperature == 1.0,
+            f"temperature applies to method 'sample' only; found temperature={self.temperature} "
+            f"with method {self.method!r} (hybrid samples the tail at τ=1)",
+        )
+
+    def params(self) -> dict[str, Any]:
+        """Only the parameters the method uses (what the manifest records)."""
+        if self.method == "topk":
+            return {"k": self.k}
+        if self.method == "sample":
+            return {"samples": self.samples, "temperature": self.temperature}
+        if self.method == "hybrid":
+            return {"k": self.k, "samples": self.samples}
+        return {}
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Which teacher runs, and how. ``model`` is a local HF directory or ``embedded:...``.
+
+    ``backend`` is ``hf`` (transformers) or ``vllm``; ``engine`` holds keyword arguments passed
+    through to ``vllm.LLM`` (``tensor_parallel_size``, ``max_model_len``, ``gpu_memory_utilization``,
+    ``enforce_eager``, ...), vllm backend only. ``device`` is where the output head runs.
+    """
+
+    model: str = EMBEDDED_TEACHER
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+    head_chunk: int = 256
+    engine: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}; found {self.backend!r}")
+        _check(isinstance(self.engine, dict), f"engine must be a mapping of vllm.LLM arguments; found {self.engine!r}")
+        _check(self.backend == "vllm" or not self.engine,
+               f"engine arguments apply to backend 'vllm' only; found {sorted(self.engine)} with backend {self.backend!r}")
+        reserved = sorted(set(self.engine) & {"model", "dtype", "runner", "convert", "pooler_config", "tokenizer"})
+        _check(not reserved, f"engine may not set {reserved}: logitcache sets them (use teacher.model / teacher.dtype)")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
+        _check(self.head_chunk >= 1, f"head_chunk must be >= 1; found {self.head_chunk!r}")
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text comes from and how it is cut into windows of ``seq_len + 1`` tokens."""
+
+    source: str = BUILTIN_CORPUS
+    text_field: str = "text"
+    split: str = "train"
+    seq_len: int = 512
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 1, f"seq_len must be >= 1; found {self.seq_len!r}")
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            f"max_tokens must be >= 1 or unset; found {self.max_tokens!r}",
+        )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how targets are written (docs/format.md).
+
+    ``path`` is a directory or an fsspec URL (``s3://bucket/prefix``); ``format`` the container
+    (``arrow`` or ``zarr``); ``ids`` the id code (``auto`` = ``rank-delta``, the smaller on measured
+    SmolLM2 targets for every method; ``packed`` is fixed-width); ``logprob_dtype``
+    ``float32`` (lossless), or lossy ``float16`` / ``q8`` (opt-in; error recorded per unit).
+    """
+
+    path: str = "cache"
+    format: str = "arrow"
+    sequences_per_shard: int = 16
+    compression: str = "zstd"
+    compression_level: int = 9
+    logprob_dtype: str = "float32"
+    ids: str = "auto"
+    entropy: str = "zstd"
+
+    def __post_init__(self) -> None:
+        _check(self.entropy in ENTROPY_CODECS, f"entropy must be {_or(ENTROPY_CODECS)}; found {self.entropy!r}")
+        _check(self.format in FORMATS, f"format must be {_or(FORMATS, quote=True)}; found {self.format!r}")
+        _check(self.ids in ID_CHOICES, f"ids must be {_or(ID_CHOICES)}; found {self.ids!r}")
+        _check(isinstance(self.compression_level, int) and 1 <= self.compression_level <= 22,
+               f"compression_level must be an integer in [1, 22]; found {self.compression_level!r}")
+        _check(self.sequences_per_shard >= 1, f"sequences_per_shard must be >= 1; found {self.sequences_per_shard}")
+        _check(
+            self.compression in COMPRESSIONS,
+            f"compression must be {_or(COMPRESSIONS)}; found {self.compression!r}",
+        )
+        _check(
+            self.logprob_dtype in LOGPROB_DTYPES,
+            f"logprob_dtype must be {_or(LOGPROB_DTYPES)} (lossy: opt-in); found {self.logprob_dtype!r}",
+        )
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Everything a capture needs. ``batch_tokens`` bounds a forward batch (speed only).
+
+    ``workers`` = 0 captures in this process; ``workers`` = N >= 1 runs N teacher engines as Ray
+    actors (see :mod:`logitcache.capture.distributed`). ``encode_threads`` threads encode and commit finished
+    units while the teacher computes the next (0 = auto: 1 for a CPU teacher, up to 4 beside a GPU).
+    None of the three changes a byte of the store.
+    """
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    seed: int = 0
+    batch_tokens: int = 4096
+    workers: int = 0
+    encode_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.encode_threads, int) and self.encode_threads >= 0,
+               f"encode_threads must be an integer >= 0 (0 = auto); found {self.encode_threads!r}")
+        _check(isinstance(self.workers, int) and self.workers >= 0,
+               f"workers must be an integer >= 0 (0 = in-process, N = N Ray actors); found {self.workers!r}")
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0; found {self.seed!r}")
+        _check(self.batch_tokens >= 1, f"batch_tokens must be >= 1; found {self.batch_tokens!r}")
+        from ..store.entropy import MAX_SAMPLES
+
+        _check(self.store.entropy != "ans" or self.sparsify.method not in ("sample", "hybrid")
+               or self.sparsify.samples <= MAX_SAMPLES,
+               f"the ans entropy stage codes up to {MAX_SAMPLES} draws per position; found "
+               f"samples={self.sparsify.samples}. Use entropy zstd for more.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaptureConfig:
+        return from_mapping(cls, data, nested=_NESTED)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> CaptureConfig:
+        """Apply dotted overrides such as ``{"sparsify.k": 12}``; ``None`` values are ignored."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return CaptureConfig.from_dict(data)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the store's bytes (compared on resume)."""
+        d = self.to_dict()
+        # head_chunk is here because the head's matmul shape can change float rounding in the last bit
+        teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype", "head_chunk")}
+        store = {k: v for k, v in d["store"].items() if k != "path"}
+        return {
+            "teacher": teacher,
+            "corpus": d["corpus"],
+            "sparsify": {"method": self.sparsify.method, **self.sparsify.params()},
+            "store": store,
+            "seed": self.seed,
+        }
+
+
+_NESTED = {
+    (CaptureConfig, "teacher"): TeacherConfig,
+    (CaptureConfig, "corpus"): CorpusConfig,
+    (CaptureConfig, "sparsify"): SparsifyConfig,
+    (CaptureConfig, "store"): StoreConfig,
+}
+
+__all__ = [
+    "BUILTIN_CORPUS",
+    "EMBEDDED_TEACHER",
+    "CaptureConfig",
+    "CorpusConfig",
+    "SparsifyConfig",
+    "StoreConfig",
+    "TeacherConfig",
+    "replace",
+]

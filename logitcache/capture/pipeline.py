@@ -1,0 +1,229 @@
+"""One-process capture: plan → teach → sparsify → write, exactly once per unit, resumable.
+
+Each unit of work (``sequences_per_shard`` consecutive windows) becomes one shard. Windows are
+batched for the teacher by a token budget, but everything that reaches the store depends only
+on (window, seed, seq_id): the teacher applies its head per sequence, and random draws come
+from :func:`logitcache.capture.sparsify.draw_uniforms` per sequence. So batch size, restarts and
+worker count never change a byte.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .. import __version__
+from .config import CaptureConfig
+from .corpus import read_documents
+from ..faults import fault_point
+from ..store.manifest import with_header_digest
+from ..store.write_errors import translated_write_errors
+from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
+from .sparsify import draw_uniforms, sparsify
+from ..store.commit import FORMAT_NAME, FORMAT_VERSION, ShardRecord, StoreLock, begin_store, finalize_store
+from ..store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
+from ..store.fs import StoreFS
+from ..store.spec import ShardSpec, spec_from_manifest
+from ..store.units import get_backend
+from ..store.writer import encode_and_commit, encode_unit
+from ..targets import SparseTargets, concat_targets
+from .teachers import Teacher, load_teacher
+from .teachers.hf import resolve_device
+
+
+@dataclass(frozen=True)
+class CaptureSummary:
+    """What a capture run did (``tokens`` counts positions captured by this run only)."""
+
+    store: str
+    units_total: int
+    units_skipped: int
+    units_written: int
+    tokens: int
+    seconds: float
+    manifest: dict[str, Any]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def head_size(config: CaptureConfig, vocab_size: int) -> int:
+    method = config.sparsify.method
+    if method == "full":
+        return vocab_size
+    return min(config.sparsify.k, vocab_size) if method in ("topk", "hybrid") else 0
+
+
+def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
+    """The row encoding for this capture; ``rank-delta`` ranks ids by their frequency in ``tokens``."""
+    ids = DEFAULT_ID_CODEC if config.store.ids == "auto" else config.store.ids
+    order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
+    return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order,
+                    entropy=config.store.entropy)
+
+
+def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
+    """The manifest header: everything a reader needs, and what a resume must match; with its digest."""
+    encoding = store_encoding(config, teacher.vocab_size, plan.tokens)
+    return with_header_digest({
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "identity": config.identity(),
+        "method": config.sparsify.method,
+        "params": config.sparsify.params(),
+        "head_size": head_size(config, teacher.vocab_size),
+        "seed": config.seed,
+        "teacher": teacher.identity(),
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(teacher.tokenizer), "eos_id": int(teacher.eos_id)},
+        "corpus": {"source": config.corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats},
+        "seq_len": plan.seq_len,
+        "plan": {"sequences": plan.num_windows, "positions": plan.num_windows * plan.seq_len,
+                 "shards": len(units), "sequences_per_shard": config.store.sequences_per_shard},
+        "store": {"format": config.store.format, "compression": config.store.compression,
+                  "compression_level": config.store.compression_level, "encoding": encoding.to_manifest()},
+        "written_by": f"logitcache {__version__}",
+    })
+
+
+def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
+                   config: CaptureConfig) -> list[SparseTargets]:
+    """Targets for a batch of windows ``int64[B, L+1]``: one SparseTargets of L positions each."""
+    inputs = windows[:, :-1]
+    num_positions = inputs.shape[1]
+    cfg = config.sparsify
+    draws = cfg.samples if cfg.method in ("sample", "hybrid") else 0
+    uniforms = [draw_uniforms(config.seed, s, num_positions, draws) if draws else None for s in seq_ids]
+    parts: list[list[SparseTargets]] = [[] for _ in seq_ids]
+    for row, start, logits in teacher.forward_chunks(inputs, config.teacher.head_chunk):
+        u = uniforms[row]
+        chunk_u = None if u is None else u[start:start + logits.shape[0]].to(logits.device)
+        # sparsify where the logits are (the teacher's device); only the sparse result comes back to the CPU
+        parts[row].append(sparsify(logits, cfg, chunk_u).to("cpu"))
+        fault_point("teacher_chunk")
+    return [concat_targets(p) for p in parts]
+
+
+def compute_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig,
+                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], list, list[SparseTargets]]:
+    """The teacher's part of a unit: ``(seq_ids, token windows, targets)`` of its windows."""
+    fault_point("unit_start")
+    per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
+    seq_ids, tokens, targets = [], [], []
+    for start in range(unit.start, unit.stop, per_batch):
+        idx = range(start, min(start + per_batch, unit.stop))
+        windows = plan.windows(idx.start, idx.stop)
+        ids = [plan.seq_id(i) for i in idx]
+        batch_targets = sparsify_batch(teacher, torch.from_numpy(windows).long(), ids, config)
+        seq_ids += ids
+        tokens += list(windows)
+        targets += batch_targets
+        on_batch(len(idx) * plan.seq_len)
+    return seq_ids, tokens, targets
+
+
+def capture_and_commit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
+                       root: str, on_batch: Callable[[int], None] = lambda n: None) -> ShardRecord:
+    """The one place a unit is computed and committed, in-process and in Ray workers alike
+    (``root`` is the store's path or URL)."""
+    return encode_and_commit(spec, unit.index, *compute_unit(teacher, plan, unit, config, on_batch), root=root)
+
+
+def encode_threads(config: CaptureConfig) -> int:
+    """``config.encode_threads``, or for 0 (auto) 1 beside a CPU teacher (the teacher wants the cores)
+    and up to 4 beside a GPU teacher (encoding is then the slow side; 4 beat 1, 2 and 8 on an H100 with
+    16 cores, where more threads fight over the GIL: docs/benchmarks.md, "GPU")."""
+    if config.encode_threads:
+        return config.encode_threads
+    if resolve_device(config.teacher.device).type == "cpu":
+        return 1
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: CaptureConfig, spec: ShardSpec,
+                      root: str, on_batch: Callable[[int], None] = lambda n: None) -> Iterator[ShardRecord]:
+    """In-process capture of ``units``: this thread runs the teacher while a pool encodes and commits
+    finished units (numpy and zstd release the GIL). At most ``threads`` units wait to be encoded, so
+    memory stays bounded. Every unit still goes through :func:`encode_and_commit`; a crash leaves
+    committed units and nothing else, exactly as the sequential loop would."""
+    threads = encode_threads(config)
+    with ThreadPoolExecutor(threads, thread_name_prefix="logitcache-encode") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for unit in units:
+                work = compute_unit(teacher, plan, unit, config, on_batch)
+                pending.append(pool.submit(encode_and_commit, spec, unit.index, *work, root=root))
+                while len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # on an error, units not yet started are dropped; running ones finish their commit
+            for future in pending:
+                future.cancel()
+
+
+def prepare_capture(config: CaptureConfig, teacher: Teacher) -> tuple[Plan, list[Unit], dict[str, Any], ShardSpec]:
+    """Plan, units, manifest header and shard spec: a pure function of the config and the teacher."""
+    corpus = config.corpus
+    documents = read_documents(corpus.source, text_field=corpus.text_field, split=corpus.split)
+    plan = build_plan(documents, teacher.tokenizer, seq_len=corpus.seq_len, max_tokens=corpus.max_tokens,
+                      eos_id=teacher.eos_id, max_positions=teacher.max_positions)
+    units = plan_units(plan, config.store.sequences_per_shard)
+    header = build_header(config, teacher, plan, units)
+    return plan, units, header, spec_from_manifest(dict(header, shards=[]))
+
+
+# execute(plan, spec, root URL, units, on_positions) -> the committed ShardRecords, in any order
+Executor = Callable[[Plan, ShardSpec, str, list[Unit], Callable[[int], None]], Iterable[ShardRecord]]
+
+
+def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, overwrite: bool,
+                progress: bool) -> CaptureSummary:
+    """Plan, open the store, hand the units not yet committed to ``execute``, finalise the manifest."""
+    plan, units, header, spec = prepare_capture(config, teacher)
+    fs = StoreFS(config.store.path)
+    started = time.perf_counter()
+    with translated_write_errors(fs.url), StoreLock(fs):
+        committed = begin_store(fs, header, get_backend(spec.format).static_objects(spec), overwrite=overwrite)
+        done = {r.index for r in committed}
+        todo = [u for u in units if u.index not in done]
+        records = list(committed)
+        bar = _progress_bar(progress, total=plan.num_windows * plan.seq_len,
+                            initial=sum(r.positions for r in committed))
+        fresh = list(execute(plan, spec, fs.url, todo, bar.update))
+        bar.close()
+        if sorted(r.index for r in fresh) != [u.index for u in todo]:
+            raise RuntimeError(f"capture executor returned units {sorted(r.index for r in fresh)}; "
+                               f"expected {[u.index for u in todo]}")
+        fault_point("before_finalize")
+        manifest = finalize_store(fs, header, records + fresh)
+    return CaptureSummary(store=fs.url, units_total=len(units), units_skipped=len(units) - len(todo),
+                          units_written=len(todo), tokens=sum(r.positions for r in fresh),
+                          seconds=time.perf_counter() - started, manifest=manifest)
+
+
+def capture_local(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,
+                  teacher: Teacher | None = None) -> CaptureSummary:
+    """Capture ``config`` in this process (``teacher`` or the one the config names); resumes an
+    interrupted store with the same configuration. :func:`logitcache.capture.capture` chooses between
+    this and the Ray job."""
+    teacher = teacher or load_teacher(config.teacher)
+
+    def execute(plan, spec, root, todo, on_positions):
+        return capture_pipelined(teacher, plan, todo, config, spec, root, on_batch=on_positions)
+
+    return run_capture(config, teacher, execute, overwrite=overwrite, progress=progress)
+
+
+def _progress_bar(enabled: bool, *, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="capture",
+                disable=not enabled, smoothing=0.1, dynamic_ncols=True)

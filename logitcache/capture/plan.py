@@ -1,0 +1,226 @@
+"""Deterministic work units: documents → one packed token stream → overlapping windows → units.
+
+Packing: each non-empty document is tokenized without special tokens and followed by one EOS;
+the results are concatenated into ``tokens: int32[N]``. Window ``i`` is
+``tokens[i*seq_len : i*seq_len + seq_len + 1]`` (``seq_len + 1`` tokens): its first ``seq_len``
+tokens are the input and its last ``seq_len`` the labels. Consecutive windows overlap by one
+token, so every token but the first is a label exactly once. Only full windows are kept.
+
+Sequence ids: ``seq_id(i)`` is a 63-bit integer derived from (corpus fingerprint, seq_len, i)
+with blake2b. It depends on the corpus text and the window index only, not on the tokenizer, the
+batch size or the worker count, so it can seed per-sequence randomness and name rows stably.
+
+The corpus fingerprint is a sha256 over every document read (empty ones included), each as its
+UTF-8 byte length (8 bytes, little-endian) followed by its UTF-8 bytes, in reading order.
+Nothing here does I/O beyond iterating the documents it is given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+
+import numpy as np
+
+from .corpus import Document
+from ..errors import ConfigError, CorpusError, TeacherError
+from ..models.tokenizers import tokenizer_fingerprint
+
+TOKENIZE_BATCH = 256
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A packed corpus cut into windows.
+
+    ``tokens: int32[N]`` (read-only) is the packed stream; ``num_windows`` full windows of
+    ``seq_len + 1`` tokens start at multiples of ``seq_len``. ``stats``: ``documents`` (read),
+    ``empty_documents_skipped``, ``documents_tokenized``, ``tokens`` (= N), ``tokens_in_windows``
+    (``num_windows * seq_len + 1``), ``tail_tokens_skipped`` (N minus that) and ``windows``.
+    With ``max_tokens``, N covers only the documents tokenized before the limit was reached.
+    """
+
+    tokens: np.ndarray
+    seq_len: int
+    num_windows: int
+    corpus_fingerprint: str
+    stats: dict = field(default_factory=dict)
+
+    def window(self, i: int) -> np.ndarray:
+        """Window ``i`` as a read-only view: ``int32[seq_len + 1]``."""
+        if not 0 <= i < self.num_windows:
+            raise IndexError(f"window index {i} out of range; the plan has {self.num_windows} windows")
+        start = i * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def windows(self, start: int, stop: int) -> np.ndarray:
+        """Windows ``start..stop-1`` stacked (a copy): ``int32[stop - start, seq_len + 1]``."""
+        if not 0 <= start <= stop <= self.num_windows:
+            raise IndexError(f"window range {start}..{stop} out of range; the plan has {self.num_windows} windows")
+        view = np.lib.stride_tricks.sliding_window_view(self.tokens, self.seq_len + 1)
+        return np.array(view[start * self.seq_len : stop * self.seq_len : self.seq_len], dtype=np.int32)
+
+    def seq_id(self, i: int) -> int:
+        """Stable 63-bit id of window ``i`` (from corpus fingerprint, seq_len and ``i``)."""
+        return seq_id_for(self.corpus_fingerprint, self.seq_len, i)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: windows ``start`` (inclusive) to ``stop`` (exclusive), numbered ``index``."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def seq_id_for(corpus_fingerprint: str, seq_len: int, index: int) -> int:
+    """blake2b-64 of ``"{corpus_fingerprint}:{seq_len}:{index}"``, masked to 63 bits (fits int64)."""
+    digest = hashlib.blake2b(f"{corpus_fingerprint}:{seq_len}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def build_plan(
+    documents: Iterable[Document],
+    tokenizer,
+    *,
+    seq_len: int,
+    max_tokens: int | None,
+    eos_id: int | None = None,
+    max_positions: int | None = None,
+) -> Plan:
+    """Tokenize and pack ``documents`` into windows of ``seq_len + 1`` tokens.
+
+    ``max_tokens`` keeps the first ``ceil(max_tokens / seq_len)`` windows; tokenizing then stops at
+    the first document that completes them, but every document is still read into the corpus
+    fingerprint, so seq ids equal those of the unlimited plan. ``eos_id`` defaults to
+    ``tokenizer.eos_token_id``. ``max_positions`` (the teacher's context) must be ``>= seq_len`` (the teacher reads the first ``seq_len`` tokens of each window).
+    Raises :class:`CorpusError` for an empty or too-short corpus, :class:`TeacherError` if the
+    window does not fit the teacher.
+    """
+    _check_args(seq_len, max_tokens, max_positions)
+    eos = tokenizer.eos_token_id if eos_id is None else eos_id
+    if eos is None:
+        raise CorpusError(
+            "the tokenizer has no eos_token_id and no eos_id was given; expected one to separate "
+            "documents. Pass eos_id or use a tokenizer with an EOS token"
+        )
+    wanted = None if max_tokens is None else math.ceil(max_tokens / seq_len) * seq_len + 1
+    packer = _Packer(tokenizer, int(eos), wanted)
+    hasher = hashlib.sha256()
+    for batch in _batches(documents, hasher, packer):
+        packer.add(batch)
+    tokens = packer.result()
+    _check_counts(packer, tokens.size, seq_len)
+    num_windows = (tokens.size - 1) // seq_len
+    if max_tokens is not None:
+        num_windows = min(num_windows, math.ceil(max_tokens / seq_len))
+    in_windows = num_windows * seq_len + 1
+    stats = {
+        "documents": packer.documents,
+        "empty_documents_skipped": packer.empty,
+        "documents_tokenized": packer.tokenized,
+        "tokens": int(tokens.size),
+        "tokens_in_windows": in_windows,
+        "tail_tokens_skipped": int(tokens.size) - in_windows,
+        "windows": num_windows,
+    }
+    tokens.flags.writeable = False
+    return Plan(tokens, seq_len, num_windows, hasher.hexdigest(), stats)
+
+
+def plan_units(plan: Plan, sequences_per_shard: int) -> list[Unit]:
+    """Consecutive runs of ``sequences_per_shard`` windows; the last unit may be shorter."""
+    if sequences_per_shard < 1:
+        raise ConfigError(f"sequences_per_shard must be >= 1; found {sequences_per_shard}")
+    starts = range(0, plan.num_windows, sequences_per_shard)
+    return [Unit(index=n, start=s, stop=min(s + sequences_per_shard, plan.num_windows)) for n, s in enumerate(starts)]
+
+
+def _check_args(seq_len: int, max_tokens: int | None, max_positions: int | None) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ConfigError(f"seq_len must be an integer >= 1; found {seq_len!r}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ConfigError(f"max_tokens must be >= 1 or unset; found {max_tokens!r}")
+    if max_positions is not None and seq_len > max_positions:
+        raise TeacherError(
+            f"seq_len = {seq_len} (the teacher reads seq_len tokens of each seq_len + 1 window) exceeds the "
+            f"teacher's max_positions = {max_positions}; lower --seq-len to at most {max_positions}"
+        )
+
+
+def _batches(documents: Iterable[Document], hasher, packer: _Packer) -> Iterator[list[str]]:
+    """Hash every document; group the non-empty ones (while the packer wants more) into batches."""
+    batch: list[str] = []
+    for doc in documents:
+        data = doc.text.encode("utf-8")
+        hasher.update(len(data).to_bytes(8, "little"))
+        hasher.update(data)
+        packer.documents += 1
+        if not doc.text.strip():
+            packer.empty += 1
+        elif not packer.full:
+            batch.append(doc.text)
+            if len(batch) >= TOKENIZE_BATCH:
+                yield batch
+                batch = []
+    if batch and not packer.full:
+        yield batch
+
+
+class _Packer:
+    """Accumulates tokenized documents (each + EOS) as int32 chunks; stops once ``wanted`` is reached."""
+
+    def __init__(self, tokenizer, eos: int, wanted: int | None) -> None:
+        self.tokenizer, self.eos, self.wanted = tokenizer, eos, wanted
+        self.chunks: list[np.ndarray] = []
+        self.count = self.documents = self.empty = self.tokenized = 0
+
+    @property
+    def full(self) -> bool:
+        return self.wanted is not None and self.count >= self.wanted
+
+    def add(self, texts: list[str]) -> None:
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        kept = []
+        for doc_ids in ids:  # stop at the document that completes the wanted tokens
+            if self.full:
+                break
+            if len(doc_ids) == 0:
+                self.empty += 1
+                continue
+            kept.append(doc_ids)
+            self.count += len(doc_ids) + 1
+        total = sum(len(d) + 1 for d in kept)
+        flat = np.fromiter(chain.from_iterable(chain(d, (self.eos,)) for d in kept), dtype=np.int32, count=total)
+        self.chunks.append(flat)
+        self.tokenized += len(kept)
+
+    def result(self) -> np.ndarray:
+        """The packed stream ``int32[N]``."""
+        return np.concatenate(self.chunks) if self.chunks else np.empty(0, dtype=np.int32)
+
+
+def _check_counts(packer: _Packer, num_tokens: int, seq_len: int) -> None:
+    if packer.documents == 0:
+        raise CorpusError("empty corpus: the source yielded no documents; expected at least one. Check the source")
+    if packer.tokenized == 0:
+        raise CorpusError(
+            f"all {packer.documents} documents are empty or whitespace-only; expected some text. "
+            "Check --text-field and the source"
+        )
+    if num_tokens < seq_len + 1:
+        raise CorpusError(
+            f"the corpus has {num_tokens} tokens ({packer.tokenized} documents with EOS); one window needs "
+            f"seq_len + 1 = {seq_len + 1}. Lower --seq-len or add text"
+        )
+
+
+__all__ = ["Plan", "Unit", "build_plan", "plan_units", "seq_id_for", "tokenizer_fingerprint"]

@@ -1,0 +1,229 @@
+"""Command-line entry points: ``logitcache capture | inspect | verify | convert | train``.
+
+``capture`` reads an optional YAML config (``--config``); flags given on the command line
+override it field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..capture.config import CaptureConfig
+from ..jobfile import read_job_file
+from ..errors import LogitCacheError
+
+# flag name -> dotted config field
+CAPTURE_FLAGS = {
+    "teacher": "teacher.model",
+    "backend": "teacher.backend",
+    "device": "teacher.device",
+    "dtype": "teacher.dtype",
+    "trust_remote_code": "teacher.trust_remote_code",
+    "head_chunk": "teacher.head_chunk",
+    "corpus": "corpus.source",
+    "text_field": "corpus.text_field",
+    "split": "corpus.split",
+    "seq_len": "corpus.seq_len",
+    "max_tokens": "corpus.max_tokens",
+    "method": "sparsify.method",
+    "k": "sparsify.k",
+    "samples": "sparsify.samples",
+    "temperature": "sparsify.temperature",
+    "out": "store.path",
+    "sequences_per_shard": "store.sequences_per_shard",
+    "logprob_dtype": "store.logprob_dtype",
+    "format": "store.format",
+    "ids": "store.ids",
+    "entropy": "store.entropy",
+    "compression_level": "store.compression_level",
+    "seed": "seed",
+    "batch_tokens": "batch_tokens",
+    "workers": "workers",
+    "encode_threads": "encode_threads",
+}
+
+
+def parse_engine_args(pairs: tuple[str, ...]) -> dict | None:
+    """``("tensor_parallel_size=8", "enforce_eager=true")`` → ``{"tensor_parallel_size": 8, "enforce_eager": True}``."""
+    import yaml
+
+    if not pairs:
+        return None
+    engine = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE (e.g. tensor_parallel_size=8); found {pair!r}",
+                                     param_hint="--engine")
+        engine[key.strip()] = yaml.safe_load(value)
+    return engine
+
+
+def load_config(path: str | None, overrides: dict) -> CaptureConfig:
+    """A CaptureConfig from an optional YAML file plus flag overrides (``None`` = not given)."""
+    data = read_job_file(path, "capture") if path else {}
+    config = CaptureConfig.from_dict(data)
+    config = config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
+    engine = parse_engine_args(overrides.get("engine") or ())
+    return config.with_overrides({f"teacher.engine.{k}": v for k, v in engine.items()}) if engine else config
+
+
+@click.group()
+@click.version_option(package_name="logitcache")
+def main() -> None:
+    """Capture sparse teacher targets once; stream them to student trainers."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML capture config; flags override it.")
+@click.option("--teacher", help="Local HF model directory, or embedded:smollm2-135m-instruct (default).")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), help="Teacher engine: hf (transformers, default) or vllm.")
+@click.option("--engine", multiple=True, metavar="KEY=VALUE",
+              help="vllm.LLM argument, repeatable (tensor_parallel_size=8, max_model_len=4096, ...); vllm only.")
+@click.option("--workers", type=int, help="0 = in this process (default); N = N Ray actors (one engine each).")
+@click.option("--encode-threads", type=int,
+              help="Threads encoding finished units while the teacher runs (0 = auto: 1 on CPU, up to 4 with a GPU).")
+@click.option("--device", help="cpu, cuda, cuda:N or auto (default); with vllm, where the output head runs.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
+@click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
+@click.option("--corpus", help="Path (.txt/.md dir or file, .jsonl, .parquet, HF save_to_disk dir) or builtin:pydoc.")
+@click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
+@click.option("--split", help="Split of a saved HF DatasetDict (default train).")
+@click.option("--seq-len", type=int, help="Positions per window (default 512).")
+@click.option("--max-tokens", type=int, help="Stop after about this many tokens (whole windows).")
+@click.option("--method", type=click.Choice(["topk", "sample", "hybrid", "full"]), help="Sparsifier (default sample).")
+@click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
+@click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
+@click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
+@click.option("--seed", type=int, help="Global seed for the draws (default 0).")
+@click.option("--out", help="Store directory or fsspec URL such as s3://bucket/prefix (default ./cache).")
+@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Store container (default arrow).")
+@click.option("--sequences-per-shard", type=int, help="Windows per shard = unit of work (default 16).")
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]),
+              help="Stored logprob precision: float32 (lossless, default); float16 or q8 are lossy (opt-in).")
+@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default auto).")
+@click.option("--entropy", type=click.Choice(["zstd", "ans"]),
+              help="Entropy stage: zstd (default) or ans, context-modelled rANS per unit (smaller, lossless).")
+@click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
+@click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def capture(config_path, overwrite, quiet, **flags) -> None:
+    """Run the teacher over a corpus and write sparse targets to a store (resumable)."""
+    from ..capture import capture as run_capture
+
+    config = load_config(config_path, flags)
+    summary = run_capture(config, overwrite=overwrite, progress=not quiet)
+    click.echo(f"captured {summary.tokens} positions in {summary.seconds:.1f}s "
+               f"({summary.tokens_per_second:.0f} tok/s); units written {summary.units_written}, "
+               f"already committed {summary.units_skipped}; store {summary.store}", err=True)
+    _print_summary(summary.store)
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Destination container (default: the source's).")
+@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default: the source's).")
+@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]), help="Logprob codec (lossy opt-in).")
+@click.option("--compression-level", type=int, help="zstd level (default: the source's).")
+@click.option("--entropy", type=click.Choice(["zstd", "ans"]), help="Entropy stage (default: the source's).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store at DST first.")
+def convert(src, dst, format, ids, logprob_dtype, compression_level, entropy, overwrite) -> None:
+    """Re-encode store SRC into DST (streaming, resumable), then check both hold the same targets."""
+    from ..store.convert import convert as run_convert
+
+    s = run_convert(src, dst, format=format, ids=ids, logprob_dtype=logprob_dtype,
+                    compression_level=compression_level, entropy=entropy, overwrite=overwrite)
+    click.echo(f"converted {s.units} units ({s.sequences} sequences): {s.source_bytes:,} → {s.destination_bytes:,} "
+               f"bytes; verified equal" + (f" within max |Δp| {s.max_prob_error:.3g}" if s.max_prob_error else ""))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect(store, as_json) -> None:
+    """Summarise a store: method, teacher, sizes, completeness."""
+    from ..store import inspect_store
+
+    summary = inspect_store(store)
+    if as_json:
+        click.echo(json.dumps(summary, sort_keys=True))
+    else:
+        _print_summary(store, summary)
+
+
+def _print_summary(store: str, summary: dict | None = None) -> None:
+    from ..store import inspect_store
+
+    s = summary or inspect_store(store)
+    lines = [
+        f"store            {s['path']}  (format v{s['format_version']}, {'complete' if s['complete'] else 'INCOMPLETE'})",
+        f"method           {s['method']} {json.dumps(s['params'])}  seed {s['seed']}",
+        f"teacher          {s['teacher']['name']}  {s['teacher']['dtype']}  weights {s['teacher']['weights_sha256'][:12]}",
+        f"tokenizer        {s['tokenizer_fingerprint'][:16]}",
+        f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
+        f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions",
+        f"shards           {s['shards']} of {s['planned_shards']}",
+        f"encoding         {s['store_format']}  ids {s['encoding']['ids']}  logprobs {s['encoding']['logprobs']}  "
+        f"{s['compression']}",
+        f"bytes on disk    {s['bytes_on_disk']:,}  ({s['bytes_per_position']:.1f} B/position)",
+        f"ids per position {s['mean_ids_per_position']:.2f}",
+    ]
+    if s["encoding"]["logprobs"] != "float32":
+        lines.append(f"lossy logprobs   max |Δp| {s['max_prob_error']:.3g}, max |Δ logp| {s['max_logprob_error']:.3g} "
+                     "(where p >= 1e-3)")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("store")
+def verify(store) -> None:
+    """Check the manifest and every shard's checksum, size, schema and counts; exit 1 on any problem."""
+    from ..store import verify_store
+
+    try:
+        report = verify_store(store)
+    except LogitCacheError as exc:  # no manifest, or one that cannot be trusted: nothing else can be checked
+        click.echo(f"BAD  {exc}", err=True)
+        if (Path(store) / "shards").is_dir():
+            click.echo(f"{store} holds shards but no usable manifest; recapture it (`logitcache capture ... "
+                       "--overwrite`)", err=True)
+        sys.exit(1)
+    for problem in report.problems:
+        click.echo(f"BAD  {problem}", err=True)
+    if not report.ok:
+        click.echo(f"{len(report.problems)} problem(s) in {store}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {report.shards} shards verified in {store}")
+
+
+from .train import train_command  # noqa: E402
+
+main.add_command(train_command)
+
+
+def run() -> None:
+    """Entry point that turns our errors into one clean line and exit code 2."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except LogitCacheError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # e.g. a store or config that cannot be read: one line, no traceback
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

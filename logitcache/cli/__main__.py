@@ -1,0 +1,5 @@
+"""``python -m logitcache.cli``: the same as the ``logitcache`` command."""
+
+from . import run
+
+run()

@@ -1,0 +1,146 @@
+"""``logitcache convert``: re-encode a finished store into another format or encoding, one unit at a time.
+
+Memory stays constant (one unit decoded at a time); the destination is written through the same
+exactly-once commit path as a capture, so an interrupted conversion resumes. Afterwards every
+sequence of the two stores is compared: equal for lossless targets, and within the documented
+error of the destination's logprob codec otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .writer import encode_unit
+from ..errors import ConfigError, StoreError
+from .encoding import ENCODING_VERSIONS, Encoding, q8_bound
+from .fs import StoreFS
+from .manifest import with_header_digest
+from .commit import StoreLock, begin_store, commit_unit, finalize_store, read_manifest
+from .reader import decode_rows, iter_sequences, read_unit, shard_records
+from .spec import spec_from_manifest
+from .units import get_backend
+from ..targets import SparseTargets
+
+
+@dataclass(frozen=True)
+class ConvertSummary:
+    source: str
+    destination: str
+    units: int
+    sequences: int
+    source_bytes: int
+    destination_bytes: int
+    max_prob_error: float
+
+
+def _token_order(fs: StoreFS, manifest: dict[str, Any], vocab_size: int) -> tuple[int, ...]:
+    """The rank-delta order from the store's own tokens (streamed), for sources that have none."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for _, tokens, _ in iter_sequences(fs):
+        counts += np.bincount(tokens.astype(np.int64), minlength=vocab_size)[:vocab_size]
+    seen = np.flatnonzero(counts)
+    return tuple(seen[np.lexsort((seen, -counts[seen]))].tolist())
+
+
+def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str | None, ids: str | None,
+                       logprob_dtype: str | None, compression: str | None,
+                       compression_level: int | None, entropy: str | None = None) -> dict[str, Any]:
+    header = copy.deepcopy({k: v for k, v in manifest.items() if k not in ("shards", "complete")})
+    store = header["store"]
+    src_enc = Encoding.from_manifest(store["encoding"])
+    new_ids = src_enc.ids if ids in (None, "auto") else ids
+    order = src_enc.order
+    if new_ids == "rank-delta" and not order:
+        order = _token_order(src_fs, manifest, src_enc.vocab_size)
+    enc = Encoding(ids=new_ids, logprobs=logprob_dtype or src_enc.logprobs, vocab_size=src_enc.vocab_size,
+                   order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy)
+    if src_enc.logprobs != "float32" and enc.logprobs != src_enc.logprobs:
+        raise ConfigError(f"the source stores {src_enc.logprobs} logprobs; converting them to {enc.logprobs} "
+                          "would compound two lossy steps. Convert from a float32 store instead.")
+    store.update(format=format or store["format"], compression=compression or store["compression"],
+                 compression_level=compression_level or store["compression_level"], encoding=enc.to_manifest())
+    given = {"format": format, "ids": ids, "logprob_dtype": logprob_dtype, "compression": compression,
+             "compression_level": compression_level, "entropy": entropy}
+    header["identity"]["store"].update({k: v for k, v in given.items() if v is not None})
+    assert store["encoding"]["version"] == ENCODING_VERSIONS[enc.entropy]
+    return with_header_digest(header)
+
+
+def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = None,
+            logprob_dtype: str | None = None, compression: str | None = None, compression_level: int | None = None,
+            entropy: str | None = None, overwrite: bool = False) -> ConvertSummary:
+    """Re-encode the finished store ``src`` into ``dst``; resumable; verified equal afterwards."""
+    src_fs, dst_fs = StoreFS(src), StoreFS(dst)
+    if src_fs.url == dst_fs.url:
+        raise ConfigError(f"source and destination are the same store ({src}); choose another destination")
+    manifest = read_manifest(src_fs)
+    if not manifest.get("complete"):
+        raise StoreError(f"store {src} is incomplete ({len(manifest['shards'])} of {manifest['plan']['shards']} units); "
+                         "resume its capture first, then convert")
+    src_spec = spec_from_manifest(manifest)
+    header = destination_header(src_fs, manifest, format=format, ids=ids, logprob_dtype=logprob_dtype,
+                                compression=compression, compression_level=compression_level, entropy=entropy)
+    spec = spec_from_manifest(dict(header, shards=[]))
+    records = shard_records(manifest)
+    with StoreLock(dst_fs):
+        done = {r.index: r for r in begin_store(dst_fs, header, get_backend(spec.format).static_objects(spec),
+                                                overwrite=overwrite)}
+        out = list(done.values())
+        for record in records:
+            if record.index in done:
+                continue
+            rows = list(decode_rows(src_spec, read_unit(src_fs, src_spec, record)))
+            new_record, objects = encode_unit(spec, record.index, [r[0] for r in rows], [r[1] for r in rows],
+                                              [r[2] for r in rows])
+            commit_unit(dst_fs, new_record, objects)
+            out.append(new_record)
+        final = finalize_store(dst_fs, header, out)
+    error = compare_stores(src_fs, dst_fs, spec.encoding)
+    dst_bytes = sum(o["bytes"] for r in final["shards"] for o in r["objects"])
+    return ConvertSummary(src_fs.url, dst_fs.url, len(records), sum(r.sequences for r in records),
+                          sum(r.bytes for r in records), dst_bytes, error)
+
+
+def compare_stores(a: StoreFS, b: StoreFS, b_encoding: Encoding) -> float:
+    """Raise StoreError at the first sequence where ``b`` differs from ``a`` beyond ``b``'s codec error;
+    returns the largest probability error seen."""
+    worst = 0.0
+    for (sa, ta, xa), (sb, tb, xb) in zip(iter_sequences(a), iter_sequences(b), strict=True):
+        if sa != sb or not np.array_equal(ta, tb):
+            raise StoreError(f"converted store differs at sequence {sa}: seq ids or tokens differ")
+        worst = max(worst, _compare_targets(sa, xa, xb, b_encoding))
+    return worst
+
+
+def _compare_targets(seq_id: int, a: SparseTargets, b: SparseTargets, b_encoding: Encoding) -> float:
+    logprobs = b_encoding.logprobs
+    if a.tail_mass is not None:  # exact, or within float16 rounding (half an ulp: relative 2^-11)
+        half_ulp = (torch.clamp(a.tail_mass.double().abs() * 2.0 ** -11, min=2.0 ** -25)
+                    if b_encoding.tail_dtype == "<f2" else torch.zeros_like(a.tail_mass, dtype=torch.float64))
+        if bool(((a.tail_mass.double() - b.tail_mass.double()).abs() > half_ulp).any()):
+            raise StoreError(f"converted store differs at sequence {seq_id} in tail_mass")
+    for name in ("sample_lengths", "sample_ids", "sample_counts", "sample_weights"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
+            raise StoreError(f"converted store differs at sequence {seq_id} in {name}")
+    if a.head_ids is None:
+        return 0.0
+    order_a = torch.argsort(a.head_ids.long(), dim=1)
+    order_b = torch.argsort(b.head_ids.long(), dim=1)
+    ids_a, ids_b = a.head_ids.gather(1, order_a), b.head_ids.gather(1, order_b)
+    if not torch.equal(ids_a, ids_b):
+        raise StoreError(f"converted store differs at sequence {seq_id} in head_ids")
+    pa_, pb = a.head_logprobs.gather(1, order_a).double().exp(), b.head_logprobs.gather(1, order_b).double().exp()
+    err = (pa_ - pb).abs()
+    lp_a = a.head_logprobs.gather(1, order_a).double()
+    bound = {"float32": torch.zeros_like(pa_), "float16": pa_ * torch.expm1(lp_a.abs() * 2.0 ** -11),
+             "q8": torch.from_numpy(np.asarray(q8_bound(pa_.numpy())))}[logprobs]
+    if bool((err > bound + 1e-12).any()):
+        raise StoreError(f"converted store differs at sequence {seq_id}: head probability error "
+                         f"{float(err.max()):.3g} exceeds the {logprobs} bound")
+    return float(err.max()) if err.numel() else 0.0

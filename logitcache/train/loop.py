@@ -1,0 +1,365 @@
+"""A plain distillation loop over a store: :class:`TrainConfig`, :func:`make_student`, :func:`train`.
+
+``train(config)`` streams ``config.store`` with :class:`~logitcache.train.dataset.CacheDataset`, optimises
+``kd_loss`` with AdamW and writes into ``config.out``:
+
+* the student (``save_pretrained``; the source tokenizer too when it has one),
+* ``optimizer.pt`` (AdamW state, ``torch.save``; loaded with ``weights_only=True``),
+* ``train_state.json`` (step, the dataset's ``state_dict(batches_consumed=...)``, the config, metrics).
+
+Running the same command again resumes from ``train_state.json``: the student and optimizer are
+reloaded from ``out`` and the dataset continues exactly where it stopped (same ``batch_size``);
+raising ``steps`` extends a finished run. ``train_state.json`` is written last (atomically), so it
+never points to a step whose weights were not saved.
+
+The loop is single-process; see ``docs/training.md`` for DDP and the HF ``Trainer``
+(:class:`logitcache.train.hf_trainer.KDTrainer`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..choices import DTYPES, LOSS_KINDS
+from ..jobfile import from_mapping
+from ..errors import ConfigError
+
+__all__ = ["TrainConfig", "evaluate", "make_student", "train"]
+
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+# fields a resumed run must share with the run that wrote the state (others may change)
+_RESUME_FIELDS = ("store", "student", "batch_size", "seed", "dtype")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A distillation run.
+
+    ``student`` is a local HF causal-LM directory, or ``init:<teacher>:<layers>``: the teacher's
+    architecture and weights with only its first ``layers`` decoder layers (``<teacher>`` is a
+    directory or ``embedded:smollm2-135m-instruct``; split on the last colon). ``kind`` is the loss
+    kind of :func:`logitcache.kd_loss`. ``eval_every`` ≤ 0 evaluates only at the end; ``grad_clip``
+    ≤ 0 disables clipping.
+    """
+
+    store: str
+    student: str
+    out: str
+    eval_store: str | None = None
+    alpha: float = 0.5
+    kind: str = "auto"
+    lr: float = 3e-4
+    batch_size: int = 8
+    steps: int = 100
+    eval_every: int = 50
+    seed: int = 0
+    num_workers: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("store", "student", "out"):
+            value = getattr(self, name)
+            _check(isinstance(value, str) and value != "", f"{name} must be a non-empty string; found {value!r}")
+        if self.student.startswith("init:"):
+            _split_init_spec(self.student)
+        _check(self.eval_store is None or isinstance(self.eval_store, str),
+               f"eval_store must be a path or unset; found {self.eval_store!r}")
+        _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
+               f"alpha must be in [0, 1]; found {self.alpha!r}")
+        _check(self.kind in LOSS_KINDS, f"kind must be one of {', '.join(LOSS_KINDS)}; found {self.kind!r}")
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0; found {self.lr!r}")
+        for name, low in (("batch_size", 1), ("steps", 0), ("seed", 0), ("num_workers", 0)):
+            _check(_is_int(getattr(self, name), low), f"{name} must be an integer >= {low}; found {getattr(self, name)!r}")
+        _check(isinstance(self.eval_every, int), f"eval_every must be an integer; found {self.eval_every!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
+        _check(isinstance(self.grad_clip, (int, float)), f"grad_clip must be a number; found {self.grad_clip!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Validate and build; unknown keys are refused with a hint. A job marker ``kind: train`` is
+        dropped (``train`` is no loss kind), so a job file may carry it."""
+        if isinstance(data, dict) and data.get("kind") == "train":
+            data = {k: v for k, v in data.items() if k != "kind"}
+        if isinstance(data, dict):
+            missing = [f.name for f in fields(cls) if f.name in ("store", "student", "out") and f.name not in data]
+            _check(not missing, f"missing config key(s) {', '.join(map(repr, missing))}; a train config needs "
+                                "store, student and out")
+        return from_mapping(cls, data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> TrainConfig:
+        """A copy with ``overrides`` applied; ``None`` values are ignored."""
+        return TrainConfig.from_dict({**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+
+
+# -- the student ------------------------------------------------------------------------------
+
+def _split_init_spec(spec: str) -> tuple[str, int]:
+    """``init:<teacher>:<layers>`` → ``(teacher, layers)``; the teacher may itself contain colons."""
+    body = spec[len("init:"):]
+    teacher, sep, layers = body.rpartition(":")
+    _check(bool(sep) and teacher != "" and layers.isdigit() and int(layers) >= 1,
+           f"student {spec!r}: expected init:<teacher>:<layers> with layers an integer >= 1, "
+           "e.g. init:embedded:smollm2-135m-instruct:6")
+    return teacher, int(layers)
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
+def make_student(spec: str, dtype: str | torch.dtype = "float32"):
+    """Load the student ``spec`` names (see :class:`TrainConfig`): a HF directory, or
+    ``init:<teacher>:<layers>`` — the teacher with its decoder truncated to the first ``layers``
+    layers (weights copied; embeddings, final norm and LM head kept)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models.embedded import resolve_teacher_path
+
+    dtype = _torch_dtype(dtype)
+    if not spec.startswith("init:"):
+        return AutoModelForCausalLM.from_pretrained(Path(spec).expanduser(), dtype=dtype)
+    teacher, layers = _split_init_spec(spec)
+    model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
+    decoder = model.get_decoder()
+    blocks = getattr(decoder, "layers", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ConfigError(f"student {spec!r}: cannot find the decoder layers of {type(model).__name__} "
+                          "(expected model.get_decoder().layers)")
+    if layers > len(blocks):
+        raise ConfigError(f"student {spec!r}: the teacher has {len(blocks)} decoder layers; found layers={layers}")
+    decoder.layers = torch.nn.ModuleList(list(blocks)[:layers])
+    model.config.num_hidden_layers = layers
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return model
+
+
+def _student_source(spec: str) -> Path:
+    if spec.startswith("init:"):
+        from ..models.embedded import resolve_teacher_path
+
+        return resolve_teacher_path(_split_init_spec(spec)[0])
+    return Path(spec).expanduser()
+
+
+def _student_fingerprint(spec: str) -> str | None:
+    """Fingerprint of the student's tokenizer, or None when the student ships none."""
+    from ..models.tokenizers import tokenizer_fingerprint
+
+    try:
+        from transformers import AutoTokenizer
+
+        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(_student_source(spec)))
+    except (OSError, ValueError):
+        return None
+
+
+def _save_tokenizer(source: Path, out: Path) -> None:
+    """Copy the source's tokenizer next to the student, when it has one."""
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    except (OSError, ValueError):
+        pass
+
+
+# -- evaluation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, store: str, *, kind: str = "auto", batch_size: int = 8, device: str = "cpu") -> dict[str, float]:
+    """Token-weighted means over a whole store (:class:`~logitcache.train.dataset.CacheView`): ``ce``
+    (cross-entropy on labels), ``kl`` (``kd_loss(alpha=1, kind)``, KL(t̂‖p)) and, when the targets
+    have a head, ``top1`` (student argmax equals the teacher's top entry)."""
+    from torch.utils.data import DataLoader
+
+    from .dataset import CacheView
+    from .losses import kd_loss
+
+    view = CacheView(store)
+    was_training = model.training
+    model.eval()
+    sums, tokens, head = {"ce": 0.0, "kl": 0.0, "top1": 0.0}, 0, False
+    for batch in DataLoader(view, batch_size=batch_size, collate_fn=view.collate):
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        valid = (batch["labels"] != -100).to(device)
+        n = int(valid.sum())
+        sums["ce"] += float(kd_loss(logits, batch, alpha=0.0)) * n
+        sums["kl"] += float(kd_loss(logits, batch, alpha=1.0, kind=kind)) * n
+        if int(batch["target_head_size"]) > 0:
+            head = True
+            agree = logits.argmax(-1) == batch["target_ids"][..., 0].to(device)
+            sums["top1"] += float((agree & valid).sum())
+        tokens += n
+    model.train(was_training)
+    metrics = {key: value / max(tokens, 1) for key, value in sums.items()}
+    if not head:
+        del metrics["top1"]
+    return {**metrics, "tokens": tokens}
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _load_state(out: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The state of a previous run in ``out`` (checked against ``config``), or ``None``."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return None
+    state = json.loads(path.read_text())
+    for name in _RESUME_FIELDS:
+        found, expected = state["config"].get(name), getattr(config, name)
+        if found != expected:
+            raise ConfigError(f"cannot resume in {out}: config field {name!r} is {expected!r}, the saved run used "
+                              f"{found!r}. Use the same {name}, or another --out.")
+    return state
+
+
+def _save(out: Path, model, optimizer, state: dict[str, Any], source: Path | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if source is not None:
+        _save_tokenizer(source, out)
+    tmp = out / (OPTIMIZER_FILE + ".tmp")
+    torch.save(optimizer.state_dict(), tmp)
+    os.replace(tmp, out / OPTIMIZER_FILE)
+    _write_json_atomic(out / STATE_FILE, state)
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+class _Run:
+    """Mutable progress of one :func:`train` call."""
+
+    def __init__(self, state: dict[str, Any] | None) -> None:
+        self.step = state["step"] if state else 0
+        self.losses: list[float] = []
+        self.evals: list[dict[str, Any]] = list(state.get("evals", [])) if state else []
+        self.tokens, self.seconds = 0, 0.0
+        self.batches = 0  # batches taken since the dataset's last load_state_dict / set_epoch
+
+
+def _setup(config: TrainConfig, state: dict[str, Any] | None):
+    from .dataset import CacheDataset
+
+    torch.manual_seed(config.seed + (state["step"] if state else 0))
+    source = config.out if state else config.student
+    model = make_student(source, config.dtype).to(config.device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    ds = CacheDataset(config.store, shuffle=True, seed=config.seed, batch_size=config.batch_size,
+                      tokenizer_fingerprint=_student_fingerprint(config.student))
+    if state:
+        optimizer.load_state_dict(torch.load(Path(config.out) / OPTIMIZER_FILE, weights_only=True))
+        ds.load_state_dict(state["dataset"])
+    return model, optimizer, ds
+
+
+def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float:
+    from .losses import kd_loss
+
+    logits = model(input_ids=batch["input_ids"].to(config.device),
+                   attention_mask=batch["attention_mask"].to(config.device)).logits
+    loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip and config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _batches(ds, config: TrainConfig, run: _Run):
+    """Batches forever, epoch after epoch (``run.batches`` reset at each new epoch)."""
+    from torch.utils.data import DataLoader
+
+    while True:
+        loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.num_workers,
+                            collate_fn=ds.collate)
+        fresh = ds.state_dict()["consumed"] == 0
+        got = False
+        for batch in loader:
+            got = True
+            yield batch
+        if fresh and not got:
+            raise ConfigError(f"store {config.store} yields no sequences")
+        ds.set_epoch(ds.epoch + 1)
+        run.batches = 0
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Distil into ``config.student`` from ``config.store`` until ``config.steps`` (resuming from
+    ``config.out`` when it holds a ``train_state.json``). Evaluates on ``eval_store`` and saves a
+    checkpoint every ``eval_every`` steps and at the end. Returns ``{"step", "losses" (this call's,
+    one per step), "evals" (all, with their step), "tokens_per_second", "out"}``."""
+    from tqdm.auto import tqdm
+
+    out = Path(config.out)
+    state = _load_state(out, config)
+    run = _Run(state)
+    model, optimizer, ds = _setup(config, state)
+    source = None if state else _student_source(config.student)
+    bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step")
+    batches = _batches(ds, config, run)
+    try:
+        while run.step < config.steps:
+            batch = next(batches)
+            started = time.perf_counter()
+            loss = _step(model, optimizer, batch, config)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; lower lr or check the store")
+            run.seconds += time.perf_counter() - started
+            run.losses.append(loss)
+            run.tokens += int(batch["attention_mask"].sum())
+            run.step, run.batches = run.step + 1, run.batches + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens / max(run.seconds, 1e-9):.0f}")
+            if config.eval_every > 0 and run.step % config.eval_every == 0 and run.step < config.steps:
+                _checkpoint(model, optimizer, ds, config, run, source)
+    finally:
+        batches.close()
+        bar.close()
+    _checkpoint(model, optimizer, ds, config, run, source)
+    return {"step": run.step, "losses": run.losses, "evals": run.evals,
+            "tokens_per_second": run.tokens / max(run.seconds, 1e-9), "out": str(out)}
+
+
+def _checkpoint(model, optimizer, ds, config: TrainConfig, run: _Run, source: Path | None) -> None:
+    """Evaluate (once per step, when there is an eval store), then save everything to ``config.out``."""
+    if config.eval_store and (not run.evals or run.evals[-1]["step"] != run.step):
+        metrics = evaluate(model, config.eval_store, kind=config.kind, batch_size=config.batch_size,
+                           device=config.device)
+        run.evals.append({"step": run.step, **metrics})
+    state = {"step": run.step, "dataset": ds.state_dict(batches_consumed=run.batches),
+             "config": config.to_dict(), "evals": run.evals}
+    _save(Path(config.out), model, optimizer, state, source)
+

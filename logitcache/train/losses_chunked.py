@@ -1,0 +1,117 @@
+"""KD loss from hidden states and the LM head, never materialising the full ``[B·T, V]`` logits.
+
+Like Liger-Kernel's fused linear cross-entropy: the forward pass walks ``chunk_size`` positions at a
+time, computes that chunk's logits ``h @ Wᵀ``, its share of the loss and, right away, the gradients
+with respect to ``h`` and ``W``; the chunk's logits are then dropped. Backward only scales the
+stored gradients by the incoming scalar. Peak extra memory is ``O(chunk_size · V)`` plus one
+``[V, d]`` fp32 gradient accumulator, instead of ``[B·T, V]`` logits and their gradient.
+
+The loss is exactly :func:`logitcache.train.losses.kd_loss` on ``hidden @ head_weight.T`` (the same
+per-token function, :func:`logitcache.train.losses.token_losses`, on each chunk).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .losses import _Targets, check_loss_args, flatten_batch, resolve_kind, token_losses
+
+__all__ = ["ChunkedKDLoss", "chunked_kd_loss"]
+
+
+class _Options(NamedTuple):
+    alpha: float
+    kind: str
+    head_size: int
+    temperature: float
+    ignore_index: int
+    chunk_size: int
+
+
+class _ChunkedKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tg: _Targets, opt: _Options) -> torch.Tensor:
+        token_mask = tg.labels != opt.ignore_index
+        denom = token_mask.sum().clamp_min(1).to(torch.float32)
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for s in range(0, hidden.shape[0], opt.chunk_size):
+            e = s + opt.chunk_size
+            h = hidden[s:e]
+            logits = (h @ weight.T).requires_grad_(True)
+            with torch.enable_grad():
+                ce, kd = token_losses(
+                    logits, tg.rows(s, e), kind=opt.kind, head_size=opt.head_size, temperature=opt.temperature,
+                    ignore_index=opt.ignore_index, need_ce=opt.alpha < 1.0, need_kd=opt.alpha > 0.0,
+                )
+                per_token = (1.0 - opt.alpha) * ce + opt.alpha * kd
+                chunk_loss = torch.where(token_mask[s:e], per_token, 0.0).sum() / denom
+            (g,) = torch.autograd.grad(chunk_loss, logits)
+            total += chunk_loss.detach()
+            grad_h[s:e] = g @ weight
+            grad_w += (g.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
+        grad_h, grad_w = ctx.saved_tensors
+        if not torch.equal(grad_out, torch.ones_like(grad_out)):
+            grad_h, grad_w = grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype)
+        return grad_h, grad_w, None, None
+
+
+def chunked_kd_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    batch: dict[str, Any],
+    *,
+    alpha: float = 0.5,
+    kind: str = "auto",
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """:func:`~logitcache.train.losses.kd_loss` of ``hidden[B,T,d] @ head_weight[V,d]ᵀ``, chunk by chunk.
+
+    Gradients with respect to ``hidden`` and ``head_weight`` are computed during the forward pass
+    (so it costs the backward's work even under ``no_grad``) and equal those of the plain version
+    up to summation order. The head has no bias. ``chunk_size`` is positions per chunk.
+    """
+    check_loss_args(alpha, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; found {chunk_size!r}")
+    opt = _Options(
+        alpha=float(alpha), kind=resolve_kind(kind, batch["target_method"]),
+        head_size=int(batch["target_head_size"]), temperature=float(temperature),
+        ignore_index=ignore_index, chunk_size=int(chunk_size),
+    )
+    d = hidden.shape[-1]
+    return _ChunkedKD.apply(hidden.reshape(-1, d), head_weight, flatten_batch(batch, hidden.device), opt)
+
+
+class ChunkedKDLoss(nn.Module):
+    """Module form of :func:`chunked_kd_loss`: ``ChunkedKDLoss()(hidden, head_weight, batch)``."""
+
+    def __init__(
+        self, *, alpha: float = 0.5, kind: str = "auto", chunk_size: int = 1024, temperature: float = 1.0,
+        ignore_index: int = -100,
+    ):
+        super().__init__()
+        check_loss_args(alpha, temperature)
+        resolve_kind(kind, "hybrid")
+        self.alpha, self.kind, self.chunk_size = alpha, kind, chunk_size
+        self.temperature, self.ignore_index = temperature, ignore_index
+
+    def forward(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return chunked_kd_loss(
+            hidden, head_weight, batch, alpha=self.alpha, kind=self.kind, chunk_size=self.chunk_size,
+            temperature=self.temperature, ignore_index=self.ignore_index,
+        )
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, kind={self.kind!r}, chunk_size={self.chunk_size}"
