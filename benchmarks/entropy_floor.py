@@ -79,8 +79,8 @@ def entries(columns: dict[str, list[bytes]], k: int, num_samples: int) -> dict[s
 
 
 def report(path: str) -> None:
-    manifest = read_manifest(path)
-    spec = spec_from_manifest(manifest)
+    header = read_manifest(path).header
+    spec = spec_from_manifest(header)
     enc = spec.encoding
     rows = list(iter_sequences(path))
     positions = sum(r[2].num_positions for r in rows)
@@ -94,7 +94,7 @@ def report(path: str) -> None:
     def zstd(parts: list[bytes], level: int) -> float:
         return sum(len(Zstd(level=level).encode(b"".join(parts[i:i + per]))) for i in range(0, len(parts), per))
 
-    print(f"\n{path}: {manifest['method']} {manifest['params']}, {positions} positions"
+    print(f"\n{path}: {header.method} {header.params}, {positions} positions"
           + (" (head written as q8)" if spec.has_head else ""))
     total9 = total19 = 0.0
     for name, parts in columns.items():

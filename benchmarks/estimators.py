@@ -22,22 +22,21 @@ of builtin:pydoc):
   sd over ``--grad-seeds`` sampling seeds; ``logit_angle`` is the mean per-position angle of the
   gradients with respect to the logits (no averaging over positions).
 
-    python benchmarks/estimators.py --csv benchmarks/results/estimators.csv --png docs/img/estimators.png
+    python benchmarks/estimators.py --png docs/img/estimators.png   # rows: results/estimators.csv
     python benchmarks/estimators.py --quick     # 512 positions, 8 seeds: a few minutes
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import provenance, write_csv
-from kd_common import (bytes_per_position, corpus_plan, heldout_windows, load_cached_teacher, machine_load,
+from common import PROVENANCE, ResultsFile, csv_argument, machine_load, provenance, pyplot, save_figure
+from kd_common import (bytes_per_position, command_line, corpus_plan, heldout_windows, load_cached_teacher,
                        markdown_table, shard_spec, update_results_md)
 
 from logitcache.train.collate import collate
@@ -46,6 +45,12 @@ from logitcache.train.losses import full_kd_loss, kd_loss
 from logitcache.train.metrics import ghost_effective_target, gradient_angle, norm_ratio
 from logitcache.capture.sparsify import draw_uniforms, sparsify
 from logitcache.targets import SparseTargets
+
+STATISTICS = ("bias_tv", "bias_tv_quarter", "tv_single", "variance", "var_theory")
+GRADIENTS = ("grad_angle_deg", "grad_angle_sd", "norm_ratio", "norm_ratio_sd", "logit_angle_deg")
+COLUMNS = PROVENANCE + ("wall_s", "load", "method", "sparsifier", "loss_kind", "k", "samples", "positions", "seeds",
+                        "grad_seeds", "student_temperature", "bytes_per_position", "ids_per_position",
+                        *STATISTICS, *GRADIENTS)
 
 
 @dataclass(frozen=True)
@@ -201,8 +206,7 @@ def run(args) -> list[dict]:
                "positions": len(idx) * args.seq_len, "seeds": args.seeds if m.stochastic else 1,
                "grad_seeds": args.grad_seeds if m.stochastic else 1, "student_temperature": args.student_temperature,
                "bytes_per_position": round(nbytes, 2), "ids_per_position": round(agg["ids"], 2),
-               **{key: round(agg[key], 6) for key in ("bias_tv", "bias_tv_quarter", "tv_single", "variance",
-                                                       "var_theory")},
+               **{key: round(agg[key], 6) for key in STATISTICS},
                **{key: round(value, 4) for key, value in grads.items()}}
         rows.append(row)
         print(f"{m.name:>22}: {nbytes:7.1f} B/pos {agg['ids']:6.1f} ids  bias_tv {agg['bias_tv']:.4f} "
@@ -215,11 +219,7 @@ def run(args) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     families = {"topk_renorm": "top-k renormalised", "ghost": "top-k + ghost", "sample": "RS-KD", "hybrid": "hybrid"}
     for key, label in families.items():
@@ -236,9 +236,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[1].set_yscale("log")
     axes[0].legend()
     fig.suptitle(f"Estimators on {rows[0]['positions']} held-out pydoc positions (SmolLM2-135M teacher)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def results_section(rows: list[dict], command: str) -> str:
@@ -262,7 +260,7 @@ def results_section(rows: list[dict], command: str) -> str:
             + markdown_table(head, body))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 window (256 positions), 8 seeds, 1 gradient seed")
     ap.add_argument("--windows", type=int, default=8, help="held-out windows of --seq-len positions")
@@ -271,23 +269,24 @@ def main() -> None:
     ap.add_argument("--grad-seeds", type=int, default=3, help="sampling seeds for the gradient comparison")
     ap.add_argument("--student-temperature", type=float, default=2.0,
                     help="the fixed student: the teacher's hidden states and head at this temperature")
-    ap.add_argument("--csv", type=Path, default=None)
-    ap.add_argument("--png", type=Path, default=None)
+    csv_argument(ap, "estimators.csv")
+    ap.add_argument("--png", type=Path, default=None, help="draw angle and bias against bytes per position here")
     ap.add_argument("--results-md", action="store_true", help="replace the estimators table in docs/results.md")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
     if args.quick:
         args.windows, args.seeds, args.grad_seeds = 1, 8, 1
     rows = run(args)
-    if args.csv:
-        write_csv(args.csv, rows)
+    out.append(rows)
     if args.png:
         plot(rows, args.png)
     if args.results_md:
-        import sys
-
-        command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
         section = "estimators-quick" if args.quick else "estimators"
-        update_results_md(section, results_section(rows, command))
+        update_results_md(section, results_section(rows, command_line()))
     print(f"wall {rows[0]['wall_s']} s, load {rows[0]['load']}")
 
 

@@ -5,6 +5,7 @@ docs/results.md section writer."""
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,9 +122,6 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def machine_load() -> str:
-    """``1/5/15-minute load averages`` of this machine (the benchmarks share it)."""
-    try:
-        return " ".join(f"{x:.2f}" for x in __import__("os").getloadavg())
-    except OSError:
-        return "unknown"
+def command_line() -> str:
+    """This invocation as ``python benchmarks/<script> <arguments>``, for a results section."""
+    return "python benchmarks/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])

@@ -12,7 +12,7 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
 
 Everything runs on one thread (``torch.set_num_threads(1)``, ``pyarrow.set_cpu_count(1)``).
 
-    python benchmarks/loader_speed.py --csv benchmarks/results/loader_speed.csv
+    python benchmarks/loader_speed.py          # appends to benchmarks/results/loader_speed.csv
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import argparse
 import shutil
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
-from common import provenance, write_csv
+from common import PROVENANCE, ResultsFile, csv_argument, interleave, provenance, timed
 
 import pyarrow as pa
 import torch
@@ -34,6 +34,8 @@ from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
 from logitcache.train.dataset import CacheDataset
 from logitcache.store import read_manifest
+
+COLUMNS = PROVENANCE + ("threads", "case", "positions", "seconds", "positions_per_s")
 
 
 def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard: int) -> None:
@@ -49,12 +51,12 @@ def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard
 
 def raw_read(store: Path) -> int:
     positions = 0
-    for record in read_manifest(store)["shards"]:
-        with pa.memory_map(str(store / record["objects"][0]["path"])) as source:
+    for record in read_manifest(store).shards:
+        with pa.memory_map(str(store / record.objects[0].path)) as source:
             table = pa.ipc.open_stream(source).read_all()  # decompresses every column
         for name in table.schema.names:
             table.column(name).combine_chunks()
-        positions += record["positions"]
+        positions += record.positions
     return positions
 
 
@@ -66,7 +68,7 @@ def loader_read(store: Path, batch_size: int, *, verify: bool, collate: bool) ->
     return sum(int(batch["attention_mask"].sum()) for batch in loader)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--sequences", type=int, default=200)
@@ -74,9 +76,13 @@ def main() -> None:
     ap.add_argument("--sequences-per-shard", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--csv", default="benchmarks/results/loader_speed.csv")
-    args = ap.parse_args()
+    csv_argument(ap, "loader_speed.csv")
+    return ap
 
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -90,15 +96,9 @@ def main() -> None:
     try:
         store = workdir / "store"
         make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard)
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        positions: dict[str, int] = {}
-        for name, fn in cases.items():  # warm-up: page cache, imports
-            positions[name] = fn(store)
-        for _ in range(args.repeats):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn(store)
-                times[name].append(time.perf_counter() - start)
+        positions = {name: fn(store) for name, fn in cases.items()}  # warm-up: page cache, imports
+        times = interleave({name: partial(timed, fn, store) for name, fn in cases.items()}, args.repeats,
+                           warmup=False)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = dict(provenance(), threads=1)
@@ -109,8 +109,7 @@ def main() -> None:
                      "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
         print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
               f"positions/s={positions[name] / seconds:,.0f}", flush=True)
-    write_csv(Path(args.csv), rows)
-
+    out.append(rows)
 
 
 if __name__ == "__main__":

@@ -16,29 +16,27 @@ is not possible), with glibc's mmap threshold pinned at 64 KiB so freed tensors 
 the minimum of ``--repeats`` runs after one warm-up (the minimum, because the
 machine may be shared: contention only ever adds time).
 
-    python benchmarks/loss_speed.py --csv benchmarks/results/loss_speed.csv
+    python benchmarks/loss_speed.py          # appends to benchmarks/results/loss_speed.csv
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import PROVENANCE, ResultsFile, csv_argument, provenance, timed
 
 CASES = ("ce", "rskd", "rskd+ce", "ce_bf16", "rskd_bf16", "rskd+ce_bf16", "head_plain", "head_chunked")
 BASELINE = {"ce": "ce", "rskd": "ce", "rskd+ce": "ce", "ce_bf16": "ce_bf16", "rskd_bf16": "ce_bf16",
             "rskd+ce_bf16": "ce_bf16", "head_plain": "head_plain", "head_chunked": "head_plain"}
+COLUMNS = PROVENANCE + ("case", "V", "T", "U", "mean_ids", "seconds", "peak_bytes", "baseline", "ratio", "peak_ratio")
 
 
 # ---------------------------------------------------------------- worker (one case per process)
@@ -129,26 +127,16 @@ def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats
             def step():
                 return torch.autograd.grad(kd_loss(z, batch, alpha=alpha, kind="sparse"), z)
     base = _peak_reset(device)
-    seconds = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        grads = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            seconds.append(time.perf_counter() - start)
-        del grads
-    return {"seconds": min(seconds), "peak_bytes": _peak_read(device) - base,
-            "U": int(batch["target_ids"].shape[-1]), "mean_ids": float(batch["target_mask"].sum()) / t,
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"}
+    timed(step)  # warm-up
+    seconds = min(timed(step) for _ in range(repeats))
+    return {"seconds": seconds, "peak_bytes": _peak_read(device) - base,
+            "U": int(batch["target_ids"].shape[-1]), "mean_ids": float(batch["target_mask"].sum()) / t}
 
 
 # ---------------------------------------------------------------- driver
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", default="benchmarks/results/loss_speed.csv")
+    csv_argument(ap, "loss_speed.csv")
     ap.add_argument("--vocab", default="49152,152064", help="comma-separated vocabulary sizes")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--samples", type=int, default=50)
@@ -157,13 +145,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.worker:
         v = int(args.vocab)
         print(json.dumps(run_case(args.worker, v, args.seq, args.samples, args.hidden, args.chunk, args.repeats)))
         return
+    out = ResultsFile(args.csv, COLUMNS)
     rows = []
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta = provenance()
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     for v in (int(x) for x in args.vocab.split(",")):
         results = {}
@@ -171,30 +164,19 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", case, "--vocab", str(v), "--seq", str(args.seq),
                    "--samples", str(args.samples), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
                    "--repeats", str(args.repeats)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            results[case] = json.loads(out.strip().splitlines()[-1])
+            stdout = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            results[case] = json.loads(stdout.strip().splitlines()[-1])
         for case, r in results.items():
             base = results.get(BASELINE[case])
             rows.append({
-                "timestamp": stamp, "machine": f"{platform.node()} ({os.cpu_count()} cpu, {r['device']})",
-                "torch": torch.__version__, "case": case, "V": v, "T": args.seq, "U": r["U"],
+                **meta, "case": case, "V": v, "T": args.seq, "U": r["U"],
                 "mean_ids": round(r["mean_ids"], 2), "seconds": round(r["seconds"], 4),
                 "peak_bytes": r["peak_bytes"], "baseline": BASELINE[case],
                 "ratio": round(r["seconds"] / base["seconds"], 3) if base else "",
                 "peak_ratio": round(r["peak_bytes"] / base["peak_bytes"], 3) if base and base["peak_bytes"] else "",
             })
-    write_csv(Path(args.csv), rows)
+    out.append(rows)
     print_table(rows)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """Time each sparsifier on [4096, V] logits fed in chunks of 256 rows, against a logsumexp-only baseline.
 
-    python benchmarks/sparsify_speed.py [--csv results.csv] [--real] [--threads N] [--repeats R]
+    python benchmarks/sparsify_speed.py [--real] [--threads N] [--repeats R] [--csv other.csv]
 
 ``--real`` uses logits of the SmolLM2-135M directory at ``--model`` (default: the embedded teacher, converted on first use) on the
 built-in pydoc corpus, and also times that bf16 forward, so the table shows what share of a capture
@@ -10,17 +10,17 @@ step each method costs. Otherwise logits are ``N(0, 9)`` with one +8 spike and a
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import time
 
-from common import provenance, synchronize
+from common import PROVENANCE, ResultsFile, csv_argument, provenance, synchronize, timed
 
 import torch
 
 from logitcache.capture.sparsify import draw_uniforms, hybrid, sample, topk
+
+COLUMNS = PROVENANCE + ("method", "dtype", "positions", "seconds", "positions_per_s")
 
 
 def synthetic_logits(t: int, v: int) -> torch.Tensor:
@@ -53,16 +53,13 @@ def real_logits(model_dir: str, t: int, device: torch.device) -> tuple[torch.Ten
 
 def time_method(fn, x: torch.Tensor, u: torch.Tensor, chunk: int, repeats: int) -> float:
     """Median seconds to run ``fn`` over all rows of ``x`` in ``chunk``-row pieces."""
-    fn(x[:chunk], u[:chunk])
-    runs = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
+
+    def all_chunks() -> None:
         for a in range(0, x.shape[0], chunk):
             fn(x[a : a + chunk], u[a : a + chunk])
-        synchronize()
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+
+    fn(x[:chunk], u[:chunk])  # warm-up
+    return statistics.median(timed(all_chunks) for _ in range(repeats))
 
 
 METHODS = {
@@ -74,9 +71,9 @@ METHODS = {
 }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--csv", help="append result rows to this CSV file")
+    csv_argument(ap, "sparsify_speed.csv")
     ap.add_argument("--positions", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--chunk", type=int, default=256)
@@ -85,7 +82,12 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="use real SmolLM2 logits from --model")
     ap.add_argument("--model", default=None, help="HF model dir (default: the embedded teacher)")
     ap.add_argument("--device", default="cpu", help="where the logits and sparsifiers run: cpu or cuda")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
     if args.threads:
         torch.set_num_threads(args.threads)
     forward_s = None
@@ -104,7 +106,7 @@ def main() -> None:
     print(f"{'method':24s} {'dtype':9s} {'seconds':>8s} {'pos/s':>10s} {'vs lse':>7s}"
           + (f" {'% of fwd':>8s}" if forward_s else ""))
     device = torch.device(args.device)
-    machine = provenance()["machine"]
+    meta = provenance()
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(device=device, dtype=dtype)
         base = None
@@ -114,15 +116,9 @@ def main() -> None:
             pps = x.shape[0] / sec
             extra = f" {100 * sec / forward_s:7.1f}%" if forward_s else ""
             print(f"{name:24s} {str(dtype)[6:]:9s} {sec:8.3f} {pps:10.0f} {base / sec:7.2f}{extra}", flush=True)
-            rows.append([datetime.datetime.now().isoformat(timespec="seconds"), machine, torch.__version__,
-                         name, str(dtype)[6:], x.shape[0], f"{sec:.4f}", f"{pps:.1f}"])
-    if args.csv:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["timestamp", "machine", "torch", "method", "dtype", "positions", "seconds", "positions_per_s"])
-            w.writerows(rows)
+            rows.append({**meta, "method": name, "dtype": str(dtype)[6:], "positions": x.shape[0],
+                         "seconds": f"{sec:.4f}", "positions_per_s": f"{pps:.1f}"})
+    out.append(rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ back through ``iter_sequences`` (checksums, container decode, row decode). ``pla
 generic baseline: int32 ids, float32 logprobs, uint8/uint16 counts as Arrow list columns with zstd,
 no encoding.
 
-    python benchmarks/storage.py --tokens 32768 --csv benchmarks/results/storage.csv --png docs/img/storage.png
+    python benchmarks/storage.py --tokens 32768 --png docs/img/storage.png   # rows: results/storage.csv
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import provenance, write_csv
+from common import PROVENANCE, ResultsFile, csv_argument, provenance, pyplot, save_figure
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +30,7 @@ from logitcache.store.fs import StoreFS
 from logitcache.store.commit import begin_store, commit_unit, finalize_store
 from logitcache.store.reader import iter_sequences
 from logitcache.store.spec import spec_from_manifest
-from logitcache.store.units import get_backend
+from logitcache.store.containers import get_container
 from logitcache.capture.teachers import load_teacher
 
 METHODS = {
@@ -47,6 +47,8 @@ VARIANTS = [("arrow", "rank-delta", "float32", "zstd"), ("arrow", "packed", "flo
             ("zarr", "rank-delta", "float32", "zstd"), ("zarr", "rank-delta", "q8", "zstd"),
             ("arrow", "rank-delta", "float32", "ans"), ("arrow", "rank-delta", "q8", "ans"),
             ("zarr", "rank-delta", "float32", "ans"), ("zarr", "rank-delta", "q8", "ans")]
+COLUMNS = PROVENANCE + ("method", "container", "encoding", "bytes_per_position", "ids_per_position", "write_mb_s",
+                        "read_mb_s", "read_positions_s", "max_prob_error", "positions")
 
 
 def plain_zstd_bytes(rows, level: int) -> int:
@@ -76,11 +78,11 @@ def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, entro
     manifest = read_manifest(src)
     header = destination_header(StoreFS(src), manifest, format=fmt, ids=ids, logprob_dtype=logprobs,
                                 compression=None, compression_level=level, entropy=entropy)
-    spec = spec_from_manifest(dict(header, shards=[]))
+    spec = spec_from_manifest(header)
     fs = StoreFS(dst)
     per = spec.sequences_per_shard
     t0 = time.perf_counter()
-    begin_store(fs, header, get_backend(fmt).static_objects(spec), overwrite=False)
+    begin_store(fs, header, get_container(fmt).static_objects(spec), overwrite=False)
     records = []
     for index in range(-(-len(rows) // per)):
         part = rows[index * per:(index + 1) * per]
@@ -91,15 +93,20 @@ def rewrite(src: Path, dst: Path, rows, fmt: str, ids: str, logprobs: str, entro
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--level", type=int, default=9, help="zstd level")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--csv", type=Path)
-    ap.add_argument("--png", type=Path)
-    args = ap.parse_args()
+    csv_argument(ap, "storage.csv")
+    ap.add_argument("--png", type=Path, help="draw bytes per position by method and encoding here")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
     work = Path(tempfile.mkdtemp(prefix="lc-storage-"))
     base = CaptureConfig().with_overrides({"corpus.max_tokens": args.tokens, "corpus.seq_len": args.seq_len,
                                            "store.compression_level": args.level})
@@ -142,18 +149,13 @@ def main() -> None:
                                            "read_mb_s", "read_positions_s", "max_prob_error")}, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if args.csv:
-        write_csv(args.csv, rows_out)
+    out.append(rows_out)
     if args.png:
         plot(rows_out, args.png)
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = list(dict.fromkeys(r["method"] for r in rows))
     labels = list(dict.fromkeys(f"{r['container']} {r['encoding']}" for r in rows))
     fig, ax = plt.subplots(figsize=(11, 4.8))
@@ -167,9 +169,7 @@ def plot(rows, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_title("SmolLM2-135M on pydoc: storage by method and encoding (lower is better)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

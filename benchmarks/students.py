@@ -18,7 +18,7 @@ changes the data order and the RS-KD / hybrid draws; the student init is the sam
 ECE: 15 equal-width bins on the student's top-1 confidence, correctness = top-1 equals the next
 token (``ece``) or equals the teacher's top-1 (``ece_vs_teacher``).
 
-    python benchmarks/students.py --csv benchmarks/results/students.csv --png docs/img/students --results-md
+    python benchmarks/students.py --png docs/img/students --results-md   # rows: results/students.csv
     python benchmarks/students.py --quick       # 1 seed, 12 steps, 512 held-out positions
 
 Sized for a quiet 2-core CPU (estimated from the measured ~264-300 positions/s of such students, not
@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import provenance, write_csv
-from kd_common import (bytes_per_position, corpus_plan, heldout_windows, load_cached_teacher, machine_load,
+from common import PROVENANCE, ResultsFile, csv_argument, machine_load, provenance, pyplot, save_figure
+from kd_common import (bytes_per_position, command_line, corpus_plan, heldout_windows, load_cached_teacher,
                        markdown_table, update_results_md)
 from torch.utils.data import DataLoader
 
@@ -56,6 +55,10 @@ from logitcache.store.reader import iter_sequences, spec_from_manifest
 from logitcache.train.loop import make_student
 
 BINS = 15
+COLUMNS = PROVENANCE + ("wall_s", "load", "layers", "steps", "batch", "seq_len", "lr", "eval_positions", "quick",
+                        "method", "seed", "loss_kind", "bytes_per_position", "ids_per_position", "ce", "kl",
+                        "top1_agreement", "accuracy", "ece", "ece_vs_teacher", "train_seconds", "train_tokens_per_s",
+                        "gap_closed_ce", "gap_closed_kl")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def capture_stores(teacher, work: Path, seed: int, args) -> dict[str, Path]:
 
 def store_size(path: Path) -> tuple[float, float]:
     """``(bytes/position, ids/position)`` of a store, re-encoded with the store's encoder."""
-    spec = spec_from_manifest(read_manifest(path))
+    spec = spec_from_manifest(read_manifest(path).header)
     seq_ids, tokens, targets = zip(*iter_sequences(path))
     ids = sum(float(t.ids_per_position().sum()) for t in targets) / sum(t.num_positions for t in targets)
     return bytes_per_position(spec, list(seq_ids), list(tokens), list(targets)), ids
@@ -262,12 +265,7 @@ def results_section(rows: list[dict], reference: dict, command: str) -> str:
 
 
 def plot_gap(rows: list[dict], prefix: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     agg = [a for a in aggregate(rows) if a["bytes"] == a["bytes"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "gap_closed_ce", "held-out CE"), (axes[1], "gap_closed_kl", "KL(teacher ‖ student)")):
@@ -283,19 +281,11 @@ def plot_gap(rows: list[dict], prefix: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Students: storage vs gap closed (1 = full KD, 0 = CE only)")
-    fig.tight_layout()
-    gap_png = prefix.with_name(prefix.name + "_gap.png")
-    fig.savefig(gap_png, dpi=110)
-    plt.close(fig)
-    return gap_png
+    return save_figure(fig, prefix.with_name(prefix.name + "_gap.png"))
 
 
 def plot_reliability(pooled: dict, reference: dict, prefix: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = list(pooled.items()) + [("teacher", {"conf": [reference["conf"]], "correct": [reference["correct"]]})]
     cols = 4
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(3.2 * cols, 3.2 * -(-len(panels) // cols)))
@@ -314,11 +304,7 @@ def plot_reliability(pooled: dict, reference: dict, prefix: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"Reliability: {BINS} equal-width bins, top-1 vs next token (held-out, seeds pooled)")
-    fig.tight_layout()
-    rel_png = prefix.with_name(prefix.name + "_reliability.png")
-    fig.savefig(rel_png, dpi=100)
-    plt.close(fig)
-    return rel_png
+    return save_figure(fig, prefix.with_name(prefix.name + "_reliability.png"), dpi=100)
 
 
 def summarize(args) -> None:
@@ -335,7 +321,7 @@ def summarize(args) -> None:
     rows = [{**r, **{k: float(r[k]) for k in numeric}, "seed": int(r["seed"])} for r in latest.values()]
     reference = {"ce": args.teacher_ce if args.teacher_ce is not None else float("nan"),
                  "ece": args.teacher_ece if args.teacher_ece is not None else float("nan")}
-    command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
+    command = command_line()
     commits = sorted({r["commit"] for r in rows})
     walls = ", ".join(f"seed {r['seed']}: {r['wall_s']:.0f} s at load {r['load']}" for r in rows if r["method"] == "CE only")
     section = results_section(rows, reference, command).replace(
@@ -350,7 +336,7 @@ def summarize(args) -> None:
     print(section)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 seed, 12 steps, 4 held-out windows")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -363,7 +349,7 @@ def main() -> None:
     ap.add_argument("--hybrid", type=lambda s: tuple(int(x) for x in s.split(",")), default=(2, 20),
                     help="K,N of the hybrid run (chosen to match RS-KD N=50 in bytes)")
     ap.add_argument("--work", type=Path, default=None, help="directory for the stores (default: a temporary one)")
-    ap.add_argument("--csv", type=Path, default=None)
+    csv_argument(ap, "students.csv")
     ap.add_argument("--png", type=Path, default=None, help="prefix: writes <prefix>_gap.png and <prefix>_reliability.png")
     ap.add_argument("--results-md", action="store_true", help="replace the students table in docs/results.md")
     ap.add_argument("--summarize", type=Path, default=None,
@@ -371,10 +357,15 @@ def main() -> None:
                          "this CSV (quick or not as --quick says; the last row per method and seed wins)")
     ap.add_argument("--teacher-ce", type=float, default=None, help="with --summarize: the teacher's held-out CE")
     ap.add_argument("--teacher-ece", type=float, default=None, help="with --summarize: the teacher's ECE")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.summarize:
         summarize(args)
         return
+    out = ResultsFile(args.csv, COLUMNS)
     if args.quick:
         args.seeds, args.steps, args.eval_windows = args.seeds[:1], 12, 4
     args.train_tokens = args.steps * args.batch * args.seq_len
@@ -384,14 +375,13 @@ def main() -> None:
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    if args.csv:
-        write_csv(args.csv, rows)
+    out.append(rows)
     if args.png:
         plot_gap(rows, args.png)
         plot_reliability(pooled, reference, args.png)
     if args.results_md:
-        command = "python benchmarks/" + " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
-        update_results_md("students-quick" if args.quick else "students", results_section(rows, reference, command))
+        update_results_md("students-quick" if args.quick else "students",
+                          results_section(rows, reference, command_line()))
     print(f"wall {rows[0]['wall_s']} s, load {rows[0]['load']}")
 
 

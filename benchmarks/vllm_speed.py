@@ -13,7 +13,7 @@ In one process, on the same windows, interleaved (baseline, ours, baseline, ours
 unit, one CPU and one thread per worker, engines loaded before the clock starts) against the same
 capture in this process. Rows append to the CSV (see common.py).
 
-    python benchmarks/vllm_speed.py --csv benchmarks/results/vllm_speed.csv --ray
+    python benchmarks/vllm_speed.py --ray    # appends to benchmarks/results/vllm_speed.csv
 """
 
 from __future__ import annotations
@@ -24,19 +24,16 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
-from common import provenance, write_csv
+from common import (PROVENANCE, ResultsFile, capture_arguments, csv_argument, interleave, print_row, provenance,
+                    timed)
 
 METHODS = {"topk-64": {"method": "topk", "k": 64}, "sample-50": {"method": "sample", "samples": 50},
            "hybrid-12+50": {"method": "hybrid", "k": 12, "samples": 50}}
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+COLUMNS = PROVENANCE + ("teacher", "head_share", "backend", "dtype", "route", "workers", "positions", "tok_s",
+                        "ratio_vs_baseline", "baseline", "load_1min")
 
 
 def head_share(teacher) -> float:
@@ -87,12 +84,7 @@ def vllm_rows(args, workdir: Path) -> list[dict]:
     for name, over in METHODS.items():
         config = base.with_overrides({**{f"sparsify.{k}": v for k, v in over.items()}, "store.path": str(workdir / name)})
         runs[f"capture/{name}"] = lambda c=config: capture(c, overwrite=True, progress=False, teacher=teacher)
-    for fn in runs.values():  # warm-up
-        fn()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            seconds[name].append(timed(fn))
+    seconds = interleave({name: partial(timed, fn) for name, fn in runs.items()}, args.repeats)
     base_s = statistics.median(seconds["prefill"])
     rows = []
     share = round(head_share(teacher), 3)
@@ -118,14 +110,11 @@ def ray_rows(args, workdir: Path) -> list[dict]:
         "corpus.max_tokens": args.tokens, "batch_tokens": args.batch_tokens, "sparsify.method": "sample",
         "sparsify.samples": 50, "store.sequences_per_shard": 1})
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(workdir / "ray"), configure_logging=False)
-    seconds: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    try:
-        for rep in range(args.repeats + 1):
-            for workers in seconds:
-                config = base.with_overrides({"workers": workers, "store.path": str(workdir / f"ray{workers}")})
-                s = capture(config, overwrite=True, progress=False).seconds
-                if rep:  # the first round warms caches and Ray's worker pool
-                    seconds[workers].append(s)
+    configs = {workers: base.with_overrides({"workers": workers, "store.path": str(workdir / f"ray{workers}")})
+               for workers in (0, 1, 2)}
+    try:  # the warm-up round warms caches and Ray's worker pool
+        seconds = interleave({workers: lambda c=config: capture(c, overwrite=True, progress=False).seconds
+                              for workers, config in configs.items()}, args.repeats)
     finally:
         ray.shutdown()
     positions = (args.tokens // args.seq_len) * args.seq_len
@@ -138,19 +127,20 @@ def ray_rows(args, workdir: Path) -> list[dict]:
             for w, s in seconds.items()]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8192, help="positions per measurement")
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-tokens", type=int, default=4104)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    capture_arguments(ap)
     ap.add_argument("--teacher", default="embedded:smollm2-135m-instruct",
                     help="teacher model (a directory; benchmarks/random_teacher.py makes one of any shape)")
     ap.add_argument("--ray", action="store_true", help="also measure Ray capture with 1 and 2 workers")
     ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM measurements")
-    ap.add_argument("--csv", default="benchmarks/results/vllm_speed.csv")
-    args = ap.parse_args()
+    csv_argument(ap, "vllm_speed.csv")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
     workdir = Path(tempfile.mkdtemp(prefix="lc-vllm-bench-"))
     try:
         rows = [] if args.no_vllm else vllm_rows(args, workdir)
@@ -159,8 +149,8 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for row in rows:
-        print(" ".join(f"{k}={v}" for k, v in row.items() if k not in ("timestamp", "machine", "torch")), flush=True)
-    write_csv(Path(args.csv), rows)
+        print_row(row)
+    out.append(rows)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ ENTROPY_CODECS = ("zstd", "ans")  # the entropy stage after the row codecs
 COMPRESSIONS = ("zstd", "lz4", "none")  # container compression
 LOSS_KINDS = ("auto", "sparse", "topk_renorm", "ghost", "reverse")  # KD loss estimators
 ON_CORRUPT = ("raise", "skip")  # what the dataset does with a damaged shard
+TRAIN_ON = ("assistant", "last-assistant", "all")  # which tokens of a chat conversation train
 
 __all__ = ["BACKENDS", "COMPRESSIONS", "DTYPES", "ENTROPY_CODECS", "FORMATS", "ID_CHOICES", "ID_CODECS",
-           "LOGPROB_DTYPES", "LOSS_KINDS", "METHODS", "ON_CORRUPT"]
+           "LOGPROB_DTYPES", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]

@@ -15,6 +15,14 @@ class ConfigError(LogitCacheError, ValueError):
     """A configuration value is invalid or inconsistent."""
 
 
+class TargetsError(LogitCacheError, ValueError):
+    """Data handed to a stage is malformed: NaN or infinite logits, token ids outside the vocabulary,
+    or targets (or the arrays beside them) whose shapes do not match their tokens, labels or each other.
+
+    Unlike :class:`ConfigError` the settings are fine; the values passed in are not.
+    """
+
+
 class CorpusError(LogitCacheError, ValueError):
     """The corpus cannot be read or yields no usable text."""
 

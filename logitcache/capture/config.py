@@ -2,7 +2,8 @@
 
 ``CaptureConfig.identity()`` is the part of the configuration that determines the bytes of a
 store: a resumed capture must match it field by field. Batch size, device and the output path
-are left out on purpose: they change speed, never results.
+are left out on purpose: they change speed, never results; the corpus path too, because the
+corpus is identified by its content (the manifest's ``corpus.fingerprint``).
 """
 
 from __future__ import annotations
@@ -204,14 +205,19 @@ class CaptureConfig:
         return CaptureConfig.from_dict(data)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the store's bytes (compared on resume)."""
+        """The fields that determine the store's bytes (compared on resume).
+
+        The corpus enters by content, not by name: the manifest's ``corpus.fingerprint`` (a hash of every
+        document read) is compared on resume, so ``./a.txt``, its absolute path or a copy elsewhere resume
+        the same store. (Stores written before this recorded ``corpus.source`` here; a resume ignores it.)
+        """
         d = self.to_dict()
         # head_chunk is here because the head's matmul shape can change float rounding in the last bit
         teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype", "head_chunk")}
         store = {k: v for k, v in d["store"].items() if k != "path"}
         return {
             "teacher": teacher,
-            "corpus": d["corpus"],
+            "corpus": {k: v for k, v in d["corpus"].items() if k != "source"},
             "sparsify": {"method": self.sparsify.method, **self.sparsify.params()},
             "store": store,
             "seed": self.seed,

@@ -1,45 +1,44 @@
 """Corpus readers: a source string becomes an ordered stream of :class:`Document`.
 
-Supported sources (``read_documents(source)``):
+Supported sources (``open_corpus(source)``, or ``read_documents(source)`` for just the documents):
 
 - ``builtin:pydoc`` — Python's own help topics (``pydoc_data.topics.topics``), one document per
   topic, sorted by topic key. Works offline; its text follows the running Python version.
-- plain text — a ``.txt``/``.md`` file, or a directory searched recursively for ``*.txt`` and
-  ``*.md`` files, sorted by their path relative to the directory. **One file is one document**:
-  a file's whole text is a single document, however many blank lines or headings it holds, so an
-  EOS token is placed only between files.
+- plain text — a ``.txt``/``.md`` file. **One file is one document**: a file's whole text is a
+  single document, however many blank lines or headings it holds, so an EOS token is placed only
+  between files.
 - JSON Lines — a ``.jsonl`` or ``.json`` file with one JSON object per line; each object's
   ``text_field`` (a string) is one document. Blank lines are skipped.
-- Parquet — a ``.parquet`` file, or a directory of them (recursive, sorted by relative path);
-  each row's ``text_field`` is one document.
+- Parquet — a ``.parquet`` file; each row's ``text_field`` is one document.
+- a directory, read by the rule of :mod:`logitcache.capture.sources`: data files of one kind, found
+  recursively and sorted by relative path; documentation (README, LICENSE, a dataset card) and
+  hidden files skipped and listed; mixed kinds refused. A glob (``data/*.jsonl``) names files exactly.
 - a Hugging Face dataset written with ``save_to_disk`` — a directory holding ``dataset_info.json``
   and ``state.json`` (one ``Dataset``) or ``dataset_dict.json`` (a ``DatasetDict``, of which
   ``split`` is read); each row's ``text_field`` is one document.
 
 Bytes are decoded as strict UTF-8: undecodable bytes raise :class:`CorpusError` naming the file and
-byte offset, never get replaced silently. Every ``Document.origin`` says where the text came from
-(``pydoc:if``, ``notes/a.txt``, ``data.jsonl:17``, ``part-0.parquet:3``, ``corpus[train]:42``).
+byte offset, never get replaced silently. A UTF-8 byte-order mark (EF BB BF) at the start of a text or
+JSON Lines file is dropped (counted in ``input.bom_stripped``); nothing else is changed: CRLF and CR
+line ends are kept as the file has them and counted (``input.newlines``). Every ``Document.origin``
+says where the text came from (``pydoc:if``, ``notes/a.txt``, ``data.jsonl:17``, ``part-0.parquet:3``,
+``corpus[train]:42``).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorpusError
+from .sources import CorpusFiles, resolve_files
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("builtin:pydoc",)
-TEXT_SUFFIXES = (".txt", ".md")
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
-SUPPORTED = (
-    "builtin:pydoc; a .txt/.md file or a directory of them; a .jsonl/.json (JSON Lines) file; "
-    "a .parquet file or a directory of them; a Hugging Face dataset directory written by save_to_disk"
-)
+BOM = b"\xef\xbb\xbf"
+PRESCAN_BYTES = 64 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
 _BATCH_ROWS = 1024
 
 
@@ -51,38 +50,99 @@ class Document:
     origin: str
 
 
-def read_documents(source: str, *, text_field: str = "text", split: str = "train") -> Iterator[Document]:
-    """Yield the documents of ``source`` in a deterministic order (see the module docstring).
+@dataclass
+class TextFacts:
+    """What one pass over a corpus found in its text: files whose BOM was dropped, line ends by kind."""
+
+    bom_stripped: int = 0
+    newlines: dict[str, int] = field(default_factory=lambda: {"lf": 0, "crlf": 0, "cr": 0})
+
+    def count(self, text: str) -> None:
+        crlf = text.count("\r\n")
+        self.newlines["crlf"] += crlf
+        self.newlines["lf"] += text.count("\n") - crlf
+        self.newlines["cr"] += text.count("\r") - crlf
+
+
+Reader = Callable[[TextFacts], Iterator[Document]]
+
+
+class Corpus:
+    """An opened corpus: checked for existence, kind and schema; :meth:`documents` reads it from the start.
+
+    ``source`` is the canonical spelling (an absolute path, or the builtin's name), ``kind`` the data
+    kind, ``names`` the files read (relative names), ``skipped`` the files the directory rule left out.
+    """
+
+    def __init__(self, source: str, kind: str, read: Reader, files: CorpusFiles | None = None) -> None:
+        self.source, self.kind, self._read = source, kind, read
+        self.names = tuple(name for _, name in files.files) if files and kind != "hf" else ()
+        self.skipped = files.skipped if files else ()
+        self.size = files.size if files else 0
+        self.facts = TextFacts()
+
+    def documents(self) -> Iterator[Document]:
+        """Every document in order; :attr:`facts` counts this pass."""
+        facts = self.facts = TextFacts()
+        for doc in self._read(facts):
+            facts.count(doc.text)
+            yield doc
+
+    def check(self) -> None:
+        """Fail before a teacher loads: read the whole corpus if it is at most :data:`PRESCAN_BYTES`
+        (every line and row checked), else its first document; refuse a corpus without documents or text."""
+        limit = None if self.size <= PRESCAN_BYTES else 1
+        docs, read, texts = self.documents(), 0, 0
+        for doc in docs:
+            read, texts = read + 1, texts + bool(doc.text.strip())
+            if read == limit:
+                break
+        docs.close()
+        if not read:
+            raise CorpusError(f"empty corpus: {self.source} yielded no documents; expected at least one. "
+                              "Check the source")
+        if limit is None and not texts:
+            raise CorpusError(f"all {read} documents of {self.source} are empty or whitespace-only; expected "
+                              "some text. Check --text-field and the source")
+
+    def manifest_input(self) -> dict:
+        """What the manifest records of the last pass (``corpus.input``; shown by ``inspect``, never compared)."""
+        return {"kind": self.kind, "files": list(self.names), "skipped": list(self.skipped),
+                "bom_stripped": self.facts.bom_stripped, "newlines": dict(self.facts.newlines)}
+
+
+def open_corpus(source: str, *, text_field: str = "text", split: str = "train") -> Corpus:
+    """Open ``source`` (see the module docstring): everything but the documents' contents is checked now.
 
     ``text_field`` names the column/key holding text (JSONL, Parquet, HF datasets); ``split``
     picks the split of a saved ``DatasetDict``. Raises :class:`CorpusError` on unusable input.
-    The format is checked eagerly, before the first document is requested.
     """
     if source.startswith(BUILTIN_PREFIX):
         if source not in BUILTINS:
             raise CorpusError(
                 f"unknown builtin corpus {source!r}; expected one of {', '.join(BUILTINS)}"
             )
-        return _read_pydoc()
-    path = Path(source)
-    if not path.exists():
-        raise CorpusError(
-            f"corpus path {source!r} does not exist; expected a file or directory "
-            f"(supported: {SUPPORTED}). Check the path, or use builtin:pydoc"
-        )
-    if path.is_dir():
-        return _read_directory(path, text_field=text_field, split=split)
-    suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
-        return _read_text_files([(path, str(path))])
-    if suffix in JSONL_SUFFIXES:
-        return _read_jsonl(path, text_field)
-    if suffix in PARQUET_SUFFIXES:
-        return _read_parquet_files([(path, str(path))], text_field)
-    raise CorpusError(
-        f"unknown corpus format for {source!r} (suffix {suffix or 'none'!r}); supported: {SUPPORTED}. "
-        "Rename the file to a supported suffix or convert it"
-    )
+        return Corpus(source, "builtin", lambda facts: _read_pydoc())
+    files = resolve_files(source)
+    # one file named directly keeps the spelling given in origins and messages; directory files their names
+    pairs = [(files.files[0][0], str(files.files[0][0]))] if Path(source).is_file() else list(files.files)
+    if files.kind == "text":
+        read = lambda facts: _read_text_files(pairs, facts)  # noqa: E731
+    elif files.kind in ("jsonl", "json"):
+        read = lambda facts: _read_jsonl_files(pairs, text_field, facts)  # noqa: E731
+    elif files.kind == "parquet":
+        _check_parquet_files(pairs, text_field)
+        read = lambda facts: _iter_parquet_rows(pairs, text_field)  # noqa: E731
+    else:
+        dataset, where = _load_hf_dataset(files.files[0][0], text_field, split)
+        read = lambda facts: _iter_hf_rows(dataset, text_field, where)  # noqa: E731
+    return Corpus(files.canonical, files.kind, read, files)
+
+
+def read_documents(source: str, *, text_field: str = "text", split: str = "train") -> Iterator[Document]:
+    """The documents of ``source`` in a deterministic order; the format is checked eagerly, before the
+    first document is requested (:func:`open_corpus`)."""
+    return open_corpus(source, text_field=text_field, split=split).documents()
 
 
 def _read_pydoc() -> Iterator[Document]:
@@ -92,53 +152,48 @@ def _read_pydoc() -> Iterator[Document]:
         yield Document(text=topics[key], origin=f"pydoc:{key}")
 
 
-def _read_directory(path: Path, *, text_field: str, split: str) -> Iterator[Document]:
-    if any((path / marker).is_file() for marker in HF_MARKERS):
-        return _read_hf_dataset(path, text_field, split)
-    files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
-    texts = [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
-    parquets = [p for p in files if p.suffix.lower() in PARQUET_SUFFIXES]
-    if texts and parquets:
-        raise CorpusError(
-            f"directory {str(path)!r} holds both text files ({len(texts)}) and Parquet files "
-            f"({len(parquets)}); expected one kind. Point at a single file or split the directory"
-        )
-    if parquets:
-        return _read_parquet_files([(p, p.relative_to(path).as_posix()) for p in parquets], text_field)
-    if texts:
-        return _read_text_files([(p, p.relative_to(path).as_posix()) for p in texts])
-    raise CorpusError(
-        f"directory {str(path)!r} holds no corpus files ({len(files)} other files); expected *.txt/*.md, "
-        f"*.parquet, or a Hugging Face dataset saved with save_to_disk (dataset_info.json or "
-        f"dataset_dict.json). Supported: {SUPPORTED}"
-    )
-
-
 def _decode(data: bytes, where: str, base_offset: int = 0) -> str:
     """Strict UTF-8 decoding; the error names ``where`` and the absolute byte offset."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         offset = base_offset + exc.start
+        utf16 = " (it starts with a UTF-16 byte-order mark: the file is UTF-16)" if (
+            offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff")) else ""
         raise CorpusError(
-            f"{where}: byte {data[exc.start]:#04x} at byte offset {offset} is not valid UTF-8; "
+            f"{where}: byte {data[exc.start]:#04x} at byte offset {offset} is not valid UTF-8{utf16}; "
             "expected UTF-8 text. Re-encode the file as UTF-8 (e.g. iconv -t UTF-8)"
         ) from exc
 
 
-def _read_text_files(files: list[tuple[Path, str]]) -> Iterator[Document]:
+def _without_bom(data: bytes, facts: TextFacts) -> tuple[bytes, int]:
+    """``data`` without a leading UTF-8 byte-order mark, and how many bytes were dropped (0 or 3)."""
+    if not data.startswith(BOM):
+        return data, 0
+    facts.bom_stripped += 1
+    return data[len(BOM):], len(BOM)
+
+
+def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterator[Document]:
     """``files``: (path, origin name) pairs, already in reading order."""
     for file, name in files:
-        yield Document(text=_decode(file.read_bytes(), str(file)), origin=name)
+        data, dropped = _without_bom(file.read_bytes(), facts)
+        yield Document(text=_decode(data, str(file), dropped), origin=name)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+def _read_jsonl_files(files: list[tuple[Path, str]], text_field: str, facts: TextFacts) -> Iterator[Document]:
+    for file, name in files:
+        yield from _read_jsonl(file, name, text_field, facts)
+
+
+def _read_jsonl(path: Path, name: str, text_field: str, facts: TextFacts) -> Iterator[Document]:
     hint = " (a .json corpus must be JSON Lines: one object per line)" if path.suffix.lower() == ".json" else ""
     offset = 0
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"{path}:{lineno}"
-            line = _decode(raw, f"{path} line {lineno}", offset)
+            data, dropped = _without_bom(raw, facts) if lineno == 1 else (raw, 0)
+            line = _decode(data, f"{path} line {lineno}", offset + dropped)
             offset += len(raw)
             if not line.strip():
                 continue
@@ -146,7 +201,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise CorpusError(f"{where}: line is not valid JSON ({exc.msg}); expected one JSON object per line{hint}") from exc
-            yield Document(text=_field_of(record, text_field, where), origin=where)
+            yield Document(text=_field_of(record, text_field, where), origin=f"{name}:{lineno}")
 
 
 def _field_of(record: object, text_field: str, where: str) -> str:
@@ -163,8 +218,8 @@ def _field_of(record: object, text_field: str, where: str) -> str:
     return value
 
 
-def _read_parquet_files(files: list[tuple[Path, str]], text_field: str) -> Iterator[Document]:
-    """``files``: (path, origin name) pairs. Every schema is checked now, before any row is read."""
+def _check_parquet_files(files: list[tuple[Path, str]], text_field: str) -> None:
+    """Every file's schema, checked before any row is read."""
     import pyarrow.parquet as pq
 
     for file, _ in files:
@@ -173,7 +228,6 @@ def _read_parquet_files(files: list[tuple[Path, str]], text_field: str) -> Itera
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-Parquet bytes
             raise CorpusError(f"{file}: cannot be read as Parquet ({exc}); expected a Parquet file") from exc
         _check_column(schema, text_field, str(file))
-    return _iter_parquet_rows(files, text_field)
 
 
 def _iter_parquet_rows(files: list[tuple[Path, str]], text_field: str) -> Iterator[Document]:
@@ -206,7 +260,8 @@ def _non_null(value: str | None, where: str, text_field: str) -> str:
     return value
 
 
-def _read_hf_dataset(path: Path, text_field: str, split: str) -> Iterator[Document]:
+def _load_hf_dataset(path: Path, text_field: str, split: str):
+    """The saved dataset's ``split``, its text column checked, and the name its rows' origins carry."""
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -219,7 +274,7 @@ def _read_hf_dataset(path: Path, text_field: str, split: str) -> Iterator[Docume
         loaded = loaded[split]
     where = f"{path}[{split}]"
     _check_column(loaded.data.schema, text_field, where)
-    return _iter_hf_rows(loaded.select_columns([text_field]), text_field, where)
+    return loaded.select_columns([text_field]), where
 
 
 def _iter_hf_rows(dataset, text_field: str, where: str) -> Iterator[Document]:
@@ -230,4 +285,4 @@ def _iter_hf_rows(dataset, text_field: str, where: str) -> Iterator[Document]:
             row += 1
 
 
-__all__ = ["BUILTINS", "Document", "read_documents"]
+__all__ = ["BUILTINS", "Corpus", "Document", "open_corpus", "read_documents"]

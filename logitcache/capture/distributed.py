@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .pipeline import CaptureSummary, capture_and_commit, run_capture
+from .pipeline import CaptureSummary, capture_and_commit, preflight, run_capture
 from .config import CaptureConfig
 from ..errors import ConfigError
 from .plan import Plan, Unit, seq_id_for
@@ -127,6 +127,7 @@ def capture_distributed(config: CaptureConfig, *, overwrite: bool = False, progr
     """
     if config.workers < 1:
         raise ConfigError(f"distributed capture needs workers >= 1; found {config.workers}")
+    corpus = preflight(config, overwrite=overwrite)  # before Ray starts the workers, each loading a teacher
     ray = _ray()
     if not ray.is_initialized():
         ray.init()
@@ -148,7 +149,7 @@ def capture_distributed(config: CaptureConfig, *, overwrite: bool = False, progr
                 on_positions(record.positions)
                 yield record
 
-        return run_capture(config, facts, execute, overwrite=overwrite, progress=progress)
+        return run_capture(config, facts, execute, overwrite=overwrite, progress=progress, corpus=corpus)
     finally:
         for w in workers:
             ray.kill(w)

@@ -15,23 +15,24 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from .. import __version__
 from .config import CaptureConfig
-from .corpus import read_documents
+from .corpus import Corpus, open_corpus
+from ..errors import StoreError
 from ..faults import fault_point
-from ..store.manifest import with_header_digest
-from ..store.write_errors import translated_write_errors
+from ..store.manifest import Manifest, ManifestHeader, PlanSection, StoreSection, TokenizerSection
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .sparsify import draw_uniforms, sparsify
-from ..store.commit import FORMAT_NAME, FORMAT_VERSION, ShardRecord, StoreLock, begin_store, finalize_store
+from ..store.commit import (MANIFEST, ShardRecord, StoreLock, begin_store, finalize_store, mismatch_error,
+                            read_manifest)
 from ..store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from ..store.fs import StoreFS
 from ..store.spec import ShardSpec, spec_from_manifest
-from ..store.units import get_backend
+from ..store.containers import get_container
 from ..store.writer import encode_and_commit, encode_unit
 from ..targets import SparseTargets, concat_targets
 from .teachers import Teacher, load_teacher
@@ -48,7 +49,7 @@ class CaptureSummary:
     units_written: int
     tokens: int
     seconds: float
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def tokens_per_second(self) -> float:
@@ -70,27 +71,28 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
                     entropy=config.store.entropy)
 
 
-def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit]) -> dict[str, Any]:
-    """The manifest header: everything a reader needs, and what a resume must match; with its digest."""
-    encoding = store_encoding(config, teacher.vocab_size, plan.tokens)
-    return with_header_digest({
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "identity": config.identity(),
-        "method": config.sparsify.method,
-        "params": config.sparsify.params(),
-        "head_size": head_size(config, teacher.vocab_size),
-        "seed": config.seed,
-        "teacher": teacher.identity(),
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(teacher.tokenizer), "eos_id": int(teacher.eos_id)},
-        "corpus": {"source": config.corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats},
-        "seq_len": plan.seq_len,
-        "plan": {"sequences": plan.num_windows, "positions": plan.num_windows * plan.seq_len,
-                 "shards": len(units), "sequences_per_shard": config.store.sequences_per_shard},
-        "store": {"format": config.store.format, "compression": config.store.compression,
-                  "compression_level": config.store.compression_level, "encoding": encoding.to_manifest()},
-        "written_by": f"logitcache {__version__}",
-    })
+def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit],
+                 corpus: Corpus) -> ManifestHeader:
+    """The manifest header: everything a reader needs, and what a resume must match (``corpus`` just read
+    into ``plan``: its canonical source and what its reader found go in the corpus section)."""
+    store = config.store
+    return ManifestHeader(
+        identity=config.identity(),
+        method=config.sparsify.method,
+        params=config.sparsify.params(),
+        head_size=head_size(config, teacher.vocab_size),
+        seed=config.seed,
+        teacher=teacher.identity(),
+        tokenizer=TokenizerSection(tokenizer_fingerprint(teacher.tokenizer), int(teacher.eos_id)),
+        corpus={"source": corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats,
+                "input": corpus.manifest_input()},
+        seq_len=plan.seq_len,
+        plan=PlanSection(sequences=plan.num_windows, positions=plan.num_windows * plan.seq_len, shards=len(units),
+                         sequences_per_shard=store.sequences_per_shard),
+        store=StoreSection(store.format, store.compression, store.compression_level,
+                           store_encoding(config, teacher.vocab_size, plan.tokens)),
+        written_by=f"logitcache {__version__}",
+    )
 
 
 def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
@@ -169,15 +171,44 @@ def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: C
                 future.cancel()
 
 
-def prepare_capture(config: CaptureConfig, teacher: Teacher) -> tuple[Plan, list[Unit], dict[str, Any], ShardSpec]:
-    """Plan, units, manifest header and shard spec: a pure function of the config and the teacher."""
-    corpus = config.corpus
-    documents = read_documents(corpus.source, text_field=corpus.text_field, split=corpus.split)
-    plan = build_plan(documents, teacher.tokenizer, seq_len=corpus.seq_len, max_tokens=corpus.max_tokens,
+def prepare_capture(config: CaptureConfig, teacher: Teacher,
+                    corpus: Corpus | None = None) -> tuple[Plan, list[Unit], ManifestHeader, ShardSpec]:
+    """Plan, units, manifest header and shard spec: a pure function of the config and the teacher
+    (``corpus``: the config's corpus, already opened)."""
+    c = config.corpus
+    corpus = corpus or open_corpus(c.source, text_field=c.text_field, split=c.split)
+    plan = build_plan(corpus.documents(), teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
                       eos_id=teacher.eos_id, max_positions=teacher.max_positions)
     units = plan_units(plan, config.store.sequences_per_shard)
-    header = build_header(config, teacher, plan, units)
-    return plan, units, header, spec_from_manifest(dict(header, shards=[]))
+    header = build_header(config, teacher, plan, units, corpus)
+    return plan, units, header, spec_from_manifest(header)
+
+
+def preflight(config: CaptureConfig, *, overwrite: bool) -> Corpus:
+    """What can be checked before a teacher loads (which takes minutes for a large one): the store location
+    (a directory or URL, and an existing store's identity unless ``overwrite``), then the corpus, opened and
+    read through (:meth:`Corpus.check`). Returns the opened corpus; raises what the capture would raise later."""
+    fs = StoreFS(config.store.path)
+    if not fs.remote:
+        _check_store_directory(fs.root, config.store.path)
+    if not overwrite and fs.exists(MANIFEST):
+        diff = read_manifest(fs).header.identity_difference(config.identity())
+        if diff:
+            raise mismatch_error(fs.url, diff)
+    c = config.corpus
+    corpus = open_corpus(c.source, text_field=c.text_field, split=c.split)
+    corpus.check()
+    return corpus
+
+
+def _check_store_directory(root, given: str) -> None:
+    """Refuse a local store path that is, or lies under, a file (mkdir would fail with a bare errno)."""
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise StoreError(f"--out {given!r}: {path} is a file, not a directory; a store is a directory "
+                                 "(new or existing) or a URL. Choose another --out, or move the file away")
+            return
 
 
 # execute(plan, spec, root URL, units, on_positions) -> the committed ShardRecords, in any order
@@ -185,13 +216,13 @@ Executor = Callable[[Plan, ShardSpec, str, list[Unit], Callable[[int], None]], I
 
 
 def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, overwrite: bool,
-                progress: bool) -> CaptureSummary:
+                progress: bool, corpus: Corpus | None = None) -> CaptureSummary:
     """Plan, open the store, hand the units not yet committed to ``execute``, finalise the manifest."""
-    plan, units, header, spec = prepare_capture(config, teacher)
+    plan, units, header, spec = prepare_capture(config, teacher, corpus)
     fs = StoreFS(config.store.path)
     started = time.perf_counter()
-    with translated_write_errors(fs.url), StoreLock(fs):
-        committed = begin_store(fs, header, get_backend(spec.format).static_objects(spec), overwrite=overwrite)
+    with StoreLock(fs):
+        committed = begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]
         records = list(committed)
@@ -213,13 +244,14 @@ def capture_local(config: CaptureConfig, *, overwrite: bool = False, progress: b
                   teacher: Teacher | None = None) -> CaptureSummary:
     """Capture ``config`` in this process (``teacher`` or the one the config names); resumes an
     interrupted store with the same configuration. :func:`logitcache.capture.capture` chooses between
-    this and the Ray job."""
+    this and the Ray job. The store location and the corpus are checked before the teacher loads."""
+    corpus = preflight(config, overwrite=overwrite)
     teacher = teacher or load_teacher(config.teacher)
 
     def execute(plan, spec, root, todo, on_positions):
         return capture_pipelined(teacher, plan, todo, config, spec, root, on_batch=on_positions)
 
-    return run_capture(config, teacher, execute, overwrite=overwrite, progress=progress)
+    return run_capture(config, teacher, execute, overwrite=overwrite, progress=progress, corpus=corpus)
 
 
 def _progress_bar(enabled: bool, *, total: int, initial: int):

@@ -29,7 +29,8 @@ import hashlib
 import torch
 
 from .config import SparsifyConfig
-from ..errors import ConfigError
+from ..choices import METHODS
+from ..errors import ConfigError, TargetsError
 from ..targets import SparseTargets
 
 ROW_CHUNK = 16
@@ -79,13 +80,13 @@ def draw_uniforms(seed: int, seq_id: int, num_positions: int, num_samples: int) 
 
 def _check_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor):
-        raise ConfigError(f"logits must be a torch.Tensor; found {type(logits).__name__}")
+        raise TargetsError(f"logits must be a torch.Tensor; found {type(logits).__name__}")
     if logits.dim() != 2:
-        raise ConfigError(f"logits must be 2-D [positions, vocab]; found shape {list(logits.shape)}")
+        raise TargetsError(f"logits must be 2-D [positions, vocab]; found shape {list(logits.shape)}")
     if not logits.is_floating_point():
-        raise ConfigError(f"logits must be a floating dtype; found {logits.dtype}")
+        raise TargetsError(f"logits must be a floating dtype; found {logits.dtype}")
     if logits.shape[1] < 1:
-        raise ConfigError(f"logits need a vocabulary of at least 1; found shape {list(logits.shape)}")
+        raise TargetsError(f"logits need a vocabulary of at least 1; found shape {list(logits.shape)}")
 
 
 def _check_row_max(row_max: torch.Tensor, offset: int = 0) -> None:
@@ -95,22 +96,22 @@ def _check_row_max(row_max: torch.Tensor, offset: int = 0) -> None:
         row = int(bad.nonzero()[0, 0])
         value = float(row_max[row])
         what = "a NaN" if value != value else ("+inf" if value > 0 else "only -inf")
-        raise ConfigError(f"logits row {row + offset} contains {what}; expected finite logits "
-                          f"with at least one finite value per row")
+        raise TargetsError(f"logits row {row + offset} contains {what}; expected finite logits "
+                           f"with at least one finite value per row")
 
 
 def _check_uniforms(uniforms: torch.Tensor | None, t: int, n: int, device: torch.device) -> torch.Tensor:
     """The uniforms as float64 on the logits' ``device`` (they are drawn on the CPU, see draw_uniforms)."""
     if uniforms is None:
-        raise ConfigError(f"sampling needs uniforms float64[{t}, {n}]; found None (use draw_uniforms)")
+        raise TargetsError(f"sampling needs uniforms float64[{t}, {n}]; found None (use draw_uniforms)")
     if not isinstance(uniforms, torch.Tensor) or tuple(uniforms.shape) != (t, n):
         shape = list(uniforms.shape) if isinstance(uniforms, torch.Tensor) else type(uniforms).__name__
-        raise ConfigError(f"uniforms must have shape [positions, samples] = [{t}, {n}]; found {shape}")
+        raise TargetsError(f"uniforms must have shape [positions, samples] = [{t}, {n}]; found {shape}")
     if not uniforms.is_floating_point():
-        raise ConfigError(f"uniforms must be float64; found {uniforms.dtype}")
+        raise TargetsError(f"uniforms must be float64; found {uniforms.dtype}")
     u = uniforms.to(device=device, dtype=torch.float64)
     if u.numel() and not bool(((u >= 0) & (u < 1)).all()):
-        raise ConfigError("uniforms must lie in [0, 1); found values outside (or NaN)")
+        raise TargetsError("uniforms must lie in [0, 1); found values outside (or NaN)")
     return u
 
 
@@ -127,30 +128,63 @@ def _block_max(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
 
 
-def _head(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of each row: ``(values float32[T, k], ids int64[T, k])``, descending.
+def _topk_by_id(y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row of ``y [T, n]`` in the order (value descending, index ascending).
 
-    The top-k ids lie in the k blocks with the largest block maxima (every element above the
-    k-th block maximum lives in a block ranked higher), so when ``k·BLOCK`` is small against ``V``
-    ``torch.topk`` runs on those ``k·BLOCK`` candidates only. Rows whose k-th value is −inf (fewer
-    than k finite logits) are redone with a plain ``torch.topk`` so padding can never be chosen.
+    ``torch.topk`` is exact in the *values* it returns but chooses freely among equal values, and
+    that choice differs between devices, versions and input shapes. Its set is kept where it is the
+    only possible one (no entry outside equals the k-th value); in rows where equal values cross the
+    boundary, every entry above the k-th value is kept plus the lowest-index entries equal to it until
+    ``k`` are kept. A stable sort then orders them. So the chosen set and its order are a function of
+    the values alone, on every device.
+    """
+    top = torch.topk(y, k, dim=1)
+    if bool(torch.isnan(top.values[:, 0]).any()):  # topk ranks NaN first; the caller refuses the row by number
+        return top.values, top.indices
+    idx = top.indices
+    threshold = top.values[:, -1:]
+    crossing = (y >= threshold).sum(1) > k
+    if bool(crossing.any()):
+        rows = crossing.nonzero()[:, 0]
+        sub, sub_threshold = y[rows], threshold[rows]
+        above, tied = sub > sub_threshold, sub == sub_threshold
+        room = k - above.sum(1, keepdim=True)
+        keep = above | (tied & (torch.cumsum(tied, 1) <= room))
+        idx = idx.clone()
+        idx[rows] = keep.nonzero()[:, 1].reshape(rows.numel(), k)  # row-major: ascending index per row
+    idx = torch.sort(idx, dim=1).values
+    vals = torch.gather(y, 1, idx)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+
+
+def _head(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row: ``(values float32[T, k], ids int64[T, k])``, by descending value and,
+    among equal values, ascending id (:func:`_topk_by_id`): canonical at exact ties.
+
+    The top-k ids lie in the k blocks with the largest block maxima, so when ``k·BLOCK`` is small
+    against ``V`` the selection runs on those ``k·BLOCK`` candidates only. The blocks are chosen by
+    the same (value, index) rule and laid out in ascending id order, which keeps the result exact at
+    ties too: a tied id left outside is in a block whose index exceeds every chosen tied block's, and
+    at least as many tied ids as the head has room for lie in the chosen ones. Rows whose k-th value
+    is −inf (fewer than k finite logits) are redone over the whole row so padding is never chosen.
     """
     t, v = x.shape
     if t == 0 or 4 * k * BLOCK > v:
-        vals, ids = torch.topk(x, k, dim=1)
+        vals, ids = _topk_by_id(x, k)
         return vals.float(), ids
-    _, top_blocks = torch.topk(_block_max(x), k, dim=1)  # [T, k]
+    top_blocks = torch.sort(_topk_by_id(_block_max(x), k)[1], dim=1).values  # [T, k], ascending
     cand_ids = (top_blocks[:, :, None] * BLOCK + torch.arange(BLOCK, device=x.device)).reshape(t, -1)
     if v % BLOCK == 0:  # copy whole blocks (much faster than an element gather)
         cand = x.reshape(t, v // BLOCK, BLOCK)[torch.arange(t, device=x.device)[:, None], top_blocks].reshape(t, -1)
     else:
         outside = cand_ids >= v
         cand = torch.gather(x, 1, cand_ids.clamp(max=v - 1)).masked_fill_(outside, float("-inf"))
-    vals, pos = torch.topk(cand, k, dim=1)
+    vals, pos = _topk_by_id(cand, k)
     ids = torch.gather(cand_ids, 1, pos)
     redo = vals[:, -1] == float("-inf")
     if bool(redo.any()):
-        rv, ri = torch.topk(x[redo], k, dim=1)
+        rv, ri = _topk_by_id(x[redo], k)
         vals[redo], ids[redo] = rv, ri
     return vals.float(), ids
 
@@ -357,7 +391,7 @@ def sparsify(logits: torch.Tensor, config: SparsifyConfig, uniforms: torch.Tenso
         return hybrid(logits, config.k, config.samples, uniforms)
     if config.method == "full":
         return full(logits)
-    raise ConfigError(f"method must be one of topk, sample, hybrid, full; found {config.method!r}")
+    raise ConfigError(f"method must be one of {', '.join(METHODS)}; found {config.method!r}")
 
 
 __all__ = ["draw_uniforms", "full", "hybrid", "sample", "sequence_seed", "sparsify", "topk"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..capture.config import CaptureConfig
+from ..choices import BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LOGPROB_DTYPES, METHODS
 from ..jobfile import read_job_file
 from ..errors import LogitCacheError
 
@@ -81,14 +82,14 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML capture config; flags override it.")
 @click.option("--teacher", help="Local HF model directory, or embedded:smollm2-135m-instruct (default).")
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), help="Teacher engine: hf (transformers, default) or vllm.")
+@click.option("--backend", type=click.Choice(BACKENDS), help="Teacher engine: hf (transformers, default) or vllm.")
 @click.option("--engine", multiple=True, metavar="KEY=VALUE",
               help="vllm.LLM argument, repeatable (tensor_parallel_size=8, max_model_len=4096, ...); vllm only.")
 @click.option("--workers", type=int, help="0 = in this process (default); N = N Ray actors (one engine each).")
 @click.option("--encode-threads", type=int,
               help="Threads encoding finished units while the teacher runs (0 = auto: 1 on CPU, up to 4 with a GPU).")
 @click.option("--device", help="cpu, cuda, cuda:N or auto (default); with vllm, where the output head runs.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Teacher dtype (default bfloat16).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
 @click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
 @click.option("--corpus", help="Path (.txt/.md dir or file, .jsonl, .parquet, HF save_to_disk dir) or builtin:pydoc.")
@@ -96,18 +97,18 @@ def main() -> None:
 @click.option("--split", help="Split of a saved HF DatasetDict (default train).")
 @click.option("--seq-len", type=int, help="Positions per window (default 512).")
 @click.option("--max-tokens", type=int, help="Stop after about this many tokens (whole windows).")
-@click.option("--method", type=click.Choice(["topk", "sample", "hybrid", "full"]), help="Sparsifier (default sample).")
+@click.option("--method", type=click.Choice(METHODS), help="Sparsifier (default sample).")
 @click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
 @click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
 @click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
 @click.option("--seed", type=int, help="Global seed for the draws (default 0).")
 @click.option("--out", help="Store directory or fsspec URL such as s3://bucket/prefix (default ./cache).")
-@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Store container (default arrow).")
+@click.option("--format", type=click.Choice(FORMATS), help="Store container (default arrow).")
 @click.option("--sequences-per-shard", type=int, help="Windows per shard = unit of work (default 16).")
-@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]),
+@click.option("--logprob-dtype", type=click.Choice(LOGPROB_DTYPES),
               help="Stored logprob precision: float32 (lossless, default); float16 or q8 are lossy (opt-in).")
-@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default auto).")
-@click.option("--entropy", type=click.Choice(["zstd", "ans"]),
+@click.option("--ids", type=click.Choice(ID_CHOICES), help="Id code (default auto).")
+@click.option("--entropy", type=click.Choice(ENTROPY_CODECS),
               help="Entropy stage: zstd (default) or ans, context-modelled rANS per unit (smaller, lossless).")
 @click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
 @click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
@@ -128,11 +129,11 @@ def capture(config_path, overwrite, quiet, **flags) -> None:
 @main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option("--format", type=click.Choice(["arrow", "zarr"]), help="Destination container (default: the source's).")
-@click.option("--ids", type=click.Choice(["auto", "rank-delta", "packed"]), help="Id code (default: the source's).")
-@click.option("--logprob-dtype", type=click.Choice(["float32", "float16", "q8"]), help="Logprob codec (lossy opt-in).")
+@click.option("--format", type=click.Choice(FORMATS), help="Destination container (default: the source's).")
+@click.option("--ids", type=click.Choice(ID_CHOICES), help="Id code (default: the source's).")
+@click.option("--logprob-dtype", type=click.Choice(LOGPROB_DTYPES), help="Logprob codec (lossy opt-in).")
 @click.option("--compression-level", type=int, help="zstd level (default: the source's).")
-@click.option("--entropy", type=click.Choice(["zstd", "ans"]), help="Entropy stage (default: the source's).")
+@click.option("--entropy", type=click.Choice(ENTROPY_CODECS), help="Entropy stage (default: the source's).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at DST first.")
 def convert(src, dst, format, ids, logprob_dtype, compression_level, entropy, overwrite) -> None:
     """Re-encode store SRC into DST (streaming, resumable), then check both hold the same targets."""

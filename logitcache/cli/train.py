@@ -1,6 +1,6 @@
 """``logitcache train``: the plain distillation loop of :mod:`logitcache.train.loop` from the command line.
 
-Registered on the main group with ``main.add_command(train_command)`` (see ``logitcache/cli.py``).
+Registered on the main group with ``main.add_command(train_command)`` (see :mod:`logitcache.cli`).
 An optional YAML config (``--config``, ``kind: train``) is read first; flags override it field by field.
 """
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ..choices import DTYPES, LOSS_KINDS
 from ..jobfile import read_job_file
 
 __all__ = ["load_train_config", "train_command"]
@@ -32,7 +33,7 @@ def load_train_config(path: str | None, overrides: dict[str, Any]):
 @click.option("--out", help="Output directory (student, optimizer.pt, train_state.json); resumes if it holds a run.")
 @click.option("--eval-store", help="Store to evaluate on (CE, KL, top-1 agreement).")
 @click.option("--alpha", type=float, help="Weight of the KD term: (1-α)·CE + α·KD (default 0.5).")
-@click.option("--loss-kind", "kind", type=click.Choice(["auto", "sparse", "topk_renorm", "ghost", "reverse"]),
+@click.option("--loss-kind", "kind", type=click.Choice(LOSS_KINDS),
               help="KD loss kind (default auto).")
 @click.option("--lr", type=float, help="AdamW learning rate (default 3e-4).")
 @click.option("--batch-size", type=int, help="Sequences per step (default 8).")
@@ -41,7 +42,7 @@ def load_train_config(path: str | None, overrides: dict[str, Any]):
 @click.option("--seed", type=int, help="Data order and init seed (default 0).")
 @click.option("--num-workers", type=int, help="DataLoader workers (default 0).")
 @click.option("--device", help="cpu, cuda, cuda:N (default cpu).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Student dtype (default float32).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Student dtype (default float32).")
 @click.option("--grad-clip", type=float, help="Gradient-norm clip; 0 disables (default 1.0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(config_path, quiet, **flags) -> None:

@@ -1,5 +1,5 @@
 """Stores: layout and exactly-once commits (``layout``), object I/O (``fs``), compact row encodings
-(``encoding``), containers (``arrow_backend``, ``zarr_backend``) and the read side (``reader``)."""
+(``encoding``), containers (``containers``: arrow, zarr) and the read side (``reader``)."""
 
 from .encoding import Encoding
 from .commit import FORMAT_VERSION, ShardRecord, StoreLock, read_manifest

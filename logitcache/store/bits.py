@@ -6,11 +6,16 @@
   bits below the leading one. Symbols are bytes so the container's entropy coder (zstd's Huffman
   stage) models their skewed distribution; mantissas are nearly uniform, so they are packed raw.
   Values up to ``2**32 - 1`` fit; nothing is ever truncated.
+
+Values that do not fit raise :class:`TargetsError`; streams of the wrong size (only a damaged shard
+gives them) raise :class:`CorruptShardError`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..errors import CorruptShardError, TargetsError
 
 MAX_BITS = 32
 
@@ -32,7 +37,7 @@ def _layout(widths: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray
     in a stream of big-endian 64-bit words (values are at most 32 bits, so a field spans ≤ 2 words)."""
     widths = widths.astype(np.int64)
     if widths.size and widths.max() > MAX_BITS:
-        raise ValueError(f"bit fields hold at most {MAX_BITS} bits; found a width of {widths.max()}")
+        raise TargetsError(f"bit fields hold at most {MAX_BITS} bits; found a width of {widths.max()}")
     offsets = np.cumsum(widths) - widths
     shift = offsets & 63
     return int(widths.sum()), offsets >> 6, shift, shift + widths
@@ -66,7 +71,7 @@ def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
     if total == 0:
         return out
     if data.size * 8 < total:
-        raise ValueError(f"bit stream holds {data.size * 8} bits; {total} expected")
+        raise CorruptShardError(f"bit stream holds {data.size * 8} bits; {total} expected")
     nbytes = (total + 7) // 8
     # two spare words: a field's next word is read even when the field ends on a word boundary, and
     # a zero-width field after the last bit sits at offset ``total``, a word past the data
@@ -86,14 +91,14 @@ def pack_fixed(values: np.ndarray, width: int) -> bytes:
     """Each value in exactly ``width`` bits; refuses values that do not fit."""
     values = np.asarray(values, dtype=np.int64)
     if values.size and (values.min() < 0 or values.max() >= (1 << width)):
-        raise ValueError(f"values in [{values.min()}, {values.max()}] do not fit in {width} bits")
+        raise TargetsError(f"values in [{values.min()}, {values.max()}] do not fit in {width} bits")
     return _pack_variable(values, np.full(values.size, width, dtype=np.int64))
 
 
 def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
     data = np.asarray(data, dtype=np.uint8)
     if data.size != fixed_size(count, width):
-        raise ValueError(f"bit stream holds {data.size} bytes; {fixed_size(count, width)} expected")
+        raise CorruptShardError(f"bit stream holds {data.size} bytes; {fixed_size(count, width)} expected")
     return _unpack_variable(np.asarray(data, dtype=np.uint8), np.full(count, width, dtype=np.int64)).astype(np.int64)
 
 
@@ -106,7 +111,7 @@ def gamma_split(values: np.ndarray) -> tuple[bytes, bytes]:
     """``(symbols, mantissa bits)``: one symbol byte per value, then the packed mantissas."""
     values = np.asarray(values, dtype=np.int64)
     if values.size and (values.min() < 0 or values.max() >= (1 << MAX_BITS)):
-        raise ValueError(f"gamma code takes values in [0, 2**{MAX_BITS}); found [{values.min()}, {values.max()}]")
+        raise TargetsError(f"gamma code takes values in [0, 2**{MAX_BITS}); found [{values.min()}, {values.max()}]")
     symbols = bit_length(values)
     return symbols.astype(np.uint8).tobytes(), _pack_variable(values, np.maximum(symbols - 1, 0))
 
@@ -115,13 +120,13 @@ def unpack_gamma_split(symbols: np.ndarray, bits: np.ndarray, count: int) -> np.
     """Inverse of :func:`gamma_split` for ``count`` values; refuses streams of the wrong size."""
     symbols = np.asarray(symbols, dtype=np.uint8).astype(np.int64)
     if symbols.size != count:
-        raise ValueError(f"gamma stream holds {symbols.size} symbols; {count} expected")
+        raise CorruptShardError(f"gamma stream holds {symbols.size} symbols; {count} expected")
     if count and symbols.max() > MAX_BITS:
-        raise ValueError(f"gamma symbol {symbols.max()} exceeds {MAX_BITS}")
+        raise CorruptShardError(f"gamma symbol {symbols.max()} exceeds {MAX_BITS}")
     widths = np.maximum(symbols - 1, 0)
     expected = (int(widths.sum()) + 7) // 8
     if np.asarray(bits).size != expected:
-        raise ValueError(f"gamma mantissa stream holds {np.asarray(bits).size} bytes; {expected} expected")
+        raise CorruptShardError(f"gamma mantissa stream holds {np.asarray(bits).size} bytes; {expected} expected")
     mantissa = _unpack_variable(np.asarray(bits, dtype=np.uint8), widths).astype(np.int64)
     lead = np.where(symbols > 0, np.left_shift(1, widths), 0)
     return lead | mantissa

@@ -1,7 +1,7 @@
 """Store layout, manifest, exactly-once unit commits and the writer lock.
 
 Layout of a store (a local directory or an fsspec URL; the container decides what a unit's
-objects hold — see :mod:`logitcache.store.arrow_backend` and :mod:`logitcache.store.zarr_backend`)::
+objects hold — see :mod:`logitcache.store.containers.arrow` and :mod:`logitcache.store.containers.zarr`)::
 
     STORE/
       manifest.json          header (complete=false) at start; final manifest with all units at the end
@@ -24,75 +24,19 @@ import hashlib
 import json
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 from ..faults import fault_point
-from .manifest import check_manifest, check_shard_entry
+# FORMAT_VERSION and ShardRecord (now in .manifest) are also imported from here
+from .manifest import FORMAT_VERSION, Manifest, ManifestHeader, ShardRecord
 from .fs import StoreFS
+from .write_errors import translates_write_errors
 
-FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 COMMIT_DIR = "commits"
 LOCK = ".lock"
-
-
-@dataclass(frozen=True)
-class ObjectRecord:
-    """One object of a unit: path relative to the store root, size and sha256."""
-
-    path: str
-    bytes: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What the manifest records of one committed unit (its objects, counts and measured error)."""
-
-    index: int
-    sequences: int
-    positions: int
-    entries: int
-    objects: tuple[ObjectRecord, ...] = field(default=())
-    max_logprob_error: float = 0.0
-    max_prob_error: float = 0.0
-
-    @property
-    def bytes(self) -> int:
-        return sum(o.bytes for o in self.objects)
-
-    @property
-    def sha256(self) -> str:
-        """One digest over the unit's objects (identifies the unit's bytes)."""
-        return hashlib.sha256("".join(o.sha256 for o in self.objects).encode()).hexdigest()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["objects"] = [dict(o.__dict__) for o in self.objects]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
-        try:
-            fields_ = {k: d[k] for k in ("index", "sequences", "positions", "entries")}
-            objects = tuple(ObjectRecord(str(o["path"]), int(o["bytes"]), str(o["sha256"])) for o in d["objects"])
-            errors = {k: float(d.get(k, 0.0)) for k in ("max_logprob_error", "max_prob_error")}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"malformed unit record {d!r:.200}: {exc!r}") from exc
-        for key, value in fields_.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise StoreError(f"unit record field {key!r} must be a non-negative integer; found {value!r}")
-        return cls(objects=objects, **fields_, **errors)
-
-    @classmethod
-    def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
-              max_logprob_error: float = 0.0, max_prob_error: float = 0.0) -> ShardRecord:
-        recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
-        return cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error)
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -117,61 +61,43 @@ def as_fs(root: str | os.PathLike | StoreFS) -> StoreFS:
     return root if isinstance(root, StoreFS) else StoreFS(root)
 
 
-def read_manifest(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
-    """The manifest, checked for format and version; with commit records merged while incomplete."""
+def read_manifest(root: str | os.PathLike | StoreFS) -> Manifest:
+    """The manifest, checked (:meth:`Manifest.from_dict`); with commit records merged while incomplete."""
     fs = as_fs(root)
     if not fs.exists(MANIFEST):
         raise StoreNotFoundError(f"no logitcache store at {fs.url}: {MANIFEST} is missing. "
                                  "Expected a directory written by `logitcache capture`.")
-    path = fs.describe(MANIFEST)
-    root = fs.url
-    manifest = read_json(fs, MANIFEST, "manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise StoreError(f"{path} is not a logitcache manifest (format={manifest.get('format')!r} "
-                         f"if a mapping); expected format {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"store {root} has format_version {version!r}; this logitcache reads version "
-                         f"{FORMAT_VERSION}. Upgrade logitcache or recapture the store.")
-    if not manifest.get("complete"):
+    manifest = _load_manifest(fs)
+    if not manifest.complete:
         fault_point("reader_commits")
         try:
             records = read_commits(fs)
         except FileNotFoundError:
             records = None
-        if records is None or read_json(fs, MANIFEST, "manifest").get("complete"):  # finalized while we read
+        if records is None or _load_manifest(fs).complete:  # finalized while we read
             return read_manifest(fs)
-        manifest = dict(manifest, shards=[r.to_dict() for r in records])
-    check_manifest(manifest, path)
+        manifest = manifest.with_shards(records, fs.describe(MANIFEST))
     return manifest
+
+
+def _load_manifest(fs: StoreFS) -> Manifest:
+    return Manifest.from_dict(read_json(fs, MANIFEST, "manifest"), fs.describe(MANIFEST))
 
 
 def read_commits(fs: StoreFS) -> list[ShardRecord]:
     """Commit records of the units committed so far, by index."""
-    records = [ShardRecord.from_dict(check_shard_entry(read_json(fs, rel, "commit record"), fs.describe(rel)))
+    records = [ShardRecord.from_dict(read_json(fs, rel, "commit record"), fs.describe(rel))
                for rel in fs.list(COMMIT_DIR) if rel.endswith(".json")]
     return sorted(records, key=lambda r: r.index)
 
 
-def first_difference(found: Any, expected: Any, prefix: str = "") -> str | None:
-    """Dotted name and values of the first field where two config dicts differ, else None."""
-    if isinstance(found, dict) and isinstance(expected, dict):
-        for key in sorted(set(found) | set(expected)):
-            diff = first_difference(found.get(key), expected.get(key), f"{prefix}{key}.")
-            if diff:
-                return diff
-        return None
-    if found != expected:
-        return f"{prefix.rstrip('.')}: store has {found!r}, this run has {expected!r}"
-    return None
-
-
-def begin_store(fs: StoreFS, header: dict[str, Any], static_objects: list[tuple[str, bytes]], *,
+@translates_write_errors
+def begin_store(fs: StoreFS, header: ManifestHeader, static_objects: list[tuple[str, bytes]], *,
                 overwrite: bool) -> list[ShardRecord]:
     """Create or reopen a store for writing; returns the already committed units.
 
-    Refuses a store whose recorded identity differs from ``header["identity"]``, naming the
-    first differing field. With ``overwrite`` an existing store is removed first.
+    Refuses a store whose recorded identity (or teacher, tokenizer, corpus, plan) differs from
+    ``header``'s, naming the first differing field. With ``overwrite`` an existing store is removed first.
     ``static_objects`` (container metadata) are written before the header.
     """
     root = fs.url
@@ -179,15 +105,12 @@ def begin_store(fs: StoreFS, header: dict[str, Any], static_objects: list[tuple[
     if overwrite and fs.exists(MANIFEST):
         remove_store(fs)
     if fs.exists(MANIFEST):
-        existing = read_json(fs, MANIFEST, "manifest")
-        for key in ("identity", "teacher", "tokenizer", "corpus", "plan"):
-            diff = first_difference(existing.get(key), header.get(key), f"{key}.")
-            if diff:
-                raise StoreMismatchError(f"store {root} was captured with a different configuration: {diff}. "
-                                         "Use the original settings to resume, --overwrite to start over, "
-                                         "or another --out.")
-        if existing.get("complete"):
-            return [ShardRecord.from_dict(r) for r in existing["shards"]]
+        existing = _load_manifest(fs)
+        diff = existing.header.first_difference(header)
+        if diff:
+            raise mismatch_error(root, diff)
+        if existing.complete:
+            return list(existing.shards)
         for rel, data in static_objects:  # a start killed before they were all written
             if fs.size(rel) != len(data):
                 fs.write(rel, data)
@@ -195,10 +118,16 @@ def begin_store(fs: StoreFS, header: dict[str, Any], static_objects: list[tuple[
     if not fs.is_empty(ignore=(LOCK,)):
         raise StoreError(f"{root} exists, is not empty and holds no {MANIFEST}; expected an empty or new "
                          "directory. Choose another --out or empty it.")
-    fs.write(MANIFEST, dump_json(dict(header, complete=False, shards=[])))  # first: a failed start leaves no half store
+    fs.write(MANIFEST, dump_json(Manifest(header).to_dict()))  # first: a failed start leaves no half store
     for rel, data in static_objects:
         fs.write(rel, data)
     return []
+
+
+def mismatch_error(root: str, diff: str) -> StoreMismatchError:
+    """The refusal of a resume whose configuration differs (``diff``: the first differing field)."""
+    return StoreMismatchError(f"store {root} was captured with a different configuration: {diff}. "
+                              "Use the original settings to resume, --overwrite to start over, or another --out.")
 
 
 def remove_temp_files(fs: StoreFS) -> None:
@@ -216,6 +145,7 @@ def _unit_matches(fs: StoreFS, record: ShardRecord) -> bool:
     return all(fs.size(o.path) == o.bytes for o in record.objects)
 
 
+@translates_write_errors
 def commit_unit(fs: StoreFS, record: ShardRecord, objects: list[tuple[str, bytes]]) -> None:
     """Write one unit's objects, then its commit record: exactly-once, crash-safe."""
     for rel, data in objects:
@@ -224,15 +154,16 @@ def commit_unit(fs: StoreFS, record: ShardRecord, objects: list[tuple[str, bytes
     fs.write(f"{COMMIT_DIR}/{record.index:05d}.json", dump_json(record.to_dict()))
 
 
-def finalize_store(fs: StoreFS, header: dict[str, Any], records: list[ShardRecord]) -> dict[str, Any]:
+@translates_write_errors
+def finalize_store(fs: StoreFS, header: ManifestHeader, records: list[ShardRecord]) -> Manifest:
     """Write the final manifest listing every unit, then drop the commit records.
 
     Call under the lock with every writer done: temp files a killed worker left mid-write (a Ray
     worker's unit is retried elsewhere, nobody resumes over its leftovers) are swept first.
     """
     remove_temp_files(fs)
-    manifest = dict(header, complete=True, shards=[r.to_dict() for r in sorted(records, key=lambda r: r.index)])
-    fs.write(MANIFEST, dump_json(manifest))
+    manifest = Manifest(header, complete=True, shards=tuple(sorted(records, key=lambda r: r.index)))
+    fs.write(MANIFEST, dump_json(manifest.to_dict()))
     fault_point("after_manifest")
     fs.remove(COMMIT_DIR)
     return manifest
@@ -263,6 +194,7 @@ class StoreLock:
         self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
         self.path = None if self.fs.remote else self.fs.local_path(LOCK)
 
+    @translates_write_errors
     def __enter__(self) -> StoreLock:
         if self.fs.remote:
             if self.fs.exists(LOCK):
@@ -298,6 +230,7 @@ class StoreLock:
                                f"(lock file {self.path}). Wait for it to finish; if that process is gone, "
                                "delete the lock file and resume.")
 
+    @translates_write_errors
     def __exit__(self, *exc: object) -> None:
         if self.fs.remote:
             self.fs.remove(LOCK)

@@ -8,22 +8,20 @@ error of the destination's logprob codec otherwise.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from .writer import encode_unit
 from ..errors import ConfigError, StoreError
-from .encoding import ENCODING_VERSIONS, Encoding, q8_bound
+from .encoding import Encoding, q8_bound
 from .fs import StoreFS
-from .manifest import with_header_digest
+from .manifest import Manifest, ManifestHeader, StoreSection
 from .commit import StoreLock, begin_store, commit_unit, finalize_store, read_manifest
-from .reader import decode_rows, iter_sequences, read_unit, shard_records
+from .reader import decode_rows, iter_sequences, read_unit
 from .spec import spec_from_manifest
-from .units import get_backend
+from .containers import get_container
 from ..targets import SparseTargets
 
 
@@ -38,7 +36,7 @@ class ConvertSummary:
     max_prob_error: float
 
 
-def _token_order(fs: StoreFS, manifest: dict[str, Any], vocab_size: int) -> tuple[int, ...]:
+def _token_order(fs: StoreFS, vocab_size: int) -> tuple[int, ...]:
     """The rank-delta order from the store's own tokens (streamed), for sources that have none."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for _, tokens, _ in iter_sequences(fs):
@@ -47,28 +45,26 @@ def _token_order(fs: StoreFS, manifest: dict[str, Any], vocab_size: int) -> tupl
     return tuple(seen[np.lexsort((seen, -counts[seen]))].tolist())
 
 
-def destination_header(src_fs: StoreFS, manifest: dict[str, Any], *, format: str | None, ids: str | None,
+def destination_header(src_fs: StoreFS, manifest: Manifest, *, format: str | None, ids: str | None,
                        logprob_dtype: str | None, compression: str | None,
-                       compression_level: int | None, entropy: str | None = None) -> dict[str, Any]:
-    header = copy.deepcopy({k: v for k, v in manifest.items() if k not in ("shards", "complete")})
-    store = header["store"]
-    src_enc = Encoding.from_manifest(store["encoding"])
+                       compression_level: int | None, entropy: str | None = None) -> ManifestHeader:
+    """The source's header with the store re-encoded as asked (``None`` keeps the source's setting)."""
+    header = manifest.header
+    src_enc = header.store.encoding
     new_ids = src_enc.ids if ids in (None, "auto") else ids
     order = src_enc.order
     if new_ids == "rank-delta" and not order:
-        order = _token_order(src_fs, manifest, src_enc.vocab_size)
+        order = _token_order(src_fs, src_enc.vocab_size)
     enc = Encoding(ids=new_ids, logprobs=logprob_dtype or src_enc.logprobs, vocab_size=src_enc.vocab_size,
                    order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy)
     if src_enc.logprobs != "float32" and enc.logprobs != src_enc.logprobs:
         raise ConfigError(f"the source stores {src_enc.logprobs} logprobs; converting them to {enc.logprobs} "
                           "would compound two lossy steps. Convert from a float32 store instead.")
-    store.update(format=format or store["format"], compression=compression or store["compression"],
-                 compression_level=compression_level or store["compression_level"], encoding=enc.to_manifest())
+    store = StoreSection(format=format or header.store.format, compression=compression or header.store.compression,
+                         compression_level=compression_level or header.store.compression_level, encoding=enc)
     given = {"format": format, "ids": ids, "logprob_dtype": logprob_dtype, "compression": compression,
              "compression_level": compression_level, "entropy": entropy}
-    header["identity"]["store"].update({k: v for k, v in given.items() if v is not None})
-    assert store["encoding"]["version"] == ENCODING_VERSIONS[enc.entropy]
-    return with_header_digest(header)
+    return header.converted(store, {k: v for k, v in given.items() if v is not None})
 
 
 def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = None,
@@ -79,16 +75,16 @@ def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = 
     if src_fs.url == dst_fs.url:
         raise ConfigError(f"source and destination are the same store ({src}); choose another destination")
     manifest = read_manifest(src_fs)
-    if not manifest.get("complete"):
-        raise StoreError(f"store {src} is incomplete ({len(manifest['shards'])} of {manifest['plan']['shards']} units); "
+    records = manifest.shards
+    if not manifest.complete:
+        raise StoreError(f"store {src} is incomplete ({len(records)} of {manifest.header.plan.shards} units); "
                          "resume its capture first, then convert")
-    src_spec = spec_from_manifest(manifest)
+    src_spec = spec_from_manifest(manifest.header)
     header = destination_header(src_fs, manifest, format=format, ids=ids, logprob_dtype=logprob_dtype,
                                 compression=compression, compression_level=compression_level, entropy=entropy)
-    spec = spec_from_manifest(dict(header, shards=[]))
-    records = shard_records(manifest)
+    spec = spec_from_manifest(header)
     with StoreLock(dst_fs):
-        done = {r.index: r for r in begin_store(dst_fs, header, get_backend(spec.format).static_objects(spec),
+        done = {r.index: r for r in begin_store(dst_fs, header, get_container(spec.format).static_objects(spec),
                                                 overwrite=overwrite)}
         out = list(done.values())
         for record in records:
@@ -101,7 +97,7 @@ def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = 
             out.append(new_record)
         final = finalize_store(dst_fs, header, out)
     error = compare_stores(src_fs, dst_fs, spec.encoding)
-    dst_bytes = sum(o["bytes"] for r in final["shards"] for o in r["objects"])
+    dst_bytes = sum(r.bytes for r in final.shards)
     return ConvertSummary(src_fs.url, dst_fs.url, len(records), sum(r.sequences for r in records),
                           sum(r.bytes for r in records), dst_bytes, error)
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..choices import ENTROPY_CODECS, ID_CODECS, LOGPROB_DTYPES
-from ..errors import ConfigError, CorruptShardError
+from ..errors import ConfigError, CorruptShardError, TargetsError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 
@@ -131,7 +131,9 @@ def _encode_ids(enc: Encoding, ids: np.ndarray, seg: np.ndarray) -> tuple[bytes,
     """Ids of several positions (``seg`` = position of each, non-decreasing) →
     (symbol bytes, packed bits, order used). ``packed`` has no symbols."""
     if ids.size and (ids.min() < 0 or ids.max() >= enc.vocab_size):
-        raise ConfigError(f"token id {int(ids.max())} or {int(ids.min())} outside the vocabulary [0, {enc.vocab_size})")
+        raise TargetsError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside the vocabulary "
+                           f"[0, {enc.vocab_size}); expected every id below the store's vocab_size. Targets and "
+                           "store must come from the same teacher vocabulary.")
     if enc.ids == "packed":
         order = _by_position_then(seg, ids, enc.vocab_size)
         return b"", pack_fixed(ids[order], enc.id_width), order
@@ -251,7 +253,8 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRo
     labels = tokens[1:]
     num_positions = labels.size
     if t.num_positions != num_positions:
-        raise ConfigError(f"targets cover {t.num_positions} positions; the window has {num_positions}")
+        raise TargetsError(f"targets cover {t.num_positions} positions; the window has {num_positions} "
+                           "(tokens[1:]). Expected one target row per label position.")
     out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
     if t.head_ids is not None:
         ids = t.head_ids.numpy().astype(np.int64)
@@ -280,8 +283,11 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRo
         counts = t.sample_counts.numpy().astype(np.int64)
         seg = np.repeat(np.arange(num_positions), lengths)
         sums = np.bincount(seg, weights=counts, minlength=num_positions)
-        if np.any((lengths > 0) & (sums != t.num_samples)):
-            raise ConfigError(f"sample counts must sum to N={t.num_samples} at every sampled position")
+        wrong = np.flatnonzero((lengths > 0) & (sums != t.num_samples))
+        if wrong.size:
+            bad = int(wrong[0])
+            raise TargetsError(f"sample counts must sum to N={t.num_samples} at every sampled position; found "
+                               f"{int(sums[bad])} at position {bad}")
         is_label = ids == labels[seg]
         flags = np.zeros(num_positions, dtype=bool)
         flags[seg[is_label]] = True

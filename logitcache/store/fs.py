@@ -9,11 +9,14 @@ Every object is written whole or not at all:
   are written under their final keys *before* its commit record, and a unit counts as committed
   only if the record exists and the objects match its sizes and checksums (docs/format.md).
 
-fsspec is imported only for non-local URLs.
+``StoreFS(url)`` builds the implementation the URL needs: :class:`LocalFS` for a path or a
+``file://`` URL, :class:`FsspecFS` (fsspec imported only then) for any other URL.
 """
 
 from __future__ import annotations
 
+import abc
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -34,66 +37,86 @@ def is_remote(url: str | os.PathLike) -> bool:
     return "://" in s and not s.startswith("file://")
 
 
-class StoreFS:
+class StoreFS(abc.ABC):
     """Byte-level access to the objects under one store root (paths are relative, ``/``-separated)."""
+
+    remote: bool  # True where objects live behind fsspec: no local paths, no rename, no file locks
+
+    def __new__(cls, url: str | os.PathLike = "", storage_options: dict | None = None):
+        # StoreFS(url) picks the implementation; an implementation (or unpickling one) builds itself
+        if cls is StoreFS:
+            cls = FsspecFS if is_remote(url) else LocalFS
+        return super().__new__(cls)
 
     def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
         self.url = str(url).rstrip("/")
-        self.remote = is_remote(self.url)
-        if self.remote:
-            import fsspec
-
-            self.fs, self.base = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
-        else:
-            self.fs = None
-            self.base = self.url[len("file://"):] if self.url.startswith("file://") else self.url
-            self.root = Path(self.base)
 
     def __repr__(self) -> str:
         return f"StoreFS({self.url!r})"
-
-    def local_path(self, rel: str) -> Path:
-        if self.remote:
-            raise ValueError(f"{self.url} is not a local store")
-        return self.root / rel
-
-    def _key(self, rel: str) -> str:
-        return f"{self.base}/{rel}"
 
     def describe(self, rel: str) -> str:
         """The object's full location, for messages."""
         return f"{self.url}/{rel}"
 
-    def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._key(rel)) if self.remote else (self.root / rel).exists()
+    @abc.abstractmethod
+    def local_path(self, rel: str) -> Path:
+        """The object's path on this machine; only for a local store."""
 
+    @abc.abstractmethod
+    def exists(self, rel: str) -> bool: ...
+
+    @abc.abstractmethod
     def size(self, rel: str) -> int | None:
         """The object's size in bytes, or None when it does not exist."""
-        if self.remote:
-            try:
-                return int(self.fs.size(self._key(rel)))
-            except FileNotFoundError:
-                return None
+
+    @abc.abstractmethod
+    def read(self, rel: str) -> bytes | memoryview:
+        """The whole object. Raises FileNotFoundError when missing."""
+
+    @abc.abstractmethod
+    def write(self, rel: str, data: bytes) -> None:
+        """Write one object atomically (see the module docstring)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Relative paths of the objects directly under ``prefix`` (sorted; hidden temp files excluded)."""
+
+    @abc.abstractmethod
+    def remove(self, rel: str) -> None:
+        """Delete an object, or a prefix with everything under it; nothing when absent."""
+
+    @abc.abstractmethod
+    def is_empty(self, ignore: tuple[str, ...] = ()) -> bool:
+        """Whether the root holds nothing but entries named in ``ignore``."""
+
+
+class LocalFS(StoreFS):
+    """A directory on this machine (a path or a ``file://`` URL): temp file, fsync, rename."""
+
+    remote = False
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        super().__init__(url)
+        self.root = Path(self.url.removeprefix("file://"))
+
+    def local_path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def size(self, rel: str) -> int | None:
         path = self.root / rel
         return path.stat().st_size if path.is_file() else None
 
     def read(self, rel: str) -> bytes | memoryview:
-        """The whole object (memory-mapped when local). Raises FileNotFoundError when missing."""
-        if self.remote:
-            return self.fs.cat_file(self._key(rel))
-        import mmap
-
-        path = self.root / rel
-        with open(path, "rb") as f:
+        """The whole object, memory-mapped. Raises FileNotFoundError when missing."""
+        with open(self.root / rel, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 return b""
             return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
     def write(self, rel: str, data: bytes) -> None:
-        """Write one object atomically (see the module docstring)."""
-        if self.remote:
-            self.fs.pipe_file(self._key(rel), bytes(data))
-            return
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -113,24 +136,12 @@ class StoreFS:
         _fsync_dir(path.parent)
 
     def list(self, prefix: str) -> list[str]:
-        """Relative paths of the objects directly under ``prefix`` (sorted; hidden temp files excluded)."""
-        if self.remote:
-            try:
-                names = self.fs.ls(self._key(prefix), detail=False)
-            except FileNotFoundError:
-                return []
-            rels = [n[len(self.base) + 1:] if n.startswith(self.base) else n for n in names]
-            return sorted(r for r in rels if not r.rsplit("/", 1)[-1].startswith("."))
         path = self.root / prefix
         if not path.is_dir():
             return []
         return sorted(f"{prefix}/{p.name}" for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
 
     def remove(self, rel: str) -> None:
-        if self.remote:
-            if self.fs.exists(self._key(rel)):
-                self.fs.rm(self._key(rel), recursive=True)
-            return
         path = self.root / rel
         if path.is_dir():
             for child in sorted(path.rglob("*"), reverse=True):
@@ -140,10 +151,56 @@ class StoreFS:
             path.unlink(missing_ok=True)
 
     def is_empty(self, ignore: tuple[str, ...] = ()) -> bool:
-        if self.remote:
-            try:
-                names = self.fs.ls(self.base, detail=False)
-            except FileNotFoundError:
-                return True
-            return all(n.rstrip("/").rsplit("/", 1)[-1] in ignore for n in names)
         return not self.root.exists() or all(p.name in ignore for p in self.root.iterdir())
+
+
+class FsspecFS(StoreFS):
+    """Any fsspec URL (``s3://``, ``gcs://``, ``memory://``): one ``PUT`` per object."""
+
+    remote = True
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        import fsspec
+
+        super().__init__(url)
+        self.fs, self.base = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+
+    def _key(self, rel: str) -> str:
+        return f"{self.base}/{rel}"
+
+    def local_path(self, rel: str) -> Path:
+        raise ValueError(f"{self.url} is not a local store")
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._key(rel))
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return int(self.fs.size(self._key(rel)))
+        except FileNotFoundError:
+            return None
+
+    def read(self, rel: str) -> bytes | memoryview:
+        return self.fs.cat_file(self._key(rel))
+
+    def write(self, rel: str, data: bytes) -> None:
+        self.fs.pipe_file(self._key(rel), bytes(data))
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            names = self.fs.ls(self._key(prefix), detail=False)
+        except FileNotFoundError:
+            return []
+        rels = [n[len(self.base) + 1:] if n.startswith(self.base) else n for n in names]
+        return sorted(r for r in rels if not r.rsplit("/", 1)[-1].startswith("."))
+
+    def remove(self, rel: str) -> None:
+        if self.fs.exists(self._key(rel)):
+            self.fs.rm(self._key(rel), recursive=True)
+
+    def is_empty(self, ignore: tuple[str, ...] = ()) -> bool:
+        try:
+            names = self.fs.ls(self.base, detail=False)
+        except FileNotFoundError:
+            return True
+        return all(n.rstrip("/").rsplit("/", 1)[-1] in ignore for n in names)

@@ -55,7 +55,8 @@ def normalize(table_bytes: np.ndarray) -> np.ndarray:
     f = np.zeros_like(w)
     f[used] = np.maximum((w[used] * M) // total[used], (w[used] > 0).astype(np.int64))
     if np.any((table_bytes > 0).sum(axis=1) > M):
-        raise ValueError(f"a context uses more than {M} symbols; the coder's precision cannot give each one")
+        # encoders fit tables within M symbols (entropy.MAX_SAMPLES): only a damaged shard's tables get here
+        raise CorruptShardError(f"a context uses more than {M} symbols; the coder's precision cannot give each one")
     for c in np.flatnonzero(used):
         row = f[c]
         excess = int(row.sum()) - M
@@ -117,11 +118,11 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> 
         s = symbols.astype(np.int64)
         c = contexts.astype(np.int64)
         if s.size and (s.min() < 0 or s.max() >= tables.alphabet):
-            raise ValueError(f"symbol outside the alphabet [0, {tables.alphabet})")
+            raise RuntimeError(f"internal: symbol outside the alphabet [0, {tables.alphabet}) of its fitted table")
         freq = tables.freq[c, s]
         cum = tables.cum[c, s]
         if s.size and freq.min() == 0:
-            raise ValueError("a symbol has no frequency in its context's table")
+            raise RuntimeError("internal: a symbol has no frequency in its context's fitted table")
         bound = freq << (32 - PRECISION)  # a state at or above this must emit a word first
         for j in reversed(_steps(s.size, lanes)):
             lo, hi = j * lanes, min(s.size, (j + 1) * lanes)

@@ -16,14 +16,11 @@ from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .spec import ShardSpec, spec_from_manifest
-from .units import UnitRows, get_backend
+from .containers import get_container
+from .units import UnitRows
 
-__all__ = ["decode_rows", "inspect_store", "iter_sequences", "open_hf_dataset", "read_unit", "shard_records",
-           "spec_from_manifest", "verify_store"]
-
-
-def shard_records(manifest: dict[str, Any]) -> list[ShardRecord]:
-    return [ShardRecord.from_dict(r) for r in manifest["shards"]]
+__all__ = ["decode_rows", "inspect_store", "iter_sequences", "open_hf_dataset", "read_unit", "spec_from_manifest",
+           "verify_store"]
 
 
 def object_path(record: ShardRecord, rel: str) -> str:
@@ -37,7 +34,7 @@ def object_path(record: ShardRecord, rel: str) -> str:
 
 def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool = True) -> UnitRows:
     """One unit's rows; with ``check`` every object's size and sha256 are verified first."""
-    backend = get_backend(spec.format)
+    backend = get_container(spec.format)
     expected = backend.unit_paths(spec, record.index)
     listed = sorted(o.path for o in record.objects)
     if listed != sorted(expected):
@@ -85,8 +82,8 @@ def iter_sequences(root: str | os.PathLike | StoreFS, *, check: bool = True
     """Every committed sequence in unit order as ``(seq_id, tokens int32[T+1], targets)``."""
     fs = as_fs(root)
     manifest = read_manifest(fs)
-    spec = spec_from_manifest(manifest)
-    for record in shard_records(manifest):
+    spec = spec_from_manifest(manifest.header)
+    for record in manifest.shards:
         yield from decode_rows(spec, read_unit(fs, spec, record, check=check))
 
 
@@ -108,8 +105,8 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     fs = as_fs(root)
     report = VerifyReport(root=fs.url)
     manifest = read_manifest(fs)
-    spec = spec_from_manifest(manifest)
-    records = shard_records(manifest)
+    spec = spec_from_manifest(manifest.header)
+    records = manifest.shards
     report.shards = len(records)
     for record in records:
         try:
@@ -121,9 +118,9 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
                                         f"the manifest records {record.positions} and {record.entries}")
         except StoreError as exc:
             report.problems.append(str(exc))
-    if manifest.get("complete") and len(records) != manifest["plan"]["shards"]:
-        report.problems.append(f"manifest is marked complete with {len(records)} shards; "
-                               f"the plan has {manifest['plan']['shards']}")
+    planned = manifest.header.plan.shards
+    if manifest.complete and len(records) != planned:
+        report.problems.append(f"manifest is marked complete with {len(records)} shards; the plan has {planned}")
     return report
 
 
@@ -131,36 +128,36 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
     """A summary of a store (what ``logitcache inspect --json`` prints)."""
     fs = as_fs(root)
     manifest = read_manifest(fs)
-    records = shard_records(manifest)
+    header, records = manifest.header, manifest.shards
     positions = sum(r.positions for r in records)
     shard_bytes = sum(r.bytes for r in records)
     total_bytes = shard_bytes + (fs.size(MANIFEST) or 0)
     entries = sum(r.entries for r in records)
-    store = manifest["store"]
-    encoding = {k: v for k, v in store["encoding"].items() if k != "vocab_order"}
+    store = header.store
+    encoding = {k: v for k, v in store.encoding.to_manifest().items() if k != "vocab_order"}
     return {
         "path": fs.url,
-        "format_version": manifest["format_version"],
-        "store_format": store["format"],
+        "format_version": header.format_version,
+        "store_format": store.format,
         "encoding": encoding,
-        "compression": f"{store['compression']}-{store['compression_level']}",
-        "method": manifest["method"],
-        "params": manifest["params"],
-        "seed": manifest["identity"]["seed"],
-        "teacher": manifest["teacher"],
-        "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
-        "corpus": manifest["corpus"],
-        "seq_len": manifest["seq_len"],
+        "compression": f"{store.compression}-{store.compression_level}",
+        "method": header.method,
+        "params": header.params,
+        "seed": header.identity_seed,
+        "teacher": header.teacher,
+        "tokenizer_fingerprint": header.tokenizer.fingerprint,
+        "corpus": header.corpus,
+        "seq_len": header.seq_len,
         "sequences": sum(r.sequences for r in records),
         "positions": positions,
         "shards": len(records),
-        "planned_shards": manifest["plan"]["shards"],
+        "planned_shards": header.plan.shards,
         "bytes_on_disk": total_bytes,
         "bytes_per_position": shard_bytes / positions if positions else 0.0,
         "mean_ids_per_position": entries / positions if positions else 0.0,
         "max_logprob_error": max((r.max_logprob_error for r in records), default=0.0),
         "max_prob_error": max((r.max_prob_error for r in records), default=0.0),
-        "complete": bool(manifest.get("complete")),
+        "complete": manifest.complete,
     }
 
 
@@ -182,9 +179,9 @@ def open_hf_dataset(root: str | os.PathLike, cache_dir: str | None = None):
     """
     import datasets
 
-    manifest = read_manifest(root)
-    if not manifest["shards"]:
+    records = read_manifest(root).shards
+    if not records:
         raise StoreError(f"store {root} has no committed shards yet")
-    fingerprint = "".join(r.sha256 for r in shard_records(manifest))  # a recaptured store gets a new cache
+    fingerprint = "".join(r.sha256 for r in records)  # a recaptured store gets a new cache
     return datasets.Dataset.from_generator(_hf_rows, gen_kwargs={"root": str(root), "fingerprint": fingerprint},
                                            cache_dir=cache_dir)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from ..errors import StoreError
 from .encoding import Encoding, row_columns
-
-from ..choices import FORMATS
+from .manifest import ManifestHeader
 
 
 @dataclass(frozen=True)
@@ -46,21 +43,18 @@ class ShardSpec:
         return cols
 
 
-def spec_from_manifest(manifest: dict[str, Any]) -> ShardSpec:
-    """The shard spec a manifest (or a capture header) promises."""
-    params = manifest["params"]
-    store = manifest["store"]
-    if store.get("format") not in FORMATS:
-        raise StoreError(f"manifest names store format {store.get('format')!r}; expected one of {', '.join(FORMATS)}")
+def spec_from_manifest(header: ManifestHeader) -> ShardSpec:
+    """The shard spec a manifest header promises (a read manifest's ``header``, or a capture's)."""
+    store = header.store
     return ShardSpec(
-        method=manifest["method"],
-        encoding=Encoding.from_manifest(store["encoding"]),
-        k=int(manifest.get("head_size", 0)),
-        num_samples=int(params.get("samples", 0)),
-        weighted=manifest["method"] == "sample" and float(params.get("temperature", 1.0)) != 1.0,
-        format=store["format"],
-        compression=store["compression"],
-        compression_level=int(store["compression_level"]),
-        sequences_per_shard=int(manifest["plan"]["sequences_per_shard"]),
-        num_sequences=int(manifest["plan"]["sequences"]),
+        method=header.method,
+        encoding=store.encoding,
+        k=header.head_size,
+        num_samples=header.num_samples,
+        weighted=header.weighted,
+        format=store.format,
+        compression=store.compression,
+        compression_level=store.compression_level,
+        sequences_per_shard=header.plan.sequences_per_shard,
+        num_sequences=header.plan.sequences,
     )

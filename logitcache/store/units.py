@@ -1,4 +1,5 @@
-"""One unit's decoded container: seq ids plus per-row byte columns, shared by every backend."""
+"""One unit's rows as a container decodes them: seq ids plus per-row byte columns (the value every
+container in :mod:`logitcache.store.containers` returns, and the ``ans`` stage transforms)."""
 
 from __future__ import annotations
 
@@ -32,23 +33,3 @@ def from_blobs(seq_ids: np.ndarray, columns: dict[str, list[bytes]]) -> UnitRows
         out[name] = (np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets)
     return UnitRows(np.asarray(seq_ids, dtype=np.uint64), out)
 
-
-def get_backend(name: str):
-    """The container module for a store format: ``arrow`` or ``zarr`` (zarr imported lazily)."""
-    if name == "arrow":
-        from . import arrow_backend
-
-        return arrow_backend
-    if name == "zarr":
-        try:
-            import zarr  # noqa: F401
-        except ImportError as exc:
-            from ..errors import ConfigError
-
-            raise ConfigError("store format 'zarr' needs the zarr package: pip install 'logitcache[zarr]'") from exc
-        from . import zarr_backend
-
-        return zarr_backend
-    from ..errors import ConfigError
-
-    raise ConfigError(f"store format must be 'arrow' or 'zarr'; found {name!r}")

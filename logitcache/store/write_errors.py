@@ -3,16 +3,26 @@
 A failed write never damages a store (every file is written to a temp name and renamed), so the
 message can always say the same thing: what happened, what to do, and that rerunning the same
 command resumes from the units already committed.
+
+The store's write steps (:mod:`logitcache.store.commit`: the lock, ``begin_store``, ``commit_unit``,
+``finalize_store``) carry :func:`translates_write_errors`, so every writer (capture, its Ray workers,
+convert) reports a full disk the same way, and an ``OSError`` met outside them (reading a corpus, a
+teacher) is not mistaken for a store write.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
 
 from ..errors import LogitCacheError, StoreWriteError
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # errno -> (what happened, what to do)
 _EXPLAIN = {
@@ -44,3 +54,16 @@ def translated_write_errors(root: str | os.PathLike) -> Iterator[None]:
         if exc.errno not in _EXPLAIN:
             raise
         raise StoreWriteError(describe_write_error(exc, root)) from exc
+
+
+def translates_write_errors(write: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a store write step whose first argument is the store's ``StoreFS`` (or an object holding
+    it as ``.fs``, such as the lock): OSErrors of the listed causes leave it as :class:`StoreWriteError`."""
+
+    @functools.wraps(write)
+    def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        fs = getattr(args[0], "fs", args[0])
+        with translated_write_errors(fs.url):
+            return write(*args, **kwargs)
+
+    return translated

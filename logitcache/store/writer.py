@@ -11,7 +11,7 @@ from .encoding import encode_row
 from .entropy import pack_unit
 from .fs import StoreFS
 from .spec import ShardSpec
-from .units import get_backend
+from .containers import get_container
 
 
 def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets]
@@ -21,7 +21,7 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
     columns = [r.columns for r in rows]
     if spec.encoding.entropy == "ans":
         columns = pack_unit(spec, columns)
-    objects = get_backend(spec.format).encode_unit(spec, index, index * spec.sequences_per_shard, seq_ids, columns)
+    objects = get_container(spec.format).encode_unit(spec, index, index * spec.sequences_per_shard, seq_ids, columns)
     record = ShardRecord.build(
         index, sequences=len(seq_ids), positions=sum(t.num_positions for t in targets),
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,

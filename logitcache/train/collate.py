@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..errors import TargetsError
 from ..targets import SparseTargets
 
 __all__ = ["collate"]
@@ -39,11 +40,11 @@ def collate(
         sample), ``target_method`` str and ``target_num_samples`` int.
 
     ``pin_memory=True`` pins the tensors when CUDA is available and is a no-op otherwise.
-    Raises ``ValueError`` when items disagree on method, head size or number of samples, or when
-    an item's targets do not cover exactly its ``T`` positions.
+    Raises :class:`~logitcache.errors.TargetsError` when items disagree on method, head size or number
+    of samples, or when an item's targets do not cover exactly its ``T`` positions.
     """
     if not items:
-        raise ValueError("collate needs at least one item; found an empty list")
+        raise TargetsError("collate needs at least one item; found an empty list")
     targets = [item["targets"] for item in items]
     method, head_size, num_samples = _batch_target_params(targets)
     lengths = [int(item["input_ids"].shape[0]) for item in items]
@@ -81,11 +82,11 @@ def collate(
 
 
 def _batch_target_params(targets: list[SparseTargets]) -> tuple[str, int, int]:
-    """``(method, head size, num_samples)`` shared by every item, or ``ValueError``."""
+    """``(method, head size, num_samples)`` shared by every item, or :class:`TargetsError`."""
     params = {(tg.method, int(tg.head_ids.shape[1]) if tg.has_head else 0, int(tg.num_samples)) for tg in targets}
     if len(params) != 1:
         found = ", ".join(f"(method={m!r}, k={k}, N={n})" for m, k, n in sorted(params))
-        raise ValueError(
+        raise TargetsError(
             f"all items of a batch must share method, head size and number of samples; found {found}. "
             "Batch items from one store (one capture configuration) only."
         )
@@ -94,7 +95,7 @@ def _batch_target_params(targets: list[SparseTargets]) -> tuple[str, int, int]:
 
 def _check_item(item: dict[str, Any], n: int, tg: SparseTargets, row: int) -> None:
     if int(item["labels"].shape[0]) != n or tg.num_positions != n:
-        raise ValueError(
+        raise TargetsError(
             f"item {row} (seq_id {item.get('seq_id')!r}): input_ids has {n} positions, labels "
             f"{int(item['labels'].shape[0])}, targets {tg.num_positions}; expected all equal"
         )

@@ -13,8 +13,26 @@ each rank reads a contiguous slice of it (:func:`logitcache.train.partition.part
 knows the DataLoader's ``batch_size``, its workers hand out whole batches in the loader's own
 round-robin (batch ``j`` from worker ``j mod num_workers``), so the loader yields the rank's slice
 *exactly in order*, for any ``num_workers``. A checkpoint therefore needs one number, the
-sequences consumed so far; the trainer supplies it because with ``num_workers > 0`` the main
-process never sees what the workers produced::
+sequences consumed so far. :meth:`CacheDataset.state_dict` gives it when this process can see it
+and refuses when it cannot, never an epoch-start state for a mid-epoch call:
+
+* main process, the dataset iterated here (``DataLoader(num_workers=0)``): the items handed out by
+  the latest pass so far, counted as they are yielded. Something that reads ahead of the training
+  step in this process (Accelerate's ``DataLoaderShard`` reads one batch ahead) is counted too: then
+  pass ``batches_consumed``.
+* main process, not iterated since the last :meth:`~CacheDataset.load_state_dict` /
+  :meth:`~CacheDataset.set_epoch`: that position (the epoch start, or the state loaded).
+* main process, once DataLoader workers have read the dataset (``num_workers > 0``): the main
+  process does not see what they yielded, nor what the loader has prefetched, so ``state_dict()``
+  raises :class:`~logitcache.errors.ConfigError`. The workers announce themselves in a flag shared
+  across processes, set when a worker's iterator is created (before it can yield a batch).
+  Pass ``batches_consumed=k`` (batches taken from the loader), or let torchdata's
+  ``StatefulDataLoader`` checkpoint the loader.
+* inside a DataLoader worker (``get_worker_info()`` set; where ``StatefulDataLoader`` calls it):
+  that worker's own position, a *worker state* (``state["worker"]``) that only the same worker of a
+  loader with the same ``num_workers`` loads back.
+
+``state_dict(batches_consumed=k)`` states the position itself::
 
     ds = CacheDataset(path, shuffle=True, seed=0, batch_size=8)
     loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=ds.collate)
@@ -25,8 +43,8 @@ process never sees what the workers produced::
     ds = CacheDataset(path, shuffle=True, seed=0, batch_size=8); ds.load_state_dict(state)
 
 Contract: resume is exact when the state is taken at a batch boundary and the same ``batch_size``
-is used (``num_workers`` may change). The skip applies to the epoch in the state until
-:meth:`CacheDataset.set_epoch` moves on.
+is used (``num_workers`` may change, except for a worker state). The position applies to the epoch
+in the state until :meth:`CacheDataset.set_epoch` moves to another epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,7 +68,7 @@ from .partition import default_window, epoch_order, partition, rank_count
 from ..store.encoding import decode_row
 from ..store.fs import StoreFS
 from ..store.commit import ShardRecord, read_manifest
-from ..store.reader import read_unit, shard_records
+from ..store.reader import read_unit
 from ..store.spec import ShardSpec, spec_from_manifest
 from ..store.units import UnitRows
 from .world import World, detect_world
@@ -70,11 +89,11 @@ class _Store:
         self.root = str(path)
         self.fs = StoreFS(path)
         manifest = read_manifest(self.fs)
-        self.spec: ShardSpec = spec_from_manifest(manifest)
-        self.records: list[ShardRecord] = shard_records(manifest)
+        self.spec: ShardSpec = spec_from_manifest(manifest.header)
+        self.records: list[ShardRecord] = list(manifest.shards)
         self.verify = verify
         self.cache_shards = max(1, cache_shards)
-        found = manifest["tokenizer"]["fingerprint"]
+        found = manifest.header.tokenizer.fingerprint
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != found:
             raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
                              f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
@@ -168,7 +187,9 @@ class CacheDataset(IterableDataset):
             raise ConfigError(f"batch_size must be >= 1 or None; found {batch_size}")
         self.batch_size = batch_size
         self.shuffle_window = int(shuffle_window or default_window(self._store.sizes))
-        self.epoch, self._skip = 0, 0
+        # set by any DataLoader worker that starts reading this dataset; shared with the worker processes
+        self._read_by_workers = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self.epoch = -1  # no epoch yet: set_epoch starts one
         self.set_epoch(epoch)
 
     @property
@@ -192,10 +213,21 @@ class CacheDataset(IterableDataset):
         return self._store.fingerprint
 
     def set_epoch(self, epoch: int) -> None:
-        """Read ``epoch`` next, from its start."""
+        """Read ``epoch`` next. Another epoch starts from its beginning; the current epoch keeps its
+        position (a state loaded by :meth:`load_state_dict`), so a trainer that calls ``set_epoch(epoch)``
+        at every epoch start (the HF Trainer, Accelerate's loaders) does not undo a resume."""
         if epoch < 0:
             raise ConfigError(f"epoch must be >= 0; found {epoch}")
-        self.epoch, self._skip = int(epoch), 0
+        if int(epoch) != self.epoch:
+            self._begin(int(epoch), skip=0)
+
+    def _begin(self, epoch: int, skip: int, resume_offset: int = 0) -> None:
+        """Stand ``skip`` sequences into ``epoch`` (plus ``resume_offset`` of this worker's own sequences,
+        from a worker state) with nothing read since; only the main process clears the workers' flag."""
+        self.epoch, self._skip, self._resume_offset = epoch, skip, resume_offset
+        self._pass: _Pass | None = None  # the latest pass over the dataset in this process
+        if get_worker_info() is None:
+            self._read_by_workers.zero_()
 
     def __len__(self) -> int:
         """Sequences this rank yields per epoch (all its workers together)."""
@@ -217,8 +249,17 @@ class CacheDataset(IterableDataset):
         return self.world if info is None else self.world.with_worker(info.id, info.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for index in self.indices():
-            yield self._store.item(int(index))
+        reader = self._reader_world()
+        if reader.num_workers:
+            self._read_by_workers.fill_(1)
+        self._pass = _Pass((reader.worker_id, reader.num_workers), self._resume_offset)
+        return self._read(self.indices()[self._resume_offset:], self._pass)
+
+    def _read(self, indices: np.ndarray, progress: _Pass) -> Iterator[dict[str, Any]]:
+        for index in indices:
+            item = self._store.item(int(index))
+            progress.yielded += 1
+            yield item
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -228,31 +269,97 @@ class CacheDataset(IterableDataset):
                 "store_fingerprint": self.store_fingerprint, "drop_uneven": self.drop_uneven,
                 "shuffle_window": self.shuffle_window}
 
-    def state_dict(self, batches_consumed: int = 0, *, batch_size: int | None = None) -> dict[str, Any]:
-        """Resumable state after the trainer consumed ``batches_consumed`` batches of this epoch.
+    def state_dict(self, batches_consumed: int | None = None, *, batch_size: int | None = None) -> dict[str, Any]:
+        """Resumable state: where this epoch stands (see the module docstring, "Order and resume").
 
-        ``batches_consumed`` counts the batches taken from the loader since the last
+        Without ``batches_consumed``: the position this process sees. In the main process, the
+        sequences the latest pass handed out (the dataset iterated here, ``num_workers=0``), or the
+        position of the last :meth:`load_state_dict` / :meth:`set_epoch` when nothing was read since;
+        once DataLoader workers have read the dataset it raises :class:`ConfigError` (this process
+        cannot see their progress). Inside a DataLoader worker (where torchdata's
+        ``StatefulDataLoader`` calls it): that worker's own position, a state only that worker loads back.
+
+        ``batches_consumed=k``: ``k`` batches taken from the loader since the last
         :meth:`load_state_dict` or :meth:`set_epoch` (``enumerate(loader)`` index + 1); the state holds
-        ``consumed = min(already skipped + batches_consumed · batch_size, len(self))``. Mid-epoch state needs the
-        dataset's ``batch_size`` (the one its workers interleave by); ``batch_size`` here, if given,
-        must equal it.
+        ``consumed = min(already skipped + k · batch_size, len(self))``, whatever was read.
+
+        Mid-epoch main-process state needs the dataset's ``batch_size`` (the one its workers interleave
+        by); ``batch_size`` here, if given, must equal it.
         """
         if batch_size is not None and self.batch_size is not None and batch_size != self.batch_size:
             raise ConfigError(f"batch_size: found {batch_size}, expected {self.batch_size} (the dataset's "
                               "batch_size, which its workers interleave by)")
-        if batches_consumed < 0:
-            raise ConfigError(f"batches_consumed must be >= 0; found {batches_consumed}")
-        if batches_consumed and self.batch_size is None:
+        if batches_consumed is not None:
+            if batches_consumed < 0:
+                raise ConfigError(f"batches_consumed must be >= 0; found {batches_consumed}")
+            return self._state(min(self._skip + batches_consumed * (self.batch_size or 0), len(self)),
+                               counted=batches_consumed)
+        reader = self._reader_world()
+        here = (reader.worker_id, reader.num_workers)
+        yielded = self._pass.yielded if self._pass is not None and self._pass.reader == here else None
+        if reader.num_workers:
+            offset = self._resume_offset if yielded is None else yielded
+            return {**self._state(self._skip, counted=0), "worker": {"id": reader.worker_id,
+                                                                     "num_workers": reader.num_workers,
+                                                                     "offset": offset}}
+        if int(self._read_by_workers.item()):
+            raise ConfigError(_READ_BY_WORKERS)
+        return self._state(self._skip + (yielded or 0), counted=yielded or 0)
+
+    def _state(self, consumed: int, *, counted: int) -> dict[str, Any]:
+        if counted and self.batch_size is None:
             raise ConfigError("mid-epoch state needs the DataLoader's batch size: construct "
                               "CacheDataset(..., batch_size=B) with the B given to the DataLoader")
-        consumed = min(self._skip + batches_consumed * (self.batch_size or 0), len(self))
-        return {**self._identity(), "epoch": self.epoch, "batch_size": self.batch_size, "consumed": consumed}
+        return {**self._identity(), "epoch": self.epoch, "batch_size": self.batch_size, "consumed": consumed,
+                "worker": None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: validated field by field, then epoch and position adopted."""
+        """Resume from :meth:`state_dict`: validated field by field, then epoch and position adopted.
+
+        A worker state (``state["worker"]``) loads only inside that worker of a DataLoader with the same
+        ``num_workers`` (torchdata's ``StatefulDataLoader.load_state_dict`` hands each worker its own)."""
         _validate_state(state, self._identity(), self.batch_size, len(self))
+        offset = self._worker_offset(state)
         self.batch_size = state["batch_size"] if state["batch_size"] is not None else self.batch_size
-        self.epoch, self._skip = int(state["epoch"]), int(state["consumed"])
+        self._begin(int(state["epoch"]), int(state["consumed"]), offset)
+
+    def _worker_offset(self, state: dict[str, Any]) -> int:
+        """The resumed offset of ``state``'s worker state, checked against this process; 0 for none."""
+        worker, reader = state.get("worker"), self._reader_world()
+        if worker is None:
+            return 0
+        if not reader.num_workers:
+            raise ConfigError(f"state field 'worker': found {worker!r}, expected None: this is one DataLoader "
+                              "worker's state (torchdata StatefulDataLoader); restore the loader with "
+                              "StatefulDataLoader.load_state_dict, which hands each worker its own")
+        expected = {"id": reader.worker_id, "num_workers": reader.num_workers}
+        found = {k: worker.get(k) for k in expected} if isinstance(worker, dict) else worker
+        if found != expected:
+            raise ConfigError(f"state field 'worker': found {found!r}, expected {expected!r} (a worker state "
+                              "resumes only in the same worker, with the same num_workers)")
+        mine = partition(np.arange(self.num_sequences), reader, drop_uneven=self.drop_uneven,
+                         batch_size=state["batch_size"] or 1, skip=state["consumed"]).size
+        offset = worker.get("offset")
+        if not isinstance(offset, int) or not 0 <= offset <= mine:
+            raise ConfigError(f"state field 'worker.offset': found {offset!r}, expected an int in [0, {mine}]")
+        return offset
+
+
+_READ_BY_WORKERS = (
+    "CacheDataset.state_dict(): DataLoader worker processes have read this dataset since the last "
+    "load_state_dict/set_epoch, and this process does not see how far they got nor what the loader "
+    "prefetched. Pass the position: state_dict(batches_consumed=k), k = batches taken from the loader "
+    "since then (enumerate index + 1); or checkpoint the loader itself with torchdata's StatefulDataLoader "
+    "(loader.state_dict() / loader.load_state_dict()).")
+
+
+@dataclass
+class _Pass:
+    """One pass over the dataset in one process: who reads it, and how many items it handed out so far
+    (a worker's resumed offset included)."""
+
+    reader: tuple[int, int]  # (worker_id, num_workers) of the reading process; num_workers 0 = main process
+    yielded: int
 
 
 _STORE_FIELDS = ("num_sequences", "store_fingerprint")

@@ -23,6 +23,7 @@ from typing import Any
 
 import transformers
 
+from ..errors import ConfigError
 from .losses import kd_loss, resolve_kind
 
 __all__ = ["KDTrainer", "MODEL_KEYS", "training_args_defaults"]
@@ -47,7 +48,7 @@ class KDTrainer(transformers.Trainer):
                  **kwargs: Any) -> None:
         resolve_kind(kd_kind, "hybrid")
         if not 0.0 <= kd_alpha <= 1.0:
-            raise ValueError(f"kd_alpha must be in [0, 1]; found {kd_alpha!r}")
+            raise ConfigError(f"kd_alpha must be in [0, 1]; found {kd_alpha!r}")
         super().__init__(*args, **kwargs)
         self.kd_alpha, self.kd_kind, self.kd_temperature = kd_alpha, kd_kind, kd_temperature
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..choices import LOSS_KINDS
+from ..errors import ConfigError, TargetsError
 
 __all__ = [
     "KINDS",
@@ -262,14 +263,15 @@ def full_kd_loss(
 def resolve_kind(kind: str, method: str) -> str:
     """The loss ``kind`` that ``auto`` means for a target ``method``; validates the pair."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; found {kind!r}")
+        raise ConfigError(f"kind must be one of {', '.join(KINDS)}; found {kind!r}")
     if kind == "auto":
         if method not in _AUTO:
-            raise ValueError(f"unknown target method {method!r}; expected one of {', '.join(_AUTO)}")
+            raise TargetsError(f"unknown target method {method!r}; expected one of {', '.join(_AUTO)} (a batch "
+                               "from logitcache.collate carries its store's method)")
         return _AUTO[method]
     if kind == "ghost" and method == "sample":
-        raise ValueError("kind 'ghost' needs a top-k head and its tail mass; method 'sample' has neither. "
-                         "Use kind 'sparse' (unbiased RS-KD) instead.")
+        raise ConfigError("kind 'ghost' needs a top-k head and its tail mass; method 'sample' has neither. "
+                          "Use kind 'sparse' (unbiased RS-KD) instead.")
     return kind
 
 
@@ -331,9 +333,9 @@ def token_losses(
 
 def check_loss_args(alpha: float, temperature: float) -> None:
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1]; found {alpha!r}")
+        raise ConfigError(f"alpha must be in [0, 1]; found {alpha!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; found {temperature!r}")
+        raise ConfigError(f"temperature must be > 0; found {temperature!r}")
 
 
 def kd_loss(

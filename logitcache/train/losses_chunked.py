@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .losses import _Targets, check_loss_args, flatten_batch, resolve_kind, token_losses
 
 __all__ = ["ChunkedKDLoss", "chunked_kd_loss"]
@@ -84,7 +85,7 @@ def chunked_kd_loss(
     """
     check_loss_args(alpha, temperature)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; found {chunk_size!r}")
+        raise ConfigError(f"chunk_size must be >= 1; found {chunk_size!r}")
     opt = _Options(
         alpha=float(alpha), kind=resolve_kind(kind, batch["target_method"]),
         head_size=int(batch["target_head_size"]), temperature=float(temperature),

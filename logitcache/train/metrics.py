@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ..errors import ConfigError, TargetsError
 from ..targets import SparseTargets
 
 __all__ = [
@@ -34,12 +35,13 @@ __all__ = [
 
 def _check_pair(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> None:
     if confidence.shape != correct.shape or confidence.dim() != 1:
-        raise ValueError(f"confidence and correct must be 1-D of equal length; found shapes "
-                         f"{list(confidence.shape)} and {list(correct.shape)}")
+        raise TargetsError(f"confidence and correct must be 1-D of equal length; found shapes "
+                           f"{list(confidence.shape)} and {list(correct.shape)}")
     if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1; found {bins!r}")
+        raise ConfigError(f"bins must be an integer >= 1; found {bins!r}")
     if confidence.numel() and not bool(((confidence >= 0) & (confidence <= 1)).all()):
-        raise ValueError("confidence must lie in [0, 1]; found values outside (or NaN)")
+        raise TargetsError("confidence must lie in [0, 1]; found values outside (or NaN). Pass probabilities, "
+                           "not logits.")
 
 
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> dict[str, torch.Tensor]:
@@ -80,10 +82,11 @@ def gradient_angle(grad: torch.Tensor | list[torch.Tensor], reference: torch.Ten
     """Angle in degrees between two gradients (tensors or lists of per-parameter tensors)."""
     a, b = _flat(grad), _flat(reference)
     if a.shape != b.shape:
-        raise ValueError(f"gradients differ in size: {a.numel()} vs {b.numel()} elements")
+        raise TargetsError(f"gradients differ in size: {a.numel()} vs {b.numel()} elements; expected gradients "
+                           "of the same parameters in the same order")
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
-        raise ValueError("the angle of a zero gradient is undefined; found a zero vector")
+        raise TargetsError("the angle of a zero gradient is undefined; found a zero vector")
     cos = float((a @ b) / (na * nb))
     return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
@@ -93,7 +96,7 @@ def norm_ratio(grad: torch.Tensor | list[torch.Tensor], reference: torch.Tensor 
     a, b = _flat(grad), _flat(reference)
     nb = float(b.norm())
     if nb == 0:
-        raise ValueError("the reference gradient is zero; a norm ratio is undefined")
+        raise TargetsError("the reference gradient is zero; a norm ratio is undefined")
     return float(a.norm()) / nb
 
 
@@ -103,7 +106,8 @@ def dense_estimate(targets: SparseTargets, vocab_size: int) -> torch.Tensor:
     t = targets.num_positions
     rows = torch.repeat_interleave(torch.arange(t), offsets[1:] - offsets[:-1])
     if ids.numel() and int(ids.max()) >= vocab_size:
-        raise ValueError(f"targets hold id {int(ids.max())}; expected ids < vocab_size={vocab_size}")
+        raise TargetsError(f"targets hold id {int(ids.max())}; expected ids < vocab_size={vocab_size} "
+                           "(pass the teacher's vocabulary size)")
     out = torch.zeros(t, vocab_size, dtype=torch.float64)
     out.index_put_((rows, ids), probs.double(), accumulate=True)
     return out
@@ -116,10 +120,12 @@ def ghost_effective_target(targets: SparseTargets, student_probs: torch.Tensor) 
     stored tail mass and ``p = student_probs`` (float[T, V], rows summing to 1).
     """
     if not targets.has_head or targets.tail_mass is None:
-        raise ValueError(f"the ghost target needs a top-k head and tail mass; method {targets.method!r} has none")
+        raise TargetsError(f"the ghost target needs a top-k head and tail mass; method {targets.method!r} has none. "
+                           "Use targets of method 'topk' or 'hybrid'.")
     p = student_probs.double()
     if p.shape[0] != targets.num_positions:
-        raise ValueError(f"student_probs has {p.shape[0]} rows; the targets cover {targets.num_positions} positions")
+        raise TargetsError(f"student_probs has {p.shape[0]} rows; the targets cover {targets.num_positions} "
+                           "positions. Expected one row per position.")
     ids = targets.head_ids.long()
     head_p = p.gather(1, ids).sum(1, keepdim=True)
     y = p * (targets.tail_mass.double()[:, None] / (1.0 - head_p).clamp_min(1e-30))
@@ -130,8 +136,8 @@ def ghost_effective_target(targets: SparseTargets, student_probs: torch.Tensor) 
 def kl_per_position(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """``float32[N]`` dense ``KL(softmax(teacher) ‖ softmax(student))`` over the last dimension."""
     if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"logits differ in shape: teacher {list(teacher_logits.shape)}, "
-                         f"student {list(student_logits.shape)}")
+        raise TargetsError(f"logits differ in shape: teacher {list(teacher_logits.shape)}, "
+                           f"student {list(student_logits.shape)}; expected equal shapes")
     v = teacher_logits.shape[-1]
     log_t = torch.log_softmax(teacher_logits.reshape(-1, v).float(), -1)
     log_p = torch.log_softmax(student_logits.reshape(-1, v).float(), -1)

@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+from logitcache.testing.crash import tree_bytes
 
 SEQ_LEN = 256
 TOKENS = 3 * 1024  # 12 windows, a few thousand tokens
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:

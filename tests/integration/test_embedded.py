@@ -8,8 +8,6 @@ from logitcache.capture.config import EMBEDDED_TEACHER, TeacherConfig
 from logitcache.capture.teachers import HFTeacher, ensure_embedded_teacher
 from logitcache.models.embedded import MARKER, is_complete
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def embedded_dir():

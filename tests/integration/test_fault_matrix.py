@@ -11,8 +11,6 @@ import pytest
 
 from logitcache.testing.crash import CATEGORIES, choose_events, crash_trial, job_args, traced_run
 
-pytestmark = pytest.mark.integration
-
 SEQ_LEN, PER_SHARD, UNITS = 32, 2, 8
 QUOTA = {"teacher forward": 6, "shard mid-write": 5, "between shard and commit": 5, "manifest update": 4}
 SEED = 2026

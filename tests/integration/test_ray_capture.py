@@ -17,16 +17,12 @@ import pytest
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, verify_store
+from logitcache.testing.crash import tree_bytes
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.integration
 
 SEQ_LEN = 32
 WINDOWS = 12
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def make_config(teacher: str, out: Path, workers: int = 0) -> CaptureConfig:

@@ -23,7 +23,6 @@ from logitcache.store import inspect_store, iter_sequences, verify_store
 from logitcache.capture.teachers.head import HeadPost
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.integration
 
 TOL = 1e-3
 SEQ_LEN = 64

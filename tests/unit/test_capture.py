@@ -16,31 +16,10 @@ from click.testing import CliRunner
 
 from logitcache.capture import capture
 from logitcache.cli import main
-from logitcache.capture.config import CaptureConfig
 from logitcache.errors import CorpusError, StoreMismatchError
 from logitcache.store import inspect_store, iter_sequences, open_hf_dataset, read_manifest, verify_store
-
-SEQ_LEN = 32
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def make_config(teacher: str, out: Path, method: str = "sample", **over) -> CaptureConfig:
-    base = {"teacher.model": teacher, "teacher.dtype": "float32", "corpus.seq_len": SEQ_LEN,
-            "corpus.max_tokens": SEQ_LEN * 10, "store.path": str(out), "store.sequences_per_shard": 3,
-            "sparsify.method": method, "sparsify.k": 5, "sparsify.samples": 20, "teacher.head_chunk": 7}
-    return CaptureConfig().with_overrides({**base, **over})
-
-
-def cli_args(config: CaptureConfig) -> list[str]:
-    c = config
-    return ["capture", "--teacher", c.teacher.model, "--dtype", c.teacher.dtype, "--seq-len", str(SEQ_LEN),
-            "--head-chunk", str(c.teacher.head_chunk),
-            "--max-tokens", str(c.corpus.max_tokens), "--out", c.store.path, "--sequences-per-shard", "3",
-            "--method", c.sparsify.method, "--k", str(c.sparsify.k), "--samples", str(c.sparsify.samples),
-            "--batch-tokens", str(c.batch_tokens), "--quiet"]
+from logitcache.testing.crash import tree_bytes
+from helpers import SEQ_LEN, cli_args, make_config
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +75,6 @@ def test_stored_targets_match_the_teacher(reference_stores, tiny_teacher):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])
 def test_capture_on_cuda_matches_cpu(reference_stores, tiny_teacher, tmp_path, method):
     """Teacher, head and sparsifier on the GPU; the store agrees with the CPU capture: same head ids
@@ -127,14 +105,14 @@ def test_capture_on_cuda_matches_cpu(reference_stores, tiny_teacher, tmp_path, m
 
 def test_ans_entropy_stage_stores_the_same_targets_in_fewer_bytes(reference_stores, tmp_path):
     """``--entropy ans`` through the CLI: the same sequences and targets as the zstd store, fewer bytes."""
-    from test_encoding import assert_equal
+    from logitcache.testing.targets import assert_equal
 
     ref = reference_stores["hybrid"]
     out = tmp_path / "ans"
     result = CliRunner().invoke(main, cli_args(ref.with_overrides({"store.path": str(out)})) + ["--entropy", "ans"])
     assert result.exit_code == 0, result.output
     assert verify_store(out).ok
-    assert read_manifest(out)["store"]["encoding"]["version"] == 3
+    assert read_manifest(out).to_dict()["store"]["encoding"]["version"] == 3
     pairs = list(zip(iter_sequences(out), iter_sequences(ref.store.path), strict=True))
     for (sa, ta, xa), (sb, tb, xb) in pairs:
         assert sa == sb and np.array_equal(ta, tb)

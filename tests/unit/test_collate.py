@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from targets_builders import build_sample, make_items
+from helpers import make_items
 
+from logitcache.errors import TargetsError
+from logitcache.testing.targets import build_sample
 from logitcache.train.collate import collate
 from logitcache.targets import SparseTargets
 
@@ -96,14 +98,14 @@ def test_collate_u_is_batch_max() -> None:
 def test_collate_rejects_mixed_methods_and_bad_lengths() -> None:
     teacher = _teacher()
     mixed = make_items(teacher, LENGTHS[:1], "topk", k=4) + make_items(teacher, LENGTHS[:1], "sample", n=5)
-    with pytest.raises(ValueError, match="share method"):
+    with pytest.raises(TargetsError, match="share method"):
         collate(mixed)
     k_mismatch = make_items(teacher, LENGTHS[:1], "topk", k=4) + make_items(teacher, LENGTHS[:1], "topk", k=3)
-    with pytest.raises(ValueError, match="share method"):
+    with pytest.raises(TargetsError, match="share method"):
         collate(k_mismatch)
     bad = make_items(teacher, [5], "topk", k=4)
     bad[0]["labels"] = bad[0]["labels"][:4]
-    with pytest.raises(ValueError, match="positions"):
+    with pytest.raises(TargetsError, match="positions"):
         collate(bad)
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(TargetsError, match="at least one"):
         collate([])

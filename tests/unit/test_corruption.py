@@ -21,6 +21,7 @@ from logitcache.errors import CorruptShardError, StoreError, StoreNotFoundError
 from logitcache.store.manifest import HEADER_DIGEST, header_digest
 from logitcache.store import verify_store
 from logitcache.store.reader import iter_sequences
+from helpers import HOSTILE_FIELDS
 
 SEQ_LEN, PER_SHARD, SHARDS = 16, 3, 4
 
@@ -171,28 +172,6 @@ def test_garbled_manifest(stores, tmp_path):
         CacheDataset(store, on_corrupt="skip")
 
 
-HOSTILE_FIELDS = [
-    (lambda m: m["shards"][1]["objects"][0].update(bytes=-5),
-     "shards[1].objects[0].bytes is -5; expected an integer in [0, "),
-    (lambda m: m["shards"][1].update(sequences="3"), "shards[1].sequences is '3'"),
-    (lambda m: m["shards"][2].update(positions=10**30), "shards[2].positions is 1000000000000000000000000000000"),
-    (lambda m: m["shards"][3].update(index=0), "shards[3].index is 0; expected a unique index"),
-    (lambda m: m["shards"][0].update(index=99), "shards[0].index is 99; expected a unique index below plan.shards"),
-    (lambda m: m["shards"][1].update(sequences=4), "shards[1].positions is 48; expected sequences × seq_len"),
-    (lambda m: m["shards"][1]["objects"][0].pop("sha256"), "shards[1].objects[0].sha256 is missing"),
-    (lambda m: m["shards"][1]["objects"][0].update(sha256="../../etc"),
-     "shards[1].objects[0].sha256 is '../../etc'; expected 64"),
-    (lambda m: m["shards"][1]["objects"][0].update(path=None), "shards[1].objects[0].path is None"),
-    (lambda m: m["shards"][1].update(objects=[]), "shards[1].objects is []; expected a list of 1 to 1024"),
-    (lambda m: m.update(shards={"0": {}}), "shards is {'0': {}}; expected a list"),
-    (lambda m: m["shards"].append("x"), "shards[4] is 'x'; expected a mapping"),
-    (lambda m: m.update(seq_len=10**12), "seq_len is 1000000000000; expected an integer in [1, 16777216]"),
-    (lambda m: m.update(seq_len=-1), "seq_len is -1"),
-    (lambda m: m["plan"].update(shards=True), "plan.shards is True"),
-    (lambda m: m.update(method="evil"), "method is 'evil'; expected one of topk, sample, hybrid, full"),
-    (lambda m: m["tokenizer"].update(fingerprint=7), "tokenizer.fingerprint is 7; expected a string"),
-    (lambda m: m.pop("store"), "manifest.store is missing"),
-]
 
 
 @pytest.mark.parametrize("change, message", HOSTILE_FIELDS)

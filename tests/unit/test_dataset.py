@@ -60,7 +60,7 @@ def assert_item_matches(item, seq_id, tokens, targets):
 
 def test_store_shape(store, reference):
     assert len(reference) == NUM_SEQUENCES
-    assert [r["sequences"] for r in read_manifest(store)["shards"]] == [5] * 7 + [2]
+    assert [r.sequences for r in read_manifest(store).shards] == [5] * 7 + [2]
 
 
 def test_items_match_iter_sequences(store, reference):
@@ -220,7 +220,7 @@ def test_corrupt_shard_is_refused_by_name(store, tmp_path):
 
 
 def test_tokenizer_fingerprint_mismatch_names_both(store):
-    found = read_manifest(store)["tokenizer"]["fingerprint"]
+    found = read_manifest(store).header.tokenizer.fingerprint
     with pytest.raises(StoreError, match=f"{found}.*{'f' * 64}"):
         CacheDataset(store, tokenizer_fingerprint="f" * 64)
     with pytest.raises(StoreError, match="f" * 64):

@@ -8,11 +8,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from logitcache.errors import ConfigError, CorruptShardError
+from logitcache.errors import CorruptShardError, TargetsError
 from logitcache.store.bits import bit_length, gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode_row, q8_bound
 from logitcache.targets import SparseTargets
-from targets_builders import build
+from logitcache.testing.targets import assert_equal, canonical, random_row
 
 METHODS = ["topk", "sample", "hybrid", "full"]
 
@@ -65,44 +65,6 @@ def test_fixed_refuses_values_that_do_not_fit():
         pack_fixed(np.asarray([2**17]), 17)
 
 
-def canonical(t: SparseTargets) -> SparseTargets:
-    """Head by (−logp, id), samples by id: the order decode_row promises."""
-    head = {}
-    if t.head_ids is not None:
-        ids, lp = t.head_ids.numpy(), t.head_logprobs.numpy()
-        o = np.lexsort((ids, -lp), axis=1)
-        head = dict(head_ids=torch.from_numpy(np.take_along_axis(ids, o, 1)),
-                    head_logprobs=torch.from_numpy(np.take_along_axis(lp, o, 1)), tail_mass=t.tail_mass)
-    sample = {}
-    if t.sample_ids is not None:
-        sample = dict(sample_lengths=t.sample_lengths, sample_ids=t.sample_ids, sample_counts=t.sample_counts,
-                      sample_weights=t.sample_weights)
-    return SparseTargets(method=t.method, num_samples=t.num_samples, **head, **sample)
-
-
-def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 5, n: int = 50,
-               weighted: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    t = torch.distributions.Dirichlet(torch.full((vocab,), 0.3)).sample((num_positions,))
-    t = (t + 1e-9) / (t + 1e-9).sum(-1, keepdim=True)
-    labels = torch.multinomial(t, 1, generator=gen)[:, 0]
-    tokens = np.concatenate([[int(torch.randint(0, vocab, (1,), generator=gen))], labels.numpy()]).astype(np.int32)
-    targets = build(method, t, gen, k=min(k, vocab), n=n)
-    if weighted and method == "sample":
-        w = torch.rand(targets.sample_ids.shape, generator=gen)
-        targets = SparseTargets(**{**targets.__dict__, "sample_weights": w})
-    return tokens, targets
-
-
-def assert_equal(a: SparseTargets, b: SparseTargets) -> None:
-    for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
-                 "sample_weights"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert (x is None) == (y is None), name
-        if x is not None:
-            assert torch.equal(x.to(y.dtype), y), name
-
-
 @settings(max_examples=80, deadline=None)
 @given(method=st.sampled_from(METHODS), ids=st.sampled_from(["rank-delta", "packed"]), t=st.integers(1, 19),
        vocab=st.sampled_from([7, 64, 300]), weighted=st.booleans(), seed=st.integers(0, 10**6))
@@ -145,13 +107,13 @@ def test_lossy_logprobs_stay_within_the_documented_bound(codec, method):
 def test_label_trick_needs_counts_summing_to_n():
     tokens, targets = random_row("sample", 5, 30, seed=1)
     bad = SparseTargets(**{**targets.__dict__, "sample_counts": targets.sample_counts + 1})
-    with pytest.raises(ConfigError, match="sum to N=50"):
+    with pytest.raises(TargetsError, match="sum to N=50"):
         encode_row(Encoding(ids="packed", vocab_size=30), tokens, bad)
 
 
 def test_ids_outside_the_vocabulary_are_refused_not_truncated():
     tokens, targets = random_row("topk", 4, 300, seed=2)
-    with pytest.raises(ConfigError, match="outside the vocabulary"):
+    with pytest.raises(TargetsError, match="outside the vocabulary"):
         encode_row(Encoding(ids="packed", vocab_size=200), tokens % 200, targets)
 
 

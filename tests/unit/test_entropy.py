@@ -13,7 +13,7 @@ from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode
 from logitcache.store.entropy import COLUMN, coded_columns, pack_unit, unpack_unit
 from logitcache.store.spec import ShardSpec
 from logitcache.store.units import from_blobs
-from test_encoding import random_row
+from logitcache.testing.targets import random_row
 
 
 def _stream(rng, n, alphabet, contexts, skew):

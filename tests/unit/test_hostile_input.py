@@ -129,7 +129,7 @@ def test_student_tokenizer_not_matching_the_store_is_refused(monkeypatch, capsys
     from logitcache.capture.plan import tokenizer_fingerprint
 
     theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(student))
-    ours = read_manifest(store)["tokenizer"]["fingerprint"]
+    ours = read_manifest(store).header.tokenizer.fingerprint
     code, err = run_cli(monkeypatch, capsys, "train", "--store", str(store), "--student", student,
                         "--out", str(tmp_path / "run"), "--steps", "1", "--quiet")
     assert_one_line(code, err, "tokenizer mismatch", ours, theirs)

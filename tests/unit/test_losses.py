@@ -13,8 +13,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from targets_builders import DEVICES, build_hybrid, build_sample, build_topk, make_items
+from helpers import DEVICES, make_items
 
+from logitcache.errors import ConfigError
+from logitcache.testing.targets import build_hybrid, build_sample, build_topk
 from logitcache.train.collate import collate
 from logitcache.train.losses import KDLoss, ghost_kd_loss, kd_loss, sparse_kd_loss
 from logitcache.train.losses_chunked import ChunkedKDLoss, chunked_kd_loss
@@ -194,13 +196,13 @@ def test_ghost_is_finite_when_student_puts_all_mass_on_head() -> None:
 def test_invalid_arguments_raise() -> None:
     batch = _batch("sample")
     z = _logits()
-    with pytest.raises(ValueError, match="ghost"):
+    with pytest.raises(ConfigError, match="ghost"):
         kd_loss(z, batch, kind="ghost")
-    with pytest.raises(ValueError, match="kind"):
+    with pytest.raises(ConfigError, match="kind"):
         kd_loss(z, batch, kind="nope")
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ConfigError, match="alpha"):
         kd_loss(z, batch, alpha=1.5)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ConfigError, match="temperature"):
         KDLoss(temperature=0.0)
 
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
-from targets_builders import build_hybrid, build_sample, build_topk
 
+from logitcache.errors import TargetsError
+from logitcache.testing.targets import build_hybrid, build_sample, build_topk
 from logitcache.train.losses import ghost_kd_loss
 from logitcache.train.metrics import (calibration_bins, dense_estimate, expected_calibration_error,
                                 ghost_effective_target, gradient_angle, kl_per_position, norm_ratio)
@@ -52,9 +53,9 @@ def test_calibration_bins_counts_and_empty_bins() -> None:
 
 
 def test_ece_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="equal length"):
+    with pytest.raises(TargetsError, match="equal length"):
         expected_calibration_error(torch.rand(3), torch.ones(4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(TargetsError, match=r"\[0, 1\]"):
         expected_calibration_error(torch.tensor([1.5]), torch.ones(1, dtype=torch.bool))
 
 
@@ -68,7 +69,7 @@ def test_gradient_angle_and_norm_ratio() -> None:
     x, y = torch.randn(50, generator=gen), torch.randn(50, generator=gen)
     cos = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
     assert gradient_angle(x, y) == pytest.approx(math.degrees(math.acos(cos)), abs=1e-4)
-    with pytest.raises(ValueError, match="zero"):
+    with pytest.raises(TargetsError, match="zero"):
         gradient_angle(torch.zeros(2), a)
 
 

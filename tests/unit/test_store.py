@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -11,7 +12,7 @@ from logitcache.errors import StoreError, StoreLockedError, StoreMismatchError, 
 from logitcache.store import inspect_store, read_manifest
 from logitcache.store.fs import StoreFS
 from logitcache.store.commit import ShardRecord, StoreLock, begin_store
-from store_contract import make_header, make_rows, write_store
+from logitcache.testing.store_conformance import make_header, make_rows, write_store
 
 HEADER = make_header("topk", "arrow", sequences=2, per_shard=1, ids="packed")
 
@@ -19,8 +20,8 @@ HEADER = make_header("topk", "arrow", sequences=2, per_shard=1, ids="packed")
 def test_changed_config_is_refused_naming_the_field(tmp_path):
     fs = StoreFS(tmp_path / "store")
     begin_store(fs, HEADER, [], overwrite=False)
-    changed = json.loads(json.dumps(HEADER))
-    changed["identity"]["sparsify"]["k"] = 3
+    sparsify = {**HEADER.identity["sparsify"], "k": 3}
+    changed = dataclasses.replace(HEADER, identity={**HEADER.identity, "sparsify": sparsify})
     with pytest.raises(StoreMismatchError, match=r"identity\.sparsify\.k: store has 4, this run has 3"):
         begin_store(fs, changed, [], overwrite=False)
     assert begin_store(fs, changed, [], overwrite=True) == []
@@ -36,7 +37,7 @@ def test_non_store_directory_is_refused(tmp_path):
 def test_unknown_version_and_missing_store(tmp_path):
     with pytest.raises(StoreNotFoundError, match="manifest.json is missing"):
         read_manifest(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps(dict(HEADER, format_version=99)))
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(HEADER.to_dict(), format_version=99)))
     with pytest.raises(StoreError, match="format_version 99"):
         read_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{garbled")

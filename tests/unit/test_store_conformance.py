@@ -1,4 +1,8 @@
-"""Every store container on every filesystem passes the same contract (tests/unit/store_contract.py).
+"""Every store container on every filesystem passes the same contract
+(:class:`logitcache.testing.store_conformance.StoreConformance`).
+
+A missing optional package skips only the classes that need it: zarr the Zarr classes; moto, s3fs
+and boto3 the S3 classes.
 
 S3: a real S3-compatible server (moto in server mode) started on 127.0.0.1 by the fixture below;
 stores are written and read through s3fs exactly as on AWS.
@@ -8,17 +12,20 @@ from __future__ import annotations
 
 import uuid
 
+import fsspec
 import pytest
 
-from store_contract import StoreConformance
+from logitcache.testing.store_conformance import StoreConformance, requires
 
-pytest.importorskip("zarr")
+needs_zarr = requires("zarr")
+needs_s3 = requires("moto.server", "s3fs", "boto3")
 
 
 class TestArrowLocal(StoreConformance):
     format = "arrow"
 
 
+@needs_zarr
 class TestZarrLocal(StoreConformance):
     format = "zarr"
 
@@ -28,6 +35,7 @@ class TestArrowLocalAns(StoreConformance):
     entropy = "ans"
 
 
+@needs_zarr
 class TestZarrLocalAns(StoreConformance):
     format = "zarr"
     entropy = "ans"
@@ -36,17 +44,16 @@ class TestZarrLocalAns(StoreConformance):
 @pytest.fixture(scope="session")
 def s3_bucket():
     """A bucket on a local moto S3 server; fsspec's s3 defaults point at it for the session."""
-    server_mod = pytest.importorskip("moto.server")
-    fsspec = pytest.importorskip("fsspec")
-    pytest.importorskip("s3fs")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = dict(fsspec.config.conf.get("s3", {}))
     fsspec.config.conf["s3"] = {"endpoint_url": endpoint, "key": "testing", "secret": "testing",
                                 "client_kwargs": {"region_name": "us-east-1"}}
-    boto3 = pytest.importorskip("boto3")
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="logitcache-test")
     yield "logitcache-test"
@@ -65,14 +72,18 @@ class S3Roots:
         return f"s3://{self.bucket}/{uuid.uuid4().hex}/{name}"
 
 
+@needs_s3
 class TestArrowS3(S3Roots, StoreConformance):
     format = "arrow"
 
 
+@needs_s3
+@needs_zarr
 class TestZarrS3(S3Roots, StoreConformance):
     format = "zarr"
 
 
+@needs_s3
 class TestArrowS3Ans(S3Roots, StoreConformance):
     format = "arrow"
     entropy = "ans"

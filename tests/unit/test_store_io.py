@@ -61,6 +61,21 @@ def run_cli(config: CaptureConfig, out: Path, job: Path, *, prefix: list[str] = 
                           env=env)
 
 
+def run_convert_cli(src: str | Path, dst: Path, *, preexec=None):
+    return subprocess.run(cli_command(["convert", str(src), str(dst), "--ids", "packed"]), capture_output=True,
+                          text=True, preexec_fn=preexec)
+
+
+def file_size_limit(limit: int):
+    """A ``preexec_fn`` capping the size of any file the child writes at ``limit`` bytes."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    return limit_file_size
+
+
 def assert_one_clean_line(result, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -88,12 +103,8 @@ def test_file_size_limit_is_a_clean_error_and_the_store_resumes(refs, tmp_path, 
     if where == "final manifest":
         assert s["header"] <= limit and s["shard"] <= limit
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing us
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
-
     out = tmp_path / "s"
-    result = run_cli(config, out, tmp_path / "j.yaml", preexec=limit_file_size)
+    result = run_cli(config, out, tmp_path / "j.yaml", preexec=file_size_limit(limit))
     assert_one_clean_line(result, "a file exceeded the file-size limit", "ulimit -f")
     assert not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
     if where == "final manifest":
@@ -148,6 +159,30 @@ def test_read_only_filesystem_is_a_clean_error_and_the_store_resumes(refs, tiny_
     assert tree_bytes(out) == before and verify_store(out).ok
     remount(tiny_tmpfs, "rw")
     assert_resumes_to_reference(config, out)
+
+
+@pytest.mark.parametrize("cause", ["disk full", "file-size limit"])
+def test_convert_write_errors_read_as_capture_ones_and_the_store_resumes(refs, request, tmp_path, cause):
+    """convert writes through the commit path capture uses, so a full disk (or the file-size limit) gives the
+    same one line as the capture tests above, and rerunning it resumes to the bytes of an unhindered convert."""
+    src = refs[False].store.path
+    reference = tmp_path / "ref"
+    assert run_convert_cli(src, reference).returncode == 0
+    if cause == "disk full":
+        mnt = request.getfixturevalue("tiny_tmpfs")
+        out, preexec, fragments = mnt / "c", None, ("the disk is full", "free space")
+    else:
+        limit = sizes(reference)["shard"] - 1
+        assert sizes(reference)["header"] <= limit  # precondition: the header fits, a shard does not
+        out, preexec, fragments = tmp_path / "c", file_size_limit(limit), ("file-size limit", "ulimit -f")
+    assert_one_clean_line(run_convert_cli(src, out, preexec=preexec), *fragments)
+    assert inspect_store(out)["shards"] < inspect_store(src)["shards"]  # it stopped part-way
+    assert verify_store(out).ok and not list(out.rglob("*.tmp")) and not (out / ".lock").exists()
+    if cause == "disk full":
+        remount(mnt, "size=8m")  # free space, then rerun
+    resumed = run_convert_cli(src, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert tree_bytes(out) == tree_bytes(reference)
 
 
 def _without_dac_override() -> list[str]:

@@ -208,7 +208,6 @@ def test_device_resolution():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tiny_teacher, teacher):
     gpu = HFTeacher.load(_config(tiny_teacher, device="auto"))
     assert gpu.device.type == "cuda"

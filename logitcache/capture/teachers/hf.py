@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ..config import TeacherConfig
+from ...choices import DTYPES
 from ...errors import TeacherError
 from .base import check_input_ids
 from ...models.hashing import weights_sha256
 from .head import HeadPost, head_chunks
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the dtype each DTYPES choice loads in
 # Parity tolerance, relative to max(1, max |logit|): a few units in the last place of the dtype.
 _PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 _PARITY_SHAPE = (2, 16)
@@ -227,7 +228,7 @@ def _load_pretrained(path: Path, config: TeacherConfig, device: torch.device) ->
         raise TeacherError(f"teacher {config.model!r}: cannot load a tokenizer from {path}: {exc}") from exc
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[config.dtype], device_map=str(device), **kwargs
+            path, dtype=TORCH_DTYPES[config.dtype], device_map=str(device), **kwargs
         )
     except Exception as exc:
         raise TeacherError(f"teacher {config.model!r}: cannot load {path} as a causal LM: {exc}") from exc

@@ -33,7 +33,7 @@ from ...errors import TeacherError
 from .base import check_input_ids
 from ...models.hashing import weights_sha256
 from .head import OutputHead, load_output_head
-from .hf import DTYPES, _check_model_dir, _eos_id, _max_positions, resolve_device
+from .hf import TORCH_DTYPES, _check_model_dir, _eos_id, _max_positions, resolve_device
 
 # Largest |our logprob - vLLM's logprob| accepted on the probe's top-k entries, per dtype. fp32:
 # both sides compute the same fp32 hidden states, so only the matmul's summation order differs
@@ -86,7 +86,7 @@ class VLLMTeacher:
         kwargs = {"trust_remote_code": config.trust_remote_code, "local_files_only": True}
         hf_config = AutoConfig.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        head = load_output_head(path, hf_config, device=resolve_device(config.device), dtype=DTYPES[config.dtype],
+        head = load_output_head(path, hf_config, device=resolve_device(config.device), dtype=TORCH_DTYPES[config.dtype],
                                 name=config.model)
         max_positions = min(_max_positions(hf_config, tokenizer), config.engine.get("max_model_len") or 1 << 30)
         probe = probe_ids(min(head.vocab_size, len(tokenizer)), min(_PROBE_SHAPE[1], max_positions))

@@ -1,13 +1,12 @@
-"""Direct, obviously-correct builders of SparseTargets from a dense teacher ``t[T, V]`` (tests only)."""
+"""Sparse targets for tests: direct, obviously-correct builders from a dense teacher ``t[T, V]``,
+random rows (tokens plus targets), the order decoding promises, and exact comparison."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from logitcache.targets import SparseTargets
-
-# every device the device-parametrised tests run on: CPU always, CUDA where present (no skip noise without it)
-DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+from ..targets import SparseTargets
 
 
 def build_topk(t: torch.Tensor, k: int) -> SparseTargets:
@@ -68,6 +67,7 @@ def build_hybrid(t: torch.Tensor, k: int, n: int, gen: torch.Generator) -> Spars
 
 
 def build(method: str, t: torch.Tensor, gen: torch.Generator, *, k: int = 5, n: int = 50) -> SparseTargets:
+    """``method``'s targets of ``t`` (k head entries, n draws)."""
     if method == "topk":
         return build_topk(t, k)
     if method == "sample":
@@ -76,17 +76,45 @@ def build(method: str, t: torch.Tensor, gen: torch.Generator, *, k: int = 5, n: 
         return build_hybrid(t, k, n, gen)
     if method == "full":
         return build_full(t)
-    raise ValueError(method)
+    raise ValueError(f"method must be one of topk, sample, hybrid, full; found {method!r}")
 
 
-def make_items(teacher: torch.Tensor, lengths: list[int], method: str, seed: int = 0, **kw) -> list[dict]:
-    """One item per sequence (first ``lengths[b]`` positions of ``teacher[b]``)."""
+def canonical(t: SparseTargets) -> SparseTargets:
+    """Head by (−logp, id), samples by id: the order decode_row promises."""
+    head = {}
+    if t.head_ids is not None:
+        ids, lp = t.head_ids.numpy(), t.head_logprobs.numpy()
+        o = np.lexsort((ids, -lp), axis=1)
+        head = dict(head_ids=torch.from_numpy(np.take_along_axis(ids, o, 1)),
+                    head_logprobs=torch.from_numpy(np.take_along_axis(lp, o, 1)), tail_mass=t.tail_mass)
+    sample = {}
+    if t.sample_ids is not None:
+        sample = dict(sample_lengths=t.sample_lengths, sample_ids=t.sample_ids, sample_counts=t.sample_counts,
+                      sample_weights=t.sample_weights)
+    return SparseTargets(method=t.method, num_samples=t.num_samples, **head, **sample)
+
+
+def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 5, n: int = 50,
+               weighted: bool = False) -> tuple[np.ndarray, SparseTargets]:
+    """``(tokens int32[T + 1], targets)`` for ``T = num_positions``: labels drawn from a random teacher,
+    targets built from it by ``method`` (random importance weights when ``weighted``)."""
     gen = torch.Generator().manual_seed(seed)
-    items = []
-    for b, n_pos in enumerate(lengths):
-        t = teacher[b, :n_pos]
-        labels = torch.multinomial(t, 1, generator=gen)[:, 0]
-        input_ids = torch.randint(0, t.shape[-1], (n_pos,), generator=gen)
-        items.append({"seq_id": 100 + b, "input_ids": input_ids, "labels": labels,
-                      "targets": build(method, t, gen, **kw)})
-    return items
+    t = torch.distributions.Dirichlet(torch.full((vocab,), 0.3)).sample((num_positions,))
+    t = (t + 1e-9) / (t + 1e-9).sum(-1, keepdim=True)
+    labels = torch.multinomial(t, 1, generator=gen)[:, 0]
+    tokens = np.concatenate([[int(torch.randint(0, vocab, (1,), generator=gen))], labels.numpy()]).astype(np.int32)
+    targets = build(method, t, gen, k=min(k, vocab), n=n)
+    if weighted and method == "sample":
+        w = torch.rand(targets.sample_ids.shape, generator=gen)
+        targets = SparseTargets(**{**targets.__dict__, "sample_weights": w})
+    return tokens, targets
+
+
+def assert_equal(a: SparseTargets, b: SparseTargets) -> None:
+    """Every field of ``a`` equals ``b``'s exactly (compared in ``b``'s dtype); None where ``b`` has None."""
+    for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
+                 "sample_weights"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(x.to(y.dtype), y), name

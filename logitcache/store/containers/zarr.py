@@ -1,0 +1,112 @@
+"""Zarr v3 container: one group ``data.zarr`` with an array per column, one Zarr shard per unit.
+
+- ``seq_id``: ``uint64[num_sequences]``;
+- each encoded row column (:func:`logitcache.store.encoding.row_columns`): a variable-length
+  bytes array ``[num_sequences]``.
+
+Every array uses the sharding codec with shard shape ``(sequences_per_shard,)`` and inner chunks
+of one row (zstd or blosc-lz4 inside), so a unit is exactly one object per array
+(``data.zarr/<column>/c/<unit>``) and one row can be fetched with a ranged read. The array
+metadata is written when the store is created. Shard objects are produced by zarr itself
+(into memory) and then written and checksummed through the store's exactly-once commit path,
+so ``zarr.open_group(STORE/data.zarr)`` reads a finished store with plain zarr.
+
+Note: zarr-python marks the variable-length bytes data type as not yet in the Zarr v3 spec
+(its representation may change between zarr versions); the manifest records the zarr version.
+
+Imported only through the registry (:mod:`logitcache.store.containers`), so Arrow users need no zarr.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import zarr
+from zarr.abc.buffer import Buffer
+from zarr.buffer import default_buffer_prototype
+from zarr.dtype import VariableLengthBytes
+
+from ...errors import CorruptShardError
+from ..spec import ShardSpec
+from ..units import UnitRows, from_blobs
+from .base import Objects
+
+GROUP = "data.zarr"
+ALWAYS_WRITE = {"write_empty_chunks": True}  # a unit is every array's shard, even where it equals the fill value
+
+
+def _compressors(spec: ShardSpec):
+    if spec.compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=spec.compression_level)
+    if spec.compression == "lz4":
+        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle")
+    return None
+
+
+def _in_memory(spec: ShardSpec, objects: dict[str, Buffer]) -> dict[str, zarr.Array]:
+    """The store's arrays, created in ``objects`` (zarr key -> buffer): zarr opens a plain dict as a
+    ``MemoryStore`` over that very dict, so what it writes is read back from ``objects`` directly."""
+    shards = (spec.sequences_per_shard,)
+    n = max(spec.num_sequences, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        group = zarr.open_group(objects, mode="w", zarr_format=3)
+        arrays = {"seq_id": group.create_array("seq_id", shape=(n,), dtype="uint64", shards=shards, chunks=shards,
+                                                compressors=_compressors(spec), fill_value=0,
+                                                config=ALWAYS_WRITE)}
+        for name in spec.columns():
+            arrays[name] = group.create_array(name, shape=(n,), dtype=VariableLengthBytes(), shards=shards,
+                                              chunks=(1,), compressors=_compressors(spec), fill_value=b"",
+                                              config=ALWAYS_WRITE)
+    return arrays
+
+
+def _as_objects(objects: dict[str, Buffer], metadata: bool) -> Objects:
+    return [(f"{GROUP}/{key}", buf.to_bytes()) for key, buf in sorted(objects.items())
+            if key.endswith("zarr.json") == metadata]
+
+
+class ZarrContainer:
+    """The ``zarr`` store format (:class:`~logitcache.store.containers.base.Container`)."""
+
+    def static_objects(self, spec: ShardSpec) -> Objects:
+        """The group and array metadata (``zarr.json`` files), written once when the store is created."""
+        objects: dict[str, Buffer] = {}
+        _in_memory(spec, objects)
+        return _as_objects(objects, metadata=True)
+
+    def encode_unit(self, spec: ShardSpec, index: int, first_row: int, seq_ids: list[int],
+                    rows: list[dict[str, bytes]]) -> Objects:
+        objects: dict[str, Buffer] = {}
+        arrays = _in_memory(spec, objects)
+        stop = first_row + len(seq_ids)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arrays["seq_id"][first_row:stop] = np.asarray(seq_ids, dtype=np.uint64)
+            for name in spec.columns():
+                values = np.empty(len(rows), dtype=object)
+                values[:] = [r[name] for r in rows]
+                arrays[name][first_row:stop] = values
+        return _as_objects(objects, metadata=False)
+
+    def unit_paths(self, spec: ShardSpec, index: int) -> list[str]:
+        return sorted(f"{GROUP}/{name}/c/{index}" for name in ["seq_id", *spec.columns()])
+
+    def decode_unit(self, spec: ShardSpec, index: int, first_row: int, num_rows: int,
+                    objects: Mapping[str, bytes | memoryview]) -> UnitRows:
+        store: dict[str, Buffer] = {}
+        arrays = _in_memory(spec, store)
+        from_bytes = default_buffer_prototype().buffer.from_bytes
+        store.update({path[len(GROUP) + 1:]: from_bytes(bytes(data)) for path, data in objects.items()})
+        stop = first_row + num_rows
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                seq_ids = arrays["seq_id"][first_row:stop]
+                blobs = {name: list(arrays[name][first_row:stop]) for name in spec.columns()}
+        except Exception as exc:  # zarr raises assorted codec errors on damaged bytes
+            raise CorruptShardError(f"shard {index} is not a readable Zarr shard "
+                                    f"({type(exc).__name__}: {exc})") from exc
+        return from_blobs(seq_ids, blobs)

@@ -1,0 +1,78 @@
+"""Helpers shared by several test files. Test files import from here (``from helpers import ...``;
+tests/ is on ``sys.path`` through tests/conftest.py), never from one another: a test file is run,
+not imported (tests/unit/test_test_layout.py checks it). Helpers an outside backend may need too
+live in ``logitcache.testing``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from logitcache.capture.config import CaptureConfig
+from logitcache.testing.targets import build
+
+# every device the device-parametrised tests run on: CPU always, CUDA where present (no skip noise without it)
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+SEQ_LEN = 32  # window length of the small tiny-teacher captures below
+
+
+def make_config(teacher: str, out: Path, method: str = "sample", **over) -> CaptureConfig:
+    """A ten-window tiny-teacher capture into ``out``, three sequences per shard; ``over`` overrides by dotted key."""
+    base = {"teacher.model": teacher, "teacher.dtype": "float32", "corpus.seq_len": SEQ_LEN,
+            "corpus.max_tokens": SEQ_LEN * 10, "store.path": str(out), "store.sequences_per_shard": 3,
+            "sparsify.method": method, "sparsify.k": 5, "sparsify.samples": 20, "teacher.head_chunk": 7}
+    return CaptureConfig().with_overrides({**base, **over})
+
+
+def cli_args(config: CaptureConfig) -> list[str]:
+    """``logitcache capture`` arguments for the same capture as ``config``."""
+    c = config
+    return ["capture", "--teacher", c.teacher.model, "--dtype", c.teacher.dtype, "--seq-len", str(c.corpus.seq_len),
+            "--head-chunk", str(c.teacher.head_chunk),
+            "--max-tokens", str(c.corpus.max_tokens), "--out", c.store.path,
+            "--sequences-per-shard", str(c.store.sequences_per_shard),
+            "--method", c.sparsify.method, "--k", str(c.sparsify.k), "--samples", str(c.sparsify.samples),
+            "--batch-tokens", str(c.batch_tokens), "--quiet"]
+
+
+def make_items(teacher: torch.Tensor, lengths: list[int], method: str, seed: int = 0, **kw) -> list[dict]:
+    """One dataset item per sequence: the first ``lengths[b]`` positions of ``teacher[b]`` (a dense
+    ``[B, T, V]`` distribution), random input ids, labels drawn from it, and ``method``'s targets."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for b, n_pos in enumerate(lengths):
+        t = teacher[b, :n_pos]
+        labels = torch.multinomial(t, 1, generator=gen)[:, 0]
+        input_ids = torch.randint(0, t.shape[-1], (n_pos,), generator=gen)
+        items.append({"seq_id": 100 + b, "input_ids": input_ids, "labels": labels,
+                      "targets": build(method, t, gen, **kw)})
+    return items
+
+
+# Hostile manifest fields, each with the start of the message that refuses it (docs/reliability.md), for a
+# store of 4 shards × 3 sequences × seq_len 16: test_corruption.py applies them to a store on disk,
+# test_manifest.py to the typed manifest.
+HOSTILE_FIELDS = [
+    (lambda m: m["shards"][1]["objects"][0].update(bytes=-5),
+     "shards[1].objects[0].bytes is -5; expected an integer in [0, "),
+    (lambda m: m["shards"][1].update(sequences="3"), "shards[1].sequences is '3'"),
+    (lambda m: m["shards"][2].update(positions=10**30), "shards[2].positions is 1000000000000000000000000000000"),
+    (lambda m: m["shards"][3].update(index=0), "shards[3].index is 0; expected a unique index"),
+    (lambda m: m["shards"][0].update(index=99), "shards[0].index is 99; expected a unique index below plan.shards"),
+    (lambda m: m["shards"][1].update(sequences=4), "shards[1].positions is 48; expected sequences × seq_len"),
+    (lambda m: m["shards"][1]["objects"][0].pop("sha256"), "shards[1].objects[0].sha256 is missing"),
+    (lambda m: m["shards"][1]["objects"][0].update(sha256="../../etc"),
+     "shards[1].objects[0].sha256 is '../../etc'; expected 64"),
+    (lambda m: m["shards"][1]["objects"][0].update(path=None), "shards[1].objects[0].path is None"),
+    (lambda m: m["shards"][1].update(objects=[]), "shards[1].objects is []; expected a list of 1 to 1024"),
+    (lambda m: m.update(shards={"0": {}}), "shards is {'0': {}}; expected a list"),
+    (lambda m: m["shards"].append("x"), "shards[4] is 'x'; expected a mapping"),
+    (lambda m: m.update(seq_len=10**12), "seq_len is 1000000000000; expected an integer in [1, 16777216]"),
+    (lambda m: m.update(seq_len=-1), "seq_len is -1"),
+    (lambda m: m["plan"].update(shards=True), "plan.shards is True"),
+    (lambda m: m.update(method="evil"), "method is 'evil'; expected one of topk, sample, hybrid, full"),
+    (lambda m: m["tokenizer"].update(fingerprint=7), "tokenizer.fingerprint is 7; expected a string"),
+    (lambda m: m.pop("store"), "manifest.store is missing"),
+]

@@ -1,0 +1,88 @@
+"""docs/format.md describes the files as written: the documented Arrow shard schema equals the schema
+of real shards, for every method, id code, logprob code and entropy stage."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc
+import pytest
+
+from helpers import make_config
+from logitcache.capture import capture
+
+FORMAT_MD = Path(__file__).resolve().parents[2] / "docs" / "format.md"
+TYPES = {"uint64": pa.uint64(), "binary": pa.binary()}
+
+
+def documented_shard_table() -> list[tuple[str, str, str]]:
+    """``(column, arrow type, stored when)`` rows of the "Shards (Arrow IPC stream)" table."""
+    text = FORMAT_MD.read_text()
+    section = text.split("## Shards (Arrow IPC stream)", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (\w+) \| (.+?) \|$", section, re.M)
+    assert rows, "no table found under '## Shards (Arrow IPC stream)' in docs/format.md"
+    return rows
+
+
+def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str) -> bool:
+    """Evaluate a documented "stored when" condition for one store configuration."""
+    if condition == "always":
+        return True
+    if condition == "under `ans`":
+        return entropy == "ans"
+    clauses = [c.strip() for c in condition.split(";")]
+    methods = re.fullmatch(r"method (.+)", clauses[0])
+    assert methods, f"unparsed condition {condition!r} in docs/format.md"
+    names, tau = methods.group(1), "τ ≠ 1" in methods.group(1)
+    listed = re.findall(r"topk|sample|hybrid|full", names)
+    ok = method in listed and (not tau or weighted)
+    for clause in clauses[1:]:
+        m = re.fullmatch(r"not under `ans`(?: with (rank-delta ids|q8 logprobs))?", clause)
+        assert m, f"unparsed clause {clause!r} in docs/format.md"
+        qualifier = m.group(1)
+        applies = entropy == "ans" and (qualifier is None or (qualifier == "rank-delta ids" and ids == "rank-delta")
+                                        or (qualifier == "q8 logprobs" and logprobs == "q8"))
+        ok = ok and not applies
+    return ok
+
+
+def documented_schema(**store) -> pa.Schema:
+    return pa.schema([(name, TYPES[kind]) for name, kind, when in documented_shard_table() if stored(when, **store)])
+
+
+CASES = [  # method, temperature, ids, logprobs, entropy
+    ("sample", 1.0, "rank-delta", "float32", "zstd"),
+    ("sample", 0.7, "packed", "float32", "zstd"),
+    ("sample", 1.0, "rank-delta", "float32", "ans"),
+    ("sample", 1.0, "packed", "float32", "ans"),
+    ("topk", 1.0, "rank-delta", "q8", "ans"),
+    ("topk", 1.0, "packed", "float16", "zstd"),
+    ("hybrid", 1.0, "packed", "q8", "ans"),
+    ("hybrid", 1.0, "rank-delta", "float32", "ans"),
+    ("full", 1.0, "rank-delta", "float32", "zstd"),
+]
+
+
+@pytest.mark.parametrize("method, tau, ids, logprobs, entropy", CASES)
+def test_real_shards_have_the_documented_schema(tiny_teacher, tmp_path, method, tau, ids, logprobs, entropy):
+    over = {"store.ids": ids, "store.logprob_dtype": logprobs, "store.entropy": entropy,
+            "corpus.max_tokens": 16 * 4, "store.sequences_per_shard": 2}
+    if tau != 1.0:
+        over["sparsify.temperature"] = tau
+    capture(make_config(tiny_teacher, tmp_path / "s", method, **over), progress=False)
+    shards = sorted((tmp_path / "s" / "shards").glob("*.arrow"))
+    assert shards
+    with pa.ipc.open_stream(pa.OSFile(str(shards[0]))) as reader:
+        schema = reader.schema
+    expected = documented_schema(method=method, weighted=tau != 1.0, ids=ids, logprobs=logprobs, entropy=entropy)
+    assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
+
+
+def test_a_drifted_table_is_caught():
+    """The comparison is sharp: dropping one documented condition changes the expected schema."""
+    plain = documented_schema(method="sample", weighted=False, ids="rank-delta", logprobs="float32", entropy="ans")
+    weighted = documented_schema(method="sample", weighted=True, ids="rank-delta", logprobs="float32", entropy="ans")
+    assert "sample_lengths" not in plain.names and "entropy" in plain.names
+    assert weighted.names == plain.names[:-1] + ["sample_weights", "entropy"]

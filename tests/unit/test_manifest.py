@@ -1,0 +1,140 @@
+"""The manifest as a typed value: every store a capture writes reads back as a :class:`Manifest` that gives
+back the exact bytes on disk, and ``from_dict`` refuses each hostile manifest with the message `verify` and
+the dataset print (tests/unit/test_corruption.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from logitcache.capture import capture
+from logitcache.errors import CorruptShardError, StoreError
+from logitcache.store import read_manifest, verify_store
+from logitcache.store.commit import dump_json
+from logitcache.store.manifest import (HEADER_DIGEST, Manifest, ManifestHeader, ShardRecord, StoreSection,
+                                      header_digest)
+from helpers import HOSTILE_FIELDS, make_config
+
+SHAPE = {"corpus.seq_len": 16, "corpus.max_tokens": 16 * 3 * 4, "store.sequences_per_shard": 3}  # HOSTILE_FIELDS'
+VARIANTS = {  # every method, each container, both entropy stages, both id codes, lossy and weighted rows
+    "topk": {},
+    "sample": {"sparsify.temperature": 0.5},
+    "hybrid": {"store.format": "zarr", "store.entropy": "ans", "store.logprob_dtype": "q8"},
+    "full": {"store.ids": "packed"},
+}
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_teacher, tmp_path_factory):
+    """``method -> (store path, what capture returned)``, one small store per method."""
+    root = tmp_path_factory.mktemp("manifest")
+    out = {}
+    for method, over in VARIANTS.items():
+        config = make_config(tiny_teacher, root / method, method, **SHAPE, **over)
+        out[method] = (root / method, capture(config, progress=False))
+    return out
+
+
+def on_disk(store: Path) -> dict:
+    return json.loads((store / "manifest.json").read_text())
+
+
+def forged(manifest: dict) -> dict:
+    """``manifest`` with its header digest recomputed, as a deliberate forger would."""
+    return {**manifest, HEADER_DIGEST: header_digest(manifest)}
+
+
+@pytest.mark.parametrize("method", VARIANTS)
+def test_a_store_reads_back_as_the_typed_manifest_it_was_written_from(stores, method):
+    store, summary = stores[method]
+    manifest = read_manifest(store)
+    assert manifest == summary.manifest  # what the writer built is what the reader parses
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    assert dump_json(manifest.to_dict()) == (store / "manifest.json").read_bytes()  # the same bytes
+    assert manifest.complete and len(manifest.shards) == manifest.header.plan.shards == 4
+    assert manifest.header.method == method and verify_store(store).ok
+
+
+def test_the_typed_fields_are_the_recorded_ones(stores):
+    header = read_manifest(stores["hybrid"][0]).header
+    raw = on_disk(stores["hybrid"][0])
+    assert header.store.format == "zarr" and header.store.encoding.entropy == "ans"
+    assert header.store.encoding.logprobs == "q8" and header.tokenizer.fingerprint == raw["tokenizer"]["fingerprint"]
+    assert header.plan.sequences == raw["plan"]["sequences"] == 12 and header.seq_len == 16
+    assert header.to_dict()[HEADER_DIGEST] == raw[HEADER_DIGEST]
+    assert read_manifest(stores["sample"][0]).header.weighted and not header.weighted
+
+
+def test_an_in_progress_store_reads_back_from_its_commit_records(stores, tmp_path):
+    store = shutil.copytree(stores["topk"][0], tmp_path / "s")
+    final = read_manifest(store)
+    (store / "commits").mkdir()
+    for record in final.shards[:3]:
+        (store / "commits" / f"{record.index:05d}.json").write_bytes(dump_json(record.to_dict()))
+    (store / "manifest.json").write_bytes(dump_json(Manifest(final.header).to_dict()))
+    partial = read_manifest(store)
+    assert not partial.complete and partial.header == final.header and partial.shards == final.shards[:3]
+
+
+def test_shard_records_round_trip_and_name_their_file(stores):
+    for record in read_manifest(stores["full"][0]).shards:
+        assert ShardRecord.from_dict(record.to_dict()) == record
+    damaged = dict(read_manifest(stores["full"][0]).shards[0].to_dict(), entries=-1)
+    with pytest.raises(StoreError, match=r"^commits/00000.json: shard.entries is -1; expected an integer in \[0, "):
+        ShardRecord.from_dict(damaged, "commits/00000.json")
+
+
+@pytest.mark.parametrize("change, message", HOSTILE_FIELDS)
+def test_each_hostile_manifest_is_refused_by_name(stores, change, message):
+    manifest = on_disk(stores["hybrid"][0])
+    change(manifest)
+    with pytest.raises(StoreError) as info:
+        Manifest.from_dict(forged(manifest), "S/manifest.json")
+    assert str(info.value).startswith("S/manifest.json: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda m: m["params"].update(samples=11), StoreError, "a header field was changed"),  # digest not forged
+    (lambda m: m.update(format="other"), StoreError, "is not a logitcache manifest (format='other')"),
+    (lambda m: m.update(format_version=99), StoreError, "has format_version 99; this logitcache reads version 2"),
+    (lambda m: m["store"].update(format="tar"), StoreError, "store.format is 'tar'; expected one of arrow, zarr"),
+    (lambda m: m["store"]["encoding"].update(version=9), CorruptShardError, "store encoding version 9"),
+    (lambda m: m["store"]["encoding"].update(ids="gzip"), StoreError, "store.encoding is {"),
+    (lambda m: m["params"].update(samples="many"), StoreError, "params.samples is 'many'"),
+    (lambda m: m["plan"].pop("positions"), StoreError, "plan.positions is missing"),
+    (lambda m: m.update(written_by=3), StoreError, "written_by is 3; expected a string"),
+])
+def test_header_fields_the_typed_value_holds_are_checked(stores, change, error, message):
+    manifest = on_disk(stores["hybrid"][0])
+    change(manifest)
+    if message != "a header field was changed":
+        manifest = forged(manifest)
+    with pytest.raises(error, match=re.escape(message)):
+        Manifest.from_dict(manifest)
+
+
+def test_a_manifest_that_is_no_mapping_is_refused():
+    with pytest.raises(StoreError, match=r"manifest: manifest is \[1\]; expected a mapping"):
+        Manifest.from_dict([1])
+
+
+def test_commit_records_beyond_the_plan_are_refused(stores):
+    manifest = read_manifest(stores["topk"][0])
+    extra = copy.deepcopy(manifest.shards[0].to_dict())
+    extra["index"] = 7
+    with pytest.raises(StoreError, match=r"shards\[4\].index is 7; expected a unique index below plan.shards = 4"):
+        Manifest(manifest.header).with_shards([*manifest.shards, ShardRecord.from_dict(extra)], "S")
+
+
+def test_a_converted_header_records_the_options_and_a_fresh_digest(stores):
+    header = read_manifest(stores["topk"][0]).header
+    store = StoreSection(format="zarr", compression="zstd", compression_level=3, encoding=header.store.encoding)
+    converted = header.converted(store, {"format": "zarr", "compression_level": 3})
+    assert converted.identity["store"]["format"] == "zarr" and header.identity["store"]["format"] == "arrow"
+    assert ManifestHeader.from_dict(converted.to_dict()) == converted
+    assert converted.to_dict()[HEADER_DIGEST] != header.to_dict()[HEADER_DIGEST]
