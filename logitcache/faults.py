@@ -17,6 +17,7 @@ Points, in the order a capture reaches them:
 ``before_finalize``  all units committed, manifest not yet final
 ``after_manifest``   final manifest in place, commit records not yet removed
 ``reader_commits``   (reader side) an incomplete manifest was read, commit records not yet listed
+``lock_takeover``    (writer lock) a lock in place was judged stale, not yet removed
 
 With ``LOGITCACHE_FAULT_ONCE=<path>`` also set, only the first process to reach the point creates
 ``<path>`` and dies; every later one (a restarted Ray worker, say) carries on.

@@ -38,7 +38,7 @@ from .sources import CorpusFiles, resolve_files
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("builtin:pydoc",)
 BOM = b"\xef\xbb\xbf"
-PRESCAN_BYTES = 64 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
+PRESCAN_BYTES = 16 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
 _BATCH_ROWS = 1024
 
 
@@ -152,10 +152,10 @@ def _read_pydoc() -> Iterator[Document]:
         yield Document(text=topics[key], origin=f"pydoc:{key}")
 
 
-def _decode(data: bytes, where: str, base_offset: int = 0) -> str:
+def _decode(data: bytes | memoryview, where: str, base_offset: int = 0) -> str:
     """Strict UTF-8 decoding; the error names ``where`` and the absolute byte offset."""
     try:
-        return data.decode("utf-8")
+        return str(data, "utf-8")
     except UnicodeDecodeError as exc:
         offset = base_offset + exc.start
         utf16 = " (it starts with a UTF-16 byte-order mark: the file is UTF-16)" if (
@@ -166,12 +166,12 @@ def _decode(data: bytes, where: str, base_offset: int = 0) -> str:
         ) from exc
 
 
-def _without_bom(data: bytes, facts: TextFacts) -> tuple[bytes, int]:
-    """``data`` without a leading UTF-8 byte-order mark, and how many bytes were dropped (0 or 3)."""
+def _without_bom(data: bytes, facts: TextFacts) -> tuple[bytes | memoryview, int]:
+    """``data`` without a leading UTF-8 byte-order mark (a view: no copy), and how many bytes were dropped."""
     if not data.startswith(BOM):
         return data, 0
     facts.bom_stripped += 1
-    return data[len(BOM):], len(BOM)
+    return memoryview(data)[len(BOM):], len(BOM)
 
 
 def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterator[Document]:

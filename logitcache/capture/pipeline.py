@@ -26,6 +26,7 @@ from ..errors import StoreError
 from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, StoreSection, TokenizerSection
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
+from .limits import check_teacher_limits, plan_warnings
 from .sparsify import draw_uniforms, sparsify
 from ..store.commit import (MANIFEST, ShardRecord, StoreLock, begin_store, finalize_store, mismatch_error,
                             read_manifest)
@@ -176,9 +177,11 @@ def prepare_capture(config: CaptureConfig, teacher: Teacher,
     """Plan, units, manifest header and shard spec: a pure function of the config and the teacher
     (``corpus``: the config's corpus, already opened)."""
     c = config.corpus
+    check_teacher_limits(config, teacher.vocab_size)
     corpus = corpus or open_corpus(c.source, text_field=c.text_field, split=c.split)
     plan = build_plan(corpus.documents(), teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
                       eos_id=teacher.eos_id, max_positions=teacher.max_positions)
+    plan_warnings(config, plan)
     units = plan_units(plan, config.store.sequences_per_shard)
     header = build_header(config, teacher, plan, units, corpus)
     return plan, units, header, spec_from_manifest(header)
@@ -222,6 +225,7 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
     fs = StoreFS(config.store.path)
     started = time.perf_counter()
     with StoreLock(fs):
+        header, spec = _resumed_header(fs, header, spec, overwrite)
         committed = begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]
@@ -238,6 +242,19 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
     return CaptureSummary(store=fs.url, units_total=len(units), units_skipped=len(units) - len(todo),
                           units_written=len(todo), tokens=sum(r.positions for r in fresh),
                           seconds=time.perf_counter() - started, manifest=manifest)
+
+
+def _resumed_header(fs: StoreFS, header: ManifestHeader, spec: ShardSpec,
+                    overwrite: bool) -> tuple[ManifestHeader, ShardSpec]:
+    """The store's own header (and its spec) when this run resumes it and the two differ in display-only fields
+    alone (the corpus read from another path): committed units stay bound to it and the manifest keeps it, so
+    the store ends as the uninterrupted run left it. Otherwise this run's ``header`` and ``spec``."""
+    if overwrite or not fs.exists(MANIFEST):
+        return header, spec
+    existing = read_manifest(fs).header
+    if not existing.same_but_for_display(header):
+        return header, spec
+    return existing, spec_from_manifest(existing)
 
 
 def capture_local(config: CaptureConfig, *, overwrite: bool = False, progress: bool = True,

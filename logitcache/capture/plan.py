@@ -13,23 +13,33 @@ batch size or the worker count, so it can seed per-sequence randomness and name 
 The corpus fingerprint is a sha256 over every document read (empty ones included), each as its
 UTF-8 byte length (8 bytes, little-endian) followed by its UTF-8 bytes, in reading order.
 Nothing here does I/O beyond iterating the documents it is given.
+
+Memory. Documents of at most :data:`LONG_DOCUMENT_BYTES` are tokenized whole, in batches of at most
+:data:`TOKENIZE_BATCH` documents and :data:`BATCH_CHARS` characters; a longer one is tokenized in
+overlapping windows (:mod:`logitcache.capture.windowed`) with the same ids, so tokenizing holds a
+bounded amount beside the packed stream (4 bytes a token) whatever a document's length. With
+``max_tokens``, a long document that completes the wanted tokens is tokenized only that far: the
+stream is cut right after them (no EOS follows), instead of ending with the whole document.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
 
 from .corpus import Document
+from .windowed import WindowedTokenizer
 from ..errors import ConfigError, CorpusError, TeacherError
 from ..models.tokenizers import tokenizer_fingerprint
 
-TOKENIZE_BATCH = 256
+TOKENIZE_BATCH = 256  # documents per tokenizer call, at most
+BATCH_CHARS = 1 << 18  # characters per tokenizer call, at most (a batch is cut before a document crosses it)
+LONG_DOCUMENT_BYTES = 1 << 16  # UTF-8 bytes: a longer document is tokenized in windows (and cut at max_tokens)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,9 +109,10 @@ def build_plan(
     """Tokenize and pack ``documents`` into windows of ``seq_len + 1`` tokens.
 
     ``max_tokens`` keeps the first ``ceil(max_tokens / seq_len)`` windows; tokenizing then stops at
-    the first document that completes them, but every document is still read into the corpus
-    fingerprint, so seq ids equal those of the unlimited plan. ``eos_id`` defaults to
-    ``tokenizer.eos_token_id``. ``max_positions`` (the teacher's context) must be ``>= seq_len`` (the teacher reads the first ``seq_len`` tokens of each window).
+    the first document that completes them (within it, if it is longer than :data:`LONG_DOCUMENT_BYTES`),
+    but every document is still read into the corpus fingerprint, so seq ids equal those of the
+    unlimited plan. ``eos_id`` defaults to ``tokenizer.eos_token_id``. ``max_positions`` (the
+    teacher's context) must be ``>= seq_len`` (the teacher reads the first ``seq_len`` tokens of each window).
     Raises :class:`CorpusError` for an empty or too-short corpus, :class:`TeacherError` if the
     window does not fit the teacher.
     """
@@ -114,9 +125,8 @@ def build_plan(
         )
     wanted = None if max_tokens is None else math.ceil(max_tokens / seq_len) * seq_len + 1
     packer = _Packer(tokenizer, int(eos), wanted)
-    hasher = hashlib.sha256()
-    for batch in _batches(documents, hasher, packer):
-        packer.add(batch)
+    for doc in documents:
+        packer.read(doc)
     tokens = packer.result()
     _check_counts(packer, tokens.size, seq_len)
     num_windows = (tokens.size - 1) // seq_len
@@ -133,7 +143,7 @@ def build_plan(
         "windows": num_windows,
     }
     tokens.flags.writeable = False
-    return Plan(tokens, seq_len, num_windows, hasher.hexdigest(), stats)
+    return Plan(tokens, seq_len, num_windows, packer.hasher.hexdigest(), stats)
 
 
 def plan_units(plan: Plan, sequences_per_shard: int) -> list[Unit]:
@@ -156,41 +166,49 @@ def _check_args(seq_len: int, max_tokens: int | None, max_positions: int | None)
         )
 
 
-def _batches(documents: Iterable[Document], hasher, packer: _Packer) -> Iterator[list[str]]:
-    """Hash every document; group the non-empty ones (while the packer wants more) into batches."""
-    batch: list[str] = []
-    for doc in documents:
-        data = doc.text.encode("utf-8")
-        hasher.update(len(data).to_bytes(8, "little"))
-        hasher.update(data)
-        packer.documents += 1
-        if not doc.text.strip():
-            packer.empty += 1
-        elif not packer.full:
-            batch.append(doc.text)
-            if len(batch) >= TOKENIZE_BATCH:
-                yield batch
-                batch = []
-    if batch and not packer.full:
-        yield batch
-
-
 class _Packer:
-    """Accumulates tokenized documents (each + EOS) as int32 chunks; stops once ``wanted`` is reached."""
+    """Hashes every document and packs the tokens of the non-empty ones (each + EOS) as int32 chunks,
+    until ``wanted`` tokens are reached. Short documents wait in a batch; a long one flushes it first."""
 
     def __init__(self, tokenizer, eos: int, wanted: int | None) -> None:
         self.tokenizer, self.eos, self.wanted = tokenizer, eos, wanted
+        self.hasher = hashlib.sha256()
         self.chunks: list[np.ndarray] = []
+        self.batch: list[str] = []
+        self.batch_chars = 0
         self.count = self.documents = self.empty = self.tokenized = 0
 
     @property
     def full(self) -> bool:
         return self.wanted is not None and self.count >= self.wanted
 
-    def add(self, texts: list[str]) -> None:
-        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    def read(self, doc: Document) -> None:
+        text = doc.text
+        self.documents += 1
+        if len(text) > LONG_DOCUMENT_BYTES // 4 and (size := _utf8_length(text)) > LONG_DOCUMENT_BYTES:
+            self.flush()  # a character is at most 4 bytes: a shorter text is not long
+            self._add_long(text, size)
+            return
+        data = text.encode("utf-8")
+        self.hasher.update(len(data).to_bytes(8, "little"))
+        self.hasher.update(data)
+        if not text.strip():
+            self.empty += 1
+        elif not self.full:
+            if self.batch and (len(self.batch) >= TOKENIZE_BATCH or self.batch_chars + len(text) > BATCH_CHARS):
+                self.flush()
+            self.batch.append(text)
+            self.batch_chars += len(text)
+
+    def flush(self) -> None:
+        """Tokenize the waiting short documents; stop at the one that completes the wanted tokens."""
+        if not self.batch or self.full:
+            self.batch, self.batch_chars = [], 0
+            return
+        ids = self.tokenizer(self.batch, add_special_tokens=False, verbose=False)["input_ids"]
+        self.batch, self.batch_chars = [], 0
         kept = []
-        for doc_ids in ids:  # stop at the document that completes the wanted tokens
+        for doc_ids in ids:
             if self.full:
                 break
             if len(doc_ids) == 0:
@@ -199,13 +217,56 @@ class _Packer:
             kept.append(doc_ids)
             self.count += len(doc_ids) + 1
         total = sum(len(d) + 1 for d in kept)
-        flat = np.fromiter(chain.from_iterable(chain(d, (self.eos,)) for d in kept), dtype=np.int32, count=total)
-        self.chunks.append(flat)
+        self.chunks.append(np.fromiter(chain.from_iterable(chain(d, (self.eos,)) for d in kept), dtype=np.int32,
+                                       count=total))
         self.tokenized += len(kept)
+
+    def _add_long(self, text: str, size: int) -> None:
+        """Hash ``text`` (``size`` UTF-8 bytes) in slices and tokenize it in windows while tokens are
+        wanted; a document cut at the wanted tokens gets no EOS."""
+        self.hasher.update(size.to_bytes(8, "little"))
+        blank = text.isspace()  # as `not text.strip()`, without the copy
+        windows = None if blank or self.full else WindowedTokenizer(self.tokenizer)
+        tokenizing, got = windows is not None, 0
+        for i in range(0, len(text), _SLICE_CHARS):
+            piece = text[i : i + _SLICE_CHARS]
+            self.hasher.update(piece.encode("utf-8"))
+            if windows is not None:
+                got += self._take(windows.feed(piece))
+                windows = None if self.full else windows  # cut: the rest is only hashed
+        if windows is not None:
+            got += self._take(windows.finish())
+            if got:
+                self._take([np.array([self.eos], dtype=np.int32)])
+        if blank or (tokenizing and not got):
+            self.empty += 1
+        elif got:
+            self.tokenized += 1
+
+    def _take(self, arrays: list[np.ndarray]) -> int:
+        """Append ``arrays`` up to the wanted tokens; how many tokens were appended."""
+        taken = 0
+        for ids in arrays:
+            if self.wanted is not None:
+                ids = ids[: self.wanted - self.count]
+            self.chunks.append(ids)
+            self.count += ids.size
+            taken += ids.size
+        return taken
 
     def result(self) -> np.ndarray:
         """The packed stream ``int32[N]``."""
+        self.flush()
         return np.concatenate(self.chunks) if self.chunks else np.empty(0, dtype=np.int32)
+
+
+_SLICE_CHARS = 1 << 14  # a long document is hashed and fed to the windowed tokenizer in slices this long
+
+
+def _utf8_length(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return sum(len(text[i : i + _SLICE_CHARS].encode("utf-8")) for i in range(0, len(text), _SLICE_CHARS))
 
 
 def _check_counts(packer: _Packer, num_tokens: int, seq_len: int) -> None:

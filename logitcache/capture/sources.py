@@ -139,7 +139,7 @@ def _one_kind(files: list[tuple[Path, str]], what: str, folder: str) -> str:
         by_kind.setdefault(KINDS[path.suffix.lower()], []).append(name)
     if len(by_kind) == 1:
         return next(iter(by_kind))
-    found = "; ".join(f"{kind} ({len(names)}: {', '.join(names[:_SHOWN])}{', ...' if len(names) > _SHOWN else ''})"
+    found = "; ".join(f"{kind} ({len(names)}: {', '.join(names[:_SHOWN])}{', ...' * (len(names) > _SHOWN)})"
                       for kind, names in sorted(by_kind.items()))
     largest = max(by_kind, key=lambda k: len(by_kind[k]))
     suffix = next(s for s, k in KINDS.items() if k == largest)

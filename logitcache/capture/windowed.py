@@ -13,7 +13,8 @@ tokens (ids and offsets) are identical. Tokens of ``a`` before it and of ``b`` f
 kept. ``a``'s tokens there are far from its truncated end and ``b``'s have left its arbitrary
 start behind, so both equal the whole-text tokens. Where no sync point exists (one token or
 pre-token spanning the whole overlap) the rest of the text is tokenized in one call from the last
-trusted window: still exact, but that document's memory then grows with its length.
+trusted window: still exact, but that document's memory then grows with its length (so does a
+tokenizer without offsets, a "slow" one: it tokenizes the whole text in one call).
 tests/unit/test_plan.py checks the ids against whole-text tokenization on Python's sources and
 help topics with the tiny teacher's and SmolLM2's tokenizers.
 """
@@ -49,7 +50,8 @@ class WindowedTokenizer:
         self.base = 0
         self.prev: _Tokens | None = None  # tokens of the window starting at `base`
         self.trusted = 0  # index of prev's first token not yet returned
-        self.whole = False  # no sync point found: the rest is tokenized in one call
+        # the rest is tokenized in one call: no sync point was found, or the tokenizer gives no offsets
+        self.whole = not getattr(tokenizer, "is_fast", False)
 
     def feed(self, piece: str) -> list[np.ndarray]:
         self.buffer += piece
@@ -61,14 +63,14 @@ class WindowedTokenizer:
     def finish(self) -> list[np.ndarray]:
         """The remaining ids; the text is complete."""
         if self.prev is None:
-            return [self._tokenize(self.buffer, self.base).ids]
+            return [self._ids(self.buffer)]
         if not self.whole:
             cur = self._tokenize(self.buffer[self.stride:], self.base + self.stride)
             sync = _sync_point(self.prev, self.trusted, cur)
             if sync is not None:
                 return [self.prev.ids[self.trusted : sync[0]], cur.ids[sync[1] :]]
         # from `base`, the whole rest has prev's tokens up to far past its trusted index
-        return [self._tokenize(self.buffer, self.base).ids[self.trusted :]]
+        return [self._ids(self.buffer)[self.trusted :]]
 
     def _advance(self) -> list[np.ndarray]:
         if self.prev is None:
@@ -84,6 +86,9 @@ class WindowedTokenizer:
         self.prev, self.trusted = cur, sync[1]
         self.buffer, self.base = self.buffer[self.stride :], start
         return [out]
+
+    def _ids(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int32)
 
     def _tokenize(self, text: str, at: int) -> _Tokens:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)

@@ -7,7 +7,11 @@ override it field by field.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -92,7 +96,8 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(DTYPES), help="Teacher dtype (default bfloat16).")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
 @click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
-@click.option("--corpus", help="Path (.txt/.md dir or file, .jsonl, .parquet, HF save_to_disk dir) or builtin:pydoc.")
+@click.option("--corpus", help="A .txt/.md, .jsonl, .parquet file, a directory of one kind, a glob, a HF "
+              "save_to_disk dir, or builtin:pydoc.")
 @click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
 @click.option("--split", help="Split of a saved HF DatasetDict (default train).")
 @click.option("--seq-len", type=int, help="Positions per window (default 512).")
@@ -113,13 +118,14 @@ def main() -> None:
 @click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
 @click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bars (ours, the teacher's weight loading, vLLM's).")
 def capture(config_path, overwrite, quiet, **flags) -> None:
     """Run the teacher over a corpus and write sparse targets to a store (resumable)."""
     from ..capture import capture as run_capture
 
     config = load_config(config_path, flags)
-    summary = run_capture(config, overwrite=overwrite, progress=not quiet)
+    with _progress_bars_off(quiet), _interruptions_reported(config.store.path):
+        summary = run_capture(config, overwrite=overwrite, progress=not quiet)
     click.echo(f"captured {summary.tokens} positions in {summary.seconds:.1f}s "
                f"({summary.tokens_per_second:.0f} tok/s); units written {summary.units_written}, "
                f"already committed {summary.units_skipped}; store {summary.store}", err=True)
@@ -149,7 +155,8 @@ def convert(src, dst, format, ids, logprob_dtype, compression_level, entropy, ov
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(store, as_json) -> None:
-    """Summarise a store: method, teacher, sizes, completeness."""
+    """Summarise a store: method, teacher, sizes, completeness; check what needs no unit read (object sizes,
+    presence, bindings, container metadata); exit 1 if that finds a problem."""
     from ..store import inspect_store
 
     summary = inspect_store(store)
@@ -157,6 +164,78 @@ def inspect(store, as_json) -> None:
         click.echo(json.dumps(summary, sort_keys=True))
     else:
         _print_summary(store, summary)
+        click.echo(f"checked          {summary['checked']}: "
+                   f"{len(summary['problems']) or 'no'} problem(s)" + ("; records unbound (written before "
+                   "bindings)" if summary["unbound_shards"] else ""))
+    for problem in summary["problems"]:
+        click.echo(f"BAD  {problem}", err=True)
+    if summary["problems"]:
+        click.echo(f"{len(summary['problems'])} problem(s) in {store}; run `logitcache verify {store}` for the "
+                   "full check (checksums, rows)", err=True)
+        sys.exit(1)
+
+
+# tqdm reads TQDM_* when first imported: this process (unless tqdm is loaded already) and every child (Ray, vLLM)
+QUIET_ENV = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextmanager
+def _progress_bars_off(quiet: bool):
+    """With ``--quiet``, no progress bars: ours, transformers' weight loading, the hub's, vLLM's."""
+    if not quiet:
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in QUIET_ENV}
+    os.environ.update(QUIET_ENV)
+    hf_logging = sys.modules.get("transformers.utils.logging")  # loaded already (an in-process caller)
+    was_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it stops a capture the way Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _interruptions_reported(store: str):
+    """Ctrl-C (SIGINT) or SIGTERM: units mid-commit finish, the lock is released, and one line says how many
+    units are committed and that the same command resumes; exit 130 (SIGINT) or 143 (SIGTERM)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        click.echo(f"\ninterrupted by {name}: {_committed(store)}; rerun the same command to resume.", err=True)
+        sys.exit(code)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _committed(store: str) -> str:
+    from ..store import read_manifest
+
+    try:
+        manifest = read_manifest(store)
+    except (LogitCacheError, OSError):
+        return f"no store was started at {store} yet"
+    return f"{len(manifest.shards)} of {manifest.header.plan.shards} units are committed in {store}"
 
 
 def _print_summary(store: str, summary: dict | None = None) -> None:
@@ -169,6 +248,7 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         f"teacher          {s['teacher']['name']}  {s['teacher']['dtype']}  weights {s['teacher']['weights_sha256'][:12]}",
         f"tokenizer        {s['tokenizer_fingerprint'][:16]}",
         f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
+        *_corpus_input_lines(s["corpus"].get("input")),
         f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions",
         f"shards           {s['shards']} of {s['planned_shards']}",
         f"encoding         {s['store_format']}  ids {s['encoding']['ids']}  logprobs {s['encoding']['logprobs']}  "
@@ -180,6 +260,28 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         lines.append(f"lossy logprobs   max |Δp| {s['max_prob_error']:.3g}, max |Δ logp| {s['max_logprob_error']:.3g} "
                      "(where p >= 1e-3)")
     click.echo("\n".join(lines))
+
+
+def _corpus_input_lines(found: dict | None, shown: int = 5) -> list[str]:
+    """What the corpus reader recorded (stores before it recorded nothing): files read and skipped, the text."""
+    if not found:
+        return []
+    lines = []
+    files, skipped = found["files"], found["skipped"]
+    if files:
+        lines.append(f"  files read     {len(files)} {found['kind']}: {_first_names(files, shown)}")
+    if skipped:
+        lines.append(f"  files skipped  {len(skipped)}: {_first_names(skipped, shown)}")
+    ends = found["newlines"]
+    if ends["crlf"] or ends["cr"]:
+        lines.append(f"  line ends      kept as found: {ends['lf']} LF, {ends['crlf']} CRLF, {ends['cr']} CR")
+    if found["bom_stripped"]:
+        lines.append(f"  byte-order mark dropped at the start of {found['bom_stripped']} file(s)")
+    return lines
+
+
+def _first_names(names: list[str], shown: int) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 @main.command()

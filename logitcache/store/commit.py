@@ -1,4 +1,4 @@
-"""Store layout, manifest, exactly-once unit commits and the writer lock.
+"""Store layout, manifest and exactly-once unit commits (the writer lock is :mod:`.lock`).
 
 Layout of a store (a local directory or an fsspec URL; the container decides what a unit's
 objects hold — see :mod:`logitcache.store.containers.arrow` and :mod:`logitcache.store.containers.zarr`)::
@@ -8,7 +8,7 @@ objects hold — see :mod:`logitcache.store.containers.arrow` and :mod:`logitcac
       shards/00000.arrow     arrow: one object per unit
       data.zarr/...          zarr: group and array metadata, and one shard object per array per unit
       commits/00000.json     one commit record per committed unit, until the manifest is finalised
-      .lock                  held by the one writer (host, pid); removed when it finishes
+      .lock                  held by the one writer (its owner, see :mod:`.lock`); removed when it finishes
 
 A unit is committed exactly once: each of its objects is written whole (temporary file, fsync,
 rename locally; a single PUT on object stores), then its commit record is written the same way.
@@ -23,20 +23,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from typing import Any
 
-from ..errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
+from ..errors import StoreError, StoreMismatchError, StoreNotFoundError
 from ..faults import fault_point
 # FORMAT_VERSION and ShardRecord (now in .manifest) are also imported from here
-from .manifest import FORMAT_VERSION, Manifest, ManifestHeader, ShardRecord
+from .manifest import FORMAT_VERSION, HEADER_DIGEST, Manifest, ManifestHeader, ShardRecord
 from .fs import StoreFS
+from .lock import LOCK, StoreLock  # noqa: F401 (StoreLock is imported from here)
 from .write_errors import translates_write_errors
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 COMMIT_DIR = "commits"
-LOCK = ".lock"
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -114,7 +113,8 @@ def begin_store(fs: StoreFS, header: ManifestHeader, static_objects: list[tuple[
         for rel, data in static_objects:  # a start killed before they were all written
             if fs.size(rel) != len(data):
                 fs.write(rel, data)
-        return [r for r in read_commits(fs) if _unit_matches(fs, r)]
+        digest = header.to_dict()[HEADER_DIGEST]
+        return [r for r in read_commits(fs) if _unit_matches(fs, r, digest)]
     if not fs.is_empty(ignore=(LOCK,)):
         raise StoreError(f"{root} exists, is not empty and holds no {MANIFEST}; expected an empty or new "
                          "directory. Choose another --out or empty it.")
@@ -134,15 +134,18 @@ def remove_temp_files(fs: StoreFS) -> None:
     """Delete temp files a killed writer left (``StoreFS.write`` names them ``.NAME.*.tmp``); call under the lock."""
     if fs.remote:
         return  # object stores have no temp files: each object is one PUT
-    temps = list(fs.root.glob(f".{MANIFEST}.*.tmp"))
+    temps = [p for name in (MANIFEST, LOCK) for p in fs.root.glob(f".{name}.*.tmp")]
     if fs.exists(MANIFEST):
         temps += [p for sub in STORE_ENTRIES for p in fs.root.joinpath(sub).rglob(".*.tmp")]
     for p in temps:
-        p.unlink()
+        p.unlink(missing_ok=True)  # (our own lock heartbeat may be renaming its temp file right now)
 
 
-def _unit_matches(fs: StoreFS, record: ShardRecord) -> bool:
-    return all(fs.size(o.path) == o.bytes for o in record.objects)
+def _unit_matches(fs: StoreFS, record: ShardRecord, header_sha256: str) -> bool:
+    """A commit record counts if it is bound to this store (one from another store, or written before
+    bindings, is recomputed) and every object it lists is in place with its size."""
+    return record.binding == record.binding_for(header_sha256) and all(fs.size(o.path) == o.bytes
+                                                                      for o in record.objects)
 
 
 @translates_write_errors
@@ -177,72 +180,3 @@ def remove_store(fs: StoreFS) -> None:
     for sub in STORE_ENTRIES:
         fs.remove(sub)
     fs.remove(MANIFEST)
-
-
-class StoreLock:
-    """An exclusive writer lock (``STORE/.lock`` holding host and pid).
-
-    A lock left by a dead process on the same host is stale and is taken over; a lock held by
-    a live process, or by another host, is refused with its owner named. On object stores the
-    lock is advisory: an object is written if none exists (check, then PUT), so two writers
-    starting in the same instant could both proceed; one orchestrator per store is the rule
-    there (docs/format.md).
-    """
-
-    def __init__(self, root: str | os.PathLike | StoreFS):
-        self.fs = as_fs(root)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid()}
-        self.path = None if self.fs.remote else self.fs.local_path(LOCK)
-
-    @translates_write_errors
-    def __enter__(self) -> StoreLock:
-        if self.fs.remote:
-            if self.fs.exists(LOCK):
-                owner = json.loads(bytes(self.fs.read(LOCK)) or b"{}")
-                raise StoreLockedError(f"store {self.fs.url} is being written by pid {owner.get('pid')} on host "
-                                       f"{owner.get('host')} (lock object {self.fs.describe(LOCK)}). Wait for it to "
-                                       "finish; if that process is gone, delete the lock object and resume.")
-            self.fs.write(LOCK, json.dumps(self.owner).encode())
-            return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._take_over_stale():
-                    raise
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            return self
-        raise StoreLockedError(f"could not take the lock {self.path}")
-
-    def _take_over_stale(self) -> bool:
-        try:
-            owner = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            owner = {}
-        host, pid = owner.get("host"), owner.get("pid")
-        if host == self.owner["host"] and isinstance(pid, int) and not _pid_alive(pid):
-            self.path.unlink(missing_ok=True)
-            return True
-        raise StoreLockedError(f"store {self.path.parent} is being written by pid {pid} on host {host} "
-                               f"(lock file {self.path}). Wait for it to finish; if that process is gone, "
-                               "delete the lock file and resume.")
-
-    @translates_write_errors
-    def __exit__(self, *exc: object) -> None:
-        if self.fs.remote:
-            self.fs.remove(LOCK)
-        else:
-            self.path.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

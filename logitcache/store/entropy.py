@@ -23,13 +23,15 @@ Id mantissa bits, tokens, flags, tail mass and float logprobs stay in the rows (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from ..errors import ConfigError, CorruptShardError
 from . import rans
 from .bits import bit_length
-from .units import UnitRows, from_blobs
+from .units import UnitRows
 
 COLUMN = "entropy"
 IDX_CAP = 15  # counts: gap-length contexts 0..15
@@ -46,24 +48,93 @@ def _head_idx_bucket(idx: np.ndarray) -> np.ndarray:
     return np.minimum(idx // 8, HEAD_IDX_BUCKETS - 1)
 
 
-def _waves(name: str, idx: np.ndarray, buckets: np.ndarray, num_buckets: int, values: dict[str, np.ndarray]):
-    """Gap lengths in waves: wave ``w`` holds every position's entry ``w`` (positions ascending).
-    Yields ``(name, entries, contexts, number of contexts)`` per wave; the context is the same
-    position's previous gap length (read from ``values[name]``, decoded by then) and the bucket."""
-    key = idx.astype(np.uint16) if idx.size and idx.max() < 1 << 16 else idx  # stable sort of uint16: radix
-    order = np.argsort(key, kind="stable")
-    bounds = np.searchsorted(idx[order], np.arange(int(idx.max(initial=-1)) + 2))
-    for w in range(bounds.size - 1):
-        entries = order[bounds[w]:bounds[w + 1]]
-        prev = np.full(entries.size, PREV_CAP + 1) if w == 0 else np.minimum(values[name][entries - 1], PREV_CAP)
-        yield name, entries, prev * num_buckets + buckets[entries], (PREV_CAP + 2) * num_buckets
+@dataclass(frozen=True)
+class _Waves:
+    """A stream of gap lengths coded in *waves*: wave ``w`` holds entry ``w`` of every position
+    that has one (positions ascending), and each wave is a segment of its own (its first symbol in
+    lane 0). An entry's context: the same position's previous gap length (up to ``PREV_CAP``;
+    ``PREV_CAP + 1`` for a position's first entry), times ``num_buckets``, plus ``buckets[w]``."""
+
+    lengths: np.ndarray  # int64 [positions]: entries per position
+    buckets: np.ndarray  # int64 [waves]: the bucket of entry index w
+    num_buckets: int
+
+    @classmethod
+    def of(cls, lengths: np.ndarray, bucket_of, num_buckets: int) -> _Waves:
+        waves = np.arange(int(lengths.max(initial=0)), dtype=np.int64)
+        return cls(lengths.astype(np.int64), bucket_of(waves).astype(np.int64), num_buckets)
+
+    @property
+    def num_contexts(self) -> int:
+        return (PREV_CAP + 2) * self.num_buckets
+
+    def segments(self, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Encoder side: ``(symbols, contexts)`` of every wave, from the whole stream ``values``."""
+        symbols, contexts, bounds = _wave_order(self.lengths, self.buckets, self.num_buckets, values)
+        return [(symbols[lo:hi], contexts[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def decode(self, decoder: rans.Decoder, tables: rans.Tables) -> np.ndarray:
+        decoder.check(self.num_contexts, tables)
+        values = np.zeros(int(self.lengths.sum()), dtype=np.int64)
+        decoder.advance(_decode_waves(decoder.x, decoder.words, decoder.pos, self.lengths, self.buckets,
+                                      self.num_buckets, tables.slots, tables.freq, tables.cum, values))
+        return values
 
 
-def _within(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(position of each entry, index of each entry within its position)."""
-    pos = np.repeat(np.arange(lengths.size), lengths)
-    idx = np.arange(pos.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return pos, idx
+@njit(cache=True, nogil=True)
+def _next_wave(active, back, count, lengths, w):
+    """Keep, in order, those of the first ``count`` positions in ``active`` with an entry ``w``;
+    ``back[j]``: where kept position ``j`` stood in the wave before. Returns how many were kept."""
+    kept = 0
+    for j in range(count):
+        if lengths[active[j]] > w:
+            active[kept] = active[j]
+            back[kept] = j
+            kept += 1
+    return kept
+
+
+@njit(cache=True, nogil=True)
+def _wave_contexts(back, count, before, w, bucket, num_buckets, contexts):
+    """The contexts of wave ``w``'s ``count`` entries; ``before``: the symbols of the wave before."""
+    for j in range(count):
+        prev = PREV_CAP + 1 if w == 0 else min(before[back[j]], PREV_CAP)
+        contexts[j] = prev * num_buckets + bucket
+
+
+@njit(cache=True, nogil=True)
+def _wave_order(lengths, buckets, num_buckets, values):
+    """Encoder side: the symbols of ``values`` in wave order, their contexts, where each wave starts."""
+    starts, active, back, count = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths), 0
+    symbols, contexts = np.empty(values.size, np.int64), np.empty(values.size, np.int64)
+    bounds = np.zeros(buckets.size + 1, np.int64)
+    count = lengths.size
+    for w in range(buckets.size):
+        count = _next_wave(active, back, count, lengths, w)
+        lo = bounds[w]
+        for j in range(count):
+            symbols[lo + j] = values[starts[active[j]] + w]
+        _wave_contexts(back, count, symbols[bounds[max(w - 1, 0)]:], w, buckets[w], num_buckets, contexts[lo:])
+        bounds[w + 1] = lo + count
+    return symbols, contexts, bounds
+
+
+@njit(cache=True, nogil=True)
+def _decode_waves(x, words, pos, lengths, buckets, num_buckets, slots, freq, cum, values):
+    """Decode the waves into ``values`` (in stream order); returns what :func:`rans.decode_stream` does."""
+    starts, active, back, count = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths), 0
+    symbols, contexts = np.empty(values.size, np.int64), np.empty(lengths.size, np.int64)  # wave order
+    count, lo, before = lengths.size, 0, 0
+    for w in range(buckets.size):
+        count = _next_wave(active, back, count, lengths, w)
+        _wave_contexts(back, count, symbols[before:], w, buckets[w], num_buckets, contexts)
+        pos = rans.decode_stream(x, words, pos, contexts[:count], slots, freq, cum, symbols[lo:lo + count])
+        if pos < 0:
+            return pos
+        for j in range(count):
+            values[starts[active[j]] + w] = symbols[lo + j]
+        before, lo = lo, lo + count
+    return pos
 
 
 def _gapped(spec) -> bool:
@@ -91,47 +162,35 @@ class _Layout:
 
 
 def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
-    """Yield ``(stream name, entries, context of each symbol, number of contexts)`` in decode order;
-    ``entries`` is ``None`` for a whole stream, or the indices of one wave's symbols in it.
+    """Yield ``(stream name, source, number of contexts)`` in decode order; ``source`` is the
+    context of each symbol, or the :class:`_Waves` of a gap-length stream.
 
     ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
-    decoder can fill ``values[name]`` before the next contexts are computed."""
+    decoder can fill ``values[name]`` before the next contexts are computed. A gap-length stream
+    with no entries at all is not coded (no segment, no table)."""
     nb = max(1, int(bit_length(np.array([max(spec.num_samples, 1)]))[0]) + 1)
     if spec.has_samples:
         n = int(layout.positions.sum())
-        yield "sample_lengths", None, np.zeros(n, np.int64), 1
+        yield "sample_lengths", np.zeros(n, np.int64), 1
         lengths = values["sample_lengths"]
-        lb = bit_length(lengths)
-        pos, idx = _within(lengths)
-        if _gapped(spec):
-            yield from _waves("sample_ids", idx, _sample_idx_bucket(idx), SAMPLE_IDX_BUCKETS, values)
-            gaps = values.get("sample_ids", np.zeros(0, np.int64))  # absent: no entry had a gap
-        else:  # packed ids: no gap lengths to code or to condition on
-            gaps = np.zeros(pos.size, np.int64)
-        yield "sample_counts", None, np.minimum(gaps, IDX_CAP) * nb + lb[pos], (IDX_CAP + 1) * nb
+        gaps = np.zeros(int(lengths.sum()), np.int64)  # packed ids: no gap lengths to code or to condition on
+        if _gapped(spec) and gaps.size:
+            waves = _Waves.of(lengths, _sample_idx_bucket, SAMPLE_IDX_BUCKETS)
+            yield "sample_ids", waves, waves.num_contexts
+            gaps = values["sample_ids"]
+        yield "sample_counts", np.minimum(gaps, IDX_CAP) * nb + np.repeat(bit_length(lengths), lengths), \
+            (IDX_CAP + 1) * nb
     if spec.has_head:
-        if _gapped(spec):
-            _, idx = _within(spec.k - layout.head_flags)
-            yield from _waves("head_ids", idx, _head_idx_bucket(idx), HEAD_IDX_BUCKETS, values)
+        if _gapped(spec) and np.any(spec.k - layout.head_flags):
+            waves = _Waves.of(spec.k - layout.head_flags, _head_idx_bucket, HEAD_IDX_BUCKETS)
+            yield "head_ids", waves, waves.num_contexts
         if spec.encoding.logprobs == "q8":
             n = int(layout.positions.sum())
-            yield "head_qmin", None, np.zeros(n, np.int64), 1
-            qmin = values["head_qmin"]
-            first = np.zeros((n, spec.k), dtype=np.int64)
-            first[:, 0] = layout.head_flags
-            ctx = np.repeat(bit_length(qmin) * 2, spec.k) + first.ravel()
-            yield "head_logprobs", None, ctx, 2 * 9
-
-
-def _stream_sizes(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, int]:
-    """How many symbols each stream has, from the streams decoded before it."""
-    n = int(layout.positions.sum())
-    sizes = {"sample_lengths": n, "head_qmin": n, "head_logprobs": n * spec.k}
-    if "sample_lengths" in values:
-        sizes["sample_ids"] = sizes["sample_counts"] = int(values["sample_lengths"].sum())
-    if spec.has_head:
-        sizes["head_ids"] = int((spec.k - layout.head_flags).sum())
-    return sizes
+            yield "head_qmin", np.zeros(n, np.int64), 1
+            ctx = np.empty((n, spec.k), dtype=np.int64)
+            ctx[:] = (bit_length(values["head_qmin"]) * 2)[:, None]
+            ctx[:, 0] += layout.head_flags
+            yield "head_logprobs", ctx.ravel(), 2 * 9
 
 
 def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
@@ -192,15 +251,15 @@ def fit_unit(spec, rows: list[dict[str, bytes]]) -> tuple[list[tuple[str, np.nda
     check_spec(spec)
     layout = _Layout(spec, [{k: np.frombuffer(v, np.uint8) for k, v in r.items()} for r in rows])
     values = _row_values(spec, rows, layout)
-    parts = [(name, values[name] if entries is None else values[name][entries], ctx, num_ctx)
-             for name, entries, ctx, num_ctx in _streams(spec, layout, values)]
+    segments: list[tuple[str, np.ndarray, np.ndarray]] = []
     tables: dict[str, rans.Tables] = {}
-    for name in dict.fromkeys(p[0] for p in parts):
-        mine = [p for p in parts if p[0] == name]
-        sym = np.concatenate([p[1] for p in mine])
-        tables[name] = rans.Tables.fit(sym, np.concatenate([p[2] for p in mine]), mine[0][3],
+    for name, source, num_ctx in _streams(spec, layout, values):
+        mine = source.segments(values[name]) if isinstance(source, _Waves) else [(values[name], source)]
+        sym = np.concatenate([m[0] for m in mine])
+        tables[name] = rans.Tables.fit(sym, np.concatenate([m[1] for m in mine]), num_ctx,
                                        int(sym.max()) + 1 if sym.size else 1)
-    return [(name, sym, ctx) for name, sym, ctx, _ in parts], tables
+        segments += [(name, *m) for m in mine]
+    return segments, tables
 
 
 def pack_unit(spec, rows: list[dict[str, bytes]]) -> list[dict[str, bytes]]:
@@ -237,39 +296,35 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
     decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"))
     layout = _Layout(spec, rows)
     values: dict[str, np.ndarray] = {}
-    for name, entries, ctx, _ in _streams(spec, layout, values):
-        if name not in values:
-            if len(values) >= len(tables):
-                raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
-            values[name] = np.zeros(_stream_sizes(spec, layout, values)[name], dtype=np.int64)
-        decoded = decoder.decode(ctx, tables[list(values).index(name)])
+    for name, source, _ in _streams(spec, layout, values):
+        if len(values) >= len(tables):
+            raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
+        table = tables[len(values)]
+        decoded = source.decode(decoder, table) if isinstance(source, _Waves) else decoder.decode(source, table)
         if decoded.size and decoded.max() > _limits(spec)[name]:
             raise CorruptShardError(f"entropy column decodes a {name} value of {int(decoded.max())}; "
                                     f"at most {_limits(spec)[name]} is possible")
-        if entries is None:
-            values[name] = decoded
-        else:
-            values[name][entries] = decoded
+        values[name] = decoded
     if len(values) != len(tables):
         raise CorruptShardError(f"entropy column has {len(tables)} tables for {len(values)} streams")
     decoder.finish()
-    restored = from_blobs(unit.seq_ids, _split_rows(spec, layout, values)).columns
+    restored = _split_rows(spec, layout, values)
     kept = {name: col for name, col in unit.columns.items() if name != COLUMN}  # no copy of the rest
     return UnitRows(unit.seq_ids, {**kept, **restored}, keepalive=unit.keepalive)
 
 
-def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
-    """Decoded streams → per-row column bytes, as :func:`encoding.encode_row` wrote them."""
+def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decoded streams → unit columns (bytes, row offsets), as :func:`encoding.encode_row` wrote each row."""
     cd = _count_dtype(spec)
-    out: dict[str, list[bytes]] = {}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def split(name: str, data: np.ndarray, per_row: np.ndarray, dtype: str) -> None:
-        cuts = np.cumsum(per_row)[:-1]
         if data.size != int(per_row.sum()):
             raise CorruptShardError(f"entropy column decodes {data.size} {name} values; {int(per_row.sum())} expected")
         if data.size and (data.min() < 0 or data.max() > np.iinfo(np.dtype(dtype)).max):
             raise CorruptShardError(f"entropy column decodes {name} values outside {dtype}")
-        out[name] = [a.astype(dtype).tobytes() for a in np.split(data, cuts)]
+        offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64) * np.dtype(dtype).itemsize
+        out[name] = (data.astype(dtype).view(np.uint8), offsets)
 
     rows_of_pos = np.repeat(np.arange(layout.positions.size), layout.positions)
     if spec.has_samples:

@@ -111,9 +111,16 @@ class ObjectRecord:
         return cls(d["path"], size, d["sha256"])  # whether the path stays inside the store is checked on read
 
 
+def unit_binding(header_sha256: str, index: int, object_sha256s: list[str]) -> str:
+    """sha256 of ``"<header_sha256>:<index>:<sha256 of object 1>:<sha256 of object 2>..."`` (objects in record
+    order): ties a unit record to the store it was written for (docs/format.md, manifest section)."""
+    return hashlib.sha256(":".join([header_sha256, str(index), *object_sha256s]).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class ShardRecord:
-    """What the manifest records of one committed unit (its objects, counts and measured error)."""
+    """What the manifest records of one committed unit (its objects, counts and measured error), and its
+    ``binding`` to the store header (None in stores written before bindings)."""
 
     index: int
     sequences: int
@@ -122,6 +129,7 @@ class ShardRecord:
     objects: tuple[ObjectRecord, ...] = field(default=())
     max_logprob_error: float = 0.0
     max_prob_error: float = 0.0
+    binding: str | None = None
 
     @property
     def bytes(self) -> int:
@@ -131,6 +139,10 @@ class ShardRecord:
     def sha256(self) -> str:
         """One digest over the unit's objects (identifies the unit's bytes)."""
         return hashlib.sha256("".join(o.sha256 for o in self.objects).encode()).hexdigest()
+
+    def binding_for(self, header_sha256: str) -> str:
+        """The binding this record must carry in the store whose header digest is ``header_sha256``."""
+        return unit_binding(header_sha256, self.index, [o.sha256 for o in self.objects])
 
     def to_dict(self) -> dict[str, Any]:
         return _json(self)
@@ -147,13 +159,21 @@ class ShardRecord:
         if not isinstance(objects, list) or not 1 <= len(objects) <= MAX_OBJECTS:
             _fail(where, f"{name}.objects", objects, f"a list of 1 to {MAX_OBJECTS} object entries")
         records = tuple(ObjectRecord.from_dict(o, where, f"{name}.objects[{j}]") for j, o in enumerate(objects))
-        return cls(objects=records, **counts, **errors)
+        binding = d.get("binding")  # optional: absent in stores written before bindings
+        if binding is not None and (not isinstance(binding, str) or not _SHA256.fullmatch(binding)):
+            _fail(where, f"{name}.binding", binding, "64 lowercase hex digits")
+        return cls(objects=records, **counts, **errors, binding=binding)
 
     @classmethod
     def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
-              max_logprob_error: float = 0.0, max_prob_error: float = 0.0) -> ShardRecord:
+              max_logprob_error: float = 0.0, max_prob_error: float = 0.0, *,
+              header_sha256: str | None = None) -> ShardRecord:
+        """A unit's record from its objects; bound to the store whose header digest is ``header_sha256`` if given."""
         recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
-        return cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error)
+        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error)
+        if header_sha256 is None:
+            return record
+        return dataclasses.replace(record, binding=record.binding_for(header_sha256))
 
 
 @dataclass(frozen=True)
@@ -275,6 +295,10 @@ class ManifestHeader:
                 return diff
         return None
 
+    def same_but_for_display(self, other: ManifestHeader) -> bool:
+        """Whether ``other`` equals this header once the display-only fields are left out of both."""
+        return _without_display(_json(self)) == _without_display(_json(other))
+
     def identity_difference(self, identity: dict[str, Any]) -> str | None:
         """:meth:`first_difference` for the ``identity`` section alone (a run's config, before it plans)."""
         return _first_difference(self.identity, identity, "identity.")
@@ -379,6 +403,18 @@ def header_digest(manifest: dict) -> str:
 def with_header_digest(header: dict) -> dict:
     """``header`` plus its :func:`header_digest`, so an edited or bit-flipped header is detected."""
     return {**header, HEADER_DIGEST: header_digest(header)}
+
+
+def _without_display(header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` (a JSON copy, changed in place) without the :data:`_DISPLAY_ONLY` fields."""
+    for dotted in _DISPLAY_ONLY:
+        *parents, leaf = dotted.split(".")
+        node = header
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return header
 
 
 def _first_difference(found: Any, expected: Any, prefix: str = "") -> str | None:

@@ -1,4 +1,4 @@
-"""Interleaved rANS with static, context-conditioned frequency tables (pure numpy, vectorised over lanes).
+"""Interleaved rANS with static, context-conditioned frequency tables (numpy tables, numba-compiled coder loops).
 
 The entropy stage of ``encoding.entropy = "ans"`` (docs/format.md, "Entropy coding"). Unlike zstd's
 Huffman stage (whole bits per symbol, one table per block) it codes each symbol in its
@@ -14,6 +14,9 @@ length), which is what skewed, correlated streams such as sample counts need.
   through the same lanes (a stream's contexts may depend on earlier streams), encoded last to
   first so they decode first to last. The decoder must end with every lane back at ``2**16`` and
   every word read: a cheap integrity check on top of the container's checksums.
+
+The encode and decode loops are compiled by numba (``cache=True``: compiled once per machine and
+kept in ``__pycache__``); tables, their packing and every check on them stay in numpy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from numba import njit
 
 from ..errors import CorruptShardError
 
@@ -57,19 +62,28 @@ def normalize(table_bytes: np.ndarray) -> np.ndarray:
     if np.any((table_bytes > 0).sum(axis=1) > M):
         # encoders fit tables within M symbols (entropy.MAX_SAMPLES): only a damaged shard's tables get here
         raise CorruptShardError(f"a context uses more than {M} symbols; the coder's precision cannot give each one")
-    for c in np.flatnonzero(used):
+    _absorb_rounding(f, used)
+    return f
+
+
+@njit(cache=True, nogil=True)
+def _absorb_rounding(f, used):
+    """Bring each used row of ``f`` to sum ``M``: the largest cell (the first of equals) takes the
+    difference, or gives up all but 1 and passes the rest of it on to the next largest."""
+    for c in range(f.shape[0]):
+        if not used[c]:
+            continue
         row = f[c]
-        excess = int(row.sum()) - M
+        excess = row.sum() - M
         while excess:
-            top = int(np.argmax(row))
+            top = np.argmax(row)
             if excess < 0 or row[top] - excess >= 1:
                 row[top] -= excess
                 excess = 0
-            else:  # more cells than the largest can give up: take from the next largest
-                take = int(row[top]) - 1
+            else:
+                take = row[top] - 1
                 row[top] = 1
                 excess -= take
-    return f
 
 
 @dataclass
@@ -90,50 +104,92 @@ class Tables:
         return cls(quantize_counts(counts))
 
     @cached_property
-    def slot_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per (context, slot), flattened ``[C * M]``: the symbol (``-1`` in unused contexts), its
-        frequency, and ``slot - cum``, so a decode step is three gathers and no arithmetic on tables."""
-        sym = np.full((self.contexts, M), -1, dtype=np.int32)
-        freq = np.zeros((self.contexts, M), dtype=np.int32)
-        off = np.zeros((self.contexts, M), dtype=np.int32)
-        used = self.freq.sum(axis=1) == M
-        if used.any():
-            f = self.freq[used].ravel()
-            s = np.repeat(np.tile(np.arange(self.alphabet), int(used.sum())), f)
-            sym[used] = s.reshape(-1, M)
-            freq[used] = np.repeat(f, f).reshape(-1, M)
-            off[used] = (np.arange(M) - np.repeat(self.cum[used].ravel(), f).reshape(-1, M))
-        return sym.ravel(), freq.ravel(), off.ravel()
+    def slots(self) -> np.ndarray:
+        """Per (context, slot), flattened ``[C * M]``: the symbol whose range holds the slot (``-1``
+        in unused contexts), so a decode step finds its symbol in one lookup."""
+        return _slot_symbols(self.freq)
 
 
-def _steps(n: int, lanes: int) -> range:
-    return range((n + lanes - 1) // lanes)
+@njit(cache=True, nogil=True)
+def _slot_symbols(freq):
+    contexts, alphabet = freq.shape
+    slots = np.full(contexts * M, -1, dtype=np.int16)  # symbols are below M <= 2**15
+    for c in range(contexts):
+        if freq[c].sum() != M:  # an unused context (normalize gives M or nothing): its slots name no symbol
+            continue
+        pos = c * M
+        for s in range(alphabet):
+            slots[pos:pos + freq[c, s]] = s
+            pos += freq[c, s]
+    return slots
+
+
+@njit(cache=True, nogil=True)
+def _encode_stream(x, symbols, contexts, freq, cum, words, emitted):
+    """Code one stream last symbol first into lane states ``x``; the words each symbol emits go
+    to ``words[emitted:]`` in that (reverse) order. Returns the new ``emitted``, or ``-1 - i`` if
+    symbol ``i`` has no frequency in its context."""
+    lanes, lane = x.size, (symbols.size - 1) % x.size  # symbol i goes to lane i % lanes
+    for i in range(symbols.size - 1, -1, -1):
+        c, s = contexts[i], symbols[i]
+        f = freq[c, s]
+        if f == 0:
+            return -1 - i
+        xs = x[lane]
+        if xs >= f << (32 - PRECISION):  # a state at or above this must emit a word first
+            words[emitted] = xs & 0xFFFF
+            emitted += 1
+            xs >>= 16
+        x[lane] = ((xs // f) << PRECISION) + xs % f + cum[c, s]
+        lane = lane - 1 if lane else lanes - 1
+    return emitted
 
 
 def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> tuple[np.ndarray, np.ndarray]:
     """``streams`` of (symbols, contexts, tables) in decode order → (final states uint32[lanes], words uint16[])."""
     x = np.full(lanes, LOW, dtype=np.int64)  # states < 2**32: int64 arithmetic is exact
-    emitted: list[np.ndarray] = []
+    words = np.empty(sum(s.size for s, _, _ in streams), dtype=np.uint16)  # at most one word per symbol
+    emitted = 0
     for symbols, contexts, tables in reversed(streams):
-        s = symbols.astype(np.int64)
-        c = contexts.astype(np.int64)
+        s = np.asarray(symbols, dtype=np.int64)
         if s.size and (s.min() < 0 or s.max() >= tables.alphabet):
             raise RuntimeError(f"internal: symbol outside the alphabet [0, {tables.alphabet}) of its fitted table")
-        freq = tables.freq[c, s]
-        cum = tables.cum[c, s]
-        if s.size and freq.min() == 0:
+        c = np.asarray(contexts, dtype=np.int64)
+        if c.size and (c.min() < 0 or c.max() >= tables.contexts):
+            raise RuntimeError(f"internal: context outside the {tables.contexts} contexts of its fitted table")
+        emitted = _encode_stream(x, s, c, tables.freq, tables.cum, words, emitted)
+        if emitted < 0:
             raise RuntimeError("internal: a symbol has no frequency in its context's fitted table")
-        bound = freq << (32 - PRECISION)  # a state at or above this must emit a word first
-        for j in reversed(_steps(s.size, lanes)):
-            lo, hi = j * lanes, min(s.size, (j + 1) * lanes)
-            xs = x[: hi - lo]
-            out = xs >= bound[lo:hi]
-            emitted.append((xs[out] & 0xFFFF)[::-1])
-            xs = np.where(out, xs >> 16, xs)
-            q, r = np.divmod(xs, freq[lo:hi])
-            x[: hi - lo] = (q << PRECISION) + r + cum[lo:hi]
-    words = np.concatenate(emitted)[::-1] if emitted else np.zeros(0, dtype=np.int64)
-    return x.astype(np.uint32), words.astype(np.uint16)
+    return x.astype(np.uint32), words[:emitted][::-1].copy()
+
+
+ENDS_EARLY, EMPTY_CONTEXT = -1, -2  # what decode_stream returns instead of a word position
+
+
+@njit(cache=True, nogil=True)
+def decode_stream(x, words, pos, contexts, slots, freq, cum, out):
+    """Decode ``out.size`` symbols, first to last, from lane states ``x`` and ``words[pos:]``.
+
+    ``words`` ends with one padding word past the coded ones, so a state reads its next word
+    without a branch (a branch the next symbol's word position would wait on). Returns the new
+    ``pos``, ``ENDS_EARLY`` if that ran past the coded words, or ``EMPTY_CONTEXT``. ``contexts``
+    must lie in ``[0, C)``: nothing here checks an index."""
+    lanes, lane, last = x.size, 0, words.size - 1  # symbol i comes from lane i % lanes
+    for i in range(out.size):
+        xs = x[lane]
+        c = contexts[i]
+        slot = xs & (M - 1)
+        s = slots[c * M + slot]
+        if s < 0:
+            return EMPTY_CONTEXT
+        out[i] = s
+        xs = freq[c, s] * (xs >> PRECISION) + slot - cum[c, s]
+        refill = xs < LOW
+        word = words[min(pos, last)]
+        x[lane] = (xs << 16) | word if refill else xs
+        pos += refill
+        lane = lane + 1 if lane + 1 < lanes else 0
+    return pos if pos <= last else ENDS_EARLY
 
 
 class Decoder:
@@ -141,43 +197,37 @@ class Decoder:
 
     def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
         self.x = states.astype(np.int64)  # states < 2**32 and every product below fits in int64
-        self.words = words.astype(np.int64)
+        self.words = np.append(np.asarray(words, dtype=np.uint16), np.uint16(0))  # + the padding word
+        self.size = self.words.size - 1
         self.pos = 0
-        self.lanes = self.x.size
+
+    def check(self, contexts: int, tables: Tables) -> None:
+        """Refuse tables with fewer than the ``contexts`` a stream's contexts may name."""
+        if tables.contexts < contexts:
+            raise CorruptShardError(f"entropy tables have {tables.contexts} contexts; the stream uses up to {contexts}")
+
+    def advance(self, pos: int) -> None:
+        """Take the word position a compiled decode returned (or the error it stands for)."""
+        if pos == ENDS_EARLY:
+            raise CorruptShardError("entropy-coded stream ends early")
+        if pos == EMPTY_CONTEXT:
+            raise CorruptShardError("entropy-coded stream uses a context with an empty table")
+        self.pos = pos
 
     def decode(self, contexts: np.ndarray, tables: Tables) -> np.ndarray:
-        n = contexts.size
-        out = np.empty(n, dtype=np.int64)
-        if n == 0:
+        c = np.asarray(contexts, dtype=np.int64)
+        out = np.empty(c.size, dtype=np.int64)
+        if c.size == 0:
             return out
-        c = contexts.astype(np.int64)
         if c.min() < 0 or c.max() >= tables.contexts:
             raise CorruptShardError("entropy-coded stream names a context outside its tables")
-        sym, freq, off = tables.slot_tables
-        base = c * M
-        x, words, lanes = self.x, self.words, self.lanes
-        for j in _steps(n, lanes):
-            lo, hi = j * lanes, min(n, (j + 1) * lanes)
-            xs = x[: hi - lo]
-            k = base[lo:hi] + (xs & (M - 1))
-            out[lo:hi] = sym[k]
-            xs = freq[k] * (xs >> PRECISION) + off[k]
-            need = xs < LOW
-            m = int(np.count_nonzero(need))
-            if m:
-                if self.pos + m > words.size:
-                    raise CorruptShardError("entropy-coded stream ends early")
-                xs[need] = (xs[need] << 16) | words[self.pos: self.pos + m]
-                self.pos += m
-            x[: hi - lo] = xs
-        if out.min() < 0:
-            raise CorruptShardError("entropy-coded stream uses a context with an empty table")
+        self.advance(decode_stream(self.x, self.words, self.pos, c, tables.slots, tables.freq, tables.cum, out))
         return out
 
     def finish(self) -> None:
-        if self.pos != self.words.size or np.any(self.x != LOW):
+        if self.pos != self.size or np.any(self.x != LOW):
             raise CorruptShardError(f"entropy-coded data does not end where it should "
-                                    f"({self.pos} of {self.words.size} words read; lanes not at their start state)")
+                                    f"({self.pos} of {self.size} words read; lanes not at their start state)")
 
 
 def pack_tables(tables: list[Tables]) -> bytes:

@@ -58,6 +58,8 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
                 raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} has sha256 {digest[:16]}…; "
                                         f"the manifest records {obj.sha256[:16]}…")
         objects[obj.path] = data
+    if check:
+        check_binding(spec, record)
     first_row = record.index * spec.sequences_per_shard
     rows = backend.decode_unit(spec, record.index, first_row, record.sequences, objects)
     if len(rows) != record.sequences:
@@ -69,6 +71,19 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
         except CorruptShardError as exc:
             raise CorruptShardError(f"shard {record.index}: {exc}") from None
     return rows
+
+
+def check_binding(spec: ShardSpec, record: ShardRecord) -> None:
+    """Refuse a record bound to another store than the one ``spec`` was read from (unbound records pass)."""
+    if record.binding is None or not spec.header_sha256:
+        return
+    expected = record.binding_for(spec.header_sha256)
+    if record.binding != expected:
+        raise CorruptShardError(f"shard {record.index}: its record is bound to another store (binding "
+                                f"{record.binding[:16]}…; this store's header {spec.header_sha256[:16]}… gives "
+                                f"{expected[:16]}…): the unit and its manifest entry were copied in from another "
+                                "store or another unit index. Recapture the store (or restore the unit from a copy "
+                                "of this store).")
 
 
 def decode_rows(spec: ShardSpec, rows: UnitRows) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
@@ -89,25 +104,47 @@ def iter_sequences(root: str | os.PathLike | StoreFS, *, check: bool = True
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify_store`: one line per bad unit."""
+    """Outcome of :func:`verify_store`: one line per problem; ``unbound``: records without a binding."""
 
     root: str
     shards: int = 0
     problems: list[str] = field(default_factory=list)
+    unbound: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def store_problems(fs: StoreFS, spec: ShardSpec, records: tuple[ShardRecord, ...]) -> list[str]:
+    """What holds store-wide: the container's static objects are present and say what the manifest
+    promises (e.g. every Zarr array's metadata); unit records are all bound, or all unbound (an old store)."""
+    backend = get_container(spec.format)
+    stored, problems = {}, []
+    for rel, _ in backend.static_objects(spec):
+        try:
+            stored[rel] = fs.read(rel)
+        except FileNotFoundError:
+            problems.append(f"{fs.describe(rel)} is missing; readers of a {spec.format} store need it")
+    problems += [fs.describe(line) for line in backend.check_static(spec, stored)]  # a line starts with its path
+    unbound = [r.index for r in records if r.binding is None]
+    if unbound and len(unbound) < len(records):
+        problems.append(f"shards {unbound[:10]} carry no binding to this store while the others do: copied in from "
+                        "a store written before bindings? Recapture those units (or the store).")
+    return problems
+
+
 def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
-    """Check every recorded unit: objects present, sizes, checksums, decodable rows and positions."""
+    """Check the whole store: :func:`store_problems`, and every recorded unit: binding, objects (present,
+    sizes, checksums), decodable rows and counts."""
     fs = as_fs(root)
     report = VerifyReport(root=fs.url)
     manifest = read_manifest(fs)
     spec = spec_from_manifest(manifest.header)
     records = manifest.shards
     report.shards = len(records)
+    report.unbound = sum(r.binding is None for r in records)
+    report.problems = store_problems(fs, spec, records)
     for record in records:
         try:
             rows = read_unit(fs, spec, record)
@@ -124,11 +161,37 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     return report
 
 
+INSPECT_CHECKS = ("manifest fields and header digest; every recorded object present with the recorded size and "
+                  "inside the store; unit bindings; container metadata (not the objects' checksums or rows: run "
+                  "`logitcache verify` for those)")
+
+
+def quick_problems(fs: StoreFS, spec: ShardSpec, records: tuple[ShardRecord, ...]) -> list[str]:
+    """:data:`INSPECT_CHECKS`: what can be checked without reading the units' bytes."""
+    problems = store_problems(fs, spec, records)
+    for record in records:
+        try:
+            check_binding(spec, record)
+            for obj in record.objects:
+                rel = object_path(record, obj.path)
+                size = fs.size(rel)
+                if size is None:
+                    raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} is missing")
+                if size != obj.bytes:
+                    raise CorruptShardError(f"shard {record.index}: object {fs.describe(rel)} has {size} bytes; "
+                                            f"the manifest records {obj.bytes}")
+        except StoreError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
-    """A summary of a store (what ``logitcache inspect --json`` prints)."""
+    """A summary of a store (what ``logitcache inspect --json`` prints), with the problems
+    :func:`quick_problems` finds (``checked`` says what was checked)."""
     fs = as_fs(root)
     manifest = read_manifest(fs)
     header, records = manifest.header, manifest.shards
+    problems = quick_problems(fs, spec_from_manifest(header), records)
     positions = sum(r.positions for r in records)
     shard_bytes = sum(r.bytes for r in records)
     total_bytes = shard_bytes + (fs.size(MANIFEST) or 0)
@@ -158,6 +221,9 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
         "max_logprob_error": max((r.max_logprob_error for r in records), default=0.0),
         "max_prob_error": max((r.max_prob_error for r in records), default=0.0),
         "complete": manifest.complete,
+        "unbound_shards": sum(r.binding is None for r in records),
+        "checked": INSPECT_CHECKS,
+        "problems": problems,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .encoding import Encoding, row_columns
-from .manifest import ManifestHeader
+from .manifest import HEADER_DIGEST, ManifestHeader
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class ShardSpec:
     compression_level: int = 9
     sequences_per_shard: int = 16
     num_sequences: int = 0
+    header_sha256: str = ""  # the store header digest unit records are bound to ("": none, e.g. a bare spec)
 
     @property
     def has_head(self) -> bool:
@@ -57,4 +58,5 @@ def spec_from_manifest(header: ManifestHeader) -> ShardSpec:
         compression_level=store.compression_level,
         sequences_per_shard=header.plan.sequences_per_shard,
         num_sequences=header.plan.sequences,
+        header_sha256=header.to_dict()[HEADER_DIGEST],
     )

@@ -26,7 +26,7 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
         index, sequences=len(seq_ids), positions=sum(t.num_positions for t in targets),
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,
         max_logprob_error=max((r.logprob_error for r in rows), default=0.0),
-        max_prob_error=max((r.prob_error for r in rows), default=0.0))
+        max_prob_error=max((r.prob_error for r in rows), default=0.0), header_sha256=spec.header_sha256 or None)
     return record, objects
 
 

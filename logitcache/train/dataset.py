@@ -53,7 +53,6 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -63,8 +62,9 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
 from ..choices import ON_CORRUPT
-from ..errors import ConfigError, CorruptShardError, StoreError, StoreMismatchError
+from ..errors import ConfigError, CorruptShardError, StoreError
 from .partition import default_window, epoch_order, partition, rank_count
+from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
 from ..store.encoding import decode_row
 from ..store.fs import StoreFS
 from ..store.commit import ShardRecord, read_manifest
@@ -225,7 +225,7 @@ class CacheDataset(IterableDataset):
         """Stand ``skip`` sequences into ``epoch`` (plus ``resume_offset`` of this worker's own sequences,
         from a worker state) with nothing read since; only the main process clears the workers' flag."""
         self.epoch, self._skip, self._resume_offset = epoch, skip, resume_offset
-        self._pass: _Pass | None = None  # the latest pass over the dataset in this process
+        self._pass: Pass | None = None  # the latest pass over the dataset in this process
         if get_worker_info() is None:
             self._read_by_workers.zero_()
 
@@ -252,10 +252,10 @@ class CacheDataset(IterableDataset):
         reader = self._reader_world()
         if reader.num_workers:
             self._read_by_workers.fill_(1)
-        self._pass = _Pass((reader.worker_id, reader.num_workers), self._resume_offset)
+        self._pass = Pass((reader.worker_id, reader.num_workers), self._resume_offset)
         return self._read(self.indices()[self._resume_offset:], self._pass)
 
-    def _read(self, indices: np.ndarray, progress: _Pass) -> Iterator[dict[str, Any]]:
+    def _read(self, indices: np.ndarray, progress: Pass) -> Iterator[dict[str, Any]]:
         for index in indices:
             item = self._store.item(int(index))
             progress.yielded += 1
@@ -303,7 +303,7 @@ class CacheDataset(IterableDataset):
                                                                      "num_workers": reader.num_workers,
                                                                      "offset": offset}}
         if int(self._read_by_workers.item()):
-            raise ConfigError(_READ_BY_WORKERS)
+            raise ConfigError(READ_BY_WORKERS)
         return self._state(self._skip + (yielded or 0), counted=yielded or 0)
 
     def _state(self, consumed: int, *, counted: int) -> dict[str, Any]:
@@ -318,76 +318,19 @@ class CacheDataset(IterableDataset):
 
         A worker state (``state["worker"]``) loads only inside that worker of a DataLoader with the same
         ``num_workers`` (torchdata's ``StatefulDataLoader.load_state_dict`` hands each worker its own)."""
-        _validate_state(state, self._identity(), self.batch_size, len(self))
+        validate_state(state, self._identity(), self.batch_size, len(self))
         offset = self._worker_offset(state)
         self.batch_size = state["batch_size"] if state["batch_size"] is not None else self.batch_size
         self._begin(int(state["epoch"]), int(state["consumed"]), offset)
 
     def _worker_offset(self, state: dict[str, Any]) -> int:
         """The resumed offset of ``state``'s worker state, checked against this process; 0 for none."""
-        worker, reader = state.get("worker"), self._reader_world()
-        if worker is None:
+        if state.get("worker") is None:
             return 0
-        if not reader.num_workers:
-            raise ConfigError(f"state field 'worker': found {worker!r}, expected None: this is one DataLoader "
-                              "worker's state (torchdata StatefulDataLoader); restore the loader with "
-                              "StatefulDataLoader.load_state_dict, which hands each worker its own")
-        expected = {"id": reader.worker_id, "num_workers": reader.num_workers}
-        found = {k: worker.get(k) for k in expected} if isinstance(worker, dict) else worker
-        if found != expected:
-            raise ConfigError(f"state field 'worker': found {found!r}, expected {expected!r} (a worker state "
-                              "resumes only in the same worker, with the same num_workers)")
+        reader = self._reader_world()
         mine = partition(np.arange(self.num_sequences), reader, drop_uneven=self.drop_uneven,
                          batch_size=state["batch_size"] or 1, skip=state["consumed"]).size
-        offset = worker.get("offset")
-        if not isinstance(offset, int) or not 0 <= offset <= mine:
-            raise ConfigError(f"state field 'worker.offset': found {offset!r}, expected an int in [0, {mine}]")
-        return offset
-
-
-_READ_BY_WORKERS = (
-    "CacheDataset.state_dict(): DataLoader worker processes have read this dataset since the last "
-    "load_state_dict/set_epoch, and this process does not see how far they got nor what the loader "
-    "prefetched. Pass the position: state_dict(batches_consumed=k), k = batches taken from the loader "
-    "since then (enumerate index + 1); or checkpoint the loader itself with torchdata's StatefulDataLoader "
-    "(loader.state_dict() / loader.load_state_dict()).")
-
-
-@dataclass
-class _Pass:
-    """One pass over the dataset in one process: who reads it, and how many items it handed out so far
-    (a worker's resumed offset included)."""
-
-    reader: tuple[int, int]  # (worker_id, num_workers) of the reading process; num_workers 0 = main process
-    yielded: int
-
-
-_STORE_FIELDS = ("num_sequences", "store_fingerprint")
-
-
-def _validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: int | None, length: int) -> None:
-    """Raise on the first field of ``state`` that does not fit, naming it ("found X, expected Y")."""
-    if not isinstance(state, dict):
-        raise ConfigError(f"state must be a dict from CacheDataset.state_dict(); found {type(state).__name__}")
-    for name in (*expected, "epoch", "batch_size", "consumed"):
-        if name not in state:
-            raise ConfigError(f"state field {name!r} is missing; expected a state from CacheDataset.state_dict()")
-    for name, value in expected.items():
-        if state[name] != value:
-            error = StoreMismatchError if name in _STORE_FIELDS else ConfigError
-            hint = " (the store changed since the state was saved)" if name in _STORE_FIELDS else ""
-            raise error(f"state field {name!r}: found {state[name]!r}, expected {value!r}{hint}")
-    if batch_size is not None and state["batch_size"] not in (None, batch_size):
-        raise ConfigError(f"state field 'batch_size': found {state['batch_size']!r}, expected {batch_size!r} "
-                          "(resume is exact only with the same batch size)")
-    if not isinstance(state["epoch"], int) or state["epoch"] < 0:
-        raise ConfigError(f"state field 'epoch': found {state['epoch']!r}, expected an int >= 0")
-    consumed = state["consumed"]
-    if not isinstance(consumed, int) or not 0 <= consumed <= length:
-        raise ConfigError(f"state field 'consumed': found {consumed!r}, expected an int in [0, {length}]")
-    if consumed and state["batch_size"] is None:
-        raise ConfigError("state field 'batch_size': found None, expected the DataLoader's batch size "
-                          "(needed to resume mid-epoch)")
+        return worker_offset(state["worker"], reader, mine)
 
 
 class CacheView(Dataset):

@@ -15,18 +15,39 @@ them before the forward. A :class:`~logitcache.train.dataset.CacheDataset` is an
 give ``max_steps``. Under DDP the Trainer's accelerate wrapper does not shard an
 ``IterableDataset`` that is not split by rank itself; ``CacheDataset`` already splits by rank
 (``torch.distributed`` rank and world size), so each process reads its own slice.
+
+Resume (``trainer.train(resume_from_checkpoint=...)``) by position: every checkpoint also gets
+``dataset_state.json`` (the dataset's :meth:`~logitcache.train.dataset.CacheDataset.state_dict` after the
+micro-batches trained in the current epoch, and the ``global_step`` it belongs to). Resuming from a
+checkpoint that has one loads it into the dataset and turns the Trainer's own data skip off for that
+run (``ignore_data_skip``), so the epoch continues at the next unseen batch without reading, decoding
+and discarding the ones before (the Trainer's default replays them through Accelerate's
+``skip_first_batches``). Without the file, with ``ignore_data_skip=True`` set by you, or with gradient
+accumulation whose last group of an epoch is partial, the Trainer's replay is left to do the skip:
+exact too, only slower.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import ConfigError
+from .dataset import CacheDataset
 from .losses import kd_loss, resolve_kind
 
-__all__ = ["KDTrainer", "MODEL_KEYS", "training_args_defaults"]
+__all__ = ["DATASET_STATE_FILE", "KDTrainer", "MODEL_KEYS", "training_args_defaults"]
+
+DATASET_STATE_FILE = "dataset_state.json"
+TRAINER_STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
+log = logging.getLogger("logitcache")
 
 MODEL_KEYS = ("input_ids", "attention_mask")
 
@@ -41,7 +62,9 @@ class KDTrainer(transformers.Trainer):
     """A ``Trainer`` whose loss is :func:`logitcache.kd_loss` on collated store batches.
 
     ``kd_alpha`` and ``kd_kind`` (and ``kd_temperature``) are passed to ``kd_loss``; every other
-    argument goes to ``transformers.Trainer``.
+    argument goes to ``transformers.Trainer``. A :class:`CacheDataset` ``train_dataset`` resumes by
+    position (module docstring); its ``batch_size`` must be the Trainer's per-device batch size
+    (``None`` adopts it).
     """
 
     def __init__(self, *args: Any, kd_alpha: float = 0.5, kd_kind: str = "auto", kd_temperature: float = 1.0,
@@ -51,6 +74,55 @@ class KDTrainer(transformers.Trainer):
             raise ConfigError(f"kd_alpha must be in [0, 1]; found {kd_alpha!r}")
         super().__init__(*args, **kwargs)
         self.kd_alpha, self.kd_kind, self.kd_temperature = kd_alpha, kd_kind, kd_temperature
+        self._position: _DataPosition | None = None
+        if isinstance(self.train_dataset, CacheDataset):
+            ds = self.train_dataset
+            if ds.batch_size not in (None, self._train_batch_size):
+                raise ConfigError(f"CacheDataset batch_size: found {ds.batch_size}, expected {self._train_batch_size} "
+                                  "(the Trainer's per-device train batch size, which the dataset's workers "
+                                  "interleave by and its resume state counts in)")
+            ds.batch_size = self._train_batch_size
+            self._position = _DataPosition(ds)
+            self.add_callback(self._position)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``transformers.Trainer.train``; a resume restores the dataset's position from the checkpoint's
+        ``dataset_state.json`` and skips no batch by replay (module docstring)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir) or True  # none: the Trainer raises
+        if not isinstance(checkpoint, (str, os.PathLike)) or not self._restore_position(Path(checkpoint)):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        replay, self.args.ignore_data_skip = self.args.ignore_data_skip, True
+        try:
+            return super().train(str(checkpoint), *args, **kwargs)
+        finally:
+            self.args.ignore_data_skip = replay
+
+    def _restore_position(self, checkpoint: Path) -> bool:
+        """Load ``checkpoint``'s dataset position into the dataset; False where the Trainer's replay must skip."""
+        saved = checkpoint / DATASET_STATE_FILE
+        if self._position is None or self.args.ignore_data_skip:
+            return False
+        if not saved.is_file():
+            log.info("%s has no %s: the Trainer replays the batches trained in this epoch", checkpoint,
+                     DATASET_STATE_FILE)
+            return False
+        ds, accumulation = self._position.dataset, self.args.gradient_accumulation_steps
+        per_epoch = len(ds) // ds.batch_size if self.args.dataloader_drop_last else math.ceil(len(ds) / ds.batch_size)
+        if per_epoch % accumulation:
+            log.warning("%d batches per epoch is not a multiple of gradient_accumulation_steps=%d: the Trainer "
+                        "replays the batches trained in this epoch instead of resuming by position",
+                        per_epoch, accumulation)
+            return False
+        state = json.loads(saved.read_text())
+        step = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["global_step"]
+        if state.get("global_step") != step:
+            raise ConfigError(f"{saved}: global_step found {state.get('global_step')!r}, expected {step} (from "
+                              f"{TRAINER_STATE_FILE} in the same checkpoint); the dataset position belongs to "
+                              "another step. Remove the file to let the Trainer replay the skipped batches.")
+        ds.load_state_dict(state["dataset"])
+        return True
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
         """Forward ``input_ids``/``attention_mask`` only, then ``kd_loss`` on the logits and the batch.
@@ -64,3 +136,29 @@ class KDTrainer(transformers.Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = kd_loss(logits, batch, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
         return (loss, outputs) if return_outputs else loss
+
+
+class _DataPosition(transformers.TrainerCallback):
+    """Counts the micro-batches trained since the epoch began (the batches the dataset handed out since its
+    last ``set_epoch`` or ``load_state_dict``) and writes the dataset's position into every checkpoint."""
+
+    def __init__(self, dataset: CacheDataset) -> None:
+        self.dataset, self.batches = dataset, 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        self.batches = 0
+
+    def on_substep_end(self, args, state, control, **kwargs) -> None:
+        self.batches += 1
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.batches += 1
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        saved = {"global_step": state.global_step, "dataset": self.dataset.state_dict(batches_consumed=self.batches)}
+        tmp = folder / f"{DATASET_STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(saved, indent=1))
+        os.replace(tmp, folder / DATASET_STATE_FILE)

@@ -196,3 +196,191 @@ def test_bad_arguments(tiny_tokenizer, kw, match):
     kw.setdefault("max_tokens", None)
     with pytest.raises(ConfigError, match=match):
         build_plan(docs("x"), tiny_tokenizer, **kw)
+
+
+# ---------------------------------------------------------------- long documents (memory bound, #19 item 3)
+
+def real_text(limit: int) -> str:
+    """Python's own sources (sorted, as UTF-8) then its help topics: real code and prose, ``limit`` characters."""
+    import sysconfig
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    parts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if size >= limit:
+            break
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+        size += len(parts[-1])
+    return ("".join(parts) + "".join(topics[k] for k in sorted(topics)))[:limit]
+
+
+def hostile_texts() -> dict[str, str]:
+    """Texts without the usual split points: one run of a letter, one whitespace run, digits, base64, CJK + emoji."""
+    import base64
+    import random
+
+    rng = random.Random(0)
+    return {
+        "letters": "a" * 30_000,
+        "spaces": "x" + " " * 30_000 + "y",  # no sync point anywhere: the whole-rest fallback
+        "newlines": "\n" * 10_000 + "z" + "\r\n" * 5_000,
+        "base64": base64.b64encode(rng.randbytes(30_000)).decode(),
+        "cjk": "".join(rng.choice("漢字かなカナ한국어😀🎉€ ") for _ in range(20_000)),
+        "one line": real_text(60_000).replace("\n", " "),
+    }
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """SmolLM2-135M-Instruct's byte-level BPE tokenizer, from the converted embedded teacher."""
+    from transformers import AutoTokenizer
+
+    from logitcache.models.embedded import is_complete
+    from logitcache.models.home import logitcache_home
+
+    path = logitcache_home() / "teachers" / "smollm2-135m-instruct"
+    if not is_complete(path):
+        pytest.skip(f"embedded teacher not converted at {path}; `logitcache capture` once converts it")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def windowed_ids(tokenizer, text: str, *, window: int, overlap: int, piece: int = 997) -> tuple[list[int], bool]:
+    from logitcache.capture.windowed import WindowedTokenizer
+
+    w = WindowedTokenizer(tokenizer, window=window, overlap=overlap)
+    out = [ids for i in range(0, len(text), piece) for ids in w.feed(text[i : i + piece])] + w.finish()
+    return np.concatenate(out).tolist(), w.whole
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+@pytest.mark.parametrize(("window", "overlap"), [(1024, 256), (4096, 512), (1 << 16, 1 << 12)])
+def test_windowed_tokenization_equals_whole_text_on_real_text(request, which, window, overlap):
+    tokenizer = request.getfixturevalue("tiny_tokenizer" if which == "tiny" else "smol_tokenizer")
+    text = real_text(600_000)
+    whole = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    got, fell_back = windowed_ids(tokenizer, text, window=window, overlap=overlap)
+    assert got == whole
+    assert not fell_back or window == 1024  # real text always had a sync point in the larger overlaps
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+@pytest.mark.parametrize("name", list(hostile_texts()))
+def test_windowed_tokenization_equals_whole_text_on_hostile_text(request, which, name):
+    tokenizer = request.getfixturevalue("tiny_tokenizer" if which == "tiny" else "smol_tokenizer")
+    text = hostile_texts()[name]
+    whole = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    got, fell_back = windowed_ids(tokenizer, text, window=2048, overlap=512)
+    assert got == whole
+    assert fell_back == (name == "spaces")
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording how many characters each call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+        self.eos_token_id, self.is_fast = tokenizer.eos_token_id, tokenizer.is_fast
+
+    def __call__(self, texts, **kw):
+        self.calls.append(len(texts) if isinstance(texts, str) else sum(map(len, texts)))
+        return self.tokenizer(texts, **kw)
+
+
+def reference_fingerprint(texts: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(len(t.encode()).to_bytes(8, "little") + t.encode())
+    return h.hexdigest()
+
+
+def test_long_documents_pack_as_whole_tokenization_in_bounded_calls(tiny_tokenizer):
+    from logitcache.capture.plan import BATCH_CHARS
+    from logitcache.capture.windowed import WINDOW_CHARS
+
+    text = real_text(2_000_000)
+    texts = [text[:500], text[:1_500_000], "  \n" * 40_000, text[7:60_007], text[-300_000:], "tail"] + [text[:50_000]] * 12
+    spy = CountingTokenizer(tiny_tokenizer)
+    plan = build_plan(docs(*texts), spy, seq_len=64, max_tokens=None)
+    eos, expected = tiny_tokenizer.eos_token_id, []
+    for t in texts:
+        if t.strip():
+            expected += tiny_tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+    assert plan.tokens.tolist() == expected
+    assert plan.corpus_fingerprint == reference_fingerprint(texts)
+    assert plan.stats["documents"] == 18 and plan.stats["empty_documents_skipped"] == 1
+    assert plan.stats["documents_tokenized"] == 17
+    assert max(spy.calls) <= max(BATCH_CHARS, WINDOW_CHARS)  # never one call on a whole long document
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2000, 64 * 300])
+def test_max_tokens_cuts_a_long_completing_document(tiny_tokenizer, max_tokens):
+    text = real_text(3_000_000)
+    texts = ["a short first document", text, "after"]
+    spy = CountingTokenizer(tiny_tokenizer)
+    plan = build_plan(docs(*texts), spy, seq_len=64, max_tokens=max_tokens)
+    wanted = math.ceil(max_tokens / 64) * 64 + 1
+    first = tiny_tokenizer(texts[0], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    prefix = tiny_tokenizer(text[:200_000], add_special_tokens=False, verbose=False)["input_ids"]
+    assert plan.tokens.tolist() == (first + prefix)[:wanted]  # cut right after the wanted tokens, no EOS
+    assert plan.stats["tokens"] == wanted and plan.stats["tail_tokens_skipped"] == 0
+    assert plan.stats["documents"] == 3 and plan.stats["documents_tokenized"] == 2
+    assert plan.corpus_fingerprint == reference_fingerprint(texts)  # every document still read
+    assert sum(spy.calls) < 200_000  # tokenized only as far as needed, not the 3 MB
+
+
+MEMORY_CHILD = r"""
+import json, resource, sys
+from transformers import AutoTokenizer
+from logitcache.capture.corpus import read_documents
+from logitcache.capture.plan import build_plan
+
+def status(key):
+    return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+teacher, path, max_tokens, limit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(teacher)
+tokenizer("warm up " * 100, add_special_tokens=False)
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS (VmHWM) := current RSS
+base, vm = status("VmHWM"), status("VmSize")
+resource.setrlimit(resource.RLIMIT_AS, (vm + limit, vm + limit))  # the unfixed plan fails here, not the machine
+plan = build_plan(read_documents(path), tokenizer, seq_len=64, max_tokens=max_tokens)
+print(json.dumps({"growth": status("VmHWM") - base, "fingerprint": plan.corpus_fingerprint,
+                  "head": plan.tokens[:300].tolist(), "tokens": int(plan.tokens.size)}))
+"""
+
+
+
+def memory_bound(text_bytes: int, tokens: int) -> int:
+    """docs/capture.md "Memory": the document's text twice (bytes while decoding, then str), 8 bytes per
+    packed token (chunks + the joined stream), 96 MiB for tokenizing and slack. The unfixed plan grew
+    ~240 bytes per character: 953 MiB at 4 MB, and it aborted under the 3 GB limit at 50 MB."""
+    return 2 * text_bytes + 8 * tokens + (96 << 20)
+
+
+@pytest.mark.parametrize(("layout", "size", "max_tokens"), [("multi-line", 50 << 20, 2000), ("single-line", 50 << 20, 2000),
+                                                            ("multi-line", 2 << 20, None)])
+def test_planning_a_large_document_stays_within_the_memory_bound(tiny_teacher, tiny_tokenizer, tmp_path, layout,
+                                                                  size, max_tokens):
+    import hashlib
+    import json
+    import subprocess
+    import sys
+
+    unit = real_text(1_000_000)
+    unit = unit if layout == "multi-line" else unit.replace("\n", " ")
+    text = (unit * (size // len(unit) + 1))[:size]
+    path = tmp_path / "big.txt"
+    path.write_text(text, encoding="utf-8")
+    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, tiny_teacher, str(path), json.dumps(max_tokens),
+                          str(3 << 30)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"planning a {size >> 20} MB document failed under a 3 GB limit:\n{run.stderr[-2000:]}"
+    got = json.loads(run.stdout)
+    data = text.encode()
+    assert got["fingerprint"] == hashlib.sha256(len(data).to_bytes(8, "little") + data).hexdigest()
+    assert got["head"] == tiny_tokenizer(text[:5000], add_special_tokens=False)["input_ids"][:300]
+    bound = memory_bound(len(data), got["tokens"])
+    assert got["growth"] < bound, f"peak RSS grew by {got['growth'] >> 20} MiB planning {size >> 20} MB; bound {bound >> 20}"

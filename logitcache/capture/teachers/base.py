@@ -8,12 +8,15 @@ output head is applied per sequence per chunk.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ...errors import TeacherError
+
+BUCKET = 64
+"""Sequences of different lengths are padded to the next multiple of this many tokens (see :func:`bucket_length`)."""
 
 @runtime_checkable
 class Teacher(Protocol):
@@ -54,6 +57,21 @@ class Teacher(Protocol):
         """
         ...
 
+    def forward_sequences(self, sequences: Sequence[torch.Tensor], chunk: int
+                          ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Logits of sequences of any lengths, chunk by chunk, each sequence seeing only itself.
+
+        Args:
+            sequences: ``int64[L_i]`` token ids per sequence (any device), ``1 <= L_i <= max_positions``.
+            chunk: positions per yielded chunk.
+
+        Yields:
+            ``(row, start, logits)`` as :meth:`forward_chunks` does, for positions ``< L_row`` only; rows
+            may come in any order, the chunks of one row in order. A sequence's logits depend on its own
+            tokens alone, never on the other sequences of the call.
+        """
+        ...
+
     def close(self) -> None:
         """Release the model and its device memory."""
         ...
@@ -80,3 +98,47 @@ def check_input_ids(input_ids: Any, chunk: int, *, name: str, max_positions: int
     if lo < 0 or hi >= vocab_size:
         raise TeacherError(f"token ids must lie in [0, {vocab_size}) for teacher {name!r}; found [{lo}, {hi}]")
     return input_ids
+
+
+def check_sequences(sequences: Any, chunk: int, *, name: str, max_positions: int, vocab_size: int
+                    ) -> list[torch.Tensor]:
+    """Validate the sequences of :meth:`Teacher.forward_sequences` before any compute: each a 1-D int64
+    tensor of 1 to ``max_positions`` ids in ``[0, vocab_size)``. Returns them as a list."""
+    seqs = list(sequences) if isinstance(sequences, (list, tuple)) else None
+    if not seqs:
+        raise TeacherError(f"sequences must be a non-empty list of int64 tensors; found {type(sequences).__name__}"
+                           + (" (empty)" if seqs == [] else ""))
+    for i, seq in enumerate(seqs):
+        if not isinstance(seq, torch.Tensor) or seq.dim() != 1 or seq.dtype != torch.long:
+            found = (f"{seq.dtype} tensor of shape {tuple(seq.shape)}" if isinstance(seq, torch.Tensor)
+                     else type(seq).__name__)
+            raise TeacherError(f"sequence {i} must be a 1-D int64 tensor; found {found}")
+        check_input_ids(seq[None], chunk, name=name, max_positions=max_positions, vocab_size=vocab_size)
+    return seqs
+
+
+def bucket_length(length: int, max_positions: int) -> int:
+    """The padded length of a sequence of ``length`` tokens: the next multiple of :data:`BUCKET`, at most
+    ``max_positions``. A function of the length alone, so a sequence is computed in the same shape
+    whatever else is in its batch (which keeps stores byte-identical across batch compositions)."""
+    return min(max_positions, -(-length // BUCKET) * BUCKET)
+
+
+def bucket_groups(lengths: Sequence[int], max_positions: int) -> list[tuple[int, list[int]]]:
+    """``(padded length, rows)`` groups of rows that share a :func:`bucket_length`, shortest first."""
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        groups.setdefault(bucket_length(length, max_positions), []).append(row)
+    return sorted(groups.items())
+
+
+def right_padded(seqs: Sequence[torch.Tensor], padded: int, device: torch.device) -> torch.Tensor:
+    """``int64[n, padded]``: each sequence at the start of its row, padded on the right with id 0.
+
+    Right padding needs no attention mask in a causal decoder: every real position attends only to
+    positions before it, all real, and keeps its position ids; what the pads compute is never read.
+    """
+    batch = torch.zeros(len(seqs), padded, dtype=torch.long, device=device)
+    for i, seq in enumerate(seqs):
+        batch[i, : seq.numel()] = seq.to(device)
+    return batch

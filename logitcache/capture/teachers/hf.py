@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch import nn
 from ..config import TeacherConfig
 from ...choices import DTYPES
 from ...errors import TeacherError
-from .base import check_input_ids
+from .base import bucket_groups, check_input_ids, check_sequences, right_padded
 from ...models.hashing import weights_sha256
 from .head import HeadPost, head_chunks
 
@@ -97,6 +97,14 @@ class HFTeacher:
         ids = self._check_input(input_ids, chunk)
         return self._chunks(self.body, ids, chunk)
 
+    def forward_sequences(self, sequences: Sequence[torch.Tensor], chunk: int
+                          ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """See :meth:`Teacher.forward_sequences`: sequences of one length bucket run as one right-padded
+        batch (:func:`~logitcache.capture.teachers.base.right_padded`). Validates before any compute."""
+        seqs = check_sequences(sequences, chunk, name=self.name, max_positions=self.max_positions,
+                               vocab_size=self.vocab_size)
+        return self._sequence_chunks(self.body, seqs, chunk)
+
     @torch.inference_mode()
     def bare_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``model(input_ids).logits`` ([B, L, V]): the benchmark baseline, forward without capture."""
@@ -119,6 +127,16 @@ class HFTeacher:
         for row in range(hidden.shape[0]):
             for start, logits in head_chunks(self.head, self.post, hidden[row], chunk):
                 yield row, start, logits
+
+    @torch.inference_mode()
+    def _sequence_chunks(self, body: nn.Module, seqs: list[torch.Tensor], chunk: int
+                         ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for padded, rows in bucket_groups([s.numel() for s in seqs], self.max_positions):
+            batch = right_padded([seqs[r] for r in rows], padded, self.device)
+            hidden = _last_hidden_state(body(input_ids=batch, use_cache=False))
+            for i, row in enumerate(rows):
+                for start, logits in head_chunks(self.head, self.post, hidden[i, : seqs[row].numel()], chunk):
+                    yield row, start, logits
 
     def _check_input(self, input_ids: Any, chunk: int) -> torch.Tensor:
         return check_input_ids(input_ids, chunk, name=self.name, max_positions=self.max_positions,
@@ -216,6 +234,18 @@ def _check_model_dir(path: Path, config: TeacherConfig) -> None:
             f"teacher {config.model!r} needs its own Python code (config.json has auto_map); it runs only "
             f"with --trust-remote-code (TeacherConfig.trust_remote_code=True), and only if you trust its source"
         )
+    if not config.trust_remote_code and not any(_is_tokenizer_file(p.name) for p in path.iterdir()):
+        found = ", ".join(sorted(p.name for p in path.iterdir())[:12])
+        raise TeacherError(
+            f"teacher {config.model!r}: {path} holds no tokenizer (found {found}; expected tokenizer.json, "
+            "tokenizer.model, vocab.json with merges.txt, vocab.txt or a *.tiktoken file). Save the teacher's "
+            "tokenizer there (tokenizer.save_pretrained(path)), or copy the tokenizer files the model came with"
+        )
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """A file transformers can build a tokenizer from (remote-code tokenizers may use others)."""
+    return name in ("tokenizer.json", "vocab.json", "vocab.txt") or name.endswith((".model", ".tiktoken"))
 
 
 def _load_pretrained(path: Path, config: TeacherConfig, device: torch.device) -> tuple[Any, nn.Module]:

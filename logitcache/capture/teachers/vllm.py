@@ -30,7 +30,7 @@ import torch
 
 from ..config import TeacherConfig
 from ...errors import TeacherError
-from .base import check_input_ids
+from .base import check_input_ids, check_sequences
 from ...models.hashing import weights_sha256
 from .head import OutputHead, load_output_head
 from .hf import TORCH_DTYPES, _check_model_dir, _eos_id, _max_positions, resolve_device
@@ -129,6 +129,12 @@ class VLLMTeacher:
         ids = check_input_ids(input_ids, chunk, name=self.name, max_positions=self.max_positions,
                               vocab_size=self.vocab_size)
         return self._chunks(ids.cpu().tolist(), chunk)
+
+    def forward_sequences(self, sequences, chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """See :meth:`Teacher.forward_sequences`: vLLM takes prompts of any lengths as they are (no padding)."""
+        seqs = check_sequences(sequences, chunk, name=self.name, max_positions=self.max_positions,
+                               vocab_size=self.vocab_size)
+        return self._chunks([s.cpu().tolist() for s in seqs], chunk)
 
     @torch.inference_mode()
     def _chunks(self, rows: list[list[int]], chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:

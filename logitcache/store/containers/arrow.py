@@ -33,6 +33,9 @@ class ArrowContainer:
     def static_objects(self, spec: ShardSpec) -> Objects:
         return []
 
+    def check_static(self, spec: ShardSpec, stored: Mapping[str, bytes | memoryview]) -> list[str]:
+        return []  # no static objects
+
     def encode_unit(self, spec: ShardSpec, index: int, first_row: int, seq_ids: list[int],
                     rows: list[dict[str, bytes]]) -> Objects:
         """One unit as one Arrow IPC stream object."""

@@ -24,6 +24,11 @@ class Container(Protocol):
         """Objects written once, when the store is created (e.g. array metadata); may be empty."""
         ...
 
+    def check_static(self, spec: ShardSpec, stored: Mapping[str, bytes | memoryview]) -> list[str]:
+        """One line per static object in ``stored`` (those found in the store, by path) that does not say what
+        :meth:`static_objects` would for ``spec``; each line starts with the object's path."""
+        ...
+
     def encode_unit(self, spec: ShardSpec, index: int, first_row: int, seq_ids: list[int],
                     rows: list[dict[str, bytes]]) -> Objects:
         """Unit ``index`` (store rows ``first_row`` onward): ``seq_ids`` and, per row, one byte string

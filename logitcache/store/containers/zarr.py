@@ -19,6 +19,7 @@ Imported only through the registry (:mod:`logitcache.store.containers`), so Arro
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping
 
@@ -26,6 +27,8 @@ import numpy as np
 import zarr
 from zarr.abc.buffer import Buffer
 from zarr.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.dtype import VariableLengthBytes
 
 from ...errors import CorruptShardError
@@ -68,6 +71,36 @@ def _as_objects(objects: dict[str, Buffer], metadata: bool) -> Objects:
             if key.endswith("zarr.json") == metadata]
 
 
+def _normalized(raw: bytes | memoryview) -> dict:
+    """Zarr v3 node metadata as zarr itself reads it back (defaults filled in, values canonical)."""
+    d = json.loads(bytes(raw))
+    if not isinstance(d, dict):
+        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+    meta = ArrayV3Metadata if d.get("node_type") == "array" else GroupMetadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return meta.from_dict(dict(d)).to_dict()
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _metadata_difference(expected: bytes, found: bytes | memoryview) -> str | None:
+    """Where stored metadata ``found`` differs from ``expected`` (the first field), or None."""
+    want = _normalized(expected)
+    try:
+        got = _normalized(found)
+    except Exception as exc:  # zarr raises assorted errors on metadata it cannot read
+        return (f"is not Zarr v3 metadata that zarr can read ({type(exc).__name__}: {_shown(str(exc))}; "
+                f"starts {_shown(bytes(found[:60]))})")
+    for key in [*want, *sorted(set(got) - set(want))]:
+        if got.get(key) != want.get(key):
+            return f"has {key} = {_shown(got.get(key))}; the manifest promises {_shown(want.get(key))}"
+    return None
+
+
 class ZarrContainer:
     """The ``zarr`` store format (:class:`~logitcache.store.containers.base.Container`)."""
 
@@ -76,6 +109,17 @@ class ZarrContainer:
         objects: dict[str, Buffer] = {}
         _in_memory(spec, objects)
         return _as_objects(objects, metadata=True)
+
+    def check_static(self, spec: ShardSpec, stored: Mapping[str, bytes | memoryview]) -> list[str]:
+        """Each stored ``zarr.json`` parsed by zarr and compared, field by field, with the metadata ``spec``
+        gives (so a store that passes opens with plain ``zarr.open_group`` as docs/format.md says)."""
+        problems = []
+        for path, expected in self.static_objects(spec):
+            problem = _metadata_difference(expected, stored[path]) if path in stored else None
+            if problem:
+                problems.append(f"{path} {problem}; plain zarr readers rely on it (docs/format.md). Restore it "
+                                "from a copy of the store, or recapture")
+        return problems
 
     def encode_unit(self, spec: ShardSpec, index: int, first_row: int, seq_ids: list[int],
                     rows: list[dict[str, bytes]]) -> Objects:

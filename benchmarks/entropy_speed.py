@@ -1,0 +1,113 @@
+"""Read and write speed of the ``ans`` entropy stage against zstd alone, on the same real SmolLM2 targets.
+
+Per method (RS-KD N = 50 lossless, top-64 with q8 logprobs), the teacher captures ``--tokens``
+pydoc positions once; the decoded targets are then written as two Arrow stores that differ only
+in ``encoding.entropy`` (``zstd``, ``ans``) by the real encoder and commit path, and read back
+through ``iter_sequences`` (sha256 of every object, container decode, the ``ans`` unit decode,
+row decode). Writes and reads of all four stores are interleaved over ``--repeats`` rounds on one
+thread (median reported); ``vs_zstd`` is a case's positions/s over the zstd store's in the same run.
+
+    python benchmarks/entropy_speed.py --keep /tmp/entropy-speed   # rows: results/entropy_speed.csv
+
+``--keep DIR`` keeps the captured targets there and reuses them on the next run (the capture is
+the slow part, and the same inputs make a before/after comparison exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+from common import PROVENANCE, ResultsFile, csv_argument, interleave, machine_load, print_row, provenance, timed
+from storage import rewrite
+
+import pyarrow as pa
+import torch
+
+from logitcache.capture import capture
+from logitcache.capture.config import CaptureConfig
+from logitcache.store.reader import iter_sequences
+
+METHODS = {  # name: (sparsify overrides, logprob code)
+    "sample-50": ({"method": "sample", "samples": 50}, "float32"),
+    "topk-64": ({"method": "topk", "k": 64}, "q8"),
+}
+ENTROPY = ("zstd", "ans")
+COLUMNS = PROVENANCE + ("threads", "load", "method", "logprobs", "entropy", "op", "positions", "seconds",
+                        "positions_per_s", "vs_zstd")
+
+
+def captured(work: Path, name: str, tokens: int, seq_len: int) -> list:
+    """The decoded rows of ``name``'s capture under ``work`` (captured first if not there yet)."""
+    src = work / name / "captured"
+    if not (src / "manifest.json").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        params, _ = METHODS[name]
+        capture(CaptureConfig().with_overrides({"corpus.max_tokens": tokens, "corpus.seq_len": seq_len,
+                                                "store.path": str(src)}
+                                               | {f"sparsify.{k}": v for k, v in params.items()}), progress=False)
+    return list(iter_sequences(src))
+
+
+def write_case(work: Path, name: str, entropy: str, rows) -> float:
+    dst = work / name / f"{entropy}-{time.perf_counter_ns()}"
+    seconds = rewrite(work / name / "captured", dst, rows, "arrow", "rank-delta", METHODS[name][1], entropy, 9)
+    shutil.rmtree(dst)
+    return seconds
+
+
+def read_all(store: Path) -> int:
+    return sum(targets.num_positions for _, _, targets in iter_sequences(store))
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192, help="positions captured per method")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--keep", type=Path, help="keep (and reuse) the captured targets in this directory")
+    csv_argument(ap, "entropy_speed.csv")
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
+    out = ResultsFile(args.csv, COLUMNS)
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="lc-entropy-speed-"))
+    try:
+        rows = {name: captured(work, name, args.tokens, args.seq_len) for name in METHODS}
+        for name, entropy in ((n, e) for n in METHODS for e in ENTROPY):
+            shutil.rmtree(work / name / entropy, ignore_errors=True)
+            rewrite(work / name / "captured", work / name / entropy, rows[name], "arrow", "rank-delta",
+                    METHODS[name][1], entropy, 9)
+        cases = {}
+        for name, entropy in ((n, e) for n in METHODS for e in ENTROPY):
+            cases[name, entropy, "read"] = partial(timed, read_all, work / name / entropy)
+            cases[name, entropy, "write"] = partial(write_case, work, name, entropy, rows[name])
+        times = interleave(cases, args.repeats)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    meta = dict(provenance(), threads=1, load=machine_load())
+    speed = {key: sum(r[2].num_positions for r in rows[key[0]]) / statistics.median(s) for key, s in times.items()}
+    results = []
+    for (name, entropy, op), seconds in times.items():
+        positions = sum(r[2].num_positions for r in rows[name])
+        results.append({**meta, "method": name, "logprobs": METHODS[name][1], "entropy": entropy, "op": op,
+                        "positions": positions, "seconds": round(statistics.median(seconds), 5),
+                        "positions_per_s": round(speed[name, entropy, op]),
+                        "vs_zstd": round(speed[name, entropy, op] / speed[name, "zstd", op], 3)})
+        print_row(results[-1])
+    out.append(results)
+
+
+if __name__ == "__main__":
+    main()
