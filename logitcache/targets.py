@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from .choices import METHODS
+from .choices import METHODS  # noqa: F401  (re-exported: logitcache.targets.METHODS)
 from .errors import TargetsError
 
 

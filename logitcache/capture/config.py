@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..models.embedded import EMBEDDED_TEACHER
 from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES,
                        LOGPROB_DTYPES, METHODS)
-from ..jobfile import from_mapping, read_job_file
+from ..jobfile import from_mapping
 
 BUILTIN_CORPUS = "builtin:pydoc"
 

@@ -24,17 +24,17 @@ from .config import CaptureConfig
 from .corpus import Corpus, open_corpus
 from ..errors import StoreError
 from ..faults import fault_point
-from ..store.manifest import Manifest, ManifestHeader, PlanSection, StoreSection, TokenizerSection
+from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
 from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .limits import check_teacher_limits, plan_warnings
 from .sparsify import draw_uniforms, sparsify
-from ..store.commit import (MANIFEST, ShardRecord, StoreLock, begin_store, finalize_store, mismatch_error,
-                            read_manifest)
+from ..store.commit import MANIFEST, begin_store, finalize_store, mismatch_error, read_manifest
 from ..store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from ..store.fs import StoreFS
 from ..store.spec import ShardSpec, spec_from_manifest
 from ..store.containers import get_container
-from ..store.writer import encode_and_commit, encode_unit
+from ..store.lock import StoreLock
+from ..store.writer import encode_and_commit
 from ..targets import SparseTargets, concat_targets
 from .teachers import Teacher, load_teacher
 from .teachers.hf import resolve_device

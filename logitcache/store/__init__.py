@@ -2,7 +2,9 @@
 (``encoding``), containers (``containers``: arrow, zarr) and the read side (``reader``)."""
 
 from .encoding import Encoding
-from .commit import FORMAT_VERSION, ShardRecord, StoreLock, read_manifest
+from .commit import read_manifest
+from .lock import StoreLock
+from .manifest import FORMAT_VERSION, ShardRecord
 from .reader import inspect_store, iter_sequences, open_hf_dataset, read_unit, verify_store
 from .spec import ShardSpec, spec_from_manifest
 

@@ -27,10 +27,9 @@ from typing import Any
 
 from ..errors import StoreError, StoreMismatchError, StoreNotFoundError
 from ..faults import fault_point
-# FORMAT_VERSION and ShardRecord (now in .manifest) are also imported from here
-from .manifest import FORMAT_VERSION, HEADER_DIGEST, Manifest, ManifestHeader, ShardRecord
+from .manifest import HEADER_DIGEST, Manifest, ManifestHeader, ShardRecord
 from .fs import StoreFS
-from .lock import LOCK, StoreLock  # noqa: F401 (StoreLock is imported from here)
+from .lock import LOCK
 from .write_errors import translates_write_errors
 
 MANIFEST = "manifest.json"

@@ -18,7 +18,8 @@ from ..errors import ConfigError, StoreError
 from .encoding import Encoding, q8_bound
 from .fs import StoreFS
 from .manifest import Manifest, ManifestHeader, StoreSection
-from .commit import StoreLock, begin_store, commit_unit, finalize_store, read_manifest
+from .commit import begin_store, commit_unit, finalize_store, read_manifest
+from .lock import StoreLock
 from .reader import decode_rows, iter_sequences, read_unit
 from .spec import spec_from_manifest
 from .containers import get_container

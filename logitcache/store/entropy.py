@@ -17,12 +17,15 @@ streams before it):
 5. with ``q8`` logprobs: each position's smallest code (one table), then every code minus it, by
    the bit length of that smallest code and whether the entry is the flagged label.
 
-Id mantissa bits, tokens, flags, tail mass and float logprobs stay in the rows (zstd).
+Id mantissa bits, tokens, flags, tail mass and float logprobs stay in the rows (zstd). The waves
+(which positions have an entry ``w``, their contexts, the decode) run in numba-compiled loops, like
+the coder's; everything else here is numpy.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +63,7 @@ class _Waves:
     num_buckets: int
 
     @classmethod
-    def of(cls, lengths: np.ndarray, bucket_of, num_buckets: int) -> _Waves:
+    def of(cls, lengths: np.ndarray, bucket_of: Callable[[np.ndarray], np.ndarray], num_buckets: int) -> _Waves:
         waves = np.arange(int(lengths.max(initial=0)), dtype=np.int64)
         return cls(lengths.astype(np.int64), bucket_of(waves).astype(np.int64), num_buckets)
 
@@ -105,10 +108,9 @@ def _wave_contexts(back, count, before, w, bucket, num_buckets, contexts):
 @njit(cache=True, nogil=True)
 def _wave_order(lengths, buckets, num_buckets, values):
     """Encoder side: the symbols of ``values`` in wave order, their contexts, where each wave starts."""
-    starts, active, back, count = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths), 0
+    starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)
     symbols, contexts = np.empty(values.size, np.int64), np.empty(values.size, np.int64)
-    bounds = np.zeros(buckets.size + 1, np.int64)
-    count = lengths.size
+    bounds, count = np.zeros(buckets.size + 1, np.int64), lengths.size
     for w in range(buckets.size):
         count = _next_wave(active, back, count, lengths, w)
         lo = bounds[w]
@@ -122,7 +124,7 @@ def _wave_order(lengths, buckets, num_buckets, values):
 @njit(cache=True, nogil=True)
 def _decode_waves(x, words, pos, lengths, buckets, num_buckets, slots, freq, cum, values):
     """Decode the waves into ``values`` (in stream order); returns what :func:`rans.decode_stream` does."""
-    starts, active, back, count = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths), 0
+    starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)
     symbols, contexts = np.empty(values.size, np.int64), np.empty(lengths.size, np.int64)  # wave order
     count, lo, before = lengths.size, 0, 0
     for w in range(buckets.size):

@@ -19,21 +19,18 @@ import copy
 import dataclasses
 import hashlib
 import json
-import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..choices import COMPRESSIONS, FORMATS, METHODS
 from ..errors import StoreError
 from .encoding import Encoding
+from .records import (MAX_COUNT, MAX_SEQ_LEN, ShardRecord, as_json, fail, int_field, mapping_field, number_field,
+                      str_field)
 
 FORMAT_NAME = "logitcache"
 FORMAT_VERSION = 2
-MAX_COUNT = 1 << 48  # bytes, sequences, positions, entries of one shard or one store
-MAX_SEQ_LEN = 1 << 24  # positions per window; far beyond any teacher's context
-MAX_OBJECTS = 1024  # objects of one unit
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 HEADER_DIGEST = "header_sha256"
 _NOT_HEADER = ("shards", "complete", HEADER_DIGEST)
 _HEADER_KEYS = ("method", "params", "head_size", "identity", "teacher", "tokenizer", "corpus", "seq_len", "plan",
@@ -42,138 +39,6 @@ _RESUME_KEYS = ("identity", "teacher", "tokenizer", "corpus", "plan")  # what a 
 # ... except these: where the corpus was read from and what the reader listed (the content is compared through
 # corpus.fingerprint and corpus.stats); identity.corpus.source is held by stores written before that rule
 _DISPLAY_ONLY = ("identity.corpus.source", "corpus.source", "corpus.input")
-_HINT = "The manifest is damaged or was not written by logitcache: run `logitcache verify`, or recapture."
-
-
-def _fail(where: str, name: str, value: Any, expected: str) -> None:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    raise StoreError(f"{where}: {name} is {shown}; expected {expected}. {_HINT}")
-
-
-def _int(where: str, name: str, value: Any, low: int, high: int | None) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
-        _fail(where, name, value, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
-    return value
-
-
-def _number(where: str, name: str, value: Any) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= MAX_COUNT:
-        _fail(where, name, value, "a number >= 0")
-    return float(value)
-
-
-def _str(where: str, name: str, value: Any, choices: tuple[str, ...] = ()) -> str:
-    if choices and value not in choices:
-        _fail(where, name, value, f"one of {', '.join(choices)}")
-    if not isinstance(value, str):
-        _fail(where, name, value, "a string")
-    return value
-
-
-def _mapping(where: str, name: str, value: Any, keys: tuple[str, ...] = ()) -> dict:
-    if not isinstance(value, dict):
-        _fail(where, name, value, "a mapping")
-    for key in keys:
-        if key not in value:
-            raise StoreError(f"{where}: {name}.{key} is missing. {_HINT}")
-    return value
-
-
-def _json(value: Any) -> Any:
-    """A typed value as the JSON logitcache writes: fields in order, ``None`` fields left out."""
-    if isinstance(value, Encoding):
-        return value.to_manifest()
-    if dataclasses.is_dataclass(value):
-        pairs = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
-        return {name: _json(v) for name, v in pairs if v is not None}
-    if isinstance(value, tuple):
-        return [_json(v) for v in value]
-    return copy.deepcopy(value)
-
-
-@dataclass(frozen=True)
-class ObjectRecord:
-    """One object of a unit: path relative to the store root, size and sha256."""
-
-    path: str
-    bytes: int
-    sha256: str
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str, name: str) -> ObjectRecord:
-        _mapping(where, name, d, ("path", "bytes", "sha256"))
-        size = _int(where, f"{name}.bytes", d["bytes"], 0, MAX_COUNT)
-        if not isinstance(d["sha256"], str) or not _SHA256.fullmatch(d["sha256"]):
-            _fail(where, f"{name}.sha256", d["sha256"], "64 lowercase hex digits")
-        if not isinstance(d["path"], str) or not d["path"]:
-            _fail(where, f"{name}.path", d["path"], "a path such as 'shards/00000.arrow'")
-        return cls(d["path"], size, d["sha256"])  # whether the path stays inside the store is checked on read
-
-
-def unit_binding(header_sha256: str, index: int, object_sha256s: list[str]) -> str:
-    """sha256 of ``"<header_sha256>:<index>:<sha256 of object 1>:<sha256 of object 2>..."`` (objects in record
-    order): ties a unit record to the store it was written for (docs/format.md, manifest section)."""
-    return hashlib.sha256(":".join([header_sha256, str(index), *object_sha256s]).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """What the manifest records of one committed unit (its objects, counts and measured error), and its
-    ``binding`` to the store header (None in stores written before bindings)."""
-
-    index: int
-    sequences: int
-    positions: int
-    entries: int
-    objects: tuple[ObjectRecord, ...] = field(default=())
-    max_logprob_error: float = 0.0
-    max_prob_error: float = 0.0
-    binding: str | None = None
-
-    @property
-    def bytes(self) -> int:
-        return sum(o.bytes for o in self.objects)
-
-    @property
-    def sha256(self) -> str:
-        """One digest over the unit's objects (identifies the unit's bytes)."""
-        return hashlib.sha256("".join(o.sha256 for o in self.objects).encode()).hexdigest()
-
-    def binding_for(self, header_sha256: str) -> str:
-        """The binding this record must carry in the store whose header digest is ``header_sha256``."""
-        return unit_binding(header_sha256, self.index, [o.sha256 for o in self.objects])
-
-    def to_dict(self) -> dict[str, Any]:
-        return _json(self)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "unit record", name: str = "shard") -> ShardRecord:
-        """One unit entry (a manifest ``shards[i]`` or a commit record): fields, types, ranges, its objects."""
-        _mapping(where, name, d, ("index", "sequences", "positions", "entries", "objects"))
-        counts = {key: _int(where, f"{name}.{key}", d[key], 0, MAX_COUNT)
-                  for key in ("index", "sequences", "positions", "entries")}
-        errors = {key: _number(where, f"{name}.{key}", d.get(key, 0.0))
-                  for key in ("max_logprob_error", "max_prob_error")}
-        objects = d["objects"]
-        if not isinstance(objects, list) or not 1 <= len(objects) <= MAX_OBJECTS:
-            _fail(where, f"{name}.objects", objects, f"a list of 1 to {MAX_OBJECTS} object entries")
-        records = tuple(ObjectRecord.from_dict(o, where, f"{name}.objects[{j}]") for j, o in enumerate(objects))
-        binding = d.get("binding")  # optional: absent in stores written before bindings
-        if binding is not None and (not isinstance(binding, str) or not _SHA256.fullmatch(binding)):
-            _fail(where, f"{name}.binding", binding, "64 lowercase hex digits")
-        return cls(objects=records, **counts, **errors, binding=binding)
-
-    @classmethod
-    def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
-              max_logprob_error: float = 0.0, max_prob_error: float = 0.0, *,
-              header_sha256: str | None = None) -> ShardRecord:
-        """A unit's record from its objects; bound to the store whose header digest is ``header_sha256`` if given."""
-        recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
-        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error)
-        if header_sha256 is None:
-            return record
-        return dataclasses.replace(record, binding=record.binding_for(header_sha256))
 
 
 @dataclass(frozen=True)
@@ -185,10 +50,10 @@ class TokenizerSection:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> TokenizerSection:
-        fingerprint = _mapping(where, "tokenizer", d, ("fingerprint",))["fingerprint"]
-        _str(where, "tokenizer.fingerprint", fingerprint)
+        fingerprint = mapping_field(where, "tokenizer", d, ("fingerprint",))["fingerprint"]
+        str_field(where, "tokenizer.fingerprint", fingerprint)
         eos_id = d.get("eos_id")
-        return cls(fingerprint, None if eos_id is None else _int(where, "tokenizer.eos_id", eos_id, 0, MAX_COUNT))
+        return cls(fingerprint, None if eos_id is None else int_field(where, "tokenizer.eos_id", eos_id, 0, MAX_COUNT))
 
 
 @dataclass(frozen=True)
@@ -202,11 +67,11 @@ class PlanSection:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> PlanSection:
-        _mapping(where, "plan", d, ("shards", "sequences", "sequences_per_shard", "positions"))
-        shards = _int(where, "plan.shards", d["shards"], 0, MAX_COUNT)
-        sequences = _int(where, "plan.sequences", d["sequences"], 0, MAX_COUNT)
-        per_shard = _int(where, "plan.sequences_per_shard", d["sequences_per_shard"], 1, MAX_COUNT)
-        positions = _int(where, "plan.positions", d["positions"], 0, MAX_COUNT)
+        mapping_field(where, "plan", d, ("shards", "sequences", "sequences_per_shard", "positions"))
+        shards = int_field(where, "plan.shards", d["shards"], 0, MAX_COUNT)
+        sequences = int_field(where, "plan.sequences", d["sequences"], 0, MAX_COUNT)
+        per_shard = int_field(where, "plan.sequences_per_shard", d["sequences_per_shard"], 1, MAX_COUNT)
+        positions = int_field(where, "plan.positions", d["positions"], 0, MAX_COUNT)
         return cls(sequences, positions, shards, per_shard)
 
 
@@ -221,11 +86,11 @@ class StoreSection:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> StoreSection:
-        _mapping(where, "store", d, ("format", "compression", "compression_level", "encoding"))
-        encoding = _mapping(where, "store.encoding", d["encoding"])
-        level = _int(where, "store.compression_level", d["compression_level"], 0, 22)
-        fmt = _str(where, "store.format", d["format"], FORMATS)
-        compression = _str(where, "store.compression", d["compression"], COMPRESSIONS)
+        mapping_field(where, "store", d, ("format", "compression", "compression_level", "encoding"))
+        encoding = mapping_field(where, "store.encoding", d["encoding"])
+        level = int_field(where, "store.compression_level", d["compression_level"], 0, 22)
+        fmt = str_field(where, "store.format", d["format"], FORMATS)
+        compression = str_field(where, "store.compression", d["compression"], COMPRESSIONS)
         return cls(fmt, compression, level, _encoding(encoding, where))
 
 
@@ -235,7 +100,7 @@ def _encoding(d: dict[str, Any], where: str) -> Encoding:
     except StoreError:
         raise  # an encoding version this logitcache does not read: the error says so
     except (KeyError, TypeError, ValueError, zlib.error) as exc:
-        _fail(where, "store.encoding", d, f"a row encoding written by logitcache ({type(exc).__name__}: {exc})")
+        fail(where, "store.encoding", d, f"a row encoding written by logitcache ({type(exc).__name__}: {exc})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,7 +140,7 @@ class ManifestHeader:
         return self.identity["seed"]
 
     def to_dict(self) -> dict[str, Any]:
-        return with_header_digest(_json(self))
+        return with_header_digest(as_json(self))
 
     def converted(self, store: StoreSection, options: dict[str, Any]) -> ManifestHeader:
         """This header for a copy re-encoded as ``store``; the convert ``options`` given join ``identity.store``."""
@@ -288,7 +153,7 @@ class ManifestHeader:
         differs from this header (identity, teacher, tokenizer, corpus, plan; display-only fields aside);
         None if none does. Fields are compared in ``other``'s order, so a changed method is named before
         the parameters it brings along."""
-        mine, theirs = _json(self), _json(other)
+        mine, theirs = as_json(self), as_json(other)
         for key in _RESUME_KEYS:
             diff = _first_difference(mine[key], theirs[key], f"{key}.")
             if diff:
@@ -297,7 +162,7 @@ class ManifestHeader:
 
     def same_but_for_display(self, other: ManifestHeader) -> bool:
         """Whether ``other`` equals this header once the display-only fields are left out of both."""
-        return _without_display(_json(self)) == _without_display(_json(other))
+        return _without_display(as_json(self)) == _without_display(as_json(other))
 
     def identity_difference(self, identity: dict[str, Any]) -> str | None:
         """:meth:`first_difference` for the ``identity`` section alone (a run's config, before it plans)."""
@@ -309,30 +174,30 @@ class ManifestHeader:
         _check_format(d, where)
         found = d.get(HEADER_DIGEST)
         if found != header_digest(d):
-            _fail(where, HEADER_DIGEST, found, f"{header_digest(d)}, the sha256 of the header fields "
+            fail(where, HEADER_DIGEST, found, f"{header_digest(d)}, the sha256 of the header fields "
                   "(a header field was changed after the capture wrote it)")
-        _mapping(where, "manifest", d, _HEADER_KEYS)
-        method = _str(where, "method", d["method"], METHODS)
+        mapping_field(where, "manifest", d, _HEADER_KEYS)
+        method = str_field(where, "method", d["method"], METHODS)
         params = _params(d["params"], where)
-        identity = _mapping(where, "identity", d["identity"], ("seed",))
-        _int(where, "identity.seed", identity["seed"], 0, None)
-        teacher = _mapping(where, "teacher", d["teacher"])
-        corpus = _mapping(where, "corpus", d["corpus"])
+        identity = mapping_field(where, "identity", d["identity"], ("seed",))
+        int_field(where, "identity.seed", identity["seed"], 0, None)
+        teacher = mapping_field(where, "teacher", d["teacher"])
+        corpus = mapping_field(where, "corpus", d["corpus"])
         store = StoreSection.from_dict(d["store"], where)
         tokenizer = TokenizerSection.from_dict(d["tokenizer"], where)
-        head_size = _int(where, "head_size", d["head_size"], 0, MAX_SEQ_LEN)
-        seq_len = _int(where, "seq_len", d["seq_len"], 1, MAX_SEQ_LEN)
+        head_size = int_field(where, "head_size", d["head_size"], 0, MAX_SEQ_LEN)
+        seq_len = int_field(where, "seq_len", d["seq_len"], 1, MAX_SEQ_LEN)
         plan = PlanSection.from_dict(d["plan"], where)
         seed, written_by = d.get("seed"), d.get("written_by")
         return cls(identity=copy.deepcopy(identity), method=method, params=copy.deepcopy(params),
-                   head_size=head_size, seed=None if seed is None else _int(where, "seed", seed, 0, None),
+                   head_size=head_size, seed=None if seed is None else int_field(where, "seed", seed, 0, None),
                    teacher=copy.deepcopy(teacher), tokenizer=tokenizer, corpus=copy.deepcopy(corpus),
                    seq_len=seq_len, plan=plan, store=store,
-                   written_by=None if written_by is None else _str(where, "written_by", written_by))
+                   written_by=None if written_by is None else str_field(where, "written_by", written_by))
 
 
 def _check_format(d: Any, where: str) -> None:
-    _mapping(where, "manifest", d)
+    mapping_field(where, "manifest", d)
     if d.get("format") != FORMAT_NAME:
         raise StoreError(f"{where} is not a logitcache manifest (format={d.get('format')!r}); "
                          f"expected format {FORMAT_NAME!r}")
@@ -342,11 +207,11 @@ def _check_format(d: Any, where: str) -> None:
 
 
 def _params(d: Any, where: str) -> dict[str, Any]:
-    _mapping(where, "params", d)
+    mapping_field(where, "params", d)
     if "samples" in d:
-        _int(where, "params.samples", d["samples"], 0, MAX_COUNT)
+        int_field(where, "params.samples", d["samples"], 0, MAX_COUNT)
     if "temperature" in d:
-        _number(where, "params.temperature", d["temperature"])
+        number_field(where, "params.temperature", d["temperature"])
     return d
 
 
@@ -370,9 +235,9 @@ class Manifest:
     def from_dict(cls, d: Any, where: str = "manifest") -> Manifest:
         """Header digest; every field readers use; shard entries consistent with the plan and each other."""
         header = ManifestHeader.from_dict(d, where)
-        shards = _mapping(where, "manifest", d, ("shards",))["shards"]
+        shards = mapping_field(where, "manifest", d, ("shards",))["shards"]
         if not isinstance(shards, list):
-            _fail(where, "shards", shards, "a list of shard entries")
+            fail(where, "shards", shards, "a list of shard entries")
         records = tuple(ShardRecord.from_dict(e, where, f"shards[{i}]") for i, e in enumerate(shards))
         _check_shards(records, header, where)
         return cls(header, bool(d.get("complete")), records)
@@ -384,14 +249,14 @@ def _check_shards(records: tuple[ShardRecord, ...], header: ManifestHeader, wher
     for i, record in enumerate(records):
         name = f"shards[{i}]"
         if record.index >= planned or record.index in seen:
-            _fail(where, f"{name}.index", record.index, f"a unique index below plan.shards = {planned}")
+            fail(where, f"{name}.index", record.index, f"a unique index below plan.shards = {planned}")
         seen.add(record.index)
         if record.positions != record.sequences * seq_len:
-            _fail(where, f"{name}.positions", record.positions,
+            fail(where, f"{name}.positions", record.positions,
                   f"sequences × seq_len = {record.sequences} × {seq_len}")
     total = sum(r.sequences for r in records)
     if total > header.plan.sequences:
-        _fail(where, "sum of shards[].sequences", total, f"at most plan.sequences = {header.plan.sequences}")
+        fail(where, "sum of shards[].sequences", total, f"at most plan.sequences = {header.plan.sequences}")
 
 
 def header_digest(manifest: dict) -> str:

@@ -107,13 +107,15 @@ class Tables:
     def slots(self) -> np.ndarray:
         """Per (context, slot), flattened ``[C * M]``: the symbol whose range holds the slot (``-1``
         in unused contexts), so a decode step finds its symbol in one lookup."""
+        if self.alphabet > M:  # every coded stream has fewer values (entropy._limits): a damaged table
+            raise CorruptShardError(f"an entropy table has {self.alphabet} symbols; at most {M} are possible")
         return _slot_symbols(self.freq)
 
 
 @njit(cache=True, nogil=True)
 def _slot_symbols(freq):
     contexts, alphabet = freq.shape
-    slots = np.full(contexts * M, -1, dtype=np.int16)  # symbols are below M <= 2**15
+    slots = np.full(contexts * M, -1, dtype=np.int16)  # symbols are below M <= 2**15 (Tables.slots)
     for c in range(contexts):
         if freq[c].sum() != M:  # an unused context (normalize gives M or nothing): its slots name no symbol
             continue
@@ -196,6 +198,8 @@ class Decoder:
     """Decodes the streams of :func:`encode` one at a time, in order."""
 
     def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
+        if states.size == 0:
+            raise CorruptShardError("entropy-coded data has no lanes; at least 1 expected")
         self.x = states.astype(np.int64)  # states < 2**32 and every product below fits in int64
         self.words = np.append(np.asarray(words, dtype=np.uint16), np.uint16(0))  # + the padding word
         self.size = self.words.size - 1

@@ -53,7 +53,6 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -62,7 +61,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
 from ..choices import ON_CORRUPT
-from ..errors import ConfigError, CorruptShardError, StoreError
+from ..errors import ConfigError, StoreError
 from .partition import default_window, epoch_order, partition, rank_count
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
 from ..store.encoding import decode_row

@@ -17,7 +17,7 @@ from logitcache.capture import capture
 from logitcache.cli import main
 from logitcache.capture.config import CaptureConfig
 from logitcache.train.dataset import CacheDataset, CacheView
-from logitcache.errors import CorruptShardError, StoreError, StoreNotFoundError
+from logitcache.errors import StoreError, StoreNotFoundError
 from logitcache.store.manifest import HEADER_DIGEST, header_digest
 from logitcache.store import verify_store
 from logitcache.store.reader import iter_sequences

@@ -23,7 +23,7 @@ from logitcache.train.dataset import CacheDataset
 from logitcache.errors import StoreLockedError
 from logitcache.store import inspect_store, verify_store
 from logitcache.store.reader import iter_sequences
-from logitcache.testing.crash import CATEGORIES, FaultEvent, choose_events, cli_command, job_args, \
+from logitcache.testing.crash import CATEGORIES, choose_events, cli_command, job_args, \
     kill_after_events, lost_and_duplicated, run_with_fault, traced_run, tree_bytes
 
 SEQ_LEN = 32

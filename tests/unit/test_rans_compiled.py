@@ -307,3 +307,8 @@ def test_tables_with_too_few_contexts_for_a_wave_stream_are_refused(captured_uni
     _, waves, _ = next(streams)
     with pytest.raises(CorruptShardError, match="3 contexts; the stream uses up to 95"):
         waves.decode(decoder, tables[1])
+
+
+def test_tables_wider_than_the_coder_precision_are_refused():
+    with pytest.raises(CorruptShardError, match=f"{M + 1} symbols; at most {M}"):
+        rans.Tables(np.zeros((1, M + 1), np.uint8)).slots

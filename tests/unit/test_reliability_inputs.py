@@ -20,7 +20,7 @@ from logitcache.capture import capture
 from logitcache.capture.corpus import open_corpus, read_documents
 from logitcache.errors import CorpusError, StoreLockedError, StoreMismatchError, TeacherError
 from logitcache.store import inspect_store, iter_sequences, read_manifest, verify_store
-from logitcache.store.commit import StoreLock
+from logitcache.store.lock import StoreLock
 from logitcache.store.manifest import with_header_digest
 from logitcache.testing.crash import cli_command, tree_bytes
 from logitcache.testing.tiny import write_jsonl

@@ -11,7 +11,9 @@ import pytest
 from logitcache.errors import StoreError, StoreLockedError, StoreMismatchError, StoreNotFoundError
 from logitcache.store import inspect_store, read_manifest
 from logitcache.store.fs import StoreFS
-from logitcache.store.commit import ShardRecord, StoreLock, begin_store
+from logitcache.store.commit import begin_store
+from logitcache.store.lock import StoreLock
+from logitcache.store.manifest import ShardRecord
 from logitcache.testing.store_conformance import make_header, make_rows, write_store
 
 HEADER = make_header("topk", "arrow", sequences=2, per_shard=1, ids="packed")
