@@ -6,7 +6,8 @@ Supported sources (``open_corpus(source)``, or ``read_documents(source)`` for ju
   topic, sorted by topic key. Works offline; its text follows the running Python version.
 - plain text — a ``.txt``/``.md`` file. **One file is one document**: a file's whole text is a
   single document, however many blank lines or headings it holds, so an EOS token is placed only
-  between files.
+  between files. A file larger than :data:`PIECE_BYTES` is a :class:`TextFileDocument`, read in
+  pieces whenever it is iterated, never held whole.
 - JSON Lines — a ``.jsonl`` or ``.json`` file with one JSON object per line; each object's
   ``text_field`` (a string) is one document. Blank lines are skipped.
 - Parquet — a ``.parquet`` file; each row's ``text_field`` is one document.
@@ -39,6 +40,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("builtin:pydoc",)
 BOM = b"\xef\xbb\xbf"
 PRESCAN_BYTES = 16 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
+PIECE_BYTES = 1 << 20  # a larger text file is read in pieces of this many bytes (cut at a character boundary)
 _BATCH_ROWS = 1024
 
 
@@ -48,6 +50,11 @@ class Document:
 
     text: str
     origin: str
+
+    def pieces(self) -> Iterator[str]:
+        """The text as non-empty pieces (here: one)."""
+        if self.text:
+            yield self.text
 
 
 @dataclass
@@ -64,7 +71,56 @@ class TextFacts:
         self.newlines["cr"] += text.count("\r") - crlf
 
 
-Reader = Callable[[TextFacts], Iterator[Document]]
+@dataclass(frozen=True)
+class TextFileDocument:
+    """A text file too large to hold: ``size`` UTF-8 bytes from byte ``start`` (after a dropped BOM) on.
+
+    :meth:`pieces` reads it in pieces of about :data:`PIECE_BYTES`, decoded as strict UTF-8, each cut
+    at a character boundary and never between a CR and its LF, and counts their line ends into ``facts``.
+    """
+
+    path: Path
+    origin: str
+    start: int
+    size: int
+    facts: TextFacts = field(compare=False, repr=False)
+
+    def pieces(self) -> Iterator[str]:
+        offset, rest = self.start, b""
+        with self.path.open("rb") as handle:
+            handle.seek(self.start)
+            while block := handle.read(PIECE_BYTES):
+                data = rest + block
+                cut = _piece_end(data)
+                rest = data[cut:]
+                if cut:
+                    yield self._decoded(data[:cut], offset)
+                offset += cut
+        if rest:
+            yield self._decoded(rest, offset)  # a truncated last character fails to decode here
+        if (read := offset + len(rest) - self.start) != self.size:
+            raise CorpusError(f"{self.path}: {read} bytes read, expected {self.size} (the size when the corpus "
+                              "was opened); the file changed during capture. Capture from a file that stays unchanged")
+
+    def _decoded(self, data: bytes, offset: int) -> str:
+        text = _decode(data, str(self.path), offset)
+        self.facts.count(text)
+        return text
+
+
+def _piece_end(data: bytes) -> int:
+    """Where to cut ``data`` so that the last character (maybe incomplete) and a CR before it go to the next piece."""
+    cut = len(data)
+    while cut > max(0, len(data) - 4):
+        cut -= 1
+        if data[cut] & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+            break
+    else:
+        cut = len(data)  # no character start in the last 4 bytes: invalid, and decoding says where
+    return cut - 1 if cut and data[cut - 1] == 0x0D else cut
+
+
+Reader = Callable[[TextFacts], Iterator[Document | TextFileDocument]]
 
 
 class Corpus:
@@ -81,11 +137,12 @@ class Corpus:
         self.size = files.size if files else 0
         self.facts = TextFacts()
 
-    def documents(self) -> Iterator[Document]:
+    def documents(self) -> Iterator[Document | TextFileDocument]:
         """Every document in order; :attr:`facts` counts this pass."""
         facts = self.facts = TextFacts()
         for doc in self._read(facts):
-            facts.count(doc.text)
+            if isinstance(doc, Document):  # a TextFileDocument counts its pieces as they are read
+                facts.count(doc.text)
             yield doc
 
     def check(self) -> None:
@@ -94,7 +151,7 @@ class Corpus:
         limit = None if self.size <= PRESCAN_BYTES else 1
         docs, read, texts = self.documents(), 0, 0
         for doc in docs:
-            read, texts = read + 1, texts + bool(doc.text.strip())
+            read, texts = read + 1, texts + any(not piece.isspace() for piece in doc.pieces())
             if read == limit:
                 break
         docs.close()
@@ -139,7 +196,8 @@ def open_corpus(source: str, *, text_field: str = "text", split: str = "train") 
     return Corpus(files.canonical, files.kind, read, files)
 
 
-def read_documents(source: str, *, text_field: str = "text", split: str = "train") -> Iterator[Document]:
+def read_documents(source: str, *, text_field: str = "text",
+                   split: str = "train") -> Iterator[Document | TextFileDocument]:
     """The documents of ``source`` in a deterministic order; the format is checked eagerly, before the
     first document is requested (:func:`open_corpus`)."""
     return open_corpus(source, text_field=text_field, split=split).documents()
@@ -174,11 +232,17 @@ def _without_bom(data: bytes, facts: TextFacts) -> tuple[bytes | memoryview, int
     return memoryview(data)[len(BOM):], len(BOM)
 
 
-def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterator[Document]:
+def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterator[Document | TextFileDocument]:
     """``files``: (path, origin name) pairs, already in reading order."""
     for file, name in files:
-        data, dropped = _without_bom(file.read_bytes(), facts)
-        yield Document(text=_decode(data, str(file), dropped), origin=name)
+        size = file.stat().st_size
+        if size <= PIECE_BYTES:
+            data, dropped = _without_bom(file.read_bytes(), facts)
+            yield Document(text=_decode(data, str(file), dropped), origin=name)
+            continue
+        with file.open("rb") as handle:
+            _, dropped = _without_bom(handle.read(len(BOM)), facts)
+        yield TextFileDocument(file, name, dropped, size - dropped, facts)
 
 
 def _read_jsonl_files(files: list[tuple[Path, str]], text_field: str, facts: TextFacts) -> Iterator[Document]:
@@ -285,4 +349,4 @@ def _iter_hf_rows(dataset, text_field: str, where: str) -> Iterator[Document]:
             row += 1
 
 
-__all__ = ["BUILTINS", "Corpus", "Document", "open_corpus", "read_documents"]
+__all__ = ["BUILTINS", "Corpus", "Document", "TextFileDocument", "open_corpus", "read_documents"]

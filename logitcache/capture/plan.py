@@ -17,8 +17,10 @@ Nothing here does I/O beyond iterating the documents it is given.
 Memory. Documents of at most :data:`LONG_DOCUMENT_BYTES` are tokenized whole, in batches of at most
 :data:`TOKENIZE_BATCH` documents and :data:`BATCH_CHARS` characters; a longer one is tokenized in
 overlapping windows (:mod:`logitcache.capture.windowed`) with the same ids, so tokenizing holds a
-bounded amount beside the packed stream (4 bytes a token) whatever a document's length. With
-``max_tokens``, a long document that completes the wanted tokens is tokenized only that far: the
+bounded amount beside the packed stream (4 bytes a token) whatever a document's length. A
+:class:`~logitcache.capture.corpus.TextFileDocument` (a large text file) is never held whole: its
+pieces are hashed and fed to the windows as they are read, its UTF-8 length known from the file.
+With ``max_tokens``, a long document that completes the wanted tokens is tokenized only that far: the
 stream is cut right after them (no EOS follows), instead of ending with the whole document.
 """
 
@@ -32,7 +34,7 @@ from itertools import chain
 
 import numpy as np
 
-from .corpus import Document
+from .corpus import Document, TextFileDocument
 from .windowed import WindowedTokenizer
 from ..errors import ConfigError, CorpusError, TeacherError
 from ..models.tokenizers import tokenizer_fingerprint
@@ -98,7 +100,7 @@ def seq_id_for(corpus_fingerprint: str, seq_len: int, index: int) -> int:
 
 
 def build_plan(
-    documents: Iterable[Document],
+    documents: Iterable[Document | TextFileDocument],
     tokenizer,
     *,
     seq_len: int,
@@ -182,12 +184,16 @@ class _Packer:
     def full(self) -> bool:
         return self.wanted is not None and self.count >= self.wanted
 
-    def read(self, doc: Document) -> None:
-        text = doc.text
+    def read(self, doc: Document | TextFileDocument) -> None:
         self.documents += 1
+        if isinstance(doc, TextFileDocument):  # larger than corpus.PIECE_BYTES, so long
+            self.flush()
+            self._add_long(doc.pieces(), doc.size)
+            return
+        text = doc.text
         if len(text) > LONG_DOCUMENT_BYTES // 4 and (size := _utf8_length(text)) > LONG_DOCUMENT_BYTES:
             self.flush()  # a character is at most 4 bytes: a shorter text is not long
-            self._add_long(text, size)
+            self._add_long(doc.pieces(), size)
             return
         data = text.encode("utf-8")
         self.hasher.update(len(data).to_bytes(8, "little"))
@@ -221,20 +227,23 @@ class _Packer:
                                        count=total))
         self.tokenized += len(kept)
 
-    def _add_long(self, text: str, size: int) -> None:
-        """Hash ``text`` (``size`` UTF-8 bytes) in slices and tokenize it in windows while tokens are
-        wanted; a document cut at the wanted tokens gets no EOS."""
+    def _add_long(self, pieces: Iterable[str], size: int) -> None:
+        """Hash the text (``size`` UTF-8 bytes, read as ``pieces``) in slices and tokenize it in windows
+        while tokens are wanted; a document cut at the wanted tokens gets no EOS. Whitespace waits
+        until text follows it, so a whitespace-only document is never tokenized (as a short one)."""
         self.hasher.update(size.to_bytes(8, "little"))
-        blank = text.isspace()  # as `not text.strip()`, without the copy
-        windows = None if blank or self.full else WindowedTokenizer(self.tokenizer)
-        tokenizing, got = windows is not None, 0
-        for i in range(0, len(text), _SLICE_CHARS):
-            piece = text[i : i + _SLICE_CHARS]
+        windows = None if self.full else WindowedTokenizer(self.tokenizer)
+        tokenizing, blank, waiting, got = windows is not None, True, [], 0
+        for piece in (p[i : i + _SLICE_CHARS] for p in pieces for i in range(0, len(p), _SLICE_CHARS)):
             self.hasher.update(piece.encode("utf-8"))
-            if windows is not None:
-                got += self._take(windows.feed(piece))
-                windows = None if self.full else windows  # cut: the rest is only hashed
-        if windows is not None:
+            blank = blank and piece.isspace()  # as `not piece.strip()`, without the copy
+            if windows is None:
+                continue
+            waiting.append(piece)
+            if not blank:
+                got += self._take(windows.feed("".join(waiting)))
+                waiting, windows = [], None if self.full else windows  # cut: the rest is only hashed
+        if windows is not None and not blank:
             got += self._take(windows.finish())
             if got:
                 self._take([np.array([self.eos], dtype=np.int32)])

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import ConfigError
+
 WINDOW_CHARS = 1 << 16
 OVERLAP_CHARS = 1 << 12
 AGREE = 32
@@ -44,7 +46,7 @@ class WindowedTokenizer:
 
     def __init__(self, tokenizer, *, window: int = WINDOW_CHARS, overlap: int = OVERLAP_CHARS) -> None:
         if not 0 < overlap < window:
-            raise ValueError(f"expected 0 < overlap < window; found overlap {overlap}, window {window}")
+            raise ConfigError(f"tokenizer windows need 0 < overlap < window; found overlap {overlap}, window {window}")
         self.tokenizer, self.window, self.stride = tokenizer, window, window - overlap
         self.buffer = ""  # text from document offset `base` on
         self.base = 0

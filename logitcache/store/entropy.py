@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
 from ..errors import ConfigError, CorruptShardError
 from . import rans
+from .jit import njit_on_first_use
 from .bits import bit_length
 from .units import UnitRows
 
@@ -84,7 +84,7 @@ class _Waves:
         return values
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _next_wave(active, back, count, lengths, w):
     """Keep, in order, those of the first ``count`` positions in ``active`` with an entry ``w``;
     ``back[j]``: where kept position ``j`` stood in the wave before. Returns how many were kept."""
@@ -97,7 +97,7 @@ def _next_wave(active, back, count, lengths, w):
     return kept
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _wave_contexts(back, count, before, w, bucket, num_buckets, contexts):
     """The contexts of wave ``w``'s ``count`` entries; ``before``: the symbols of the wave before."""
     for j in range(count):
@@ -105,7 +105,7 @@ def _wave_contexts(back, count, before, w, bucket, num_buckets, contexts):
         contexts[j] = prev * num_buckets + bucket
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _wave_order(lengths, buckets, num_buckets, values):
     """Encoder side: the symbols of ``values`` in wave order, their contexts, where each wave starts."""
     starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)
@@ -121,7 +121,7 @@ def _wave_order(lengths, buckets, num_buckets, values):
     return symbols, contexts, bounds
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _decode_waves(x, words, pos, lengths, buckets, num_buckets, slots, freq, cum, values):
     """Decode the waves into ``values`` (in stream order); returns what :func:`rans.decode_stream` does."""
     starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)

@@ -21,6 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import StoreError
 from ..faults import fault_point as _fault_point
 
 
@@ -172,7 +173,7 @@ class FsspecFS(StoreFS):
         return f"{self.base}/{rel}"
 
     def local_path(self, rel: str) -> Path:
-        raise ValueError(f"{self.url} is not a local store")
+        raise StoreError(f"{self.url} is not a local store; this needs a store on a local filesystem path")
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._key(rel))

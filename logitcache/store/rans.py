@@ -27,8 +27,8 @@ from functools import cached_property
 
 import numpy as np
 
-from numba import njit
 
+from .jit import njit_on_first_use
 from ..errors import CorruptShardError
 
 PRECISION = 12
@@ -66,7 +66,7 @@ def normalize(table_bytes: np.ndarray) -> np.ndarray:
     return f
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _absorb_rounding(f, used):
     """Bring each used row of ``f`` to sum ``M``: the largest cell (the first of equals) takes the
     difference, or gives up all but 1 and passes the rest of it on to the next largest."""
@@ -112,7 +112,7 @@ class Tables:
         return _slot_symbols(self.freq)
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _slot_symbols(freq):
     contexts, alphabet = freq.shape
     slots = np.full(contexts * M, -1, dtype=np.int16)  # symbols are below M <= 2**15 (Tables.slots)
@@ -126,7 +126,7 @@ def _slot_symbols(freq):
     return slots
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def _encode_stream(x, symbols, contexts, freq, cum, words, emitted):
     """Code one stream last symbol first into lane states ``x``; the words each symbol emits go
     to ``words[emitted:]`` in that (reverse) order. Returns the new ``emitted``, or ``-1 - i`` if
@@ -168,7 +168,7 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> 
 ENDS_EARLY, EMPTY_CONTEXT = -1, -2  # what decode_stream returns instead of a word position
 
 
-@njit(cache=True, nogil=True)
+@njit_on_first_use
 def decode_stream(x, words, pos, contexts, slots, freq, cum, out):
     """Decode ``out.size`` symbols, first to last, from lane states ``x`` and ``words[pos:]``.
 

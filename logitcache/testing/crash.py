@@ -80,7 +80,7 @@ def choose_events(events: list[FaultEvent], quota: dict[str, int], seed: int) ->
     for cat, n in quota.items():
         pool = [e for e in events if e.category == cat]
         if not pool:
-            raise ValueError(f"the run reached no fault point of category {cat!r}")
+            raise RuntimeError(f"the run reached no fault point of category {cat!r}; the fault plan cannot be drawn")
         chosen += rng.sample(pool, min(n, len(pool)))
     order = {e: i for i, e in enumerate(events)}
     return sorted(chosen, key=order.__getitem__)

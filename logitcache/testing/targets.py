@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..choices import METHODS
+from ..errors import ConfigError
 from ..targets import SparseTargets
 
 
@@ -76,7 +78,7 @@ def build(method: str, t: torch.Tensor, gen: torch.Generator, *, k: int = 5, n: 
         return build_hybrid(t, k, n, gen)
     if method == "full":
         return build_full(t)
-    raise ValueError(f"method must be one of topk, sample, hybrid, full; found {method!r}")
+    raise ConfigError(f"method must be one of {', '.join(METHODS)}; found {method!r}")
 
 
 def canonical(t: SparseTargets) -> SparseTargets:

@@ -180,3 +180,64 @@ def test_not_parquet_bytes(tmp_path):
     p.write_bytes(b"not parquet at all")
     with pytest.raises(CorpusError, match="cannot be read as Parquet"):
         read_documents(str(p))
+
+
+# ---------------------------------------------------------------- a large text file is read in pieces (#19 item 3)
+
+TRICKY = "ab\r\n€x\r\r\n😀\rq\n\n" * 40 + "é"  # CRLF, lone CR and LF, 2-, 3- and 4-byte characters
+
+
+def line_ends(text: str) -> dict[str, int]:
+    import re
+
+    return {"lf": len(re.findall(r"(?<!\r)\n", text)), "crlf": len(re.findall(r"\r\n", text)),
+            "cr": len(re.findall(r"\r(?!\n)", text))}
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 2, 3, 4, 5, 6, 7, 8, 9, 64, 257])
+@pytest.mark.parametrize("bom", [False, True])
+def test_a_large_text_file_is_read_in_pieces_cut_between_characters_and_never_inside_crlf(
+        tmp_path, monkeypatch, piece_bytes, bom):
+    from logitcache.capture import corpus as corpus_module
+    from logitcache.capture.corpus import TextFileDocument, open_corpus
+
+    monkeypatch.setattr(corpus_module, "PIECE_BYTES", piece_bytes)
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"\xef\xbb\xbf" * bom + TRICKY.encode())
+    corpus = open_corpus(str(path))
+    (doc,) = corpus.documents()
+    assert isinstance(doc, TextFileDocument) and doc.size == len(TRICKY.encode()) and doc.origin == str(path)
+    pieces = list(doc.pieces())
+    assert "".join(pieces) == TRICKY and all(pieces)
+    assert all(len(p.encode()) <= piece_bytes + 4 for p in pieces)  # a piece, plus at most the character cut off before
+    assert not any(a.endswith("\r") and b.startswith("\n") for a, b in zip(pieces, pieces[1:]))
+    assert corpus.manifest_input()["newlines"] == line_ends(TRICKY)
+    assert corpus.manifest_input()["bom_stripped"] == bom
+
+
+@pytest.mark.parametrize(("data", "offset"), [(b"a" * 1000 + b"\xff rest", 1000),
+                                              (b"\xef\xbb\xbf" + b"a" * 1000 + b"\xff rest", 1003),
+                                              ("é".encode() * 600 + b"\xc3(", 1200),
+                                              (b"a" * 1000 + "€".encode()[:2], 1000)])  # a character cut by the end
+def test_a_large_text_file_not_utf8_names_file_and_absolute_offset(tmp_path, monkeypatch, data, offset):
+    from logitcache.capture import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "PIECE_BYTES", 64)
+    path = tmp_path / "bad.txt"
+    path.write_bytes(data)
+    (doc,) = read_documents(str(path))
+    with pytest.raises(CorpusError, match=rf"bad\.txt: byte 0x[0-9a-f]{{2}} at byte offset {offset} is not valid UTF-8"):
+        list(doc.pieces())
+
+
+def test_a_large_text_file_that_changes_while_read_is_refused(tmp_path, monkeypatch):
+    from logitcache.capture import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "PIECE_BYTES", 64)
+    path = tmp_path / "grows.txt"
+    path.write_text("x" * 1000)
+    (doc,) = read_documents(str(path))
+    with path.open("a") as handle:
+        handle.write("more")
+    with pytest.raises(CorpusError, match=r"grows\.txt: 1004 bytes read, expected 1000 .*changed during capture"):
+        list(doc.pieces())

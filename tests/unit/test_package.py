@@ -31,6 +31,15 @@ def test_backends_and_orchestration_import_neither_vllm_nor_ray():
     assert out.stdout.strip() == ""
 
 
+def test_the_store_imports_numba_only_when_the_ans_stage_runs():
+    """vLLM's engine start fails on llvmlite objects already in sys.modules (logitcache.store.jit): the
+    store, the capture pipeline and the dataset import numba only once an ``ans`` unit is coded."""
+    code = ("import sys, logitcache.store.reader, logitcache.store.writer, logitcache.capture.pipeline, "
+            "logitcache.train.dataset; print(','.join(m for m in ('numba', 'llvmlite') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_hf_teacher_does_not_import_vllm(tiny_teacher):
     code = ("import sys; from logitcache.capture.config import TeacherConfig; from logitcache.capture.teachers import load_teacher; "
             f"load_teacher(TeacherConfig(model={tiny_teacher!r}, dtype='float32', device='cpu')); "

