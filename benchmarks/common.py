@@ -65,6 +65,16 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def single_thread() -> None:
+    """One torch intra-op thread and one pyarrow CPU/IO thread: per-process speed, comparable across machines."""
+    import pyarrow as pa
+    import torch
+
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+
+
 def timed(fn: Callable[..., object], *args: object) -> float:
     """Seconds one call ``fn(*args)`` takes, queued CUDA work included (its result is dropped)."""
     synchronize()

@@ -23,11 +23,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import PROVENANCE, ResultsFile, csv_argument, interleave, machine_load, print_row, provenance, timed
+from common import (PROVENANCE, ResultsFile, csv_argument, interleave, machine_load, print_row, provenance,
+                    single_thread, timed)
 from storage import rewrite
-
-import pyarrow as pa
-import torch
 
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
@@ -78,9 +76,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     out = ResultsFile(args.csv, COLUMNS)
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
+    single_thread()
     work = args.keep or Path(tempfile.mkdtemp(prefix="lc-entropy-speed-"))
     try:
         rows = {name: captured(work, name, args.tokens, args.seq_len) for name in METHODS}

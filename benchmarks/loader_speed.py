@@ -24,10 +24,9 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from common import PROVENANCE, ResultsFile, csv_argument, interleave, provenance, timed
+from common import PROVENANCE, ResultsFile, csv_argument, interleave, provenance, single_thread, timed
 
 import pyarrow as pa
-import torch
 from torch.utils.data import DataLoader
 
 from logitcache.capture import capture
@@ -83,9 +82,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     out = ResultsFile(args.csv, COLUMNS)
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
+    single_thread()
     cases = {
         "raw": lambda s: raw_read(s),
         "loader": lambda s: loader_read(s, args.batch_size, verify=True, collate=True),

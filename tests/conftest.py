@@ -57,3 +57,14 @@ def engine_env(tmp_path_factory):
     for key, value in values.items():
         os.environ.setdefault(key, value)
     return work
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: one intra-op thread is much faster than several on a shared CPU (module-scoped)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
