@@ -67,9 +67,8 @@ def _pack_variable(values: np.ndarray, widths: np.ndarray) -> bytes:
 
 def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
     total, word, shift, _ = _layout(widths)
-    out = np.zeros(widths.size, dtype=np.uint64)
     if total == 0:
-        return out
+        return np.zeros(widths.size, dtype=np.uint64)
     if data.size * 8 < total:
         raise CorruptShardError(f"bit stream holds {data.size * 8} bits; {total} expected")
     nbytes = (total + 7) // 8
@@ -78,13 +77,11 @@ def _unpack_variable(data: np.ndarray, widths: np.ndarray) -> np.ndarray:
     buf = np.zeros(((nbytes + 7) // 8 + 2) * 8, dtype=np.uint8)
     buf[:nbytes] = data[:nbytes]
     words = buf.view(">u8").astype(np.uint64)
-    s = shift.astype(np.uint64)
-    window = words[word] << s  # the field's first bit at the top of a 64-bit window
-    window |= np.where(shift > 0, words[word + 1] >> ((64 - shift) & 63).astype(np.uint64), np.uint64(0))
-    w = widths.astype(np.int64)
-    nonzero = w > 0
-    out[nonzero] = window[nonzero] >> (64 - w[nonzero]).astype(np.uint64)
-    return out
+    # ``x >> 1 >> (63 - n)`` is ``x >> (64 - n)`` for n in [1, 64] and 0 for n = 0, with every
+    # shift count in [0, 63] (numpy takes counts modulo 64): no masks or branches per field
+    window = words[word] << shift.astype(np.uint64)  # the field's first bit at the top of a 64-bit window
+    window |= (words[word + 1] >> np.uint64(1)) >> (63 - shift).astype(np.uint64)
+    return (window >> np.uint64(1)) >> (63 - widths.astype(np.int64)).astype(np.uint64)
 
 
 def pack_fixed(values: np.ndarray, width: int) -> bytes:

@@ -4,7 +4,7 @@ Each item is ``{"seq_id": int, "input_ids": int64[T], "labels": int64[T], "targe
 with targets for the same ``T`` positions. :func:`collate` right-pads sequences to the batch's
 longest ``T`` and lays every position's estimate ``t̂`` (see :meth:`SparseTargets.estimate`) into
 ``[B, T, U]`` arrays, ``U`` the batch's largest number of stored ids at one position. The scatter
-is vectorised: one Python iteration per sequence, none per position.
+is vectorised: one index computation for the whole batch, no Python loop per position.
 
 Along ``U`` the head comes first (by descending teacher probability, as stored), then the sampled
 ids (ascending). Padding entries have id 0, probability 0 and ``target_mask`` False.
@@ -104,23 +104,21 @@ def _check_item(item: dict[str, Any], n: int, tg: SparseTargets, row: int) -> No
 def _scatter_estimates(
     targets: list[SparseTargets], b: int, t: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scatter each sequence's flat estimate into ``[B, T, U]`` ids, probs and mask."""
+    """Scatter each sequence's flat estimate into ``[B, T, U]`` ids, probs and mask.
+
+    Entry ``e`` of sequence ``row`` at position ``pos`` (rank ``e - start(pos)`` there) goes to the
+    flat cell ``(row * t + pos) * u + rank``: one ``repeat_interleave`` over all positions of the
+    batch gives every index, and ``scatter_`` (much cheaper than ``index_put`` here) lays them out."""
     estimates = [tg.estimate() for tg in targets]
-    counts = [offsets[1:] - offsets[:-1] for offsets, _, _ in estimates]
-    u = max((int(c.max()) for c in counts if c.numel()), default=0)
-    flat_index, flat_ids, flat_probs = [], [], []
-    for row, ((offsets, ids, probs), count) in enumerate(zip(estimates, counts)):
-        pos = torch.repeat_interleave(torch.arange(count.numel()), count)
-        rank = torch.arange(ids.numel()) - offsets[pos]
-        flat_index.append((row * t + pos) * u + rank)
-        flat_ids.append(ids)
-        flat_probs.append(probs)
-    index = torch.cat(flat_index)
-    target_ids = torch.zeros(b * t * u, dtype=torch.int64)
-    target_probs = torch.zeros(b * t * u, dtype=torch.float32)
-    target_mask = torch.zeros(b * t * u, dtype=torch.bool)
-    target_ids[index] = torch.cat(flat_ids).to(torch.int64)
-    target_probs[index] = torch.cat(flat_probs).to(torch.float32)
-    target_mask[index] = True
+    counts = torch.cat([offsets[1:] - offsets[:-1] for offsets, _, _ in estimates])  # by (row, position)
+    u = int(counts.max()) if counts.numel() else 0
+    cells = torch.cat([torch.arange(tg.num_positions) + row * t for row, tg in enumerate(targets)])
+    starts = torch.cumsum(counts, 0) - counts
+    index = torch.repeat_interleave(cells * u - starts, counts) + torch.arange(int(counts.sum()))
+    ids = torch.cat([ids for _, ids, _ in estimates]).to(torch.int64)
+    probs = torch.cat([probs for _, _, probs in estimates]).to(torch.float32)
+    target_ids = torch.zeros(b * t * u, dtype=torch.int64).scatter_(0, index, ids)
+    target_probs = torch.zeros(b * t * u, dtype=torch.float32).scatter_(0, index, probs)
+    target_mask = torch.zeros(b * t * u, dtype=torch.bool).scatter_(0, index, True)
     shape = (b, t, u)
     return target_ids.view(shape), target_probs.view(shape), target_mask.view(shape)
