@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from logitcache.capture.config import CaptureConfig
@@ -76,3 +77,20 @@ HOSTILE_FIELDS = [
     (lambda m: m["tokenizer"].update(fingerprint=7), "tokenizer.fingerprint is 7; expected a string"),
     (lambda m: m.pop("store"), "manifest.store is missing"),
 ]
+
+
+def random_stream(rng: np.random.Generator, n: int, alphabet: int, contexts: int, skew: float):
+    """``(symbols, contexts)`` of ``n`` symbols drawn from one Dirichlet(``skew``) distribution per context."""
+    p = rng.dirichlet(np.full(alphabet, skew), size=contexts)
+    ctx = rng.integers(0, contexts, n)
+    sym = np.minimum((np.cumsum(p, axis=1)[ctx] < rng.random(n)[:, None]).sum(1), alphabet - 1)
+    return sym, ctx
+
+
+def tiny_store(teacher: str, path: Path, sequences: int, sequences_per_shard: int) -> str:
+    """A sample-method store of ``sequences`` windows of 16 tokens captured with the tiny ``teacher``."""
+    from logitcache.capture import capture
+
+    capture(make_config(teacher, path, **{"corpus.seq_len": 16, "corpus.max_tokens": 16 * sequences,
+                                          "store.sequences_per_shard": sequences_per_shard}), progress=False)
+    return str(path)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import tiny_store
 
 import logitcache.train.dataset as dataset_mod
 from logitcache.errors import ConfigError
@@ -26,12 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def store(tiny_teacher, tmp_path_factory) -> str:
-    from logitcache.capture import capture
-
-    path = tmp_path_factory.mktemp("trainer_resume") / "store"
-    capture(make_config(tiny_teacher, path, **{"corpus.seq_len": 16, "corpus.max_tokens": 16 * SEQUENCES,
-                                               "store.sequences_per_shard": 6}), progress=False)
-    return str(path)
+    return tiny_store(tiny_teacher, tmp_path_factory.mktemp("trainer_resume") / "store", SEQUENCES, 6)
 
 
 class Recording(KDTrainer):

@@ -9,19 +9,14 @@ from hypothesis import strategies as st
 
 from logitcache.errors import ConfigError, CorruptShardError
 from logitcache.store import rans
-from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode_row
+from logitcache.store.encoding import Encoding, decode_row, encode_row
 from logitcache.store.entropy import COLUMN, coded_columns, pack_unit, unpack_unit
 from logitcache.store.spec import ShardSpec
 from logitcache.store.units import from_blobs
 from logitcache.testing.targets import random_row
+from helpers import random_stream
 
 
-def _stream(rng, n, alphabet, contexts, skew):
-    p = rng.dirichlet(np.full(alphabet, skew), size=contexts)
-    ctx = rng.integers(0, contexts, n)
-    u = rng.random(n)
-    sym = np.minimum((np.cumsum(p, axis=1)[ctx] < u[:, None]).sum(1), alphabet - 1)
-    return sym, ctx
 
 
 @settings(max_examples=60, deadline=None)
@@ -32,7 +27,7 @@ def test_rans_round_trip(seed, lanes, shapes):
     rng = np.random.default_rng(seed)
     streams = []
     for n, alphabet, contexts, skew in shapes:
-        sym, ctx = _stream(rng, n, alphabet, contexts, skew)
+        sym, ctx = random_stream(rng, n, alphabet, contexts, skew)
         streams.append((sym, ctx, rans.Tables.fit(sym, ctx, contexts, alphabet)))
     states, words = rans.encode(streams, lanes)
     tables = rans.unpack_tables(rans.pack_tables([t for _, _, t in streams]))

@@ -25,7 +25,7 @@ from logitcache.store.fs import StoreFS
 from logitcache.store.spec import ShardSpec, spec_from_manifest
 from logitcache.testing.targets import random_row
 
-from helpers import make_config
+from helpers import make_config, random_stream
 
 M, PRECISION, LOW = rans.M, rans.PRECISION, rans.LOW
 
@@ -196,11 +196,6 @@ def ref_decode(spec, unit) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- the coder alone
-def _stream(rng, n, alphabet, contexts, skew):
-    p = rng.dirichlet(np.full(alphabet, skew), size=contexts)
-    ctx = rng.integers(0, contexts, n)
-    sym = np.minimum((np.cumsum(p, axis=1)[ctx] < rng.random(n)[:, None]).sum(1), alphabet - 1)
-    return sym, ctx
 
 
 @settings(max_examples=80, deadline=None)
@@ -210,7 +205,7 @@ def _stream(rng, n, alphabet, contexts, skew):
 def test_compiled_coder_writes_and_reads_the_numpy_coders_bytes(seed, lanes, shapes):
     rng = np.random.default_rng(seed)
     streams = [(sym, ctx, rans.Tables.fit(sym, ctx, c, a)) for sym, ctx, (n, a, c, skew) in
-               ((*_stream(rng, n, a, c, skew), (n, a, c, skew)) for n, a, c, skew in shapes)]
+               ((*random_stream(rng, n, a, c, skew), (n, a, c, skew)) for n, a, c, skew in shapes)]
     states, words = rans.encode(streams, lanes)
     ref_states, ref_words = ref_encode(streams, lanes)
     assert states.tobytes() == ref_states.tobytes() and words.tobytes() == ref_words.tobytes()

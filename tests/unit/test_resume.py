@@ -10,7 +10,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import tiny_store
 from torch.utils.data import DataLoader
 
 from logitcache.errors import ConfigError
@@ -23,12 +23,7 @@ KEYS = ("seq_ids", "input_ids", "labels", "target_ids", "target_probs", "target_
 
 @pytest.fixture(scope="module")
 def store(tiny_teacher, tmp_path_factory) -> str:
-    from logitcache.capture import capture
-
-    path = tmp_path_factory.mktemp("resume_store") / "store"
-    capture(make_config(tiny_teacher, path, **{"corpus.seq_len": 16, "corpus.max_tokens": 16 * SEQUENCES,
-                                               "store.sequences_per_shard": 5}), progress=False)
-    return str(path)
+    return tiny_store(tiny_teacher, tmp_path_factory.mktemp("resume_store") / "store", SEQUENCES, 5)
 
 
 def dataset(store: str, **over) -> CacheDataset:
