@@ -18,6 +18,8 @@ COMPRESSIONS = ("zstd", "lz4", "none")  # container compression
 LOSS_KINDS = ("auto", "sparse", "topk_renorm", "ghost", "reverse")  # KD loss estimators
 ON_CORRUPT = ("raise", "skip")  # what the dataset does with a damaged shard
 TRAIN_ON = ("assistant", "last-assistant", "all")  # which tokens of a chat conversation train
+LAYOUTS = ("auto", "packed", "documents")  # how a corpus becomes sequences (auto: documents for chat, else packed)
+LONG_SEQUENCES = ("truncate", "split", "skip")  # what the documents layout does with a sequence over seq_len
 
 __all__ = ["BACKENDS", "COMPRESSIONS", "DTYPES", "ENTROPY_CODECS", "FORMATS", "ID_CHOICES", "ID_CODECS",
-           "LOGPROB_DTYPES", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]
+           "LAYOUTS", "LOGPROB_DTYPES", "LONG_SEQUENCES", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]

@@ -13,8 +13,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models.embedded import EMBEDDED_TEACHER
-from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES,
-                       LOGPROB_DTYPES, METHODS)
+from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS,
+                       LOGPROB_DTYPES, LONG_SEQUENCES, METHODS, TRAIN_ON)
 from ..jobfile import from_mapping
 
 BUILTIN_CORPUS = "builtin:pydoc"
@@ -99,13 +99,24 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class CorpusConfig:
-    """Where the text comes from and how it is cut into windows of ``seq_len + 1`` tokens."""
+    """Where the text comes from and how it becomes sequences (docs/capture.md, "Layouts").
+
+    ``layout``: ``packed`` cuts one EOS-joined token stream into windows of ``seq_len + 1`` tokens;
+    ``documents`` makes each document or conversation one sequence of at most ``seq_len + 1`` tokens
+    (``long_sequences`` says what happens to a longer one); ``auto`` is ``documents`` for a chat corpus and
+    ``packed`` for text. ``train_on`` (chat only; default ``assistant``): which tokens train, see
+    :mod:`logitcache.capture.chat`. ``chat_template``: a Jinja template file used instead of the tokenizer's.
+    """
 
     source: str = BUILTIN_CORPUS
     text_field: str = "text"
     split: str = "train"
     seq_len: int = 512
     max_tokens: int | None = None
+    layout: str = "auto"
+    long_sequences: str = "truncate"
+    train_on: str | None = None
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.seq_len >= 1, f"seq_len must be >= 1; found {self.seq_len!r}")
@@ -113,6 +124,16 @@ class CorpusConfig:
             self.max_tokens is None or self.max_tokens >= 1,
             f"max_tokens must be >= 1 or unset; found {self.max_tokens!r}",
         )
+        _check(self.layout in LAYOUTS, f"layout must be {_or(LAYOUTS)}; found {self.layout!r}")
+        _check(self.long_sequences in LONG_SEQUENCES,
+               f"long_sequences must be {_or(LONG_SEQUENCES)}; found {self.long_sequences!r}")
+        _check(self.train_on is None or self.train_on in TRAIN_ON,
+               f"train_on must be {_or(TRAIN_ON)} or unset; found {self.train_on!r}")
+        _check(self.layout != "packed" or self.train_on in (None, "all"),
+               f"train_on {self.train_on!r} needs the documents layout (a packed window trains every position); "
+               "use --layout documents")
+        _check(self.layout != "packed" or self.chat_template is None,
+               "chat_template applies to chat corpora, which use the documents layout; drop --layout packed")
 
 
 @dataclass(frozen=True)
@@ -210,6 +231,8 @@ class CaptureConfig:
         The corpus enters by content, not by name: the manifest's ``corpus.fingerprint`` (a hash of every
         document read) is compared on resume, so ``./a.txt``, its absolute path or a copy elsewhere resume
         the same store. (Stores written before this recorded ``corpus.source`` here; a resume ignores it.)
+        The layout fields enter as resolved (``auto`` made ``packed`` or ``documents``, the chat template by
+        its sha256) through the manifest's ``corpus.layout``, compared on resume like the fingerprint.
         """
         d = self.to_dict()
         # head_chunk is here because the head's matmul shape can change float rounding in the last bit
@@ -217,12 +240,15 @@ class CaptureConfig:
         store = {k: v for k, v in d["store"].items() if k != "path"}
         return {
             "teacher": teacher,
-            "corpus": {k: v for k, v in d["corpus"].items() if k != "source"},
+            "corpus": {k: v for k, v in d["corpus"].items() if k not in _NOT_IN_IDENTITY},
             "sparsify": {"method": self.sparsify.method, **self.sparsify.params()},
             "store": store,
             "seed": self.seed,
         }
 
+
+# the corpus fields compared through the manifest's corpus section instead (see CaptureConfig.identity)
+_NOT_IN_IDENTITY = ("source", "layout", "long_sequences", "train_on", "chat_template")
 
 _NESTED = {
     (CaptureConfig, "teacher"): TeacherConfig,

@@ -1,9 +1,11 @@
-"""Corpus readers: a source string becomes an ordered stream of :class:`Document`.
+"""Corpus readers: a source string becomes an ordered stream of :class:`Document` (or of chat rows).
 
 Supported sources (``open_corpus(source)``, or ``read_documents(source)`` for just the documents):
 
 - ``builtin:pydoc`` — Python's own help topics (``pydoc_data.topics.topics``), one document per
   topic, sorted by topic key. Works offline; its text follows the running Python version.
+- ``builtin:pydoc-chat`` — the same topics as conversations (a chat corpus, below), from
+  :func:`logitcache.capture.chat.pydoc_chat_rows`.
 - plain text — a ``.txt``/``.md`` file. **One file is one document**: a file's whole text is a
   single document, however many blank lines or headings it holds, so an EOS token is placed only
   between files. A file larger than :data:`PIECE_BYTES` is a :class:`TextFileDocument`, read in
@@ -24,51 +26,38 @@ JSON Lines file is dropped (counted in ``input.bom_stripped``); nothing else is 
 line ends are kept as the file has them and counted (``input.newlines``). Every ``Document.origin``
 says where the text came from (``pydoc:if``, ``notes/a.txt``, ``data.jsonl:17``, ``part-0.parquet:3``,
 ``corpus[train]:42``).
+
+**Chat corpora.** A JSON Lines, Parquet or saved-dataset corpus holds conversations instead of text
+(:attr:`Corpus.chat`) when its rows have ``messages``, ``conversations`` or ``prompt``/``completion``
+and no ``text_field``. This is decided when the corpus is opened: from the non-null keys of its first
+non-blank JSON line, or from the columns of its first Parquet file or of the dataset. Its rows are read
+with :meth:`Corpus.rows` as plain dicts (nulls kept as None; Parquet and dataset rows carry every
+``text``/conversation column they have), and :func:`logitcache.capture.chat.conversation_from_row`
+turns each into a conversation; :meth:`Corpus.check` does so for every row it reads, so a file mixing
+row kinds fails before a teacher loads. :meth:`Corpus.documents` refuses a chat corpus and
+:meth:`Corpus.rows` a text one.
+
+JSON Lines, Parquet and saved datasets are read by :mod:`logitcache.capture.rowfiles`; decoding, the
+byte-order mark and line-end counts are :mod:`logitcache.capture.textio`'s.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorpusError
+from .chat import conversation_from_row, pydoc_chat_rows, row_shape
+from .rowfiles import RowReader, open_hf, open_jsonl, open_parquet
 from .sources import CorpusFiles, resolve_files
+from .textio import BOM, Document, TextFacts, decode_utf8, without_bom
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("builtin:pydoc",)
-BOM = b"\xef\xbb\xbf"
+BUILTINS = ("builtin:pydoc", "builtin:pydoc-chat")
+_CHAT_ROWS = "rows with 'messages', 'conversations' or 'prompt'/'completion'"
 PRESCAN_BYTES = 16 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
 PIECE_BYTES = 1 << 20  # a larger text file is read in pieces of this many bytes (cut at a character boundary)
-_BATCH_ROWS = 1024
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document: its full ``text`` and an ``origin`` naming where it came from."""
-
-    text: str
-    origin: str
-
-    def pieces(self) -> Iterator[str]:
-        """The text as non-empty pieces (here: one)."""
-        if self.text:
-            yield self.text
-
-
-@dataclass
-class TextFacts:
-    """What one pass over a corpus found in its text: files whose BOM was dropped, line ends by kind."""
-
-    bom_stripped: int = 0
-    newlines: dict[str, int] = field(default_factory=lambda: {"lf": 0, "crlf": 0, "cr": 0})
-
-    def count(self, text: str) -> None:
-        crlf = text.count("\r\n")
-        self.newlines["crlf"] += crlf
-        self.newlines["lf"] += text.count("\n") - crlf
-        self.newlines["cr"] += text.count("\r") - crlf
 
 
 @dataclass(frozen=True)
@@ -103,7 +92,7 @@ class TextFileDocument:
                               "was opened); the file changed during capture. Capture from a file that stays unchanged")
 
     def _decoded(self, data: bytes, offset: int) -> str:
-        text = _decode(data, str(self.path), offset)
+        text = decode_utf8(data, str(self.path), offset)
         self.facts.count(text)
         return text
 
@@ -124,31 +113,56 @@ Reader = Callable[[TextFacts], Iterator[Document | TextFileDocument]]
 
 
 class Corpus:
-    """An opened corpus: checked for existence, kind and schema; :meth:`documents` reads it from the start.
+    """An opened corpus: checked for existence, kind and schema; :meth:`documents` (a text corpus) or
+    :meth:`rows` (a chat corpus, ``chat`` True) reads it from the start.
 
     ``source`` is the canonical spelling (an absolute path, or the builtin's name), ``kind`` the data
-    kind, ``names`` the files read (relative names), ``skipped`` the files the directory rule left out.
+    kind, ``names`` the files read (relative names), ``skipped`` the files the directory rule left out,
+    ``text_field`` the field a JSON Lines, Parquet or dataset corpus was opened with.
     """
 
-    def __init__(self, source: str, kind: str, read: Reader, files: CorpusFiles | None = None) -> None:
-        self.source, self.kind, self._read = source, kind, read
+    def __init__(self, source: str, kind: str, read: Reader | RowReader, files: CorpusFiles | None = None, *,
+                 chat: bool = False, text_field: str | None = None) -> None:
+        self.source, self.kind, self._read, self.chat, self.text_field = source, kind, read, chat, text_field
         self.names = tuple(name for _, name in files.files) if files and kind != "hf" else ()
         self.skipped = files.skipped if files else ()
         self.size = files.size if files else 0
         self.facts = TextFacts()
 
     def documents(self) -> Iterator[Document | TextFileDocument]:
-        """Every document in order; :attr:`facts` counts this pass."""
+        """Every document of a text corpus in order; :attr:`facts` counts this pass."""
+        if self.chat:
+            raise CorpusError(f"{self.source} holds conversations ({_CHAT_ROWS}), not text documents; read it "
+                              "with Corpus.rows(), or pass --text-field naming a text field its rows have")
+        return self._documents()
+
+    def _documents(self) -> Iterator[Document | TextFileDocument]:
         facts = self.facts = TextFacts()
         for doc in self._read(facts):
             if isinstance(doc, Document):  # a TextFileDocument counts its pieces as they are read
                 facts.count(doc.text)
             yield doc
 
+    def rows(self) -> Iterator[tuple[str, dict]]:
+        """Every row of a chat corpus in order, as ``(origin, row)``; :attr:`facts` counts this pass."""
+        return ((origin, row) for _, origin, row in self._rows())
+
+    def _rows(self) -> Iterator[tuple[str, str, dict]]:
+        if not self.chat:
+            field_hint = f" (read by its text field {self.text_field!r})" if self.text_field else ""
+            raise CorpusError(f"{self.source} holds text documents{field_hint}, not conversations; read it with "
+                              f"Corpus.documents(). A chat corpus has {_CHAT_ROWS} and no text field "
+                              "(builtin:pydoc-chat is one)")
+        self.facts = TextFacts()
+        return self._read(self.facts)
+
     def check(self) -> None:
         """Fail before a teacher loads: read the whole corpus if it is at most :data:`PRESCAN_BYTES`
-        (every line and row checked), else its first document; refuse a corpus without documents or text."""
+        (every line and row checked), else its first document or row; refuse a corpus without documents or
+        text. A chat corpus's rows must each be a conversation, of one shape per file (chat.row_shape)."""
         limit = None if self.size <= PRESCAN_BYTES else 1
+        if self.chat:
+            return self._check_rows(limit)
         docs, read, texts = self.documents(), 0, 0
         for doc in docs:
             read, texts = read + 1, texts + any(not piece.isspace() for piece in doc.pieces())
@@ -162,10 +176,26 @@ class Corpus:
             raise CorpusError(f"all {read} documents of {self.source} are empty or whitespace-only; expected "
                               "some text. Check --text-field and the source")
 
+    def _check_rows(self, limit: int | None) -> None:
+        rows, read, shapes = self._rows(), 0, {}
+        for name, origin, row in rows:
+            if name not in shapes:  # a file's first row sets the shape its other rows must have
+                shapes[name] = row_shape(row, where=origin)
+            conversation_from_row(row, where=origin, shape=shapes[name])
+            read += 1
+            if read == limit:
+                break
+        rows.close()
+        if not read:
+            raise CorpusError(f"empty corpus: {self.source} yielded no conversations; expected at least one. "
+                              "Check the source")
+
     def manifest_input(self) -> dict:
-        """What the manifest records of the last pass (``corpus.input``; shown by ``inspect``, never compared)."""
-        return {"kind": self.kind, "files": list(self.names), "skipped": list(self.skipped),
-                "bom_stripped": self.facts.bom_stripped, "newlines": dict(self.facts.newlines)}
+        """What the manifest records of the last pass (``corpus.input``; shown by ``inspect``, never compared);
+        a chat corpus adds ``"rows": "chat"`` (``newlines`` counts the line ends of text documents only)."""
+        found = {"kind": self.kind, "files": list(self.names), "skipped": list(self.skipped),
+                 "bom_stripped": self.facts.bom_stripped, "newlines": dict(self.facts.newlines)}
+        return {**found, "rows": "chat"} if self.chat else found
 
 
 def open_corpus(source: str, *, text_field: str = "text", split: str = "train") -> Corpus:
@@ -179,21 +209,21 @@ def open_corpus(source: str, *, text_field: str = "text", split: str = "train") 
             raise CorpusError(
                 f"unknown builtin corpus {source!r}; expected one of {', '.join(BUILTINS)}"
             )
+        if source == "builtin:pydoc-chat":
+            return Corpus(source, "builtin", lambda facts: _read_pydoc_chat(), chat=True)
         return Corpus(source, "builtin", lambda facts: _read_pydoc())
     files = resolve_files(source)
     # one file named directly keeps the spelling given in origins and messages; directory files their names
     pairs = [(files.files[0][0], str(files.files[0][0]))] if Path(source).is_file() else list(files.files)
     if files.kind == "text":
-        read = lambda facts: _read_text_files(pairs, facts)  # noqa: E731
-    elif files.kind in ("jsonl", "json"):
-        read = lambda facts: _read_jsonl_files(pairs, text_field, facts)  # noqa: E731
+        return Corpus(files.canonical, files.kind, lambda facts: _read_text_files(pairs, facts), files)
+    if files.kind in ("jsonl", "json"):
+        read, chat = open_jsonl(pairs, text_field)
     elif files.kind == "parquet":
-        _check_parquet_files(pairs, text_field)
-        read = lambda facts: _iter_parquet_rows(pairs, text_field)  # noqa: E731
+        read, chat = open_parquet(pairs, text_field)
     else:
-        dataset, where = _load_hf_dataset(files.files[0][0], text_field, split)
-        read = lambda facts: _iter_hf_rows(dataset, text_field, where)  # noqa: E731
-    return Corpus(files.canonical, files.kind, read, files)
+        read, chat = open_hf(files.files[0][0], text_field, split)
+    return Corpus(files.canonical, files.kind, read, files, chat=chat, text_field=text_field)
 
 
 def read_documents(source: str, *, text_field: str = "text",
@@ -210,26 +240,9 @@ def _read_pydoc() -> Iterator[Document]:
         yield Document(text=topics[key], origin=f"pydoc:{key}")
 
 
-def _decode(data: bytes | memoryview, where: str, base_offset: int = 0) -> str:
-    """Strict UTF-8 decoding; the error names ``where`` and the absolute byte offset."""
-    try:
-        return str(data, "utf-8")
-    except UnicodeDecodeError as exc:
-        offset = base_offset + exc.start
-        utf16 = " (it starts with a UTF-16 byte-order mark: the file is UTF-16)" if (
-            offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff")) else ""
-        raise CorpusError(
-            f"{where}: byte {data[exc.start]:#04x} at byte offset {offset} is not valid UTF-8{utf16}; "
-            "expected UTF-8 text. Re-encode the file as UTF-8 (e.g. iconv -t UTF-8)"
-        ) from exc
-
-
-def _without_bom(data: bytes, facts: TextFacts) -> tuple[bytes | memoryview, int]:
-    """``data`` without a leading UTF-8 byte-order mark (a view: no copy), and how many bytes were dropped."""
-    if not data.startswith(BOM):
-        return data, 0
-    facts.bom_stripped += 1
-    return memoryview(data)[len(BOM):], len(BOM)
+def _read_pydoc_chat() -> Iterator[tuple[str, str, dict]]:
+    for origin, row in pydoc_chat_rows():
+        yield "pydoc-chat", origin, row
 
 
 def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterator[Document | TextFileDocument]:
@@ -237,116 +250,12 @@ def _read_text_files(files: list[tuple[Path, str]], facts: TextFacts) -> Iterato
     for file, name in files:
         size = file.stat().st_size
         if size <= PIECE_BYTES:
-            data, dropped = _without_bom(file.read_bytes(), facts)
-            yield Document(text=_decode(data, str(file), dropped), origin=name)
+            data, dropped = without_bom(file.read_bytes(), facts)
+            yield Document(text=decode_utf8(data, str(file), dropped), origin=name)
             continue
         with file.open("rb") as handle:
-            _, dropped = _without_bom(handle.read(len(BOM)), facts)
+            _, dropped = without_bom(handle.read(len(BOM)), facts)
         yield TextFileDocument(file, name, dropped, size - dropped, facts)
-
-
-def _read_jsonl_files(files: list[tuple[Path, str]], text_field: str, facts: TextFacts) -> Iterator[Document]:
-    for file, name in files:
-        yield from _read_jsonl(file, name, text_field, facts)
-
-
-def _read_jsonl(path: Path, name: str, text_field: str, facts: TextFacts) -> Iterator[Document]:
-    hint = " (a .json corpus must be JSON Lines: one object per line)" if path.suffix.lower() == ".json" else ""
-    offset = 0
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            where = f"{path}:{lineno}"
-            data, dropped = _without_bom(raw, facts) if lineno == 1 else (raw, 0)
-            line = _decode(data, f"{path} line {lineno}", offset + dropped)
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{where}: line is not valid JSON ({exc.msg}); expected one JSON object per line{hint}") from exc
-            yield Document(text=_field_of(record, text_field, where), origin=f"{name}:{lineno}")
-
-
-def _field_of(record: object, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise CorpusError(f"{where}: found a JSON {type(record).__name__}, expected an object with a {text_field!r} key")
-    if text_field not in record:
-        keys = ", ".join(map(repr, record)) or "none"
-        raise CorpusError(
-            f"{where}: object has no {text_field!r} key (keys: {keys}); pass the right --text-field"
-        )
-    value = record[text_field]
-    if not isinstance(value, str):
-        raise CorpusError(f"{where}: field {text_field!r} is a {type(value).__name__}, expected a string")
-    return value
-
-
-def _check_parquet_files(files: list[tuple[Path, str]], text_field: str) -> None:
-    """Every file's schema, checked before any row is read."""
-    import pyarrow.parquet as pq
-
-    for file, _ in files:
-        try:
-            schema = pq.read_schema(file)
-        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for non-Parquet bytes
-            raise CorpusError(f"{file}: cannot be read as Parquet ({exc}); expected a Parquet file") from exc
-        _check_column(schema, text_field, str(file))
-
-
-def _iter_parquet_rows(files: list[tuple[Path, str]], text_field: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    for file, name in files:
-        row = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]):
-            for value in batch.column(0).to_pylist():
-                yield Document(text=_non_null(value, f"{name}:{row}", text_field), origin=f"{name}:{row}")
-                row += 1
-
-
-def _check_column(schema, text_field: str, where: str) -> None:
-    import pyarrow as pa
-
-    if text_field not in schema.names:
-        raise CorpusError(
-            f"{where}: no column {text_field!r}; it has columns {', '.join(map(repr, schema.names))}. "
-            "Pass the right --text-field"
-        )
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise CorpusError(f"{where}: column {text_field!r} has type {kind}, expected a string column")
-
-
-def _non_null(value: str | None, where: str, text_field: str) -> str:
-    if value is None:
-        raise CorpusError(f"{where}: {text_field!r} is null, expected a string. Drop or fill null rows")
-    return value
-
-
-def _load_hf_dataset(path: Path, text_field: str, split: str):
-    """The saved dataset's ``split``, its text column checked, and the name its rows' origins carry."""
-    import datasets
-
-    loaded = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise CorpusError(
-                f"{path}: dataset has no split {split!r}; it has splits "
-                f"{', '.join(map(repr, loaded))}. Pass the right --split"
-            )
-        loaded = loaded[split]
-    where = f"{path}[{split}]"
-    _check_column(loaded.data.schema, text_field, where)
-    return loaded.select_columns([text_field]), where
-
-
-def _iter_hf_rows(dataset, text_field: str, where: str) -> Iterator[Document]:
-    row = 0
-    for batch in dataset.iter(batch_size=_BATCH_ROWS):
-        for value in batch[text_field]:
-            yield Document(text=_non_null(value, f"{where}:{row}", text_field), origin=f"{where}:{row}")
-            row += 1
 
 
 __all__ = ["BUILTINS", "Corpus", "Document", "TextFileDocument", "open_corpus", "read_documents"]

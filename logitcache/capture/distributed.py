@@ -2,7 +2,7 @@
 
 The driver plans, opens the store (holding its lock) and finalises the manifest, exactly as a
 one-process capture does (:func:`logitcache.capture.pipeline.run_capture`); only the execution of units
-differs. Units — the planned windows, ``sequences_per_shard`` at a time — go to a
+differs. Units — the planned sequences, ``sequences_per_shard`` at a time, each sent as its slice of the plan — go to a
 ``ray.util.ActorPool`` of :class:`CaptureWorker` actors, one per GPU (HF backend) or per
 tensor/pipeline-parallel group (vLLM backend). Each worker computes and commits its units through
 :func:`logitcache.capture.pipeline.capture_and_commit`, the store's exactly-once path, and returns the
@@ -24,12 +24,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .pipeline import CaptureSummary, capture_and_commit, preflight, run_capture
 from .config import CaptureConfig
 from ..errors import ConfigError
-from .plan import Plan, Unit, seq_id_for
+from .plan import Unit
 from ..store.spec import ShardSpec
 from ..store.commit import ShardRecord
 
@@ -51,32 +49,6 @@ class TeacherFacts:
         return dict(self.teacher_identity)
 
 
-@dataclass(frozen=True)
-class PlanSlice:
-    """The windows of one unit, indexed as in the whole plan: what a worker needs to capture it.
-
-    Ships ``unit.size * seq_len + 1`` tokens per task instead of the whole packed corpus.
-    """
-
-    tokens: np.ndarray
-    seq_len: int
-    first: int
-    corpus_fingerprint: str
-
-    @classmethod
-    def of(cls, plan: Plan, unit: Unit) -> PlanSlice:
-        lo, hi = unit.start * plan.seq_len, unit.stop * plan.seq_len + 1
-        return cls(np.array(plan.tokens[lo:hi]), plan.seq_len, unit.start, plan.corpus_fingerprint)
-
-    def windows(self, start: int, stop: int) -> np.ndarray:
-        view = np.lib.stride_tricks.sliding_window_view(self.tokens, self.seq_len + 1)
-        lo, hi = (start - self.first) * self.seq_len, (stop - self.first) * self.seq_len
-        return np.array(view[lo:hi:self.seq_len], dtype=np.int32)
-
-    def seq_id(self, i: int) -> int:
-        return seq_id_for(self.corpus_fingerprint, self.seq_len, i)
-
-
 class CaptureWorker:
     """A Ray actor holding one teacher engine; ``run`` computes and commits one unit."""
 
@@ -91,7 +63,7 @@ class CaptureWorker:
         return TeacherFacts(name=t.name, vocab_size=t.vocab_size, max_positions=t.max_positions,
                             tokenizer=t.tokenizer, eos_id=t.eos_id, teacher_identity=t.identity())
 
-    def run(self, plan: PlanSlice, spec: ShardSpec, root: str, unit: Unit) -> ShardRecord:
+    def run(self, plan, spec: ShardSpec, root: str, unit: Unit) -> ShardRecord:
         return capture_and_commit(self.teacher, plan, unit, self.config, spec, root)
 
     def pid(self) -> int:
@@ -144,7 +116,7 @@ def capture_distributed(config: CaptureConfig, *, overwrite: bool = False, progr
             from ray.util import ActorPool
 
             pool = ActorPool(workers)
-            run = lambda w, u: w.run.remote(PlanSlice.of(plan, u), spec, str(root), u)  # noqa: E731
+            run = lambda w, u: w.run.remote(plan.slice(u), spec, str(root), u)  # noqa: E731
             for record in pool.map_unordered(run, todo):
                 on_positions(record.positions)
                 yield record

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 from .config import CaptureConfig
-from .plan import Plan
 from ..errors import ConfigError
 
 log = logging.getLogger("logitcache")
@@ -30,13 +29,13 @@ def check_teacher_limits(config: CaptureConfig, vocab_size: int) -> None:
         )
 
 
-def plan_warnings(config: CaptureConfig, plan: Plan) -> list[str]:
+def plan_warnings(config: CaptureConfig, plan) -> list[str]:
     """Warn (and return the warnings) where a parameter exceeds what the plan can use."""
     found = []
     per_shard = config.store.sequences_per_shard
-    if per_shard > plan.num_windows:
-        found.append(f"sequences_per_shard = {per_shard} exceeds the plan's {plan.num_windows} sequences: "
-                     f"the store has one shard of {plan.num_windows} (manifest plan.shards = 1)")
+    if per_shard > plan.num_sequences:
+        found.append(f"sequences_per_shard = {per_shard} exceeds the plan's {plan.num_sequences} sequences: "
+                     f"the store has one shard of {plan.num_sequences} (manifest plan.shards = 1)")
     window = plan.seq_len + 1
     if config.batch_tokens < window:
         found.append(f"batch_tokens = {config.batch_tokens} is less than one window (seq_len + 1 = {window} "

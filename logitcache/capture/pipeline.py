@@ -1,10 +1,12 @@
 """One-process capture: plan → teach → sparsify → write, exactly once per unit, resumable.
 
-Each unit of work (``sequences_per_shard`` consecutive windows) becomes one shard. Windows are
-batched for the teacher by a token budget, but everything that reaches the store depends only
-on (window, seed, seq_id): the teacher applies its head per sequence, and random draws come
-from :func:`logitcache.capture.sparsify.draw_uniforms` per sequence. So batch size, restarts and
-worker count never change a byte.
+Each unit of work (``sequences_per_shard`` consecutive sequences: windows of a packed plan, documents or
+conversations of a documents plan) becomes one shard. Sequences are batched for the teacher by a token
+budget, but everything that reaches the store depends only on (sequence, seed, seq_id): the teacher
+applies its head per sequence (and computes a documents sequence in a shape set by its length alone,
+:func:`~logitcache.capture.teachers.base.bucket_length`), and random draws come from
+:func:`logitcache.capture.sparsify.draw_uniforms` per sequence. So batch size, restarts and worker count
+never change a byte. A documents sequence is sparsified at its trained positions only.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .. import __version__
 from .config import CaptureConfig
+from .chat import read_chat_template
 from .corpus import Corpus, open_corpus
-from ..errors import StoreError
+from .documents import DocumentPlan, Sequence, build_document_plan
+from ..errors import ConfigError, StoreError
 from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
-from .plan import Plan, Unit, build_plan, plan_units, tokenizer_fingerprint
+from .plan import Plan, PlanSlice, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .limits import check_teacher_limits, plan_warnings
 from .sparsify import draw_uniforms, sparsify
 from ..store.commit import MANIFEST, begin_store, finalize_store, mismatch_error, read_manifest
@@ -37,7 +42,10 @@ from ..store.lock import StoreLock
 from ..store.writer import encode_and_commit
 from ..targets import SparseTargets, concat_targets
 from .teachers import Teacher, load_teacher
+from .teachers.base import bucket_length
 from .teachers.hf import resolve_device
+
+AnyPlan = Plan | PlanSlice | DocumentPlan  # a whole plan, or the slice of one unit a Ray worker gets
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,19 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
                     entropy=config.store.entropy)
 
 
-def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: list[Unit],
+def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan | DocumentPlan, units: list[Unit],
                  corpus: Corpus) -> ManifestHeader:
     """The manifest header: everything a reader needs, and what a resume must match (``corpus`` just read
-    into ``plan``: its canonical source and what its reader found go in the corpus section)."""
+    into ``plan``: its canonical source and what its reader found go in the corpus section; a documents
+    plan adds ``corpus.layout``)."""
     store = config.store
+    documents = isinstance(plan, DocumentPlan)
+    corpus_section = {"source": corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats,
+                      "input": corpus.manifest_input()}
+    if documents:
+        corpus_section["layout"] = plan.layout.to_dict()
     return ManifestHeader(
+        layout="documents" if documents else None,
         identity=config.identity(),
         method=config.sparsify.method,
         params=config.sparsify.params(),
@@ -85,10 +100,9 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan, units: lis
         seed=config.seed,
         teacher=teacher.identity(),
         tokenizer=TokenizerSection(tokenizer_fingerprint(teacher.tokenizer), int(teacher.eos_id)),
-        corpus={"source": corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats,
-                "input": corpus.manifest_input()},
+        corpus=corpus_section,
         seq_len=plan.seq_len,
-        plan=PlanSection(sequences=plan.num_windows, positions=plan.num_windows * plan.seq_len, shards=len(units),
+        plan=PlanSection(sequences=plan.num_sequences, positions=plan.positions, shards=len(units),
                          sequences_per_shard=store.sequences_per_shard),
         store=StoreSection(store.format, store.compression, store.compression_level,
                            store_encoding(config, teacher.vocab_size, plan.tokens)),
@@ -114,10 +128,53 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     return [concat_targets(p) for p in parts]
 
 
-def compute_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig,
-                 on_batch: Callable[[int], None] = lambda n: None) -> tuple[list[int], list, list[SparseTargets]]:
-    """The teacher's part of a unit: ``(seq_ids, token windows, targets)`` of its windows."""
+def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: list[int],
+                       config: CaptureConfig) -> list[SparseTargets]:
+    """Targets of documents sequences at their trained positions only: one compact SparseTargets of
+    ``mask.sum()`` positions each (in position order). The teacher reads each whole sequence but its last
+    token, alone (:meth:`Teacher.forward_sequences`); the draws of a sequence are indexed by trained position."""
+    cfg = config.sparsify
+    draws = cfg.samples if cfg.method in ("sample", "hybrid") else 0
+    masks = [torch.from_numpy(np.array(s.mask, dtype=bool)) for s in sequences]  # a copy: plan arrays are read-only
+    uniforms = [draw_uniforms(config.seed, i, int(m.sum()), draws) if draws else None for i, m in zip(seq_ids, masks)]
+    inputs = [torch.from_numpy(np.asarray(s.tokens[:-1], dtype=np.int64)) for s in sequences]
+    parts: list[list[SparseTargets]] = [[] for _ in sequences]
+    done = [0] * len(sequences)  # trained positions sparsified so far, per sequence (its chunks come in order)
+    for row, start, logits in teacher.forward_sequences(inputs, config.teacher.head_chunk):
+        trained = masks[row][start:start + logits.shape[0]]
+        count = int(trained.sum())
+        if count:
+            u = uniforms[row]
+            chunk_u = None if u is None else u[done[row]:done[row] + count].to(logits.device)
+            parts[row].append(sparsify(logits[trained.to(logits.device)], cfg, chunk_u).to("cpu"))
+            done[row] += count
+        fault_point("teacher_chunk")
+    return [concat_targets(p) for p in parts]
+
+
+def sequence_batches(lengths: list[int], batch_tokens: int, max_positions: int) -> list[list[int]]:
+    """Indices of sequences of ``lengths`` positions, shortest first, cut into batches whose padded
+    positions (:func:`bucket_length` each) stay within ``batch_tokens`` (at least one sequence a batch)."""
+    batches: list[list[int]] = []
+    used = batch_tokens
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        padded = bucket_length(lengths[i], max_positions)
+        if used + padded > batch_tokens:
+            batches.append([])
+            used = 0
+        batches[-1].append(i)
+        used += padded
+    return batches
+
+
+def compute_unit(teacher: Teacher, plan: AnyPlan, unit: Unit, config: CaptureConfig,
+                 on_batch: Callable[[int], None] = lambda n: None
+                 ) -> tuple[list[int], list, list[SparseTargets], list | None]:
+    """The teacher's part of a unit: ``(seq_ids, tokens, targets, masks)`` of its sequences (``masks``:
+    the documents plan's per-position masks, None for packed windows); ``on_batch`` gets the positions done."""
     fault_point("unit_start")
+    if isinstance(plan, DocumentPlan):
+        return _compute_documents(teacher, plan, unit, config, on_batch)
     per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
@@ -129,10 +186,24 @@ def compute_unit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig
         tokens += list(windows)
         targets += batch_targets
         on_batch(len(idx) * plan.seq_len)
-    return seq_ids, tokens, targets
+    return seq_ids, tokens, targets, None
 
 
-def capture_and_commit(teacher: Teacher, plan: Plan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
+def _compute_documents(teacher: Teacher, plan: DocumentPlan, unit: Unit, config: CaptureConfig,
+                       on_batch: Callable[[int], None]) -> tuple[list[int], list, list[SparseTargets], list]:
+    sequences = [plan.sequence(i) for i in range(unit.start, unit.stop)]
+    seq_ids = [plan.seq_id(i) for i in range(unit.start, unit.stop)]
+    targets: list[SparseTargets | None] = [None] * len(sequences)
+    lengths = [s.tokens.size - 1 for s in sequences]
+    for batch in sequence_batches(lengths, config.batch_tokens, teacher.max_positions):
+        done = sparsify_sequences(teacher, [sequences[i] for i in batch], [seq_ids[i] for i in batch], config)
+        for i, t in zip(batch, done):
+            targets[i] = t
+        on_batch(sum(t.num_positions for t in done))
+    return seq_ids, [s.tokens for s in sequences], targets, [s.mask for s in sequences]
+
+
+def capture_and_commit(teacher: Teacher, plan: AnyPlan, unit: Unit, config: CaptureConfig, spec: ShardSpec,
                        root: str, on_batch: Callable[[int], None] = lambda n: None) -> ShardRecord:
     """The one place a unit is computed and committed, in-process and in Ray workers alike
     (``root`` is the store's path or URL)."""
@@ -150,7 +221,7 @@ def encode_threads(config: CaptureConfig) -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: CaptureConfig, spec: ShardSpec,
+def capture_pipelined(teacher: Teacher, plan: AnyPlan, units: list[Unit], config: CaptureConfig, spec: ShardSpec,
                       root: str, on_batch: Callable[[int], None] = lambda n: None) -> Iterator[ShardRecord]:
     """In-process capture of ``units``: this thread runs the teacher while a pool encodes and commits
     finished units (numpy and zstd release the GIL). At most ``threads`` units wait to be encoded, so
@@ -172,19 +243,44 @@ def capture_pipelined(teacher: Teacher, plan: Plan, units: list[Unit], config: C
                 future.cancel()
 
 
-def prepare_capture(config: CaptureConfig, teacher: Teacher,
-                    corpus: Corpus | None = None) -> tuple[Plan, list[Unit], ManifestHeader, ShardSpec]:
+def prepare_capture(config: CaptureConfig, teacher: Teacher, corpus: Corpus | None = None
+                    ) -> tuple[Plan | DocumentPlan, list[Unit], ManifestHeader, ShardSpec]:
     """Plan, units, manifest header and shard spec: a pure function of the config and the teacher
     (``corpus``: the config's corpus, already opened)."""
     c = config.corpus
     check_teacher_limits(config, teacher.vocab_size)
     corpus = corpus or open_corpus(c.source, text_field=c.text_field, split=c.split)
-    plan = build_plan(corpus.documents(), teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
-                      eos_id=teacher.eos_id, max_positions=teacher.max_positions)
+    plan = make_plan(config, teacher, corpus)
     plan_warnings(config, plan)
     units = plan_units(plan, config.store.sequences_per_shard)
     header = build_header(config, teacher, plan, units, corpus)
     return plan, units, header, spec_from_manifest(header)
+
+
+def resolved_layout(config: CaptureConfig, corpus: Corpus) -> str:
+    """``packed`` or ``documents``: the config's layout, ``auto`` resolved by the kind of corpus."""
+    layout = config.corpus.layout
+    if layout == "auto":
+        return "documents" if corpus.chat else "packed"
+    if layout == "packed" and corpus.chat:
+        raise ConfigError(f"{corpus.source} holds conversations, which the packed layout cannot express (it joins "
+                          "documents into one stream and trains every position); use --layout documents (or auto)")
+    return layout
+
+
+def make_plan(config: CaptureConfig, teacher: Teacher, corpus: Corpus) -> Plan | DocumentPlan:
+    """The packed or documents plan of ``corpus`` (see :func:`resolved_layout`)."""
+    c = config.corpus
+    if resolved_layout(config, corpus) == "packed":
+        return build_plan(corpus.documents(), teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
+                          eos_id=teacher.eos_id, max_positions=teacher.max_positions)
+    if c.seq_len > teacher.max_positions:
+        raise ConfigError(f"seq_len = {c.seq_len} exceeds the teacher's max_positions = {teacher.max_positions}; "
+                          f"lower --seq-len to at most {teacher.max_positions}")
+    template = None if c.chat_template is None else read_chat_template(c.chat_template)
+    return build_document_plan(corpus, teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
+                               eos_id=teacher.eos_id, long_sequences=c.long_sequences, train_on=c.train_on,
+                               chat_template=template)
 
 
 def preflight(config: CaptureConfig, *, overwrite: bool) -> Corpus:
@@ -215,7 +311,7 @@ def _check_store_directory(root, given: str) -> None:
 
 
 # execute(plan, spec, root URL, units, on_positions) -> the committed ShardRecords, in any order
-Executor = Callable[[Plan, ShardSpec, str, list[Unit], Callable[[int], None]], Iterable[ShardRecord]]
+Executor = Callable[[Plan | DocumentPlan, ShardSpec, str, list[Unit], Callable[[int], None]], Iterable[ShardRecord]]
 
 
 def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, overwrite: bool,
@@ -230,7 +326,7 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]
         records = list(committed)
-        bar = _progress_bar(progress, total=plan.num_windows * plan.seq_len,
+        bar = _progress_bar(progress, total=plan.positions,
                             initial=sum(r.positions for r in committed))
         fresh = list(execute(plan, spec, fs.url, todo, bar.update))
         bar.close()

@@ -79,6 +79,43 @@ class Plan:
         """Stable 63-bit id of window ``i`` (from corpus fingerprint, seq_len and ``i``)."""
         return seq_id_for(self.corpus_fingerprint, self.seq_len, i)
 
+    @property
+    def num_sequences(self) -> int:
+        return self.num_windows
+
+    @property
+    def positions(self) -> int:
+        """Positions with a target: every position of every window."""
+        return self.num_windows * self.seq_len
+
+    def slice(self, unit: Unit) -> PlanSlice:
+        """The windows of ``unit`` only (what a Ray worker is sent)."""
+        lo, hi = unit.start * self.seq_len, unit.stop * self.seq_len + 1
+        return PlanSlice(np.array(self.tokens[lo:hi]), self.seq_len, unit.start, self.corpus_fingerprint)
+
+
+@dataclass(frozen=True)
+class PlanSlice:
+    """The windows of one unit, indexed as in the whole plan: ``unit.size * seq_len + 1`` tokens, not the
+    whole packed corpus."""
+
+    tokens: np.ndarray
+    seq_len: int
+    first: int
+    corpus_fingerprint: str
+
+    @classmethod
+    def of(cls, plan: Plan, unit: Unit) -> PlanSlice:
+        return plan.slice(unit)
+
+    def windows(self, start: int, stop: int) -> np.ndarray:
+        view = np.lib.stride_tricks.sliding_window_view(self.tokens, self.seq_len + 1)
+        lo, hi = (start - self.first) * self.seq_len, (stop - self.first) * self.seq_len
+        return np.array(view[lo:hi:self.seq_len], dtype=np.int32)
+
+    def seq_id(self, i: int) -> int:
+        return seq_id_for(self.corpus_fingerprint, self.seq_len, i)
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -93,9 +130,12 @@ class Unit:
         return self.stop - self.start
 
 
-def seq_id_for(corpus_fingerprint: str, seq_len: int, index: int) -> int:
-    """blake2b-64 of ``"{corpus_fingerprint}:{seq_len}:{index}"``, masked to 63 bits (fits int64)."""
-    digest = hashlib.blake2b(f"{corpus_fingerprint}:{seq_len}:{index}".encode(), digest_size=8).digest()
+def seq_id_for(corpus_fingerprint: str, seq_len: int, index: int, layout: str = "packed") -> int:
+    """blake2b-64 of ``"{corpus_fingerprint}:{seq_len}:{index}"`` (``"{corpus_fingerprint}:{layout}:{seq_len}:{index}"``
+    for another layout than ``packed``), masked to 63 bits (fits int64)."""
+    key = f"{corpus_fingerprint}:{seq_len}:{index}" if layout == "packed" else \
+        f"{corpus_fingerprint}:{layout}:{seq_len}:{index}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
@@ -148,12 +188,14 @@ def build_plan(
     return Plan(tokens, seq_len, num_windows, packer.hasher.hexdigest(), stats)
 
 
-def plan_units(plan: Plan, sequences_per_shard: int) -> list[Unit]:
-    """Consecutive runs of ``sequences_per_shard`` windows; the last unit may be shorter."""
+def plan_units(plan, sequences_per_shard: int) -> list[Unit]:
+    """Consecutive runs of ``sequences_per_shard`` sequences of ``plan`` (a :class:`Plan` or a
+    :class:`~logitcache.capture.documents.DocumentPlan`); the last unit may be shorter."""
     if sequences_per_shard < 1:
         raise ConfigError(f"sequences_per_shard must be >= 1; found {sequences_per_shard}")
-    starts = range(0, plan.num_windows, sequences_per_shard)
-    return [Unit(index=n, start=s, stop=min(s + sequences_per_shard, plan.num_windows)) for n, s in enumerate(starts)]
+    total = plan.num_sequences
+    starts = range(0, total, sequences_per_shard)
+    return [Unit(index=n, start=s, stop=min(s + sequences_per_shard, total)) for n, s in enumerate(starts)]
 
 
 def _check_args(seq_len: int, max_tokens: int | None, max_positions: int | None) -> None:
@@ -293,4 +335,4 @@ def _check_counts(packer: _Packer, num_tokens: int, seq_len: int) -> None:
         )
 
 
-__all__ = ["Plan", "Unit", "build_plan", "plan_units", "seq_id_for", "tokenizer_fingerprint"]
+__all__ = ["Plan", "PlanSlice", "Unit", "build_plan", "plan_units", "seq_id_for", "tokenizer_fingerprint"]

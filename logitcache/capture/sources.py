@@ -31,9 +31,9 @@ KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "json", ".pa
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 DOC_NAMES = re.compile(r"(readme|license|licence|copying|notice|changelog|citation)([.-].*)?", re.IGNORECASE)
 SUPPORTED = (
-    "builtin:pydoc; a .txt/.md file; a .jsonl/.json (JSON Lines) file; a .parquet file; a directory of one "
-    "kind of these (README, LICENSE and other documentation skipped); a glob such as 'data/*.jsonl'; "
-    "a Hugging Face dataset directory written by save_to_disk"
+    "builtin:pydoc, builtin:pydoc-chat; a .txt/.md file; a .jsonl/.json (JSON Lines) file; a .parquet file; "
+    "a directory of one kind of these (README, LICENSE and other documentation skipped); a glob such as "
+    "'data/*.jsonl'; a Hugging Face dataset directory written by save_to_disk"
 )
 _SHOWN = 3  # files named per kind in a message
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from ..capture.config import CaptureConfig
-from ..choices import BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LOGPROB_DTYPES, METHODS
+from ..choices import (BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS, LOGPROB_DTYPES, LONG_SEQUENCES,
+                       METHODS, TRAIN_ON)
 from ..jobfile import read_job_file
 from ..errors import LogitCacheError
 
@@ -34,6 +35,10 @@ CAPTURE_FLAGS = {
     "split": "corpus.split",
     "seq_len": "corpus.seq_len",
     "max_tokens": "corpus.max_tokens",
+    "layout": "corpus.layout",
+    "long_sequences": "corpus.long_sequences",
+    "train_on": "corpus.train_on",
+    "chat_template": "corpus.chat_template",
     "method": "sparsify.method",
     "k": "sparsify.k",
     "samples": "sparsify.samples",
@@ -97,10 +102,20 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
 @click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
 @click.option("--corpus", help="A .txt/.md, .jsonl, .parquet file, a directory of one kind, a glob, a HF "
-              "save_to_disk dir, or builtin:pydoc.")
+              "save_to_disk dir, builtin:pydoc or builtin:pydoc-chat. Rows with messages, conversations or "
+              "prompt/completion are chats.")
 @click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
 @click.option("--split", help="Split of a saved HF DatasetDict (default train).")
-@click.option("--seq-len", type=int, help="Positions per window (default 512).")
+@click.option("--seq-len", type=int, help="Positions per window, or at most per document (default 512).")
+@click.option("--layout", type=click.Choice(LAYOUTS),
+              help="packed: one EOS-joined stream cut into windows; documents: one sequence per document or "
+              "conversation, targets only where it trains; auto (default): documents for chats, else packed.")
+@click.option("--long-sequences", type=click.Choice(LONG_SEQUENCES),
+              help="documents layout: a sequence over seq_len is truncated (default), split into chunks, or skipped.")
+@click.option("--train-on", type=click.Choice(TRAIN_ON),
+              help="Chat tokens that train: assistant (default), last-assistant, or all.")
+@click.option("--chat-template", type=click.Path(dir_okay=False),
+              help="Jinja chat template file to render chats with (default: the teacher tokenizer's).")
 @click.option("--max-tokens", type=int, help="Stop after about this many tokens (whole windows).")
 @click.option("--method", type=click.Choice(METHODS), help="Sparsifier (default sample).")
 @click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
@@ -249,7 +264,7 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         f"tokenizer        {s['tokenizer_fingerprint'][:16]}",
         f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
         *_corpus_input_lines(s["corpus"].get("input")),
-        f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions",
+        *_sequence_lines(s),
         f"shards           {s['shards']} of {s['planned_shards']}",
         f"encoding         {s['store_format']}  ids {s['encoding']['ids']}  logprobs {s['encoding']['logprobs']}  "
         f"{s['compression']}",
@@ -260,6 +275,23 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         lines.append(f"lossy logprobs   max |Δp| {s['max_prob_error']:.3g}, max |Δ logp| {s['max_logprob_error']:.3g} "
                      "(where p >= 1e-3)")
     click.echo("\n".join(lines))
+
+
+def _sequence_lines(s: dict) -> list[str]:
+    """The sequences line; for a documents store also how the corpus became sequences (its plan's counts)."""
+    layout = s["corpus"].get("layout")
+    if not layout:
+        return [f"sequences        {s['sequences']} × seq_len {s['seq_len']} = {s['positions']} positions"]
+    stats = s["corpus"]["stats"]
+    lines = [f"sequences        {s['sequences']} documents of at most {s['seq_len']} positions; {s['positions']} "
+             f"trained positions (train on {layout['train_on']}) hold targets",
+             f"  layout         documents; long sequences {layout['long_sequences']}"
+             + (f"; chat template {layout['chat_template_sha256'][:12]}" if "chat_template_sha256" in layout else "")]
+    cut = {k: stats[k] for k in ("truncated", "tokens_truncated", "split", "skipped_long", "skipped_untrained",
+                                 "conversations_without_assistant", "empty_documents_skipped") if stats.get(k)}
+    if cut:
+        lines.append("  plan           " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in cut.items()))
+    return lines
 
 
 def _corpus_input_lines(found: dict | None, shown: int = 5) -> list[str]:

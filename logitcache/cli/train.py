@@ -44,6 +44,9 @@ def load_train_config(path: str | None, overrides: dict[str, Any]):
 @click.option("--device", help="cpu, cuda, cuda:N (default cpu).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Student dtype (default float32).")
 @click.option("--grad-clip", type=float, help="Gradient-norm clip; 0 disables (default 1.0).")
+@click.option("--padding-free/--padded", "padding_free", default=None,
+              help="Each step's sequences in one packed row [1, total] with per-sequence position_ids, "
+                   "no padding (default --padded: [B, T] right-padded).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(config_path, quiet, **flags) -> None:
     """Distil a student from a store (plain loop; resumable with the same command)."""

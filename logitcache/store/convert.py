@@ -1,9 +1,9 @@
 """``logitcache convert``: re-encode a finished store into another format or encoding, one unit at a time.
 
 Memory stays constant (one unit decoded at a time); the destination is written through the same
-exactly-once commit path as a capture, so an interrupted conversion resumes. Afterwards every
-sequence of the two stores is compared: equal for lossless targets, and within the documented
-error of the destination's logprob codec otherwise.
+exactly-once commit path as a capture, so an interrupted conversion resumes. The layout (and a
+``documents`` store's train masks) is kept. Afterwards every sequence of the two stores is compared:
+equal for lossless targets, and within the documented error of the destination's logprob codec otherwise.
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = 
         for record in records:
             if record.index in done:
                 continue
-            rows = list(decode_rows(src_spec, read_unit(src_fs, src_spec, record)))
+            rows = list(decode_rows(src_spec, read_unit(src_fs, src_spec, record), with_mask=True))
             new_record, objects = encode_unit(spec, record.index, [r[0] for r in rows], [r[1] for r in rows],
-                                              [r[2] for r in rows])
+                                              [r[3] for r in rows], [r[2] for r in rows] if spec.masked else None)
             commit_unit(dst_fs, new_record, objects)
             out.append(new_record)
         final = finalize_store(dst_fs, header, out)
@@ -107,9 +107,12 @@ def compare_stores(a: StoreFS, b: StoreFS, b_encoding: Encoding) -> float:
     """Raise StoreError at the first sequence where ``b`` differs from ``a`` beyond ``b``'s codec error;
     returns the largest probability error seen."""
     worst = 0.0
-    for (sa, ta, xa), (sb, tb, xb) in zip(iter_sequences(a), iter_sequences(b), strict=True):
+    for (sa, ta, ma, xa), (sb, tb, mb, xb) in zip(iter_sequences(a, with_mask=True), iter_sequences(b, with_mask=True),
+                                                  strict=True):
         if sa != sb or not np.array_equal(ta, tb):
             raise StoreError(f"converted store differs at sequence {sa}: seq ids or tokens differ")
+        if (ma is None) != (mb is None) or (ma is not None and not np.array_equal(ma, mb)):
+            raise StoreError(f"converted store differs at sequence {sa}: train masks differ")
         worst = max(worst, _compare_targets(sa, xa, xb, b_encoding))
     return worst
 

@@ -4,6 +4,8 @@ A row (one sequence of ``T`` positions) becomes a few byte columns; backends onl
 Lossless unless ``logprobs="float16"`` or ``"q8"`` is chosen (opt-in; the error is measured and
 recorded). Ideas, each measured on real SmolLM2 targets in benchmarks/storage.py:
 
+- **Masked rows** (the ``documents`` layout): a ``train_mask`` column (one bit per position) and
+  targets only at the positions it marks, so a row of ``L`` tokens holds ``mask.sum()`` positions.
 - **Label first.** The store holds the tokens anyway, so when the next token (the label) is among
   a position's entries, one flag bit replaces its id, and for samples its count is implied
   (counts sum to ``N``). Other entries follow in the id codec's order.
@@ -230,9 +232,10 @@ class EncodedRow:
     prob_error: float = 0.0  # max |Δ p| over all entries
 
 
-def row_columns(method: str, weighted: bool) -> list[str]:
-    """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them."""
-    cols = ["tokens"]
+def row_columns(method: str, weighted: bool, masked: bool = False) -> list[str]:
+    """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them;
+    ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``."""
+    cols = ["tokens", "train_mask"] if masked else ["tokens"]
     if method in ("topk", "hybrid", "full"):
         cols += ["head_label", "head_ids", "head_id_bits", "head_logprobs", "tail_mass"]
     if method in ("sample", "hybrid"):
@@ -247,15 +250,23 @@ def _count_dtype(num_samples: int) -> str:
     return "u1" if num_samples <= 255 else "<u2"
 
 
-def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRow:
-    """Encode one sequence: ``tokens`` int[T+1] (labels are ``tokens[1:]``) and its targets."""
+def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None) -> EncodedRow:
+    """Encode one sequence: ``tokens`` int[L] (labels are ``tokens[1:]``) and its targets, one per
+    position; or, with ``mask`` bool[L - 1] (a masked row), targets only at the positions it marks
+    (compact, in position order; their labels are ``tokens[1:][mask]``)."""
     tokens = np.asarray(tokens, dtype=np.int64)
+    out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
     labels = tokens[1:]
+    if mask is not None:
+        mask = _checked_mask(mask, tokens.size)
+        labels = labels[mask]
+        out.columns["train_mask"] = np.packbits(mask).tobytes()
     num_positions = labels.size
     if t.num_positions != num_positions:
-        raise TargetsError(f"targets cover {t.num_positions} positions; the window has {num_positions} "
-                           "(tokens[1:]). Expected one target row per label position.")
-    out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
+        found = (f"the window has {num_positions} (tokens[1:]). Expected one target row per label position"
+                 if mask is None else f"the train mask marks {num_positions} of the row's {tokens.size - 1}. "
+                 "Expected compact targets: one target row per trained position, in position order")
+        raise TargetsError(f"targets cover {t.num_positions} positions; {found}.")
     if t.head_ids is not None:
         ids = t.head_ids.numpy().astype(np.int64)
         lp = t.head_logprobs.float().numpy()
@@ -303,11 +314,41 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets) -> EncodedRo
     return out
 
 
+def _checked_mask(mask: np.ndarray, length: int) -> np.ndarray:
+    """``mask`` as bool[length - 1], or a TargetsError saying what it is instead."""
+    if length < 2:
+        raise TargetsError(f"a masked row has {length} token(s); expected at least 2 (one position to train)")
+    found = np.asarray(mask)
+    if found.dtype != np.bool_ or found.shape != (length - 1,):
+        raise TargetsError(f"a train mask is {found.dtype}{list(found.shape)}; the row has {length} tokens, so "
+                           f"expected bool[{length - 1}] (one flag per position, tokens[1:]).")
+    return found
+
+
+def row_mask(columns: dict[str, np.ndarray]) -> np.ndarray | None:
+    """A decoded row's train mask ``bool[L - 1]``; None for a row without one (a packed row)."""
+    if "train_mask" not in columns:
+        return None
+    num_positions = columns["tokens"].size // 4 - 1
+    data = columns["train_mask"]
+    if num_positions < 1 or data.size != math.ceil(num_positions / 8):
+        raise CorruptShardError(f"train mask holds {data.size} bytes for a row of {columns['tokens'].size // 4} "
+                                f"tokens; {math.ceil(max(num_positions, 0) / 8)} expected (one bit per position)")
+    bits = np.unpackbits(data)
+    if bits[num_positions:].any():
+        raise CorruptShardError("train mask has bits set past the row's last position")
+    return bits[:num_positions].astype(bool)
+
+
 def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
                columns: dict[str, np.ndarray]) -> tuple[np.ndarray, SparseTargets]:
-    """``(tokens int32[T+1], targets)`` in canonical order: head by (−logp, id), samples by id."""
+    """``(tokens int32[L], targets)`` in canonical order: head by (−logp, id), samples by id. A row with
+    a ``train_mask`` column has targets only at the positions it marks (:func:`row_mask`)."""
     tokens = _view(columns["tokens"], "<i4", columns["tokens"].size // 4).astype(np.int32)
     labels = tokens[1:].astype(np.int64)
+    mask = row_mask(columns)
+    if mask is not None:
+        labels = labels[mask]
     num_positions = labels.size
     head = {}
     if "head_ids" in columns:

@@ -34,6 +34,7 @@ from ..errors import ConfigError, CorruptShardError
 from . import rans
 from .jit import njit_on_first_use
 from .bits import bit_length
+from .encoding import row_mask
 from .units import UnitRows
 
 COLUMN = "entropy"
@@ -149,17 +150,22 @@ def _count_dtype(spec) -> str:
 
 
 class _Layout:
-    """What the decoder knows of a unit before decoding: positions per row and label flags."""
+    """What the decoder knows of a unit before decoding: positions per row (a masked row's trained
+    positions) and label flags."""
 
     def __init__(self, spec, rows: list[dict[str, np.ndarray]]) -> None:
-        self.positions = np.array([r["tokens"].size // 4 - 1 for r in rows], dtype=np.int64)
-        if np.any(self.positions < 0):
+        if any(r["tokens"].size < 4 for r in rows):
             raise CorruptShardError("a row of an entropy-coded unit has no tokens")
+        masks = [row_mask(r) for r in rows]  # a masked row's positions are those its train mask marks
+        self.positions = np.array([r["tokens"].size // 4 - 1 if m is None else int(m.sum())
+                                   for r, m in zip(rows, masks)], dtype=np.int64)
         self.head_flags = None
         if spec.has_head:
+            for i, (r, t) in enumerate(zip(rows, self.positions)):
+                if r["head_label"].size != -(-t // 8):
+                    raise CorruptShardError(f"row {i}: label flags hold {r['head_label'].size} bytes; its {t} "
+                                            f"positions take {-(-t // 8)}")
             flags = [np.unpackbits(r["head_label"])[:t] for r, t in zip(rows, self.positions)]
-            if any(f.size != t for f, t in zip(flags, self.positions)):
-                raise CorruptShardError("a row's label flags are shorter than its positions")
             self.head_flags = np.concatenate(flags).astype(np.int64) if rows else np.zeros(0, np.int64)
 
 

@@ -4,8 +4,9 @@ A manifest is JSON that anyone can edit, so :meth:`Manifest.from_dict` checks ev
 uses for presence, type and range, with one error naming the field, the value found and what was
 expected. Shard contents are checked elsewhere (checksums); this module only guards the bookkeeping:
 indices unique and within the plan, counts non-negative and bounded, positions equal to
-``sequences · seq_len``. Paths escaping the store are refused per shard when opened
-(:func:`logitcache.store.reader.object_path`), so `verify` can name each one.
+``sequences · seq_len`` (at most that in a ``documents`` store, whose positions are the trained ones).
+Paths escaping the store are refused per shard when opened (:func:`logitcache.store.reader.object_path`),
+so `verify` can name each one.
 
 ``to_dict`` gives back the JSON logitcache writes, field for field. The header digest is not held:
 ``ManifestHeader.to_dict`` computes it, and ``from_dict`` refuses a header that does not match its own.
@@ -30,7 +31,8 @@ from .records import (MAX_COUNT, MAX_SEQ_LEN, ShardRecord, as_json, fail, int_fi
                       str_field)
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2  # what a packed store is written with
+LAYOUTS = {None: FORMAT_VERSION, "documents": 3}  # each layout (None: packed) and the format_version it writes
 HEADER_DIGEST = "header_sha256"
 _NOT_HEADER = ("shards", "complete", HEADER_DIGEST)
 _HEADER_KEYS = ("method", "params", "head_size", "identity", "teacher", "tokenizer", "corpus", "seq_len", "plan",
@@ -107,10 +109,11 @@ def _encoding(d: dict[str, Any], where: str) -> Encoding:
 class ManifestHeader:
     """Everything a reader needs to decode the units, and what a resumed capture must match.
 
-    Fields are in the order the capture writes them; ``seed`` and ``written_by`` are optional."""
+    Fields are in the order the capture writes them; ``seed``, ``layout`` and ``written_by`` are optional.
+    ``format_version`` follows from ``layout`` (:data:`LAYOUTS`): 2 for packed windows, 3 for ``documents``."""
 
     format: str = FORMAT_NAME
-    format_version: int = FORMAT_VERSION
+    format_version: int = dataclasses.field(init=False)
     identity: dict[str, Any]
     method: str
     params: dict[str, Any]
@@ -120,9 +123,21 @@ class ManifestHeader:
     tokenizer: TokenizerSection
     corpus: dict[str, Any]
     seq_len: int
+    layout: str | None = None  # None: packed windows; "documents": masked rows with compact targets
     plan: PlanSection
     store: StoreSection
     written_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise StoreError(f"a manifest header's layout is None (packed windows) or 'documents'; found "
+                             f"{self.layout!r}")
+        object.__setattr__(self, "format_version", LAYOUTS[self.layout])
+
+    @property
+    def masked(self) -> bool:
+        """Whether rows carry a train mask and targets only at its positions (the ``documents`` layout)."""
+        return self.layout == "documents"
 
     @property
     def num_samples(self) -> int:
@@ -150,7 +165,7 @@ class ManifestHeader:
 
     def first_difference(self, other: ManifestHeader) -> str | None:
         """``'name: store has X, this run has Y'`` for the first field a resume must match where ``other``
-        differs from this header (identity, teacher, tokenizer, corpus, plan; display-only fields aside);
+        differs from this header (identity, teacher, tokenizer, corpus, plan, layout; display-only fields aside);
         None if none does. Fields are compared in ``other``'s order, so a changed method is named before
         the parameters it brings along."""
         mine, theirs = as_json(self), as_json(other)
@@ -158,6 +173,8 @@ class ManifestHeader:
             diff = _first_difference(mine[key], theirs[key], f"{key}.")
             if diff:
                 return diff
+        if self.layout != other.layout:
+            return f"layout: store has {self.layout or 'packed'!r}, this run has {other.layout or 'packed'!r}"
         return None
 
     def same_but_for_display(self, other: ManifestHeader) -> bool:
@@ -170,8 +187,9 @@ class ManifestHeader:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "manifest") -> ManifestHeader:
-        """The header of a manifest (or of a bare header dict): format, digest, then every field."""
-        _check_format(d, where)
+        """The header of a manifest (or of a bare header dict): format, version and layout, digest, then
+        every field."""
+        layout = _check_format(d, where)
         found = d.get(HEADER_DIGEST)
         if found != header_digest(d):
             fail(where, HEADER_DIGEST, found, f"{header_digest(d)}, the sha256 of the header fields "
@@ -192,18 +210,27 @@ class ManifestHeader:
         return cls(identity=copy.deepcopy(identity), method=method, params=copy.deepcopy(params),
                    head_size=head_size, seed=None if seed is None else int_field(where, "seed", seed, 0, None),
                    teacher=copy.deepcopy(teacher), tokenizer=tokenizer, corpus=copy.deepcopy(corpus),
-                   seq_len=seq_len, plan=plan, store=store,
+                   seq_len=seq_len, layout=layout, plan=plan, store=store,
                    written_by=None if written_by is None else str_field(where, "written_by", written_by))
 
 
-def _check_format(d: Any, where: str) -> None:
+def _check_format(d: Any, where: str) -> str | None:
+    """The manifest's layout (None: packed), once its format and its format_version agree with it."""
     mapping_field(where, "manifest", d)
     if d.get("format") != FORMAT_NAME:
         raise StoreError(f"{where} is not a logitcache manifest (format={d.get('format')!r}); "
                          f"expected format {FORMAT_NAME!r}")
-    if d.get("format_version") != FORMAT_VERSION:
-        raise StoreError(f"{where} has format_version {d.get('format_version')!r}; this logitcache reads version "
-                         f"{FORMAT_VERSION}. Upgrade logitcache or recapture the store.")
+    version, layout = d.get("format_version"), d.get("layout")
+    if version not in LAYOUTS.values():
+        raise StoreError(f"{where} has format_version {version!r}; this logitcache reads version "
+                         f"{FORMAT_VERSION} (packed) and 3 (documents layout). Upgrade logitcache or recapture "
+                         "the store.")
+    expected = next(name for name, v in LAYOUTS.items() if v == version)
+    if layout != expected:
+        shown = "absent" if expected is None else repr(expected)
+        fail(where, "layout", layout, f"{shown} in a format_version {version} manifest (version 2 stores packed "
+             "windows without a layout key; version 3 stores layout 'documents')")
+    return layout
 
 
 def _params(d: Any, where: str) -> dict[str, Any]:
@@ -244,6 +271,8 @@ class Manifest:
 
 
 def _check_shards(records: tuple[ShardRecord, ...], header: ManifestHeader, where: str) -> None:
+    """Indices unique and planned; positions ``sequences × seq_len`` (packed) or at most that (documents:
+    the trained positions of rows of at most ``seq_len``); no more sequences than planned."""
     planned, seq_len = header.plan.shards, header.seq_len
     seen: set[int] = set()
     for i, record in enumerate(records):
@@ -251,9 +280,14 @@ def _check_shards(records: tuple[ShardRecord, ...], header: ManifestHeader, wher
         if record.index >= planned or record.index in seen:
             fail(where, f"{name}.index", record.index, f"a unique index below plan.shards = {planned}")
         seen.add(record.index)
-        if record.positions != record.sequences * seq_len:
+        full = record.sequences * seq_len
+        if header.masked and record.positions > full:
             fail(where, f"{name}.positions", record.positions,
-                  f"sequences × seq_len = {record.sequences} × {seq_len}")
+                 f"at most sequences × seq_len = {record.sequences} × {seq_len} (trained positions of a documents "
+                 "store)")
+        if not header.masked and record.positions != full:
+            fail(where, f"{name}.positions", record.positions,
+                 f"sequences × seq_len = {record.sequences} × {seq_len}")
     total = sum(r.sequences for r in records)
     if total > header.plan.sequences:
         fail(where, "sum of shards[].sequences", total, f"at most plan.sequences = {header.plan.sequences}")

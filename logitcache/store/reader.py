@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import CorruptShardError, StoreError
 from ..targets import SparseTargets
-from .encoding import decode_row
+from .encoding import decode_row, row_mask
 from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
@@ -86,20 +86,31 @@ def check_binding(spec: ShardSpec, record: ShardRecord) -> None:
                                 "of this store).")
 
 
-def decode_rows(spec: ShardSpec, rows: UnitRows) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
+Row = tuple[int, np.ndarray, SparseTargets]  # seq_id, tokens int32[L], targets
+MaskedRow = tuple[int, np.ndarray, np.ndarray | None, SparseTargets]  # ... with the train mask (None: packed)
+
+
+def decode_rows(spec: ShardSpec, rows: UnitRows, with_mask: bool = False) -> Iterator[Row | MaskedRow]:
+    """``(seq_id, tokens, targets)`` per row, or with ``with_mask`` ``(seq_id, tokens, mask, targets)``
+    (``mask`` bool[L - 1], None for a packed row; a masked row's targets cover its trained positions)."""
     for r in range(len(rows)):
-        tokens, targets = decode_row(spec.encoding, spec.method, spec.num_samples, spec.k, rows.row(r))
-        yield int(rows.seq_ids[r]), tokens, targets
+        columns, seq_id = rows.row(r), int(rows.seq_ids[r])
+        try:
+            tokens, targets = decode_row(spec.encoding, spec.method, spec.num_samples, spec.k, columns)
+        except CorruptShardError as exc:
+            raise CorruptShardError(f"row {r} (seq_id {seq_id}): {exc}") from None
+        yield (seq_id, tokens, row_mask(columns), targets) if with_mask else (seq_id, tokens, targets)
 
 
-def iter_sequences(root: str | os.PathLike | StoreFS, *, check: bool = True
-                   ) -> Iterator[tuple[int, np.ndarray, SparseTargets]]:
-    """Every committed sequence in unit order as ``(seq_id, tokens int32[T+1], targets)``."""
+def iter_sequences(root: str | os.PathLike | StoreFS, *, check: bool = True, with_mask: bool = False
+                   ) -> Iterator[Row | MaskedRow]:
+    """Every committed sequence in unit order as ``(seq_id, tokens int32[L], targets)``, or with
+    ``with_mask`` as ``(seq_id, tokens, mask, targets)`` (:func:`decode_rows`)."""
     fs = as_fs(root)
     manifest = read_manifest(fs)
     spec = spec_from_manifest(manifest.header)
     for record in manifest.shards:
-        yield from decode_rows(spec, read_unit(fs, spec, record, check=check))
+        yield from decode_rows(spec, read_unit(fs, spec, record, check=check), with_mask)
 
 
 @dataclass
@@ -148,8 +159,12 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     for record in records:
         try:
             rows = read_unit(fs, spec, record)
-            positions = int(rows.columns["tokens"][1][-1]) // 4 - len(rows)
-            entries = sum(int(t.ids_per_position().sum()) for _, _, t in decode_rows(spec, rows))
+            try:
+                targets = [t for _, _, t in decode_rows(spec, rows)]
+            except CorruptShardError as exc:
+                raise CorruptShardError(f"shard {record.index}: {exc}") from None
+            positions = sum(t.num_positions for t in targets)  # a documents row's: its trained positions
+            entries = sum(int(t.ids_per_position().sum()) for t in targets)
             if positions != record.positions or entries != record.entries:
                 raise CorruptShardError(f"shard {record.index} holds {positions} positions and {entries} entries; "
                                         f"the manifest records {record.positions} and {record.entries}")
@@ -201,6 +216,7 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
     return {
         "path": fs.url,
         "format_version": header.format_version,
+        "layout": header.layout or "packed",
         "store_format": store.format,
         "encoding": encoding,
         "compression": f"{store.compression}-{store.compression_level}",
@@ -228,8 +244,10 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
 
 
 def _hf_rows(root: str, fingerprint: str) -> Iterator[dict[str, Any]]:
-    for seq_id, tokens, t in iter_sequences(root):
+    for seq_id, tokens, mask, t in iter_sequences(root, with_mask=True):
         row: dict[str, Any] = {"seq_id": seq_id, "tokens": tokens.tolist()}
+        if mask is not None:
+            row["train_mask"] = mask.tolist()
         for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
                      "sample_weights"):
             value = getattr(t, name)

@@ -17,6 +17,7 @@ class ShardSpec:
     k: int = 0
     num_samples: int = 0
     weighted: bool = False
+    masked: bool = False  # rows carry a train_mask and compact targets (the "documents" layout)
     format: str = "arrow"
     compression: str = "zstd"
     compression_level: int = 9
@@ -35,7 +36,7 @@ class ShardSpec:
     def columns(self) -> list[str]:
         """The byte columns a container stores per row (after ``seq_id``): the row encoding's, and
         with the ``ans`` stage the unit's ``entropy`` column in place of the columns it codes."""
-        cols = row_columns(self.method, self.weighted)
+        cols = row_columns(self.method, self.weighted, self.masked)
         if self.encoding.entropy == "ans":
             from .entropy import COLUMN, coded_columns
 
@@ -53,6 +54,7 @@ def spec_from_manifest(header: ManifestHeader) -> ShardSpec:
         k=header.head_size,
         num_samples=header.num_samples,
         weighted=header.weighted,
+        masked=header.masked,
         format=store.format,
         compression=store.compression,
         compression_level=store.compression_level,

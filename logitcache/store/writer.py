@@ -4,6 +4,9 @@ Ray workers) and by ``convert``."""
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..errors import TargetsError
 from ..faults import fault_point
 from ..targets import SparseTargets
 from .commit import ShardRecord, commit_unit
@@ -14,10 +17,21 @@ from .spec import ShardSpec
 from .containers import get_container
 
 
-def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets]
-                ) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
-    """Encode one unit's sequences into its container objects and their commit record."""
-    rows = [encode_row(spec.encoding, tok, t) for tok, t in zip(tokens, targets)]
+def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
+                masks: list[np.ndarray] | None = None) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
+    """Encode one unit's sequences into its container objects and their commit record. A masked
+    spec (the ``documents`` layout) takes one train mask ``bool[L_i - 1]`` per row in ``masks`` and
+    compact targets; a packed one takes none."""
+    if spec.masked and masks is None:
+        raise TargetsError(f"unit {index}: the store's layout is documents, so every row needs a train mask; found "
+                           "masks=None. Pass one bool[L - 1] per row.")
+    if not spec.masked and masks is not None:
+        raise TargetsError(f"unit {index}: the store's layout is packed (rows without masks); found {len(masks)} "
+                           "train masks. Write masked rows to a documents store.")
+    masks = [None] * len(tokens) if masks is None else masks
+    if len(masks) != len(tokens):
+        raise TargetsError(f"unit {index}: {len(masks)} train masks for {len(tokens)} rows; expected one per row")
+    rows = [encode_row(spec.encoding, tok, t, m) for tok, t, m in zip(tokens, targets, masks, strict=True)]
     columns = [r.columns for r in rows]
     if spec.encoding.entropy == "ans":
         columns = pack_unit(spec, columns)
@@ -31,9 +45,10 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
 
 
 def encode_and_commit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
-                      *, root: str) -> ShardRecord:
-    """Encode a computed unit and commit it through the store's exactly-once path (CPU only)."""
-    record, objects = encode_unit(spec, index, seq_ids, tokens, targets)
+                      masks: list[np.ndarray] | None = None, *, root: str) -> ShardRecord:
+    """Encode a computed unit (``masks`` as :func:`encode_unit` takes them) and commit it through the
+    store's exactly-once path (CPU only)."""
+    record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks)
     commit_unit(StoreFS(root), record, objects)
     fault_point("after_commit")
     return record

@@ -1,25 +1,39 @@
 """Batch collation: per-sequence items with :class:`SparseTargets` become dense padded tensors.
 
 Each item is ``{"seq_id": int, "input_ids": int64[T], "labels": int64[T], "targets": SparseTargets}``
-with targets for the same ``T`` positions. :func:`collate` right-pads sequences to the batch's
-longest ``T`` and lays every position's estimate ``t̂`` (see :meth:`SparseTargets.estimate`) into
-``[B, T, U]`` arrays, ``U`` the batch's largest number of stored ids at one position. The scatter
-is vectorised: one index computation for the whole batch, no Python loop per position.
+with an optional ``loss_mask`` (``bool``/0-1 ``[T]``, 1 where position ``t`` trains; absent: every
+position trains). ``targets`` covers either all ``T`` positions or only the trained ones, in position
+order (the *compact* targets of a ``documents`` store). :func:`collate` right-pads sequences to the
+batch's longest ``T`` and lays every stored position's estimate ``t̂`` (see
+:meth:`SparseTargets.estimate`) into ``[B, T, U]`` arrays at that position, ``U`` the batch's largest
+number of stored ids at one position. Labels are ``ignore_index`` wherever ``loss_mask`` is 0 and on
+padding, so every loss averages over trained positions only. The scatter is vectorised: one index
+computation for the whole batch, no Python loop per position.
 
 Along ``U`` the head comes first (by descending teacher probability, as stored), then the sampled
-ids (ascending). Padding entries have id 0, probability 0 and ``target_mask`` False.
+ids (ascending). Padding entries, and every entry of a position without targets, have id 0,
+probability 0 and ``target_mask`` False.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..errors import TargetsError
 from ..targets import SparseTargets
 
-__all__ = ["collate"]
+__all__ = ["ItemLayout", "collate", "dense_targets", "item_layout"]
+
+
+class ItemLayout(NamedTuple):
+    """One item's place in a batch: its length, its labels and where its stored targets sit."""
+
+    length: int  # T
+    input_ids: torch.Tensor  # int64[T]
+    labels: torch.Tensor  # int64[T], ignore_index where the item's loss_mask is 0
+    positions: torch.Tensor  # int64[P], the positions its targets cover (ascending; P = targets.num_positions)
 
 
 def collate(
@@ -33,52 +47,76 @@ def collate(
 
     Returns a dict with
         ``input_ids`` int64[B,T] (right-padded with ``pad_id``), ``labels`` int64[B,T]
-        (``ignore_index`` on padding), ``attention_mask`` int64[B,T], ``seq_ids`` int64[B],
-        ``target_ids`` int64[B,T,U], ``target_probs`` float32[B,T,U] (``t̂``, 0 on padding),
-        ``target_mask`` bool[B,T,U], ``target_tail_mass`` float32[B,T] (exact mass outside the
-        head for topk/hybrid, 0 for sample/full), ``target_head_size`` int (``k``; 0 for
-        sample), ``target_method`` str and ``target_num_samples`` int.
+        (``ignore_index`` on padding and where ``loss_mask`` is 0), ``attention_mask`` int64[B,T],
+        ``seq_ids`` int64[B], ``target_ids`` int64[B,T,U], ``target_probs`` float32[B,T,U] (``t̂``,
+        0 where nothing is stored), ``target_mask`` bool[B,T,U], ``target_tail_mass`` float32[B,T]
+        (exact mass outside the head for topk/hybrid, 0 for sample/full and where nothing is stored),
+        ``target_head_size`` int (``k``; 0 for sample), ``target_method`` str and ``target_num_samples`` int.
 
-    ``pin_memory=True`` pins the tensors when CUDA is available and is a no-op otherwise.
-    Raises :class:`~logitcache.errors.TargetsError` when items disagree on method, head size or number
-    of samples, or when an item's targets do not cover exactly its ``T`` positions.
+    Items with and without ``loss_mask`` may share a batch. ``pin_memory=True`` pins the tensors when
+    CUDA is available and is a no-op otherwise. Raises :class:`~logitcache.errors.TargetsError` naming
+    the item when items disagree on method, head size or number of samples, or when an item's
+    targets cover neither all its ``T`` positions nor exactly its trained ones.
     """
     if not items:
         raise TargetsError("collate needs at least one item; found an empty list")
-    targets = [item["targets"] for item in items]
-    method, head_size, num_samples = _batch_target_params(targets)
-    lengths = [int(item["input_ids"].shape[0]) for item in items]
-    b, t = len(items), max(lengths)
+    layouts = [item_layout(item, f"item {row} (seq_id {item.get('seq_id')!r})", ignore_index)
+               for row, item in enumerate(items)]
+    b, t = len(items), max(layout.length for layout in layouts)
 
     input_ids = torch.full((b, t), pad_id, dtype=torch.int64)
     labels = torch.full((b, t), ignore_index, dtype=torch.int64)
     attention_mask = torch.zeros((b, t), dtype=torch.int64)
-    tail_mass = torch.zeros((b, t), dtype=torch.float32)
-    for row, (item, n, tg) in enumerate(zip(items, lengths, targets)):
-        _check_item(item, n, tg, row)
-        input_ids[row, :n] = item["input_ids"].to(torch.int64)
-        labels[row, :n] = item["labels"].to(torch.int64)
+    for row, layout in enumerate(layouts):
+        n = layout.length
+        input_ids[row, :n] = layout.input_ids
+        labels[row, :n] = layout.labels
         attention_mask[row, :n] = 1
-        if method in ("topk", "hybrid"):
-            tail_mass[row, :n] = tg.tail_mass.to(torch.float32)
 
-    target_ids, target_probs, target_mask = _scatter_estimates(targets, b, t)
+    cells = torch.cat([layout.positions + row * t for row, layout in enumerate(layouts)])
     batch = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "seq_ids": torch.tensor([int(item["seq_id"]) for item in items], dtype=torch.int64),
-        "target_ids": target_ids,
-        "target_probs": target_probs,
-        "target_mask": target_mask,
-        "target_tail_mass": tail_mass,
-        "target_head_size": head_size,
-        "target_method": method,
-        "target_num_samples": num_samples,
+        **dense_targets([item["targets"] for item in items], cells, (b, t)),
     }
     if pin_memory and torch.cuda.is_available():
         batch = {key: v.pin_memory() if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
     return batch
+
+
+def item_layout(item: dict[str, Any], where: str, ignore_index: int) -> ItemLayout:
+    """The :class:`ItemLayout` of a dataset item, or a :class:`TargetsError` that starts with ``where``."""
+    input_ids = torch.as_tensor(item["input_ids"]).to(torch.int64)
+    labels = torch.as_tensor(item["labels"]).to(torch.int64)
+    n = int(input_ids.shape[0]) if input_ids.dim() == 1 else -1
+    if n < 1 or labels.shape != input_ids.shape:
+        raise TargetsError(f"{where}: input_ids has shape {tuple(input_ids.shape)} and labels "
+                           f"{tuple(labels.shape)}; expected both 1-D of the same length >= 1")
+    trained = _loss_mask(item, n, where)
+    num_targets = item["targets"].num_positions
+    if num_targets == n:
+        positions = torch.arange(n)
+    elif trained is not None and num_targets == int(trained.sum()):
+        positions = trained.nonzero()[:, 0]
+    else:
+        also = "" if trained is None else f" or {int(trained.sum())} (the positions its loss_mask trains)"
+        raise TargetsError(f"{where}: targets cover {num_targets} positions; expected {n} (every position){also}")
+    labels = labels if trained is None else torch.where(trained, labels, ignore_index)
+    return ItemLayout(n, input_ids, labels, positions)
+
+
+def _loss_mask(item: dict[str, Any], n: int, where: str) -> torch.Tensor | None:
+    """``bool[T]`` of the trained positions; None when the item has no ``loss_mask`` (every position trains)."""
+    mask = item.get("loss_mask")
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if mask.shape != (n,) or not ((mask == 0) | (mask == 1)).all():
+        raise TargetsError(f"{where}: loss_mask has shape {tuple(mask.shape)} and values "
+                           f"{sorted(set(mask.reshape(-1).tolist()))[:5]}; expected shape ({n},) of 0/1 or bool")
+    return mask.to(torch.bool)
 
 
 def _batch_target_params(targets: list[SparseTargets]) -> tuple[str, int, int]:
@@ -93,32 +131,36 @@ def _batch_target_params(targets: list[SparseTargets]) -> tuple[str, int, int]:
     return next(iter(params))
 
 
-def _check_item(item: dict[str, Any], n: int, tg: SparseTargets, row: int) -> None:
-    if int(item["labels"].shape[0]) != n or tg.num_positions != n:
-        raise TargetsError(
-            f"item {row} (seq_id {item.get('seq_id')!r}): input_ids has {n} positions, labels "
-            f"{int(item['labels'].shape[0])}, targets {tg.num_positions}; expected all equal"
-        )
+def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tuple[int, int]) -> dict[str, Any]:
+    """The target keys of a batch of ``shape = (B, T)`` positions, the stored positions at ``cells``.
 
+    ``cells`` (int64, distinct) lists, in order, the flat (row-major) cell of every stored position of
+    ``targets[0]``, then of ``targets[1]``, and so on. Returns ``target_ids``/``target_probs``/``target_mask``
+    ``[B, T, U]``, ``target_tail_mass`` ``[B, T]`` and the shared ``target_head_size``,
+    ``target_method`` and ``target_num_samples``; cells without a stored position are empty.
 
-def _scatter_estimates(
-    targets: list[SparseTargets], b: int, t: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scatter each sequence's flat estimate into ``[B, T, U]`` ids, probs and mask.
-
-    Entry ``e`` of sequence ``row`` at position ``pos`` (rank ``e - start(pos)`` there) goes to the
-    flat cell ``(row * t + pos) * u + rank``: one ``repeat_interleave`` over all positions of the
-    batch gives every index, and ``scatter_`` (much cheaper than ``index_put`` here) lays them out."""
+    Entry ``e`` of the stored position at cell ``c`` (rank ``e - start(c)`` there) goes to the flat
+    index ``c * u + rank``: one ``repeat_interleave`` over all stored positions gives every index, and
+    ``scatter_`` (much cheaper than ``index_put`` here) lays them out.
+    """
+    method, head_size, num_samples = _batch_target_params(targets)
     estimates = [tg.estimate() for tg in targets]
-    counts = torch.cat([offsets[1:] - offsets[:-1] for offsets, _, _ in estimates])  # by (row, position)
+    counts = torch.cat([offsets[1:] - offsets[:-1] for offsets, _, _ in estimates])  # per stored position
     u = int(counts.max()) if counts.numel() else 0
-    cells = torch.cat([torch.arange(tg.num_positions) + row * t for row, tg in enumerate(targets)])
     starts = torch.cumsum(counts, 0) - counts
     index = torch.repeat_interleave(cells * u - starts, counts) + torch.arange(int(counts.sum()))
     ids = torch.cat([ids for _, ids, _ in estimates]).to(torch.int64)
     probs = torch.cat([probs for _, _, probs in estimates]).to(torch.float32)
-    target_ids = torch.zeros(b * t * u, dtype=torch.int64).scatter_(0, index, ids)
-    target_probs = torch.zeros(b * t * u, dtype=torch.float32).scatter_(0, index, probs)
-    target_mask = torch.zeros(b * t * u, dtype=torch.bool).scatter_(0, index, True)
-    shape = (b, t, u)
-    return target_ids.view(shape), target_probs.view(shape), target_mask.view(shape)
+    size = shape[0] * shape[1]
+    tail_mass = torch.zeros(size, dtype=torch.float32)
+    if method in ("topk", "hybrid"):
+        tail_mass[cells] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32)
+    return {
+        "target_ids": torch.zeros(size * u, dtype=torch.int64).scatter_(0, index, ids).view(*shape, u),
+        "target_probs": torch.zeros(size * u, dtype=torch.float32).scatter_(0, index, probs).view(*shape, u),
+        "target_mask": torch.zeros(size * u, dtype=torch.bool).scatter_(0, index, True).view(*shape, u),
+        "target_tail_mass": tail_mass.view(shape),
+        "target_head_size": head_size,
+        "target_method": method,
+        "target_num_samples": num_samples,
+    }

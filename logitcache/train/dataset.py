@@ -1,8 +1,13 @@
 """Stream a store to a student trainer: :class:`CacheDataset` (training) and :class:`CacheView` (evaluation).
 
 Items are ``{"seq_id": int, "input_ids": int64[T], "labels": int64[T], "targets": SparseTargets}``
-(``input_ids = tokens[:-1]``, ``labels = tokens[1:]``); batch them with ``ds.collate``
-(:func:`logitcache.train.collate.collate`).
+(``input_ids = tokens[:-1]``, ``labels = tokens[1:]``). A ``documents`` store (chat conversations,
+documents of their own length) adds ``"loss_mask": bool[T]``, the row's train mask: ``labels`` is
+``-100`` where it is 0, and ``targets`` covers only the ``loss_mask.sum()`` trained positions, in order.
+Batch items with ``ds.collate`` (:func:`logitcache.train.collate.collate`: padded ``[B, T]``) or
+``ds.collate_packed`` (:func:`logitcache.train.packing.pack`: the loader's ``B`` sequences in one
+padding-free row ``[1, total]``; feed the student :func:`logitcache.train.packing.model_inputs`).
+Either way a batch holds ``batch_size`` sequences, so the resume state below is the same.
 
 Reading is lazy: a shard is memory-mapped only when a reader first needs one of its rows, its
 checksum is verified then (``verify=True``; a mismatch raises :class:`CorruptShardError` naming the
@@ -62,9 +67,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .collate import collate as _collate
 from ..choices import ON_CORRUPT
 from ..errors import ConfigError, StoreError
+from .packing import pack
 from .partition import default_window, epoch_order, partition, rank_count
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
-from ..store.encoding import decode_row
+from ..store.encoding import decode_row, row_mask
 from ..store.fs import StoreFS
 from ..store.commit import ShardRecord, read_manifest
 from ..store.reader import read_unit
@@ -75,6 +81,7 @@ from .world import World, detect_world
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
 
 STATE_VERSION = 1
+IGNORE_INDEX = -100  # labels of untrained positions (those a documents store's train mask leaves out)
 log = logging.getLogger("logitcache")
 
 
@@ -142,11 +149,16 @@ class _Store:
         s = int(np.searchsorted(self.starts, index, side="right")) - 1
         row = int(index - self.starts[s])
         shard = self._shard(s)
+        columns = shard.row(row)
         tokens, targets = decode_row(self.spec.encoding, self.spec.method, self.spec.num_samples, self.spec.k,
-                                     shard.row(row))
+                                     columns)
         tokens = torch.from_numpy(tokens.astype(np.int64))
-        return {"seq_id": int(shard.seq_ids[row]), "input_ids": tokens[:-1], "labels": tokens[1:],
-                "targets": targets}
+        seq_id, mask = int(shard.seq_ids[row]), row_mask(columns)
+        if mask is None:
+            return {"seq_id": seq_id, "input_ids": tokens[:-1], "labels": tokens[1:], "targets": targets}
+        loss_mask = torch.from_numpy(mask)
+        return {"seq_id": seq_id, "input_ids": tokens[:-1], "labels": torch.where(loss_mask, tokens[1:], IGNORE_INDEX),
+                "loss_mask": loss_mask, "targets": targets}
 
 
 class CacheDataset(IterableDataset):
@@ -171,6 +183,7 @@ class CacheDataset(IterableDataset):
     """
 
     collate = staticmethod(_collate)
+    collate_packed = staticmethod(pack)
 
     def __init__(self, path: str | os.PathLike, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  world: World | None = None, drop_uneven: bool = False, verify: bool = True,
@@ -336,11 +349,13 @@ class CacheView(Dataset):
     """Random access to a store's sequences in manifest order (``iter_sequences`` order), for evaluation.
 
     ``view[i]`` is the same item dict as :class:`CacheDataset` yields; shards open lazily and are
-    verified on first use (``verify``). ``collate`` batches items like ``CacheDataset.collate``.
+    verified on first use (``verify``). ``collate`` and ``collate_packed`` batch items like
+    ``CacheDataset.collate`` and ``CacheDataset.collate_packed``.
     ``on_corrupt`` is as for :class:`CacheDataset` (with ``"skip"``, indices run over the sound shards).
     """
 
     collate = staticmethod(_collate)
+    collate_packed = staticmethod(pack)
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, tokenizer_fingerprint: str | None = None,
                  cache_shards: int = 4, on_corrupt: str = "raise") -> None:

@@ -9,9 +9,13 @@
                         kd_alpha=0.5, kd_kind="auto")
     trainer.train()
 
+``data_collator=ds.collate_packed`` trains on padding-free batches instead (the per-device batch's
+sequences in one row, :func:`logitcache.train.packing.pack`); the position of a resumed run still
+counts sequences.
+
 Notes: the batch carries non-model keys (``target_*``, ``labels``, ``seq_ids``), so the Trainer
-must keep every column (``remove_unused_columns=False``) and :meth:`KDTrainer.compute_loss` pops
-them before the forward. A :class:`~logitcache.train.dataset.CacheDataset` is an ``IterableDataset``:
+must keep every column (``remove_unused_columns=False``) and :meth:`KDTrainer.compute_loss` passes
+only the model's keys to the forward. A :class:`~logitcache.train.dataset.CacheDataset` is an ``IterableDataset``:
 give ``max_steps``. Under DDP the Trainer's accelerate wrapper does not shard an
 ``IterableDataset`` that is not split by rank itself; ``CacheDataset`` already splits by rank
 (``torch.distributed`` rank and world size), so each process reads its own slice.
@@ -42,14 +46,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..errors import ConfigError
 from .dataset import CacheDataset
 from .losses import kd_loss, resolve_kind
+from .packing import student_inputs
 
-__all__ = ["DATASET_STATE_FILE", "KDTrainer", "MODEL_KEYS", "training_args_defaults"]
+__all__ = ["DATASET_STATE_FILE", "KDTrainer", "training_args_defaults"]
 
 DATASET_STATE_FILE = "dataset_state.json"
 TRAINER_STATE_FILE = "trainer_state.json"  # transformers.trainer.TRAINER_STATE_NAME
 log = logging.getLogger("logitcache")
-
-MODEL_KEYS = ("input_ids", "attention_mask")
 
 
 def training_args_defaults() -> dict[str, Any]:
@@ -125,16 +128,16 @@ class KDTrainer(transformers.Trainer):
         return True
 
     def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
-        """Forward ``input_ids``/``attention_mask`` only, then ``kd_loss`` on the logits and the batch.
+        """Forward the model keys only (:func:`~logitcache.train.packing.student_inputs`: ``input_ids`` and
+        ``attention_mask`` of a padded batch, ``input_ids``/``position_ids``/``cu_seq_lens`` of a packed one),
+        then ``kd_loss`` on the logits and the batch.
 
         The loss is a mean over this batch's labelled tokens (``num_items_in_batch`` is not used: with
         gradient accumulation each micro-batch weighs the same, as with ``average_tokens_across_devices=False``).
         """
-        batch = dict(inputs)
-        model_inputs = {key: batch.pop(key) for key in MODEL_KEYS if key in batch}
-        outputs = model(**model_inputs)
+        outputs = model(**student_inputs(inputs))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = kd_loss(logits, batch, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
+        loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
         return (loss, outputs) if return_outputs else loss
 
 

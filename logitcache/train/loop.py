@@ -57,7 +57,9 @@ class TrainConfig:
     architecture and weights with only its first ``layers`` decoder layers (``<teacher>`` is a
     directory or ``embedded:smollm2-135m-instruct``; split on the last colon). ``kind`` is the loss
     kind of :func:`logitcache.kd_loss`. ``eval_every`` ≤ 0 evaluates only at the end; ``grad_clip``
-    ≤ 0 disables clipping.
+    ≤ 0 disables clipping. ``padding_free`` trains on packed rows (each step's ``batch_size`` sequences
+    in one row ``[1, total]``, :func:`logitcache.train.packing.pack`) instead of padded ``[B, T]`` batches;
+    a run may switch between the two on resume (a step consumes the same sequences either way).
     """
 
     store: str
@@ -75,6 +77,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     grad_clip: float = 1.0
+    padding_free: bool = False
 
     def __post_init__(self) -> None:
         for name in ("store", "student", "out"):
@@ -93,6 +96,7 @@ class TrainConfig:
         _check(isinstance(self.eval_every, int), f"eval_every must be an integer; found {self.eval_every!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
         _check(isinstance(self.grad_clip, (int, float)), f"grad_clip must be a number; found {self.grad_clip!r}")
+        _check(isinstance(self.padding_free, bool), f"padding_free must be true or false; found {self.padding_free!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,9 +290,11 @@ def _setup(config: TrainConfig, state: dict[str, Any] | None):
 
 def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float:
     from .losses import kd_loss
+    from .packing import student_inputs
 
-    logits = model(input_ids=batch["input_ids"].to(config.device),
-                   attention_mask=batch["attention_mask"].to(config.device)).logits
+    inputs = {key: v.to(config.device) if isinstance(v, torch.Tensor) else v
+              for key, v in student_inputs(batch).items()}
+    logits = model(**inputs).logits
     loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -304,7 +310,7 @@ def _batches(ds, config: TrainConfig, run: _Run):
 
     while True:
         loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.num_workers,
-                            collate_fn=ds.collate)
+                            collate_fn=ds.collate_packed if config.padding_free else ds.collate)
         fresh = ds.state_dict()["consumed"] == 0
         got = False
         for batch in loader:
@@ -339,7 +345,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
                 raise FloatingPointError(f"loss is {loss} at step {run.step + 1}; lower lr or check the store")
             run.seconds += time.perf_counter() - started
             run.losses.append(loss)
-            run.tokens += int(batch["attention_mask"].sum())
+            padded = batch.get("attention_mask")  # None for a packed batch: every token is real
+            run.tokens += int(padded.sum()) if padded is not None else batch["input_ids"].numel()
             run.step, run.batches = run.step + 1, run.batches + 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens / max(run.seconds, 1e-9):.0f}")

@@ -26,16 +26,17 @@ the row. :func:`model_inputs` passes ``use_cache=False`` and leaves the mask out
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError, TargetsError
-from ..targets import SparseTargets, concat_targets
-from .collate import collate
+from ..targets import SparseTargets
+from .collate import dense_targets, item_layout
 
-__all__ = ["PACKED_MODEL_KEYS", "model_inputs", "pack", "plan_bins"]
+__all__ = ["PACKED_MODEL_KEYS", "model_inputs", "pack", "plan_bins", "student_inputs"]
 
 # the keys of a packed batch a student's forward takes (flash-attention-2 reads cu_seq_lens/max_length;
 # sdpa, eager and flex read position_ids and ignore the rest)
@@ -104,31 +105,35 @@ def pack(examples: Sequence[dict[str, Any]], *, ignore_index: int = -100) -> dic
     if not examples:
         raise TargetsError("pack needs at least one example; found an empty list")
     _check_target_params(examples)
-    lengths, labels, where = [], [], []
-    start = 0
-    for i, example in enumerate(examples):
-        n, example_labels, positions = _example_parts(example, i, ignore_index)
-        lengths.append(n)
-        labels.append(example_labels)
-        where.append(positions + start)
-        start += n
-    cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(torch.int32)
-    longest = max(lengths)
+    layouts = [item_layout(e, f"example {i} (seq_id {e.get('seq_id')!r})", ignore_index)
+               for i, e in enumerate(examples)]
+    lengths = [layout.length for layout in layouts]
+    starts = [0, *itertools.accumulate(lengths)]
+    total, longest = starts[-1], max(lengths)
+    cu = torch.tensor(starts, dtype=torch.int32)
     batch = {
-        "input_ids": torch.cat([torch.as_tensor(e["input_ids"]).to(torch.int64) for e in examples])[None],
-        "labels": torch.cat(labels)[None],
+        "input_ids": torch.cat([layout.input_ids for layout in layouts])[None],
+        "labels": torch.cat([layout.labels for layout in layouts])[None],
         "position_ids": torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths])[None],
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu.clone(), "max_length_q": longest, "max_length_k": longest,
         "seq_ids": torch.tensor([int(e["seq_id"]) for e in examples], dtype=torch.int64),
     }
-    batch.update(_packed_targets([e["targets"] for e in examples], torch.cat(where), start))
-    return batch
+    cells = torch.cat([layout.positions + start for layout, start in zip(layouts, starts)])
+    return {**batch, **dense_targets([e["targets"] for e in examples], cells, (1, total))}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The student forward's keyword arguments for a packed batch: :data:`PACKED_MODEL_KEYS`, moved to
     the model's device by the caller, and ``use_cache=False`` (no attention mask, on purpose)."""
     return {**{key: batch[key] for key in PACKED_MODEL_KEYS}, "use_cache": False}
+
+
+def student_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The student forward's keyword arguments for either kind of batch: :func:`model_inputs` for a packed
+    one (from :func:`pack`), ``input_ids`` and ``attention_mask`` for a padded one (from ``collate``)."""
+    if "cu_seq_lens_q" in batch:
+        return model_inputs(batch)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def _check_target_params(examples: Sequence[dict[str, Any]]) -> None:
@@ -144,53 +149,3 @@ def _check_target_params(examples: Sequence[dict[str, Any]]) -> None:
                 f"example {i} (seq_id {example.get('seq_id')!r}) has targets (method, k, N) = {found}; example 0 "
                 f"has {first}. Pack examples from one store (one capture configuration) only."
             )
-
-
-def _example_parts(example: dict[str, Any], i: int, ignore_index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """``(T, labels int64[T] with ignore_index where untrained, positions int64[P] its targets sit at)``."""
-    where = f"example {i} (seq_id {example.get('seq_id')!r})"
-    input_ids = torch.as_tensor(example["input_ids"])
-    labels = torch.as_tensor(example["labels"]).to(torch.int64)
-    n = int(input_ids.shape[0]) if input_ids.dim() == 1 else -1
-    if n < 1 or labels.shape != input_ids.shape:
-        raise TargetsError(f"{where}: input_ids has shape {tuple(input_ids.shape)} and labels "
-                           f"{tuple(labels.shape)}; expected both 1-D of the same length >= 1")
-    trained = _loss_mask(example, n, where)
-    labels = torch.where(trained, labels, ignore_index)
-    num_targets = example["targets"].num_positions
-    if num_targets == n:
-        return n, labels, torch.arange(n)
-    if num_targets == int(trained.sum()):
-        return n, labels, trained.nonzero()[:, 0]
-    raise TargetsError(f"{where}: targets cover {num_targets} positions; expected {n} (every position) or "
-                       f"{int(trained.sum())} (the positions its loss_mask trains)")
-
-
-def _loss_mask(example: dict[str, Any], n: int, where: str) -> torch.Tensor:
-    """``bool[T]`` of the trained positions (all when the example has no ``loss_mask``)."""
-    mask = example.get("loss_mask")
-    if mask is None:
-        return torch.ones(n, dtype=torch.bool)
-    mask = torch.as_tensor(mask)
-    if mask.shape != (n,) or not ((mask == 0) | (mask == 1)).all():
-        raise TargetsError(f"{where}: loss_mask has shape {tuple(mask.shape)} and values "
-                           f"{sorted(set(mask.reshape(-1).tolist()))[:5]}; expected shape ({n},) of 0/1 or bool")
-    return mask.to(torch.bool)
-
-
-def _packed_targets(targets: list[SparseTargets], where: torch.Tensor, total: int) -> dict[str, Any]:
-    """The collated target keys over ``total`` positions, the stored targets at positions ``where``.
-
-    The examples' targets are concatenated into one sequence of ``P = len(where)`` positions and
-    densified by :func:`collate` (its tokens and labels are placeholders), then scattered into the row.
-    """
-    placeholder = where.to(torch.int64)
-    dense = collate([{"seq_id": -1, "input_ids": placeholder, "labels": placeholder,
-                      "targets": concat_targets(targets)}])
-    out: dict[str, Any] = {key: dense[key] for key in ("target_head_size", "target_method", "target_num_samples")}
-    for key in ("target_ids", "target_probs", "target_mask", "target_tail_mass"):
-        stored = dense[key][0]
-        row = stored.new_zeros((total, *stored.shape[1:]))
-        row[where] = stored
-        out[key] = row[None]
-    return out

@@ -166,6 +166,24 @@ def test_capture_with_the_vllm_backend(teachers, tmp_path):
         assert float((xa.head_logprobs - xb.head_logprobs).abs().max()) <= TOL
 
 
+def test_a_chat_capture_with_the_vllm_backend_agrees_with_hf(teachers, tmp_path):
+    """builtin:pydoc-chat in the documents layout (variable lengths, targets at assistant positions only)."""
+    over = {"corpus.source": "builtin:pydoc-chat", "corpus.seq_len": 200, "corpus.max_tokens": 600}
+    stores = {}
+    for backend, teacher in (("hf", teachers[0]), ("vllm", teachers[1])):
+        stores[backend] = tmp_path / backend
+        config = config_for(backend, str(stores[backend])).with_overrides(over)
+        capture(config, teacher=teacher, progress=False)
+        assert verify_store(stores[backend]).ok
+    info = inspect_store(stores["vllm"])
+    assert info["layout"] == "documents" and info["sequences"] >= 2
+    pairs = zip(iter_sequences(stores["vllm"], with_mask=True), iter_sequences(stores["hf"], with_mask=True),
+                strict=True)
+    for (sa, ta, ma, xa), (sb, tb, mb, xb) in pairs:
+        assert sa == sb and (ta == tb).all() and (ma == mb).all() and xa.num_positions == int(ma.sum())
+        assert float((xa.head_logprobs - xb.head_logprobs).abs().max()) <= TOL
+
+
 class _OmpWork(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4

@@ -1,4 +1,5 @@
-"""collate(): shapes, padding, and per-position equality with SparseTargets.estimate()."""
+"""collate(): shapes, padding, and per-position equality with SparseTargets.estimate(); items with a
+loss mask and compact targets (a ``documents`` store) against a reference built position by position."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from helpers import make_items
 
 from logitcache.errors import TargetsError
-from logitcache.testing.targets import build_sample
+from logitcache.testing.targets import build, build_sample
 from logitcache.train.collate import collate
 from logitcache.targets import SparseTargets
 
@@ -105,7 +106,99 @@ def test_collate_rejects_mixed_methods_and_bad_lengths() -> None:
         collate(k_mismatch)
     bad = make_items(teacher, [5], "topk", k=4)
     bad[0]["labels"] = bad[0]["labels"][:4]
-    with pytest.raises(TargetsError, match="positions"):
+    with pytest.raises(TargetsError, match=r"item 0 \(seq_id 100\): input_ids has shape \(5,\) and labels \(4,\)"):
         collate(bad)
     with pytest.raises(TargetsError, match="at least one"):
         collate([])
+
+
+# -- loss masks and compact targets -------------------------------------------------------------------
+
+MASKED_LENGTHS = [1, 7, 13, 2, 5, 9]
+
+
+def _masked_items(method: str, seed: int = 0) -> list[dict]:
+    """Items of odd lengths: a length-1 one with nothing trained, one with every position trained, one
+    without loss_mask (full targets), one with a loss_mask and full targets, the rest with compact
+    targets (``loss_mask.sum()`` positions, as a documents store yields them)."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i, n in enumerate(MASKED_LENGTHS):
+        mask = torch.rand(n, generator=gen) < 0.5
+        mask = {0: torch.zeros(n, dtype=torch.bool), 1: torch.ones(n, dtype=torch.bool)}.get(i, mask)
+        full = i in (2, 3)
+        t = torch.softmax(2.0 * torch.randn(n if full else int(mask.sum()), V, generator=gen), -1)
+        item = {"seq_id": 300 + i, "input_ids": torch.randint(0, V, (n,), generator=gen),
+                "labels": torch.randint(0, V, (n,), generator=gen), "targets": build(method, t, gen, k=4, n=15)}
+        if i != 2:
+            item["loss_mask"] = mask
+        items.append(item)
+    return items
+
+
+def _reference(items: list[dict], t: int, ignore: int) -> list[list[tuple[int, dict[int, float], float]]]:
+    """Per row and position ``(label, {id: prob}, tail mass)``, walking each item's positions one by one
+    and consuming its targets in order at the positions that hold them."""
+    rows = []
+    for item in items:
+        tg = item["targets"]
+        mask = item.get("loss_mask", torch.ones(len(item["input_ids"]), dtype=torch.bool)).tolist()
+        offsets, ids, probs = tg.estimate()
+        tails = tg.tail_mass.tolist() if tg.method in ("topk", "hybrid") else [0.0] * tg.num_positions
+        row, j = [], 0
+        for pos in range(t):
+            stored = pos < len(mask) and (tg.num_positions == len(mask) or mask[pos])
+            label = int(item["labels"][pos]) if pos < len(mask) and mask[pos] else ignore
+            if not stored:
+                row.append((label, {}, 0.0))
+                continue
+            lo, hi = int(offsets[j]), int(offsets[j + 1])
+            row.append((label, dict(zip(ids[lo:hi].tolist(), probs[lo:hi].tolist())), tails[j]))
+            j += 1
+        assert j == tg.num_positions
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid", "full"])
+def test_masked_items_place_their_targets_at_the_trained_positions(method: str) -> None:
+    items = _masked_items(method)
+    batch = collate(items, pad_id=5, ignore_index=-7)
+    t = max(MASKED_LENGTHS)
+    assert batch["input_ids"].shape == (len(items), t) and batch["target_tail_mass"].shape == (len(items), t)
+    for row, (item, want) in enumerate(zip(items, _reference(items, t, -7))):
+        n = len(item["input_ids"])
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"]) and (batch["input_ids"][row, n:] == 5).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (t - n)
+        for pos, (label, entries, tail) in enumerate(want):
+            m = batch["target_mask"][row, pos]
+            assert int(batch["labels"][row, pos]) == label, (row, pos)
+            assert dict(zip(batch["target_ids"][row, pos][m].tolist(), batch["target_probs"][row, pos][m].tolist())) \
+                == entries, (row, pos)
+            assert int(m.sum()) == len(entries)
+            assert (batch["target_probs"][row, pos][~m] == 0).all() and (batch["target_ids"][row, pos][~m] == 0).all()
+            assert float(batch["target_tail_mass"][row, pos]) == pytest.approx(tail, abs=0), (row, pos)
+
+
+def test_masked_item_alone_equals_the_same_item_in_a_mixed_batch() -> None:
+    items = _masked_items("hybrid", seed=1)
+    batch = collate(items)
+    for row, item in enumerate(items):
+        alone, n = collate([item]), len(item["input_ids"])
+        u = alone["target_ids"].shape[-1]
+        for key in ("labels", "target_tail_mass"):
+            assert torch.equal(batch[key][row, :n], alone[key][0]), key
+        for key in ("target_ids", "target_probs", "target_mask"):
+            assert torch.equal(batch[key][row, :n, :u], alone[key][0]), key
+            assert not batch[key][row, :n, u:].any(), key
+
+
+def test_masked_items_with_wrong_target_counts_are_refused() -> None:
+    items = _masked_items("topk")
+    wrong = {**items[4], "targets": items[1]["targets"]}  # 7 target positions; item 4 has 5 positions
+    trained = int(items[4]["loss_mask"].sum())
+    with pytest.raises(TargetsError, match=rf"item 1 \(seq_id 304\): targets cover 7 positions; expected 5 "
+                                           rf"\(every position\) or {trained} \(the positions its loss_mask trains\)"):
+        collate([items[0], wrong])
+    with pytest.raises(TargetsError, match=r"item 0 \(seq_id 301\): loss_mask has shape \(6,\)"):
+        collate([{**items[1], "loss_mask": torch.ones(6, dtype=torch.bool)}])

@@ -56,7 +56,7 @@ def test_bad_engine_flag_and_workers_are_refused():
 
 def test_a_plan_slice_reads_like_the_plan(tiny_tokenizer):
     from logitcache.capture.corpus import Document
-    from logitcache.capture.distributed import PlanSlice
+    from logitcache.capture.plan import PlanSlice
     from logitcache.capture.plan import build_plan, plan_units
 
     docs = [Document(text=f"document number {i} " * 7, origin=str(i)) for i in range(9)]

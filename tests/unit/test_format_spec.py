@@ -1,17 +1,23 @@
 """docs/format.md describes the files as written: the documented Arrow shard schema equals the schema
-of real shards, for every method, id code, logprob code and entropy stage."""
+of real shards, for every method, id code, logprob code and entropy stage, packed and ``documents``."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
 from helpers import make_config
 from logitcache.capture import capture
+from logitcache.store.spec import spec_from_manifest
+from logitcache.store.writer import encode_unit
+from logitcache.testing.store_conformance import VOCAB, make_header, make_rows
+from logitcache.testing.targets import random_row
 
 FORMAT_MD = Path(__file__).resolve().parents[2] / "docs" / "format.md"
 TYPES = {"uint64": pa.uint64(), "binary": pa.binary()}
@@ -26,10 +32,13 @@ def documented_shard_table() -> list[tuple[str, str, str]]:
     return rows
 
 
-def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str) -> bool:
+def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str,
+           masked: bool = False) -> bool:
     """Evaluate a documented "stored when" condition for one store configuration."""
     if condition == "always":
         return True
+    if condition == "layout `documents`":
+        return masked
     if condition == "under `ans`":
         return entropy == "ans"
     clauses = [c.strip() for c in condition.split(";")]
@@ -86,3 +95,21 @@ def test_a_drifted_table_is_caught():
     weighted = documented_schema(method="sample", weighted=True, ids="rank-delta", logprobs="float32", entropy="ans")
     assert "sample_lengths" not in plain.names and "entropy" in plain.names
     assert weighted.names == plain.names[:-1] + ["sample_weights", "entropy"]
+
+
+@pytest.mark.parametrize("method, tau, ids, logprobs, entropy", CASES)
+def test_documents_shards_have_the_documented_schema(method, tau, ids, logprobs, entropy):
+    """A ``documents`` store's shard (masked rows, written as a capture writes them) has the documented columns."""
+    weighted = tau != 1.0
+    header = dataclasses.replace(make_header(method, "arrow", sequences=2, per_shard=2, ids=ids, logprobs=logprobs,
+                                             entropy=entropy, weighted=weighted, seq_len=6), layout="documents")
+    rows = make_rows(method, 2, 6, seed=1, weighted=weighted)  # six positions each
+    half = random_row(method, 3, VOCAB, seed=2, k=4, weighted=weighted)[1]  # compact targets of row 0's mask
+    masks = [np.arange(6) % 2 == 0, np.ones(6, bool)]
+    _, objects = encode_unit(spec_from_manifest(header), 0, [r[0] for r in rows], [r[1] for r in rows],
+                             [half, rows[1][2]], masks)
+    schema = pa.ipc.open_stream(pa.py_buffer(objects[0][1])).schema
+    expected = documented_schema(method=method, weighted=weighted, ids=ids, logprobs=logprobs, entropy=entropy,
+                                 masked=True)
+    assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
+    assert expected.names[:3] == ["seq_id", "tokens", "train_mask"]

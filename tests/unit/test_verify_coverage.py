@@ -5,6 +5,7 @@ saying what it checked and exiting non-zero on what it found."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -31,7 +32,7 @@ PER_SHARD = 2
 
 def _store(root: Path, fmt: str = "arrow", seed: int = 0, corpus: str = "c") -> Path:
     header = make_header("hybrid", fmt, sequences=6, per_shard=PER_SHARD, seq_len=3)
-    header = header.__class__(**{**header.__dict__, "corpus": {"fingerprint": corpus}})
+    header = dataclasses.replace(header, corpus={"fingerprint": corpus})
     write_store(str(root), header, make_rows("hybrid", 6, 3, seed=seed))
     return root
 
@@ -202,7 +203,7 @@ def test_resume_recomputes_a_commit_record_of_another_store(tmp_path):
     header = make_header("hybrid", "arrow", sequences=6, per_shard=PER_SHARD, seq_len=3)
     rows = make_rows("hybrid", 6, 3, seed=0)
     write_store(str(tmp_path / "a"), header, rows, finalize=False)
-    other = header.__class__(**{**header.__dict__, "corpus": {"fingerprint": "another corpus"}})
+    other = dataclasses.replace(header, corpus={"fingerprint": "another corpus"})
     write_store(str(tmp_path / "b"), other, rows, finalize=False)
     shutil.copyfile(tmp_path / "b/commits/00001.json", tmp_path / "a/commits/00001.json")
     spec = spec_from_manifest(header)
