@@ -5,6 +5,7 @@ live in ``logitcache.testing``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,32 @@ def make_config(teacher: str, out: Path, method: str = "sample", **over) -> Capt
             "corpus.max_tokens": SEQ_LEN * 10, "store.path": str(out), "store.sequences_per_shard": 3,
             "sparsify.method": method, "sparsify.k": 5, "sparsify.samples": 20, "teacher.head_chunk": 7}
     return CaptureConfig().with_overrides({**base, **over})
+
+
+# a ChatML template (the tiny teacher's tokenizer has none) and a small chat corpus: multi-turn, system, empty
+# system, a conversation without an assistant turn, one long enough to need a long-sequence policy at seq_len 120
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a loop."},
+                  {"role": "assistant", "content": "for"}, {"role": "user", "content": "Another?"},
+                  {"role": "assistant", "content": "while, which repeats while its condition holds."}]},
+    {"messages": [{"role": "user", "content": "No answer here."}]},
+    {"messages": [{"role": "user", "content": "Tell me about tuples " * 6},
+                  {"role": "assistant", "content": "Tuples are immutable sequences of values. " * 5}]},
+    {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello"}]},
+]
+
+
+def write_chat_corpus(directory: Path, rows: list[dict] = CHAT_ROWS) -> tuple[Path, Path]:
+    """``rows`` as ``chat.jsonl`` and :data:`CHATML` as ``chatml.jinja`` in ``directory``: (corpus, template)."""
+    path = directory / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    template = directory / "chatml.jinja"
+    template.write_text(CHATML, encoding="utf-8")
+    return path, template
 
 
 def cli_args(config: CaptureConfig) -> list[str]:

@@ -137,6 +137,51 @@ class CorpusConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """Teacher-generated responses (docs/capture.md, "Teacher-generated responses"); ``max_new_tokens`` = 0: off.
+
+    Each prompt of a chat corpus (the conversation up to its last user turn, with the template's generation
+    prompt) gets ``n`` responses of at most ``max_new_tokens`` tokens, sampled at ``temperature`` (0: greedy)
+    within the ``top_k`` most likely tokens (0: all) and the ``top_p`` nucleus, stopping at the teacher's eos
+    token or at one of the ``stop`` strings. The targets are then captured over prompt + response at τ = 1.
+    """
+
+    max_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+               f"generate.max_new_tokens must be an integer >= 0 (0 = no generation); found {self.max_new_tokens!r}")
+        _check(isinstance(self.n, int) and self.n >= 1,
+               f"generate.n (responses per prompt) must be an integer >= 1; found {self.n!r}")
+        _check(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+               f"generate.temperature must be >= 0 (0 = greedy); found {self.temperature!r}")
+        _check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+               f"generate.top_p must be in (0, 1] (1 = no nucleus cut); found {self.top_p!r}")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"generate.top_k must be an integer >= 0 (0 = no cut); found {self.top_k!r}")
+        stop = self.stop if isinstance(self.stop, (list, tuple)) else None
+        _check(stop is not None and all(isinstance(s, str) and s for s in stop) and len(stop) <= 250,
+               f"generate.stop must be a list of at most 250 non-empty strings; found {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        _check(self.enabled or (self.temperature, self.top_p, self.top_k, self.n, self.stop) == (1.0, 1.0, 0, 1, ()),
+               "generate settings were given but generate.max_new_tokens is 0 (generation off); set "
+               "--generate-max-new-tokens N to generate responses, or drop the other generate settings")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_new_tokens > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as the manifest and the identity record them (``stop`` as a list)."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where and how targets are written (docs/format.md).
 
@@ -186,6 +231,7 @@ class CaptureConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     seed: int = 0
     batch_tokens: int = 4096
     workers: int = 0
@@ -204,9 +250,24 @@ class CaptureConfig:
                or self.sparsify.samples <= MAX_SAMPLES,
                f"the ans entropy stage codes up to {MAX_SAMPLES} draws per position; found "
                f"samples={self.sparsify.samples}. Use entropy zstd for more.")
+        if self.generate.enabled:
+            self._check_generation()
+
+    def _check_generation(self) -> None:
+        c, g = self.corpus, self.generate
+        _check(g.max_new_tokens < c.seq_len,
+               f"generate.max_new_tokens = {g.max_new_tokens} leaves no room for a prompt in seq_len = {c.seq_len} "
+               f"(a sequence holds at most seq_len + 1 tokens, prompt + response, and a prompt at least 2); use "
+               f"--generate-max-new-tokens at most {c.seq_len - 1} or a larger --seq-len")
+        _check(c.layout != "packed", "generation writes one sequence per prompt and response (the documents layout); "
+               "drop --layout packed")
+        _check(c.train_on is None, f"train_on {c.train_on!r} does not apply to generated responses: the response "
+               "(and its end-of-turn token) is what trains; drop --train-on")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["generate"] = self.generate.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaptureConfig:
@@ -233,6 +294,7 @@ class CaptureConfig:
         the same store. (Stores written before this recorded ``corpus.source`` here; a resume ignores it.)
         The layout fields enter as resolved (``auto`` made ``packed`` or ``documents``, the chat template by
         its sha256) through the manifest's ``corpus.layout``, compared on resume like the fingerprint.
+        ``generate`` enters only when generation is on, so stores captured without it keep their identity.
         """
         d = self.to_dict()
         # head_chunk is here because the head's matmul shape can change float rounding in the last bit
@@ -244,6 +306,7 @@ class CaptureConfig:
             "sparsify": {"method": self.sparsify.method, **self.sparsify.params()},
             "store": store,
             "seed": self.seed,
+            **({"generate": self.generate.to_dict()} if self.generate.enabled else {}),
         }
 
 
@@ -255,6 +318,7 @@ _NESTED = {
     (CaptureConfig, "corpus"): CorpusConfig,
     (CaptureConfig, "sparsify"): SparsifyConfig,
     (CaptureConfig, "store"): StoreConfig,
+    (CaptureConfig, "generate"): GenerateConfig,
 }
 
 __all__ = [
@@ -262,6 +326,7 @@ __all__ = [
     "EMBEDDED_TEACHER",
     "CaptureConfig",
     "CorpusConfig",
+    "GenerateConfig",
     "SparsifyConfig",
     "StoreConfig",
     "TeacherConfig",

@@ -27,6 +27,7 @@ from .config import CaptureConfig
 from .chat import read_chat_template
 from .corpus import Corpus, open_corpus
 from .documents import DocumentPlan, Sequence, build_document_plan
+from .generate import GenerationPlan, build_generation_plan, generate_unit
 from ..errors import ConfigError, StoreError
 from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
@@ -45,7 +46,7 @@ from .teachers import Teacher, load_teacher
 from .teachers.base import bucket_length
 from .teachers.hf import resolve_device
 
-AnyPlan = Plan | PlanSlice | DocumentPlan  # a whole plan, or the slice of one unit a Ray worker gets
+AnyPlan = Plan | PlanSlice | DocumentPlan | GenerationPlan  # a whole plan, or the slice of one unit a Ray worker has
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,11 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan | DocumentP
     into ``plan``: its canonical source and what its reader found go in the corpus section; a documents
     plan adds ``corpus.layout``)."""
     store = config.store
-    documents = isinstance(plan, DocumentPlan)
-    corpus_section = {"source": corpus.source, "fingerprint": plan.corpus_fingerprint, "stats": plan.stats,
-                      "input": corpus.manifest_input()}
-    if documents:
+    documents = isinstance(plan, (DocumentPlan, GenerationPlan))
+    corpus_section = {"source": corpus.source, "fingerprint": plan.corpus_fingerprint}
+    if documents:  # before the stats it changes, so a resume with other settings names the setting
         corpus_section["layout"] = plan.layout.to_dict()
+    corpus_section.update(stats=plan.stats, input=corpus.manifest_input())
     return ManifestHeader(
         layout="documents" if documents else None,
         identity=config.identity(),
@@ -169,12 +170,18 @@ def sequence_batches(lengths: list[int], batch_tokens: int, max_positions: int) 
 
 def compute_unit(teacher: Teacher, plan: AnyPlan, unit: Unit, config: CaptureConfig,
                  on_batch: Callable[[int], None] = lambda n: None
-                 ) -> tuple[list[int], list, list[SparseTargets], list | None]:
-    """The teacher's part of a unit: ``(seq_ids, tokens, targets, masks)`` of its sequences (``masks``:
-    the documents plan's per-position masks, None for packed windows); ``on_batch`` gets the positions done."""
+                 ) -> tuple[list[int], list, list[SparseTargets], list | None, list[int] | None]:
+    """The teacher's part of a unit: ``(seq_ids, tokens, targets, masks, finish)`` of its sequences (``masks``:
+    the documents plan's per-position masks, None for packed windows; ``finish``: the finish codes of
+    generated responses, else None); ``on_batch`` gets the positions done."""
     fault_point("unit_start")
     if isinstance(plan, DocumentPlan):
-        return _compute_documents(teacher, plan, unit, config, on_batch)
+        idx = range(unit.start, unit.stop)
+        sequences, seq_ids = [plan.sequence(i) for i in idx], [plan.seq_id(i) for i in idx]
+        return (*_compute_sequences(teacher, sequences, seq_ids, config, on_batch), None)
+    if isinstance(plan, GenerationPlan):  # generate the responses, then capture them as documents sequences
+        done = generate_unit(teacher, plan, unit, config)
+        return (*_compute_sequences(teacher, done.sequences, done.seq_ids, config, on_batch), done.finish)
     per_batch = max(1, config.batch_tokens // (plan.seq_len + 1))
     seq_ids, tokens, targets = [], [], []
     for start in range(unit.start, unit.stop, per_batch):
@@ -186,13 +193,11 @@ def compute_unit(teacher: Teacher, plan: AnyPlan, unit: Unit, config: CaptureCon
         tokens += list(windows)
         targets += batch_targets
         on_batch(len(idx) * plan.seq_len)
-    return seq_ids, tokens, targets, None
+    return seq_ids, tokens, targets, None, None
 
 
-def _compute_documents(teacher: Teacher, plan: DocumentPlan, unit: Unit, config: CaptureConfig,
+def _compute_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: list[int], config: CaptureConfig,
                        on_batch: Callable[[int], None]) -> tuple[list[int], list, list[SparseTargets], list]:
-    sequences = [plan.sequence(i) for i in range(unit.start, unit.stop)]
-    seq_ids = [plan.seq_id(i) for i in range(unit.start, unit.stop)]
     targets: list[SparseTargets | None] = [None] * len(sequences)
     lengths = [s.tokens.size - 1 for s in sequences]
     for batch in sequence_batches(lengths, config.batch_tokens, teacher.max_positions):
@@ -271,13 +276,16 @@ def resolved_layout(config: CaptureConfig, corpus: Corpus) -> str:
 def make_plan(config: CaptureConfig, teacher: Teacher, corpus: Corpus) -> Plan | DocumentPlan:
     """The packed or documents plan of ``corpus`` (see :func:`resolved_layout`)."""
     c = config.corpus
-    if resolved_layout(config, corpus) == "packed":
+    if not config.generate.enabled and resolved_layout(config, corpus) == "packed":
         return build_plan(corpus.documents(), teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
                           eos_id=teacher.eos_id, max_positions=teacher.max_positions)
     if c.seq_len > teacher.max_positions:
         raise ConfigError(f"seq_len = {c.seq_len} exceeds the teacher's max_positions = {teacher.max_positions}; "
                           f"lower --seq-len to at most {teacher.max_positions}")
     template = None if c.chat_template is None else read_chat_template(c.chat_template)
+    if config.generate.enabled:
+        return build_generation_plan(corpus, teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
+                                     settings=config.generate, chat_template=template, stop_ids=(int(teacher.eos_id),))
     return build_document_plan(corpus, teacher.tokenizer, seq_len=c.seq_len, max_tokens=c.max_tokens,
                                eos_id=teacher.eos_id, long_sequences=c.long_sequences, train_on=c.train_on,
                                chat_template=template)

@@ -232,10 +232,12 @@ class EncodedRow:
     prob_error: float = 0.0  # max |Δ p| over all entries
 
 
-def row_columns(method: str, weighted: bool, masked: bool = False) -> list[str]:
+def row_columns(method: str, weighted: bool, masked: bool = False, generated: bool = False) -> list[str]:
     """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them;
-    ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``."""
+    ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``, and ``generated``
+    rows (teacher-generated responses) a ``finish_reason`` after that."""
     cols = ["tokens", "train_mask"] if masked else ["tokens"]
+    cols += ["finish_reason"] if generated else []
     if method in ("topk", "hybrid", "full"):
         cols += ["head_label", "head_ids", "head_id_bits", "head_logprobs", "tail_mass"]
     if method in ("sample", "hybrid"):
@@ -250,10 +252,12 @@ def _count_dtype(num_samples: int) -> str:
     return "u1" if num_samples <= 255 else "<u2"
 
 
-def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None) -> EncodedRow:
+def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None,
+               finish: int | None = None) -> EncodedRow:
     """Encode one sequence: ``tokens`` int[L] (labels are ``tokens[1:]``) and its targets, one per
     position; or, with ``mask`` bool[L - 1] (a masked row), targets only at the positions it marks
-    (compact, in position order; their labels are ``tokens[1:][mask]``)."""
+    (compact, in position order; their labels are ``tokens[1:][mask]``). ``finish``: a generated row's
+    finish code (:data:`FINISH_CODES`)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
     labels = tokens[1:]
@@ -261,6 +265,8 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.nda
         mask = _checked_mask(mask, tokens.size)
         labels = labels[mask]
         out.columns["train_mask"] = np.packbits(mask).tobytes()
+    if finish is not None:
+        out.columns["finish_reason"] = finish_column(finish)
     num_positions = labels.size
     if t.num_positions != num_positions:
         found = (f"the window has {num_positions} (tokens[1:]). Expected one target row per label position"
@@ -338,6 +344,36 @@ def row_mask(columns: dict[str, np.ndarray]) -> np.ndarray | None:
     if bits[num_positions:].any():
         raise CorruptShardError("train mask has bits set past the row's last position")
     return bits[:num_positions].astype(bool)
+
+
+FINISH_CODES = {"stop": 0, "length": 1, "stop-string": 2}  # code 2 + i: the settings' stop string i
+MAX_FINISH_CODE = 255
+
+
+def finish_code(reason: str, stop_string: int | None = None) -> int:
+    """The stored code of a finish reason: 0 stop, 1 length, ``2 + i`` for stop string ``i``."""
+    if reason not in FINISH_CODES or (reason == "stop-string") != (stop_string is not None):
+        raise TargetsError(f"finish reason {reason!r} (stop string {stop_string!r}); expected stop, length, or "
+                           "stop-string with the index of the stop string that ended the response")
+    return FINISH_CODES[reason] + (stop_string or 0)
+
+
+def finish_column(code: int) -> bytes:
+    """A generated row's ``finish_reason`` column: its code in one byte."""
+    if not isinstance(code, (int, np.integer)) or not 0 <= code <= MAX_FINISH_CODE:
+        raise TargetsError(f"finish code {code!r}; expected an integer in [0, {MAX_FINISH_CODE}] (finish_code)")
+    return bytes([int(code)])
+
+
+def row_finish(columns: dict[str, np.ndarray]) -> tuple[str, int | None] | None:
+    """A decoded row's ``(finish reason, stop string index or None)``; None for a row without the column."""
+    if "finish_reason" not in columns:
+        return None
+    data = columns["finish_reason"]
+    if data.size != 1:
+        raise CorruptShardError(f"finish_reason holds {data.size} bytes; 1 expected (one code per row)")
+    code = int(data[0])
+    return ("stop", None) if code == 0 else ("length", None) if code == 1 else ("stop-string", code - 2)
 
 
 def decode_row(enc: Encoding, method: str, num_samples: int, k: int,

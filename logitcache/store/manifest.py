@@ -4,7 +4,8 @@ A manifest is JSON that anyone can edit, so :meth:`Manifest.from_dict` checks ev
 uses for presence, type and range, with one error naming the field, the value found and what was
 expected. Shard contents are checked elsewhere (checksums); this module only guards the bookkeeping:
 indices unique and within the plan, counts non-negative and bounded, positions equal to
-``sequences · seq_len`` (at most that in a ``documents`` store, whose positions are the trained ones).
+``sequences · seq_len`` (at most that in a ``documents`` store, whose positions are the trained ones), and
+a ``documents`` unit's row lengths (one per sequence, each ``2 … seq_len + 1``).
 Paths escaping the store are refused per shard when opened (:func:`logitcache.store.reader.object_path`),
 so `verify` can name each one.
 
@@ -288,9 +289,26 @@ def _check_shards(records: tuple[ShardRecord, ...], header: ManifestHeader, wher
         if not header.masked and record.positions != full:
             fail(where, f"{name}.positions", record.positions,
                  f"sequences × seq_len = {record.sequences} × {seq_len}")
+        if record.lengths is not None:
+            _check_lengths(record, header, where, name)
     total = sum(r.sequences for r in records)
     if total > header.plan.sequences:
         fail(where, "sum of shards[].sequences", total, f"at most plan.sequences = {header.plan.sequences}")
+
+
+def _check_lengths(record: ShardRecord, header: ManifestHeader, where: str, name: str) -> None:
+    """A unit's row lengths: only in a documents store, each at most ``seq_len + 1``, and room for its trained
+    positions (each row trains at most its ``L − 1`` input positions)."""
+    if not header.masked:
+        fail(where, f"{name}.lengths", record.lengths, "absent in a packed store (its rows all hold seq_len + 1 "
+             "tokens)")
+    for j, n in enumerate(record.lengths):
+        if n > header.seq_len + 1:
+            fail(where, f"{name}.lengths[{j}]", n, f"at most seq_len + 1 = {header.seq_len + 1}")
+    inputs = sum(record.lengths) - record.sequences
+    if record.positions > inputs:
+        fail(where, f"{name}.positions", record.positions,
+             f"at most the unit's input positions, sum(lengths) − sequences = {inputs}")
 
 
 def header_digest(manifest: dict) -> str:

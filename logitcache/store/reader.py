@@ -147,7 +147,7 @@ def store_problems(fs: StoreFS, spec: ShardSpec, records: tuple[ShardRecord, ...
 
 def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     """Check the whole store: :func:`store_problems`, and every recorded unit: binding, objects (present,
-    sizes, checksums), decodable rows and counts."""
+    sizes, checksums), decodable rows, counts and recorded row lengths."""
     fs = as_fs(root)
     report = VerifyReport(root=fs.url)
     manifest = read_manifest(fs)
@@ -160,9 +160,11 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
         try:
             rows = read_unit(fs, spec, record)
             try:
-                targets = [t for _, _, t in decode_rows(spec, rows)]
+                decoded = list(decode_rows(spec, rows))
             except CorruptShardError as exc:
                 raise CorruptShardError(f"shard {record.index}: {exc}") from None
+            check_lengths(record, decoded)
+            targets = [t for _, _, t in decoded]
             positions = sum(t.num_positions for t in targets)  # a documents row's: its trained positions
             entries = sum(int(t.ids_per_position().sum()) for t in targets)
             if positions != record.positions or entries != record.entries:
@@ -174,6 +176,16 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     if manifest.complete and len(records) != planned:
         report.problems.append(f"manifest is marked complete with {len(records)} shards; the plan has {planned}")
     return report
+
+
+def check_lengths(record: ShardRecord, rows: list[Row]) -> None:
+    """Refuse a unit whose recorded row lengths (``record.lengths``, documents stores) are not its rows' token counts."""
+    if record.lengths is None:
+        return
+    for r, ((seq_id, tokens, _), recorded) in enumerate(zip(rows, record.lengths)):
+        if tokens.size != recorded:
+            raise CorruptShardError(f"shard {record.index} row {r} (seq_id {seq_id}) holds {tokens.size} tokens; the "
+                                    f"manifest records lengths[{r}] = {recorded}")
 
 
 INSPECT_CHECKS = ("manifest fields and header digest; every recorded object present with the recorded size and "

@@ -60,6 +60,16 @@ def mapping_field(where: str, name: str, value: Any, keys: tuple[str, ...] = ())
     return value
 
 
+def lengths_field(where: str, name: str, value: Any, sequences: int) -> tuple[int, ...]:
+    """A unit's row lengths: a list of ``sequences`` token counts, each in ``[2, MAX_SEQ_LEN + 1]`` (a row has
+    at least one position; the bound by the store's ``seq_len`` is checked with the header)."""
+    if not isinstance(value, list) or len(value) != sequences:
+        fail(where, name, value, f"a list of {sequences} token counts, one per sequence of the unit")
+    for j, n in enumerate(value):
+        int_field(where, f"{name}[{j}]", n, 2, MAX_SEQ_LEN + 1)
+    return tuple(value)
+
+
 def as_json(value: Any) -> Any:
     """A typed value as the JSON logitcache writes: fields in order, ``None`` fields left out."""
     if isinstance(value, Encoding):
@@ -99,8 +109,10 @@ def unit_binding(header_sha256: str, index: int, object_sha256s: list[str]) -> s
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """What the manifest records of one committed unit (its objects, counts and measured error), and its
-    ``binding`` to the store header (None in stores written before bindings)."""
+    """What the manifest records of one committed unit (its objects, counts and measured error), its
+    ``binding`` to the store header (None in stores written before bindings) and, in a ``documents``
+    store, the token count ``L`` of each of its rows (``lengths``; None in packed stores, whose rows
+    all hold ``seq_len + 1`` tokens, and in documents stores written before the field)."""
 
     index: int
     sequences: int
@@ -110,6 +122,7 @@ class ShardRecord:
     max_logprob_error: float = 0.0
     max_prob_error: float = 0.0
     binding: str | None = None
+    lengths: tuple[int, ...] | None = None  # tokens of each row, in row order (documents stores; packed: None)
 
     @property
     def bytes(self) -> int:
@@ -142,15 +155,19 @@ class ShardRecord:
         binding = d.get("binding")  # optional: absent in stores written before bindings
         if binding is not None and (not isinstance(binding, str) or not SHA256_HEX.fullmatch(binding)):
             fail(where, f"{name}.binding", binding, "64 lowercase hex digits")
-        return cls(objects=records, **counts, **errors, binding=binding)
+        lengths = d.get("lengths")  # optional: documents stores only
+        if lengths is not None:
+            lengths = lengths_field(where, f"{name}.lengths", lengths, counts["sequences"])
+        return cls(objects=records, **counts, **errors, binding=binding, lengths=lengths)
 
     @classmethod
     def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
               max_logprob_error: float = 0.0, max_prob_error: float = 0.0, *,
-              header_sha256: str | None = None) -> ShardRecord:
-        """A unit's record from its objects; bound to the store whose header digest is ``header_sha256`` if given."""
+              header_sha256: str | None = None, lengths: tuple[int, ...] | None = None) -> ShardRecord:
+        """A unit's record from its objects (and its rows' token counts, ``lengths``, in a documents store);
+        bound to the store whose header digest is ``header_sha256`` if given."""
         recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
-        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error)
+        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error, lengths=lengths)
         if header_sha256 is None:
             return record
         return dataclasses.replace(record, binding=record.binding_for(header_sha256))

@@ -18,6 +18,7 @@ class ShardSpec:
     num_samples: int = 0
     weighted: bool = False
     masked: bool = False  # rows carry a train_mask and compact targets (the "documents" layout)
+    generated: bool = False  # rows carry a finish_reason (teacher-generated responses: corpus.layout.generate)
     format: str = "arrow"
     compression: str = "zstd"
     compression_level: int = 9
@@ -36,13 +37,19 @@ class ShardSpec:
     def columns(self) -> list[str]:
         """The byte columns a container stores per row (after ``seq_id``): the row encoding's, and
         with the ``ans`` stage the unit's ``entropy`` column in place of the columns it codes."""
-        cols = row_columns(self.method, self.weighted, self.masked)
+        cols = row_columns(self.method, self.weighted, self.masked, self.generated)
         if self.encoding.entropy == "ans":
             from .entropy import COLUMN, coded_columns
 
             coded = set(coded_columns(self))
             cols = [c for c in cols if c not in coded] + [COLUMN]
         return cols
+
+
+def generation_settings(header: ManifestHeader) -> dict | None:
+    """The generation settings of a store of teacher-generated responses (``corpus.layout.generate``), else None."""
+    layout = header.corpus.get("layout") if header.masked else None
+    return layout.get("generate") if isinstance(layout, dict) else None
 
 
 def spec_from_manifest(header: ManifestHeader) -> ShardSpec:
@@ -55,6 +62,7 @@ def spec_from_manifest(header: ManifestHeader) -> ShardSpec:
         num_samples=header.num_samples,
         weighted=header.weighted,
         masked=header.masked,
+        generated=generation_settings(header) is not None,
         format=store.format,
         compression=store.compression,
         compression_level=store.compression_level,

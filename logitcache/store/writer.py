@@ -18,10 +18,12 @@ from .containers import get_container
 
 
 def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
-                masks: list[np.ndarray] | None = None) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
+                masks: list[np.ndarray] | None = None, finish: list[int] | None = None
+                ) -> tuple[ShardRecord, list[tuple[str, bytes]]]:
     """Encode one unit's sequences into its container objects and their commit record. A masked
     spec (the ``documents`` layout) takes one train mask ``bool[L_i - 1]`` per row in ``masks`` and
-    compact targets; a packed one takes none."""
+    compact targets, and its record lists each row's token count (``lengths``, what a loader packs by
+    without reading the unit); a packed one takes no masks and records no lengths."""
     if spec.masked and masks is None:
         raise TargetsError(f"unit {index}: the store's layout is documents, so every row needs a train mask; found "
                            "masks=None. Pass one bool[L - 1] per row.")
@@ -31,7 +33,12 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
     masks = [None] * len(tokens) if masks is None else masks
     if len(masks) != len(tokens):
         raise TargetsError(f"unit {index}: {len(masks)} train masks for {len(tokens)} rows; expected one per row")
-    rows = [encode_row(spec.encoding, tok, t, m) for tok, t, m in zip(tokens, targets, masks, strict=True)]
+    if spec.generated != (finish is not None) or (finish is not None and len(finish) != len(tokens)):
+        raise TargetsError(f"unit {index}: {'no' if finish is None else len(finish)} finish codes for {len(tokens)} "
+                           f"rows; a store of generated responses takes one per row, any other store none")
+    finish = [None] * len(tokens) if finish is None else finish
+    rows = [encode_row(spec.encoding, tok, t, m, f)
+            for tok, t, m, f in zip(tokens, targets, masks, finish, strict=True)]
     columns = [r.columns for r in rows]
     if spec.encoding.entropy == "ans":
         columns = pack_unit(spec, columns)
@@ -40,15 +47,17 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
         index, sequences=len(seq_ids), positions=sum(t.num_positions for t in targets),
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,
         max_logprob_error=max((r.logprob_error for r in rows), default=0.0),
-        max_prob_error=max((r.prob_error for r in rows), default=0.0), header_sha256=spec.header_sha256 or None)
+        max_prob_error=max((r.prob_error for r in rows), default=0.0), header_sha256=spec.header_sha256 or None,
+        lengths=tuple(len(tok) for tok in tokens) if spec.masked else None)
     return record, objects
 
 
 def encode_and_commit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
-                      masks: list[np.ndarray] | None = None, *, root: str) -> ShardRecord:
+                      masks: list[np.ndarray] | None = None, finish: list[int] | None = None, *,
+                      root: str) -> ShardRecord:
     """Encode a computed unit (``masks`` as :func:`encode_unit` takes them) and commit it through the
     store's exactly-once path (CPU only)."""
-    record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks)
+    record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks, finish)
     commit_unit(StoreFS(root), record, objects)
     fault_point("after_commit")
     return record

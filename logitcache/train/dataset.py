@@ -7,7 +7,12 @@ documents of their own length) adds ``"loss_mask": bool[T]``, the row's train ma
 Batch items with ``ds.collate`` (:func:`logitcache.train.collate.collate`: padded ``[B, T]``) or
 ``ds.collate_packed`` (:func:`logitcache.train.packing.pack`: the loader's ``B`` sequences in one
 padding-free row ``[1, total]``; feed the student :func:`logitcache.train.packing.model_inputs`).
-Either way a batch holds ``batch_size`` sequences, so the resume state below is the same.
+
+Token-budget rows (``pack_tokens=N``): each element yielded is already one padding-free row of at most
+``N`` input positions (the :func:`~logitcache.train.packing.pack` layout, with ``seq_ids``), for
+``DataLoader(ds, batch_size=None)`` (or ``batch_size=1``, ``collate_fn=ds.collate_rows``). The rows, and
+which rank reads each (as many on every rank, balanced by tokens), are :mod:`logitcache.train.packed_order`
+of the lengths the manifest records. Below, read "row" for "sequence" and ``batch_size = 1``.
 
 Reading is lazy: a shard is memory-mapped only when a reader first needs one of its rows, its
 checksum is verified then (``verify=True``; a mismatch raises :class:`CorruptShardError` naming the
@@ -18,37 +23,17 @@ each rank reads a contiguous slice of it (:func:`logitcache.train.partition.part
 knows the DataLoader's ``batch_size``, its workers hand out whole batches in the loader's own
 round-robin (batch ``j`` from worker ``j mod num_workers``), so the loader yields the rank's slice
 *exactly in order*, for any ``num_workers``. A checkpoint therefore needs one number, the
-sequences consumed so far. :meth:`CacheDataset.state_dict` gives it when this process can see it
-and refuses when it cannot, never an epoch-start state for a mid-epoch call:
-
-* main process, the dataset iterated here (``DataLoader(num_workers=0)``): the items handed out by
-  the latest pass so far, counted as they are yielded. Something that reads ahead of the training
-  step in this process (Accelerate's ``DataLoaderShard`` reads one batch ahead) is counted too: then
-  pass ``batches_consumed``.
-* main process, not iterated since the last :meth:`~CacheDataset.load_state_dict` /
-  :meth:`~CacheDataset.set_epoch`: that position (the epoch start, or the state loaded).
-* main process, once DataLoader workers have read the dataset (``num_workers > 0``): the main
-  process does not see what they yielded, nor what the loader has prefetched, so ``state_dict()``
-  raises :class:`~logitcache.errors.ConfigError`. The workers announce themselves in a flag shared
-  across processes, set when a worker's iterator is created (before it can yield a batch).
-  Pass ``batches_consumed=k`` (batches taken from the loader), or let torchdata's
-  ``StatefulDataLoader`` checkpoint the loader.
-* inside a DataLoader worker (``get_worker_info()`` set; where ``StatefulDataLoader`` calls it):
-  that worker's own position, a *worker state* (``state["worker"]``) that only the same worker of a
-  loader with the same ``num_workers`` loads back.
-
-``state_dict(batches_consumed=k)`` states the position itself::
-
-    ds = CacheDataset(path, shuffle=True, seed=0, batch_size=8)
-    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=ds.collate)
-    for step, batch in enumerate(loader):
-        train_step(batch)
-        state = ds.state_dict(batches_consumed=step + 1)    # at a batch boundary
-    # later, in a fresh process
-    ds = CacheDataset(path, shuffle=True, seed=0, batch_size=8); ds.load_state_dict(state)
-
-Contract: resume is exact when the state is taken at a batch boundary and the same ``batch_size``
-is used (``num_workers`` may change, except for a worker state). The position applies to the epoch
+sequences consumed so far. :meth:`CacheDataset.state_dict` gives it when this process can see it and
+refuses when it cannot, never an epoch-start state for a mid-epoch call: the main process that iterated
+the dataset counts what it yielded (anything reading ahead of the training step, like Accelerate's
+``DataLoaderShard``, counts too: then pass ``batches_consumed``); once DataLoader workers have read it
+(they raise a flag shared across processes before their first batch) the main process cannot see how far
+they got and raises :class:`~logitcache.errors.ConfigError`; inside a worker (where torchdata's
+``StatefulDataLoader`` calls it) it gives that worker's own *worker state* (``state["worker"]``), which
+only the same worker of a loader with as many workers loads back. ``state_dict(batches_consumed=k)``
+states the position itself: ``k`` batches taken from the loader (docs/training.md, "Checkpoint and
+resume"). Contract: resume is exact when the state is taken at a batch boundary and the same
+``batch_size`` is used (``num_workers`` may change, except for a worker state). The position applies to the epoch
 in the state until :meth:`CacheDataset.set_epoch` moves to another epoch.
 """
 
@@ -66,9 +51,10 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
 from ..choices import ON_CORRUPT
-from ..errors import ConfigError, StoreError
+from ..errors import ConfigError, CorruptShardError, StoreError
+from .packed_order import DEFAULT_PACK_WINDOW, one_row, packing_sizes, rank_rows, record_lengths, shards_per_window
 from .packing import pack
-from .partition import default_window, epoch_order, partition, rank_count
+from .partition import default_window, epoch_order, partition, rank_count, worker_share
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
 from ..store.encoding import decode_row, row_mask
 from ..store.fs import StoreFS
@@ -110,6 +96,7 @@ class _Store:
         self.sizes = [r.sequences for r in self.records]
         self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
         self.num_sequences = int(self.starts[-1])
+        self.lengths = record_lengths(self.records, manifest.header.seq_len, self.spec.masked)  # None: unknown
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
         self._open: OrderedDict[int, UnitRows] = OrderedDict()
 
@@ -142,18 +129,30 @@ class _Store:
             self._open.popitem(last=False)
         return shard
 
-    def item(self, index: int) -> dict[str, Any]:
-        """The item of global sequence ``index`` (manifest shard order, as ``iter_sequences``)."""
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(position in records, row)`` of global sequence ``index``."""
         if not 0 <= index < self.num_sequences:
             raise IndexError(f"sequence index {index} out of range [0, {self.num_sequences})")
         s = int(np.searchsorted(self.starts, index, side="right")) - 1
-        row = int(index - self.starts[s])
+        return s, int(index - self.starts[s])
+
+    def where(self, index: int) -> str:
+        s, row = self.locate(index)
+        return f"sequence {index} of {self.root} (shard {self.records[s].index}, row {row})"
+
+    def item(self, index: int) -> dict[str, Any]:
+        """The item of global sequence ``index`` (manifest shard order, as ``iter_sequences``)."""
+        s, row = self.locate(index)
         shard = self._shard(s)
         columns = shard.row(row)
         tokens, targets = decode_row(self.spec.encoding, self.spec.method, self.spec.num_samples, self.spec.k,
                                      columns)
-        tokens = torch.from_numpy(tokens.astype(np.int64))
         seq_id, mask = int(shard.seq_ids[row]), row_mask(columns)
+        if self.lengths is not None and tokens.size != self.lengths[index]:  # what packing planned by
+            raise CorruptShardError(f"shard {self.records[s].index} row {row} (seq_id {seq_id}) holds {tokens.size} "
+                                    f"tokens; the manifest records {self.lengths[index]}. Run `logitcache verify` "
+                                    f"on {self.root}.")
+        tokens = torch.from_numpy(tokens.astype(np.int64))
         if mask is None:
             return {"seq_id": seq_id, "input_ids": tokens[:-1], "labels": tokens[1:], "targets": targets}
         loss_mask = torch.from_numpy(mask)
@@ -175,7 +174,10 @@ class CacheDataset(IterableDataset):
         tokenizer_fingerprint: the student tokenizer's fingerprint; refused unless equal to the store's.
         batch_size: the DataLoader's batch size; needed for mid-epoch state with ``num_workers > 1``.
         shuffle_window: window of the in-window shuffle (default twice the largest shard).
-        cache_shards: shards kept open per reader.
+        cache_shards: shards kept open per reader (with ``pack_tokens``, at least those one window spans).
+        pack_tokens: yield padding-free rows of at most this many input positions instead of sequences
+            (module docstring; :mod:`logitcache.train.packed_order`); a longer sequence is refused here.
+        pack_window: sequences packed together (consecutive in the epoch order).
         on_corrupt: ``"raise"`` (default): a bad shard raises :class:`CorruptShardError` naming it, before
             any of its rows is yielded. ``"skip"``: every shard is checked when the dataset is built
             (checksums, row count) and bad ones are left out of the epoch, logged as warnings and
@@ -184,11 +186,13 @@ class CacheDataset(IterableDataset):
 
     collate = staticmethod(_collate)
     collate_packed = staticmethod(pack)
+    collate_rows = staticmethod(one_row)
 
     def __init__(self, path: str | os.PathLike, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  world: World | None = None, drop_uneven: bool = False, verify: bool = True,
                  tokenizer_fingerprint: str | None = None, batch_size: int | None = None,
-                 shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise") -> None:
+                 shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise",
+                 pack_tokens: int | None = None, pack_window: int = DEFAULT_PACK_WINDOW) -> None:
         super().__init__()
         self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
                              cache_shards=cache_shards, on_corrupt=on_corrupt)
@@ -197,8 +201,10 @@ class CacheDataset(IterableDataset):
         self.world = (world or detect_world()).with_worker(0, 0)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 or None; found {batch_size}")
-        self.batch_size = batch_size
+        self.pack_tokens, self.pack_window = pack_tokens, (None if pack_tokens is None else pack_window)
+        self.batch_size = batch_size if pack_tokens is None else self._packing_batch_size(batch_size)
         self.shuffle_window = int(shuffle_window or default_window(self._store.sizes))
+        self._packed: tuple[tuple[int, int, int], list[np.ndarray]] | None = None  # (epoch, rank, world), rows
         # set by any DataLoader worker that starts reading this dataset; shared with the worker processes
         self._read_by_workers = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.epoch = -1  # no epoch yet: set_epoch starts one
@@ -241,20 +247,60 @@ class CacheDataset(IterableDataset):
         if get_worker_info() is None:
             self._read_by_workers.zero_()
 
-    def __len__(self) -> int:
-        """Sequences this rank yields per epoch (all its workers together)."""
-        return rank_count(self.num_sequences, self.world.world_size, drop_uneven=self.drop_uneven)
+    def _packing_batch_size(self, batch_size: int | None) -> int:
+        """1 (a loader batch is one packed row), once ``pack_tokens`` fits every sequence the manifest records."""
+        if batch_size not in (None, 1):
+            raise ConfigError(f"batch_size: found {batch_size}, expected None or 1 with pack_tokens (each element is "
+                              "already a packed row): DataLoader(ds, batch_size=None), or batch_size=1 with "
+                              "collate_fn=ds.collate_rows (the HF Trainer: per_device_train_batch_size=1)")
+        self._sizes = packing_sizes(self._store.records, self._store.lengths, self.pack_tokens, self.pack_window,
+                                    self._store.where)
+        return 1
 
-    def order(self) -> np.ndarray:
-        """``int64[]`` global order of sequence indices of the current epoch."""
-        return epoch_order(self.num_sequences, self.seed, self.epoch, self.shuffle,
+    def __len__(self) -> int:
+        """Sequences (with ``pack_tokens``: packed rows) this rank yields this epoch, all its workers together."""
+        return self.epoch_length(self.epoch)
+
+    def epoch_length(self, epoch: int) -> int:
+        """:meth:`__len__` of ``epoch`` (rows per epoch vary with the order; sequences do not)."""
+        if self.pack_tokens is None:
+            return rank_count(self.num_sequences, self.world.world_size, drop_uneven=self.drop_uneven)
+        return len(self._rank_rows(epoch, self.world))
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """``int64[]`` global order of sequence indices of ``epoch`` (default: the current epoch)."""
+        return epoch_order(self.num_sequences, self.seed, self.epoch if epoch is None else epoch, self.shuffle,
                            shard_sizes=self._store.sizes, window=self.shuffle_window)
 
     def indices(self, world: World | None = None) -> np.ndarray:
-        """``int64[]`` global sequence indices ``world`` reads this epoch (default: this process)."""
+        """``int64[]`` global sequence indices ``world`` reads this epoch (default: this process), in order
+        (with ``pack_tokens``: its :meth:`rows` end to end)."""
         world = world or self._reader_world()
+        if self.pack_tokens is not None:
+            return np.concatenate([np.zeros(0, dtype=np.int64), *self.rows(world)])
         return partition(self.order(), world, drop_uneven=self.drop_uneven, batch_size=self.batch_size or 1,
                          skip=self._skip)
+
+    def rows(self, world: World | None = None) -> list[np.ndarray]:
+        """With ``pack_tokens``: the packed rows (global sequence indices each) ``world`` reads this epoch."""
+        world = world or self._reader_world()
+        rows = self._rank_rows(self.epoch, world)
+        return [rows[j] for j in worker_share(len(rows), world, skip=self._skip)]
+
+    def _rank_rows(self, epoch: int, world: World) -> list[np.ndarray]:
+        """The rows of ``world``'s rank in ``epoch`` (kept for the latest epoch and rank); the shard cache then
+        holds at least what one window spans, so a reader opens each shard once per window."""
+        if self.pack_tokens is None:
+            raise ConfigError("rows are planned with pack_tokens: construct CacheDataset(..., pack_tokens=N)")
+        key = (epoch, world.rank, world.world_size)
+        if self._packed is None or self._packed[0] != key:
+            order = self.order(epoch)
+            rows = rank_rows(order, self._sizes, self.pack_tokens, self.pack_window, world.world_size, world.rank,
+                             drop_uneven=self.drop_uneven)
+            spanned = shards_per_window(order, self._store.starts, self.pack_window)
+            self._store.cache_shards = max(self._store.cache_shards, spanned)
+            self._packed = (key, rows)
+        return self._packed[1]
 
     def _reader_world(self) -> World:
         info = get_worker_info()
@@ -265,13 +311,16 @@ class CacheDataset(IterableDataset):
         if reader.num_workers:
             self._read_by_workers.fill_(1)
         self._pass = Pass((reader.worker_id, reader.num_workers), self._resume_offset)
-        return self._read(self.indices()[self._resume_offset:], self._pass)
+        elements = self.indices() if self.pack_tokens is None else self.rows()
+        return self._read(elements[self._resume_offset:], self._pass)
 
-    def _read(self, indices: np.ndarray, progress: Pass) -> Iterator[dict[str, Any]]:
-        for index in indices:
-            item = self._store.item(int(index))
+    def _read(self, elements: Any, progress: Pass) -> Iterator[dict[str, Any]]:
+        """Items of global sequence indices, or (``pack_tokens``) packed rows of index arrays."""
+        for element in elements:
+            out = self._store.item(int(element)) if np.ndim(element) == 0 else pack(
+                [self._store.item(int(i)) for i in element])
             progress.yielded += 1
-            yield item
+            yield out
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -279,25 +328,15 @@ class CacheDataset(IterableDataset):
         return {"version": STATE_VERSION, "seed": self.seed, "shuffle": self.shuffle,
                 "world_size": self.world.world_size, "num_sequences": self.num_sequences,
                 "store_fingerprint": self.store_fingerprint, "drop_uneven": self.drop_uneven,
-                "shuffle_window": self.shuffle_window}
+                "shuffle_window": self.shuffle_window, "pack_tokens": self.pack_tokens, "pack_window": self.pack_window}
 
     def state_dict(self, batches_consumed: int | None = None, *, batch_size: int | None = None) -> dict[str, Any]:
-        """Resumable state: where this epoch stands (see the module docstring, "Order and resume").
-
-        Without ``batches_consumed``: the position this process sees. In the main process, the
-        sequences the latest pass handed out (the dataset iterated here, ``num_workers=0``), or the
-        position of the last :meth:`load_state_dict` / :meth:`set_epoch` when nothing was read since;
-        once DataLoader workers have read the dataset it raises :class:`ConfigError` (this process
-        cannot see their progress). Inside a DataLoader worker (where torchdata's
-        ``StatefulDataLoader`` calls it): that worker's own position, a state only that worker loads back.
-
-        ``batches_consumed=k``: ``k`` batches taken from the loader since the last
-        :meth:`load_state_dict` or :meth:`set_epoch` (``enumerate(loader)`` index + 1); the state holds
-        ``consumed = min(already skipped + k · batch_size, len(self))``, whatever was read.
-
-        Mid-epoch main-process state needs the dataset's ``batch_size`` (the one its workers interleave
-        by); ``batch_size`` here, if given, must equal it.
-        """
+        """Resumable state: where this epoch stands (module docstring, "Order and resume"). Without
+        ``batches_consumed``: the position this process sees (the elements the latest pass here handed out,
+        or the last loaded / epoch-start position; raises once DataLoader workers have read the dataset;
+        inside a worker, its worker state). ``batches_consumed=k``: ``k`` loader batches taken since the last
+        :meth:`load_state_dict` / :meth:`set_epoch`, so ``consumed = min(skipped + k · batch_size, len(self))``.
+        Mid-epoch state needs the dataset's ``batch_size``; ``batch_size`` here, if given, must equal it."""
         if batch_size is not None and self.batch_size is not None and batch_size != self.batch_size:
             raise ConfigError(f"batch_size: found {batch_size}, expected {self.batch_size} (the dataset's "
                               "batch_size, which its workers interleave by)")
@@ -330,7 +369,7 @@ class CacheDataset(IterableDataset):
 
         A worker state (``state["worker"]``) loads only inside that worker of a DataLoader with the same
         ``num_workers`` (torchdata's ``StatefulDataLoader.load_state_dict`` hands each worker its own)."""
-        validate_state(state, self._identity(), self.batch_size, len(self))
+        validate_state(state, self._identity(), self.batch_size, self.epoch_length)
         offset = self._worker_offset(state)
         self.batch_size = state["batch_size"] if state["batch_size"] is not None else self.batch_size
         self._begin(int(state["epoch"]), int(state["consumed"]), offset)
@@ -340,8 +379,8 @@ class CacheDataset(IterableDataset):
         if state.get("worker") is None:
             return 0
         reader = self._reader_world()
-        mine = partition(np.arange(self.num_sequences), reader, drop_uneven=self.drop_uneven,
-                         batch_size=state["batch_size"] or 1, skip=state["consumed"]).size
+        mine = worker_share(self.epoch_length(state["epoch"]), reader, batch_size=state["batch_size"] or 1,
+                            skip=state["consumed"]).size
         return worker_offset(state["worker"], reader, mine)
 
 

@@ -48,7 +48,7 @@ import numpy as np
 from ..errors import ConfigError
 from .world import World
 
-__all__ = ["epoch_order", "partition", "rank_count", "default_window"]
+__all__ = ["epoch_order", "partition", "rank_count", "default_window", "worker_share"]
 
 
 def _generator(seed: int, epoch: int) -> np.random.Generator:
@@ -115,6 +115,13 @@ def partition(order: np.ndarray, world: World, *, drop_uneven: bool = False, bat
     if not 0 <= skip <= per_rank:
         raise ConfigError(f"skip must be in [0, {per_rank}] (sequences per rank); found {skip}")
     full = np.resize(order, per_rank * world.world_size) if per_rank else order[:0]
-    mine = full[world.rank * per_rank:(world.rank + 1) * per_rank][skip:]
-    batch_of = np.arange(mine.size, dtype=np.int64) // batch_size
-    return mine[batch_of % world.workers == world.worker_id]
+    mine = full[world.rank * per_rank:(world.rank + 1) * per_rank]
+    return mine[worker_share(mine.size, world, batch_size=batch_size, skip=skip)]
+
+
+def worker_share(count: int, world: World, *, batch_size: int = 1, skip: int = 0) -> np.ndarray:
+    """``int64[]`` the positions of a rank's ``count`` elements (sequences, or packed rows) that ``world``'s
+    worker reads: positions from ``skip`` on, in batches of ``batch_size``, batch ``j`` to worker
+    ``j mod workers``."""
+    positions = np.arange(skip, count, dtype=np.int64)
+    return positions[(positions - skip) // batch_size % world.workers == world.worker_id]

@@ -2,15 +2,17 @@
 bookkeeping of what one process has read.
 
 A state is a dict (JSON-serialisable): the dataset's identity (``version``, ``seed``, ``shuffle``,
-``world_size``, ``num_sequences``, ``store_fingerprint``, ``drop_uneven``, ``shuffle_window``), then
-``epoch``, ``batch_size``, ``consumed`` (sequences of this rank's slice of the epoch order already
-trained on) and ``worker``: ``None``, or for a state taken inside a DataLoader worker
-``{"id", "num_workers", "offset"}``, ``offset`` being the sequences that worker has handed out of its own
-share (after ``consumed``). A state without ``worker`` (saved before it existed) reads as ``None``.
+``world_size``, ``num_sequences``, ``store_fingerprint``, ``drop_uneven``, ``shuffle_window``,
+``pack_tokens``, ``pack_window``), then ``epoch``, ``batch_size``, ``consumed`` (elements of this rank's
+share of the epoch already trained on: sequences, or with ``pack_tokens`` packed rows) and ``worker``:
+``None``, or for a state taken inside a DataLoader worker ``{"id", "num_workers", "offset"}``, ``offset``
+being the elements that worker has handed out of its own share (after ``consumed``). A state without
+``worker``, ``pack_tokens`` or ``pack_window`` (saved before they existed) reads them as ``None``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,28 +39,31 @@ class Pass:
 
 
 _STORE_FIELDS = ("num_sequences", "store_fingerprint")
+_LATER_FIELDS = ("pack_tokens", "pack_window")  # None when absent: states saved before packing was a setting
 
 
-def validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: int | None, length: int) -> None:
-    """Raise on the first field of ``state`` that does not fit, naming it ("found X, expected Y")."""
+def validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: int | None,
+                   length: Callable[[int], int]) -> None:
+    """Raise on the first field of ``state`` that does not fit, naming it ("found X, expected Y");
+    ``length(epoch)`` is how many elements this rank reads in ``epoch``."""
     if not isinstance(state, dict):
         raise ConfigError(f"state must be a dict from CacheDataset.state_dict(); found {type(state).__name__}")
     for name in (*expected, "epoch", "batch_size", "consumed"):
-        if name not in state:
+        if name not in state and name not in _LATER_FIELDS:
             raise ConfigError(f"state field {name!r} is missing; expected a state from CacheDataset.state_dict()")
     for name, value in expected.items():
-        if state[name] != value:
+        if state.get(name) != value:
             error = StoreMismatchError if name in _STORE_FIELDS else ConfigError
             hint = " (the store changed since the state was saved)" if name in _STORE_FIELDS else ""
-            raise error(f"state field {name!r}: found {state[name]!r}, expected {value!r}{hint}")
+            raise error(f"state field {name!r}: found {state.get(name)!r}, expected {value!r}{hint}")
     if batch_size is not None and state["batch_size"] not in (None, batch_size):
         raise ConfigError(f"state field 'batch_size': found {state['batch_size']!r}, expected {batch_size!r} "
                           "(resume is exact only with the same batch size)")
     if not isinstance(state["epoch"], int) or state["epoch"] < 0:
         raise ConfigError(f"state field 'epoch': found {state['epoch']!r}, expected an int >= 0")
-    consumed = state["consumed"]
-    if not isinstance(consumed, int) or not 0 <= consumed <= length:
-        raise ConfigError(f"state field 'consumed': found {consumed!r}, expected an int in [0, {length}]")
+    consumed, most = state["consumed"], length(state["epoch"])
+    if not isinstance(consumed, int) or not 0 <= consumed <= most:
+        raise ConfigError(f"state field 'consumed': found {consumed!r}, expected an int in [0, {most}]")
     if consumed and state["batch_size"] is None:
         raise ConfigError("state field 'batch_size': found None, expected the DataLoader's batch size "
                           "(needed to resume mid-epoch)")

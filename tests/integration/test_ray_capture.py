@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_chat_corpus
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
 from logitcache.store import inspect_store, verify_store
@@ -53,6 +54,17 @@ def test_two_workers_write_the_single_process_store(cluster, tiny_teacher, refer
     summary = capture(make_config(tiny_teacher, tmp_path / "s", workers=2), progress=False)
     assert summary.units_written == WINDOWS // 2 and summary.tokens == WINDOWS * SEQ_LEN
     assert tree_bytes(tmp_path / "s") == reference
+
+
+def test_two_workers_capture_a_chat_corpus_as_one_process_does(cluster, tiny_teacher, tmp_path):
+    """The documents layout through Ray: each worker gets its unit's slice of the documents plan."""
+    corpus, template = write_chat_corpus(tmp_path)
+    over = {"corpus.source": str(corpus), "corpus.chat_template": str(template), "corpus.max_tokens": None,
+            "corpus.seq_len": 120, "corpus.long_sequences": "split", "store.sequences_per_shard": 1}
+    capture(make_config(tiny_teacher, tmp_path / "one").with_overrides(over), progress=False)
+    summary = capture(make_config(tiny_teacher, tmp_path / "two", workers=2).with_overrides(over), progress=False)
+    assert summary.units_written >= 4 and inspect_store(tmp_path / "two")["layout"] == "documents"
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
 
 
 @pytest.mark.parametrize("fault", ["unit_start:2", "teacher_chunk:5", "mid_write:3", "after_shard:2", "after_commit:1"])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_config
+from helpers import CHATML, CHAT_ROWS as ROWS, make_config, write_chat_corpus
 from logitcache.capture.chat import conversation_from_row, render, trained_positions
 from logitcache.capture.corpus import open_corpus
 from logitcache.capture.documents import build_document_plan
@@ -20,34 +20,14 @@ from logitcache.capture.pipeline import capture_local, sequence_batches
 from logitcache.capture.plan import build_plan, plan_units
 from logitcache.capture.sparsify import sparsify
 from logitcache.capture.teachers import load_teacher
-from logitcache.errors import ConfigError, CorpusError
+from logitcache.errors import ConfigError, CorpusError, StoreError
 from logitcache.store import read_manifest
 from logitcache.store.reader import iter_sequences, verify_store
 from logitcache.testing.crash import job_args, run_with_fault, tree_bytes
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-ROWS = [
-    {"messages": [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A sequence."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a loop."},
-                  {"role": "assistant", "content": "for"}, {"role": "user", "content": "Another?"},
-                  {"role": "assistant", "content": "while, which repeats while its condition holds."}]},
-    {"messages": [{"role": "user", "content": "No answer here."}]},
-    {"messages": [{"role": "user", "content": "Tell me about tuples " * 6},
-                  {"role": "assistant", "content": "Tuples are immutable sequences of values. " * 5}]},
-    {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"},
-                  {"role": "assistant", "content": "hello"}]},
-]
-
-
 @pytest.fixture
 def chat_corpus(tmp_path):
-    path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    template = tmp_path / "chatml.jinja"
-    template.write_text(CHATML, encoding="utf-8")
-    return path, template
+    return write_chat_corpus(tmp_path)
 
 
 def rendered(tokenizer, rows=ROWS, train_on="assistant"):
@@ -239,3 +219,19 @@ def test_sigkill_mid_chat_capture_then_resume_is_byte_identical(chat_corpus, tin
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     capture_local(config.with_overrides({"store.path": str(out)}), progress=False)
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("change", ["template", "train_on", "long_sequences"])
+def test_a_changed_template_or_policy_is_refused_on_resume(chat_corpus, tiny_teacher, tmp_path, change):
+    path, template = chat_corpus
+    out = tmp_path / "s"
+    capture_chat(tiny_teacher, path, template, out)
+    before = tree_bytes(out)
+    other = tmp_path / "other.jinja"
+    other.write_text(CHATML + "{# the same rendering, another template text #}", encoding="utf-8")
+    over = {"template": {"corpus.chat_template": str(other)}, "train_on": {"corpus.train_on": "last-assistant"},
+            "long_sequences": {"corpus.long_sequences": "truncate"}}[change]
+    field = {"template": "chat_template_sha256", "train_on": "train_on", "long_sequences": "long_sequences"}[change]
+    with pytest.raises(StoreError, match=rf"corpus\.layout\.{field}"):
+        capture_chat(tiny_teacher, path, template, out, **over)
+    assert tree_bytes(out) == before

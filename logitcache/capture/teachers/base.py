@@ -9,14 +9,30 @@ output head is applied per sequence per chunk.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from ...errors import TeacherError
 
 BUCKET = 64
 """Sequences of different lengths are padded to the next multiple of this many tokens (see :func:`bucket_length`)."""
+
+FINISH_REASONS = ("stop", "length", "stop-string")  # why a generated response ended
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated response: ``tokens int32[R]`` (``1 <= R <= max_new_tokens``) and why it ended:
+    ``stop`` (its last token is a stop token, kept), ``stop-string`` (its text now holds ``stop[stop_string]``,
+    kept) or ``length`` (``max_new_tokens`` reached)."""
+
+    tokens: np.ndarray
+    finish: str
+    stop_string: int | None = None
+
 
 @runtime_checkable
 class Teacher(Protocol):
@@ -70,6 +86,14 @@ class Teacher(Protocol):
             may come in any order, the chunks of one row in order. A sequence's logits depend on its own
             tokens alone, never on the other sequences of the call.
         """
+        ...
+
+    def generate(self, prompts: Sequence[torch.Tensor], settings: Any, seeds: Sequence[int],
+                 stop_ids: Sequence[int]) -> list[Generation]:
+        """One response per prompt (``int64[P_i]``), sampled as ``settings`` (a
+        :class:`~logitcache.capture.config.GenerateConfig`) says with seed ``seeds[i]``, ending at a token of
+        ``stop_ids``, a stop string or ``settings.max_new_tokens``. Optional: the capture of a corpus without
+        ``generate`` settings never calls it."""
         ...
 
     def close(self) -> None:

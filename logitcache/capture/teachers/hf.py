@@ -25,9 +25,11 @@ from torch import nn
 from ..config import TeacherConfig
 from ...choices import DTYPES
 from ...errors import TeacherError
-from .base import bucket_groups, check_input_ids, check_sequences, right_padded
+from .base import Generation, bucket_groups, check_input_ids, check_sequences, right_padded
+from ...faults import fault_point
 from ...models.hashing import weights_sha256
 from .head import HeadPost, head_chunks
+from .sampling import StopRule, sample_token
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the dtype each DTYPES choice loads in
 # Parity tolerance, relative to max(1, max |logit|): a few units in the last place of the dtype.
@@ -104,6 +106,31 @@ class HFTeacher:
         seqs = check_sequences(sequences, chunk, name=self.name, max_positions=self.max_positions,
                                vocab_size=self.vocab_size)
         return self._sequence_chunks(self.body, seqs, chunk)
+
+    def generate(self, prompts: Sequence[torch.Tensor], settings: Any, seeds: Sequence[int],
+                 stop_ids: Sequence[int]) -> list[Generation]:
+        """See :meth:`Teacher.generate`: one prompt at a time with a KV cache, under the rules of
+        :mod:`~logitcache.capture.teachers.sampling`, each from its own ``torch.Generator`` seeded
+        ``seeds[i]``; so a response depends on its prompt, settings and seed alone, never on the others."""
+        prompts = check_sequences(prompts, 1, name=self.name, max_positions=self.max_positions,
+                                  vocab_size=self.vocab_size)
+        rule = StopRule(settings, stop_ids, self.tokenizer)
+        return [self._generate_one(p, settings, seed, rule) for p, seed in zip(prompts, seeds, strict=True)]
+
+    @torch.inference_mode()
+    def _generate_one(self, prompt: torch.Tensor, settings: Any, seed: int, rule: StopRule) -> Generation:
+        generator = torch.Generator().manual_seed(int(seed))
+        output = self.body(input_ids=prompt.to(self.device)[None], use_cache=True)
+        tokens: list[int] = []
+        while True:
+            _, logits = next(head_chunks(self.head, self.post, _last_hidden_state(output)[0, -1:], 1))
+            tokens.append(sample_token(logits[0], settings, generator))
+            fault_point("generate", f"{len(tokens)}")
+            done = rule.finish(tokens)
+            if done is not None:
+                return done
+            step = torch.tensor([[tokens[-1]]], dtype=torch.long, device=self.device)
+            output = self.body(input_ids=step, past_key_values=output.past_key_values, use_cache=True)
 
     @torch.inference_mode()
     def bare_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
