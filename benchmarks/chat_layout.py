@@ -1,29 +1,26 @@
-"""The documents layout and chat data in numbers (issue #14): bytes per trained position, capture and
-loader throughput, and the padding each side computes or leaves.
+"""The documents layout and chat data in numbers (issue #14), on the embedded teacher (SmolLM2-135M-Instruct,
+bf16, CPU); one function per measurement, one metric per CSV row (benchmarks/results/chat_layout.csv):
 
-Four measurements, one function each, on the embedded teacher (SmolLM2-135M-Instruct, bf16, CPU):
-
-* ``bytes``: RS-KD N=50 and top-64 captures of the first ``--bytes-tokens`` tokens of
-  ``builtin:pydoc-chat`` (whole conversations, the same ones in every row), ``train_on`` assistant and
-  all: shard bytes per trained position and per conversation, and assistant ÷ all bytes;
-* ``capture_speed``: ``builtin:pydoc`` captured in the ``documents`` and ``packed`` layouts (same
-  ``--speed-tokens``, seq_len 512, ``split`` so both cover the same text), interleaved runs: trained
-  positions/s, teacher tokens/s and padded tokens/s;
-* ``teacher_padding``: tokens the teacher computes ÷ tokens in the sequences, from the plans exactly
-  (each unit's sequences batched by ``pipeline.sequence_batches``, each bucket padded to
-  ``teachers.base.bucket_length``), pydoc-chat and pydoc at ``--seq-lens``, truncate and split;
-* ``loader``: ``CacheDataset`` through a ``DataLoader`` with ``collate`` (padded) and ``collate_packed``
-  (padding-free) on the RS-KD ``bytes`` store, one thread: positions/s and the padding fraction left.
-
-Rows (one metric each) append to benchmarks/results/chat_layout.csv.
+* ``bytes``: RS-KD N=50 and top-64 captures of the same first ``--bytes-tokens`` tokens (whole
+  conversations) of ``builtin:pydoc-chat``, ``train_on`` all and assistant: shard bytes per trained position
+  and per conversation, assistant ÷ all (their positions/s are single runs, not a comparison);
+* ``capture_speed``: ``builtin:pydoc`` in the ``documents`` (``split``) and ``packed`` layouts, same tokens,
+  seq_len 512, interleaved: trained positions/s, teacher tokens/s, tokens computed (padding included)/s;
+* ``teacher_padding``: tokens computed ÷ tokens in the sequences, exactly, from the whole corpora's plans
+  (each unit's ``pipeline.sequence_batches``, each bucket padded to ``teachers.base.bucket_length``), and the
+  share of positions that train;
+* ``loader``: the RS-KD assistant store through a ``DataLoader``, one thread, interleaved: ``collate``
+  (padded), ``collate_packed`` (the same batches padding-free), ``pack_tokens`` rows: positions/s, padding left.
 
     python benchmarks/chat_layout.py --png docs/img/chat_layout.png
-    python benchmarks/chat_layout.py --quick --csv /tmp/chat_layout.csv      # a smoke run, ~1 minute
+    python benchmarks/chat_layout.py --quick --csv /tmp/chat_layout.csv      # a smoke run
+    python benchmarks/chat_layout.py --replot benchmarks/results/chat_layout.csv --png docs/img/chat_layout.png
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
 import statistics
 import tempfile
@@ -59,22 +56,26 @@ class Rows:
         self.rows: list[dict] = []
 
     def add(self, context: dict, **metrics: float) -> None:
-        for metric, value in metrics.items():
-            blank = dict.fromkeys(COLUMNS[len(PROVENANCE) + 2:], "")
-            row = {**self.meta, **blank, **context, "metric": metric, "value": _round(value)}
-            self.rows.append(row)
-            print_row(row)
-
-    def value(self, **where: object) -> float:
-        """The one value whose row has ``where`` (e.g. ``case=..., metric=...``)."""
-        found = [r["value"] for r in self.rows if all(r[k] == v for k, v in where.items())]
-        if len(found) != 1:
-            raise KeyError(f"expected one row with {where}; found {len(found)}")
-        return float(found[0])
+        blank = dict.fromkeys(COLUMNS[len(PROVENANCE) + 2:], "")
+        for metric, v in metrics.items():
+            self.rows.append({**self.meta, **blank, **context, "metric": metric,
+                              "value": round(float(v), 4 if abs(v) < 10 else 1)})
+            print_row(self.rows[-1])
 
 
-def _round(value: float) -> float:
-    return round(float(value), 4 if abs(value) < 10 else 1)
+def value(rows: list[dict], **where: object) -> float:
+    """The one value among ``rows`` (this run's, or a CSV's as strings) whose row has ``where``."""
+    found = [r["value"] for r in rows if all(str(r[k]) == str(v) for k, v in where.items())]
+    if len(found) != 1:
+        raise KeyError(f"expected one row with {where}; found {len(found)}")
+    return float(found[0])
+
+
+def latest_run(path: Path) -> list[dict]:
+    """The rows of the latest run in a CSV this script wrote (``--replot``)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [r for r in rows if r["timestamp"] == rows[-1]["timestamp"]]
 
 
 def config_for(base: CaptureConfig, store: Path | None, **corpus: object) -> CaptureConfig:
@@ -83,7 +84,7 @@ def config_for(base: CaptureConfig, store: Path | None, **corpus: object) -> Cap
     return base.with_overrides(overrides if store is None else {"store.path": str(store), **overrides})
 
 
-def plan_of(config: CaptureConfig, teacher):
+def plan_of(config: CaptureConfig, teacher):  # what capture_local plans for ``config``
     return make_plan(config, teacher, open_corpus(config.corpus.source))
 
 
@@ -131,7 +132,7 @@ def measure_bytes(rows: Rows, base: CaptureConfig, teacher, work: Path, tokens: 
                        "trained_positions_per_s": info["positions"] / seconds,
                        "teacher_tokens_per_s": teacher_tokens(plan) / seconds}
             if train_on == "assistant":
-                metrics["bytes_vs_all"] = shard_bytes / rows.value(case=f"{name}/all", metric="shard_bytes")
+                metrics["bytes_vs_all"] = shard_bytes / value(rows.rows, case=f"{name}/all", metric="shard_bytes")
             rows.add(context, **metrics)
     return work / "sample-50-assistant"
 
@@ -167,58 +168,83 @@ def measure_teacher_padding(rows: Rows, base: CaptureConfig, teacher, seq_lens: 
                           "train_on": plan.layout.train_on, "long_sequences": policy, "seq_len": seq_len,
                           "case": f"{source}/{policy}/{seq_len}"},
                          sequences=plan.num_sequences, teacher_tokens=read, computed_tokens=computed,
-                         padding_overhead=computed / read)
+                         padding_overhead=computed / read, trained_fraction=plan.positions / read)
 
 
-def loader_pass(store: Path, batch_size: int, packed: bool) -> dict[str, int]:
-    """One shuffled epoch through a DataLoader: real positions, trained positions and batch cells."""
-    ds = CacheDataset(store, shuffle=True, seed=0, batch_size=batch_size)
-    collate = ds.collate_packed if packed else ds.collate
-    counts = {"positions": 0, "trained": 0, "cells": 0}
-    for batch in DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate):
-        counts["cells"] += batch["input_ids"].numel()
-        counts["positions"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch[
-            "input_ids"].numel()
-        counts["trained"] += int((batch["labels"] != -100).sum())
+LOADER_CASES = ("padded", "packed", "pack-tokens")
+
+
+def loader_pass(store: Path, case: str, batch_size: int, pack_tokens: int, epochs: int) -> dict[str, int]:
+    """``epochs`` shuffled epochs through a DataLoader: ``padded`` (``collate``, ``[B, T]``), ``packed``
+    (``collate_packed``: the same B sequences in one row) or ``pack-tokens`` (``CacheDataset(pack_tokens=N)``:
+    rows of at most N tokens). Counts real positions, trained positions, batches and batch cells."""
+    if case == "pack-tokens":
+        ds = CacheDataset(store, shuffle=True, seed=0, pack_tokens=pack_tokens)
+        loader = DataLoader(ds, batch_size=None, num_workers=0)
+    else:
+        ds = CacheDataset(store, shuffle=True, seed=0, batch_size=batch_size)
+        collate = ds.collate_packed if case == "packed" else ds.collate
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate)
+    counts = {"positions": 0, "trained": 0, "batches": 0, "cells": 0}
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for batch in loader:
+            ids = batch["input_ids"]
+            counts["positions"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+            counts["trained"] += int((batch["labels"] != -100).sum())
+            counts["batches"] += 1
+            counts["cells"] += ids.numel()
     return counts
 
 
-def measure_loader(rows: Rows, store: Path, batch_size: int, repeats: int) -> None:
-    """Padded vs padding-free batches of the same store, one thread, interleaved."""
+def measure_loader(rows: Rows, store: Path, batch_size: int, pack_tokens: int, epochs: int, repeats: int) -> None:
+    """Padded vs padding-free batches of the same store (``epochs`` epochs a pass), interleaved; run last: it
+    sets one thread for the rest of the process."""
     single_thread()
-    cases = {"padded": False, "packed": True}
-    counts = {case: loader_pass(store, batch_size, packed) for case, packed in cases.items()}  # warm-up
-    seconds = interleave({case: partial(timed, loader_pass, store, batch_size, packed)
-                          for case, packed in cases.items()}, repeats, warmup=False)
+    args = (batch_size, pack_tokens, epochs)
+    counts = {case: loader_pass(store, case, *args) for case in LOADER_CASES}  # warm-up
+    seconds = interleave({case: partial(timed, loader_pass, store, case, *args)
+                          for case in LOADER_CASES}, repeats, warmup=False)
     info = inspect_store(store)
     for case, c in counts.items():
         s = statistics.median(seconds[case])
+        metrics = {"positions": c["positions"], "trained_positions": c["trained"], "batches": c["batches"],
+                   "seconds": s, "positions_per_s": c["positions"] / s, "trained_positions_per_s": c["trained"] / s,
+                   "padding_fraction": 1 - c["positions"] / c["cells"]}
+        if case == "pack-tokens":
+            metrics["budget_fill"] = c["positions"] / (c["batches"] * pack_tokens)
         rows.add({"measurement": "loader", "corpus": CHAT, "layout": "documents", "train_on": "assistant",
                   "long_sequences": info["corpus"]["layout"]["long_sequences"], "method": "sample-50",
-                  "seq_len": info["seq_len"], "case": f"{case}/batch {batch_size}"},
-                 positions=c["positions"], trained_positions=c["trained"], seconds=s,
-                 positions_per_s=c["positions"] / s, trained_positions_per_s=c["trained"] / s,
-                 padding_fraction=1 - c["positions"] / c["cells"])
+                  "seq_len": info["seq_len"],
+                  "case": f"{case}/{pack_tokens} tokens" if case == "pack-tokens" else f"{case}/batch {batch_size}"},
+                 **metrics)
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default=CaptureConfig().teacher.model)
-    ap.add_argument("--bytes-tokens", type=int, default=4096, help="tokens of pydoc-chat per bytes capture")
-    ap.add_argument("--bytes-seq-len", type=int, default=2048)
+    ap.add_argument("--bytes-tokens", type=int, default=8192, help="tokens of pydoc-chat per bytes capture")
+    ap.add_argument("--bytes-seq-len", type=int, default=512)
     ap.add_argument("--speed-tokens", type=int, default=3072, help="tokens of pydoc per throughput capture")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the capture throughput")
     ap.add_argument("--seq-lens", default="512,1024,2048", help="seq_lens of the teacher padding plans")
     ap.add_argument("--batch-size", type=int, default=8, help="loader batch size (sequences)")
+    ap.add_argument("--pack-tokens", type=int, default=4096, help="token budget of a pack-tokens loader row")
+    ap.add_argument("--loader-epochs", type=int, default=4, help="epochs (shuffled orders) per loader pass")
     ap.add_argument("--loader-repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="smoke-test sizes: 1024 / 1024 tokens, 1 round, 512 only")
     csv_argument(ap, "chat_layout.csv")
     ap.add_argument("--png", type=Path, default=None, help="draw the four measurements here")
+    ap.add_argument("--replot", type=Path, metavar="CSV", help="measure nothing: draw --png from this CSV's latest run")
     return ap
 
 
 def main() -> None:
     args = parser().parse_args()
+    if args.replot:
+        if not args.png:
+            parser().error("--replot draws a figure: give --png too")
+        return plot(latest_run(args.replot), args.png)
     if args.quick:
         args.bytes_tokens, args.speed_tokens, args.repeats, args.seq_lens, args.loader_repeats = 1024, 1024, 1, "512", 1
     out = ResultsFile(args.csv, COLUMNS)
@@ -231,39 +257,41 @@ def main() -> None:
         store = measure_bytes(rows, base, teacher, work, args.bytes_tokens, args.bytes_seq_len)
         measure_capture_speed(rows, base, teacher, work, args.speed_tokens, args.repeats)
         measure_teacher_padding(rows, base, teacher, [int(s) for s in args.seq_lens.split(",")])
-        measure_loader(rows, store, args.batch_size, args.loader_repeats)  # last: it sets one thread
+        measure_loader(rows, store, args.batch_size, args.pack_tokens, args.loader_epochs, args.loader_repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out.append(rows.rows)
     if args.png:
-        plot(rows, args.png)
+        plot(rows.rows, args.png)
 
 
-def plot(rows: Rows, path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     fig, ((a, b), (c, d)) = plt.subplots(2, 2, figsize=(11, 8))
     for name, offset in zip(METHODS, (-0.2, 0.2)):
-        values = [rows.value(case=f"{name}/{t}", metric="bytes_per_conversation") / 1024 for t in ("all", "assistant")]
-        a.bar([offset, 1 + offset], values, width=0.4, label=name)
-    a.set_xticks([0, 1], ["train_on all", "train_on assistant"])
-    a.set_ylabel("KiB per conversation (pydoc-chat)")
+        kib = [value(rows, case=f"{name}/{t}", metric="bytes_per_conversation") / 1024 for t in ("all", "assistant")]
+        a.bar([offset, 1 + offset], kib, width=0.4, label=name)
+    a.set(xticks=[0, 1], xticklabels=["train_on all", "train_on assistant"], ylabel="KiB per conversation (pydoc-chat)")
     a.legend()
-    speed = [r for r in rows.rows if r["measurement"] == "capture_speed" and r["metric"].endswith("_per_s")]
-    labels = [f"{r['case']}\n{r['metric'].removesuffix('_per_s').replace('_', ' ')}" for r in speed]
-    b.barh(labels, [r["value"] for r in speed], color="tab:green")
-    b.set_xlabel("per second (builtin:pydoc, seq_len 512)")
+    metrics = ("trained_positions_per_s", "teacher_tokens_per_s", "computed_tokens_per_s")
+    ratios = [value(rows, case="documents", metric=m) / value(rows, case="packed", metric=m) for m in metrics]
+    b.bar([m.removesuffix("_per_s").replace("_", " ") for m in metrics], ratios, color="tab:green")
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set_ylabel("capture per second: documents ÷ packed (pydoc)")
     for source in (CHAT, TEXT):
         for policy, style in (("truncate", "-"), ("split", "--")):
-            pad = [r for r in rows.rows if r["measurement"] == "teacher_padding" and r["corpus"] == source
+            pad = [r for r in rows if r["measurement"] == "teacher_padding" and r["corpus"] == source
                    and r["long_sequences"] == policy and r["metric"] == "padding_overhead"]
-            c.plot([r["seq_len"] for r in pad], [r["value"] for r in pad], style, marker="o", label=f"{source} {policy}")
-    c.set_xlabel("seq_len")
-    c.set_ylabel("teacher tokens computed ÷ in sequences")
+            c.plot([int(r["seq_len"]) for r in pad], [float(r["value"]) for r in pad], style, marker="o",
+                   label=f"{source} {policy}")
+    c.set(xlabel="seq_len", ylabel="teacher tokens computed ÷ in sequences")
     c.legend()
-    loader = [r for r in rows.rows if r["measurement"] == "loader" and r["metric"] == "positions_per_s"]
-    d.bar([r["case"] for r in loader], [r["value"] / 1000 for r in loader], color="tab:purple")
+    loader = [r for r in rows if r["measurement"] == "loader" and r["metric"] == "positions_per_s"]
+    d.bar([r["case"].replace("/", "\n") for r in loader], [float(r["value"]) / 1000 for r in loader],
+          color="tab:purple")
     d.set_ylabel("loader k positions/s (one thread)")
-    fig.suptitle(f"documents layout and chat data ({rows.meta['teacher']}, {rows.meta['machine']})")
+    fig.suptitle(f"documents layout and chat data ({rows[0]['teacher']}, {rows[0]['machine']}, "
+                 f"commit {rows[0]['commit']})")
     save_figure(fig, path)
 
 
