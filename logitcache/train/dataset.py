@@ -52,7 +52,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from .collate import collate as _collate
 from ..choices import ON_CORRUPT
 from ..errors import ConfigError, CorruptShardError, StoreError
-from .packed_order import DEFAULT_PACK_WINDOW, one_row, packing_sizes, rank_rows, record_lengths, shards_per_window
+from .packed_order import DEFAULT_PACK_WINDOW, RowPlan, one_row, packing_sizes, plan_rows, rank_rows, record_lengths
 from .packing import pack
 from .partition import default_window, epoch_order, partition, rank_count, worker_share
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
@@ -201,9 +201,9 @@ class CacheDataset(IterableDataset):
         self.world = (world or detect_world()).with_worker(0, 0)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 or None; found {batch_size}")
-        self.pack_tokens, self.pack_window = pack_tokens, (None if pack_tokens is None else pack_window)
-        self.batch_size = batch_size if pack_tokens is None else self._packing_batch_size(batch_size)
         self.shuffle_window = int(shuffle_window or default_window(self._store.sizes))
+        self.pack_tokens, self.pack_window = pack_tokens, (None if pack_tokens is None else pack_window)
+        self.batch_size = batch_size if pack_tokens is None else self._plan_rows(batch_size)
         self._packed: tuple[tuple[int, int, int], list[np.ndarray]] | None = None  # (epoch, rank, world), rows
         # set by any DataLoader worker that starts reading this dataset; shared with the worker processes
         self._read_by_workers = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -247,25 +247,23 @@ class CacheDataset(IterableDataset):
         if get_worker_info() is None:
             self._read_by_workers.zero_()
 
-    def _packing_batch_size(self, batch_size: int | None) -> int:
-        """1 (a loader batch is one packed row), once ``pack_tokens`` fits every sequence the manifest records."""
+    def _plan_rows(self, batch_size: int | None) -> int:
+        """Plan the rows (:func:`~logitcache.train.packed_order.plan_rows`, from the lengths the manifest records)
+        and size the shard cache to one window's shards; returns 1, the batch size of a loader of rows."""
         if batch_size not in (None, 1):
             raise ConfigError(f"batch_size: found {batch_size}, expected None or 1 with pack_tokens (each element is "
                               "already a packed row): DataLoader(ds, batch_size=None), or batch_size=1 with "
                               "collate_fn=ds.collate_rows (the HF Trainer: per_device_train_batch_size=1)")
-        self._sizes = packing_sizes(self._store.records, self._store.lengths, self.pack_tokens, self.pack_window,
-                                    self._store.where)
+        sizes = packing_sizes(self._store.records, self._store.lengths, self.pack_tokens, self.pack_window,
+                              self._store.where)
+        self._plan: RowPlan = plan_rows(self.order(0), sizes, self.pack_tokens, self.pack_window)
+        self._store.cache_shards = max(self._store.cache_shards, self._plan.shards_per_window(self._store.starts))
         return 1
 
     def __len__(self) -> int:
-        """Sequences (with ``pack_tokens``: packed rows) this rank yields this epoch, all its workers together."""
-        return self.epoch_length(self.epoch)
-
-    def epoch_length(self, epoch: int) -> int:
-        """:meth:`__len__` of ``epoch`` (rows per epoch vary with the order; sequences do not)."""
-        if self.pack_tokens is None:
-            return rank_count(self.num_sequences, self.world.world_size, drop_uneven=self.drop_uneven)
-        return len(self._rank_rows(epoch, self.world))
+        """Sequences (with ``pack_tokens``: packed rows) this rank yields per epoch, all its workers together."""
+        count = self.num_sequences if self.pack_tokens is None else len(self._plan.rows)
+        return rank_count(count, self.world.world_size, drop_uneven=self.drop_uneven)
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """``int64[]`` global order of sequence indices of ``epoch`` (default: the current epoch)."""
@@ -288,18 +286,14 @@ class CacheDataset(IterableDataset):
         return [rows[j] for j in worker_share(len(rows), world, skip=self._skip)]
 
     def _rank_rows(self, epoch: int, world: World) -> list[np.ndarray]:
-        """The rows of ``world``'s rank in ``epoch`` (kept for the latest epoch and rank); the shard cache then
-        holds at least what one window spans, so a reader opens each shard once per window."""
+        """The rows of ``world``'s rank in ``epoch`` (:func:`~logitcache.train.packed_order.rank_rows`), kept for
+        the latest epoch and rank."""
         if self.pack_tokens is None:
             raise ConfigError("rows are planned with pack_tokens: construct CacheDataset(..., pack_tokens=N)")
         key = (epoch, world.rank, world.world_size)
         if self._packed is None or self._packed[0] != key:
-            order = self.order(epoch)
-            rows = rank_rows(order, self._sizes, self.pack_tokens, self.pack_window, world.world_size, world.rank,
-                             drop_uneven=self.drop_uneven)
-            spanned = shards_per_window(order, self._store.starts, self.pack_window)
-            self._store.cache_shards = max(self._store.cache_shards, spanned)
-            self._packed = (key, rows)
+            self._packed = (key, rank_rows(self._plan, self.seed, epoch, self.shuffle, world.world_size, world.rank,
+                                           drop_uneven=self.drop_uneven))
         return self._packed[1]
 
     def _reader_world(self) -> World:
@@ -369,7 +363,7 @@ class CacheDataset(IterableDataset):
 
         A worker state (``state["worker"]``) loads only inside that worker of a DataLoader with the same
         ``num_workers`` (torchdata's ``StatefulDataLoader.load_state_dict`` hands each worker its own)."""
-        validate_state(state, self._identity(), self.batch_size, self.epoch_length)
+        validate_state(state, self._identity(), self.batch_size, len(self))
         offset = self._worker_offset(state)
         self.batch_size = state["batch_size"] if state["batch_size"] is not None else self.batch_size
         self._begin(int(state["epoch"]), int(state["consumed"]), offset)
@@ -379,8 +373,7 @@ class CacheDataset(IterableDataset):
         if state.get("worker") is None:
             return 0
         reader = self._reader_world()
-        mine = worker_share(self.epoch_length(state["epoch"]), reader, batch_size=state["batch_size"] or 1,
-                            skip=state["consumed"]).size
+        mine = worker_share(len(self), reader, batch_size=state["batch_size"] or 1, skip=state["consumed"]).size
         return worker_offset(state["worker"], reader, mine)
 
 

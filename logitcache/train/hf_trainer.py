@@ -11,7 +11,10 @@
 
 ``data_collator=ds.collate_packed`` trains on padding-free batches instead (the per-device batch's
 sequences in one row, :func:`logitcache.train.packing.pack`); the position of a resumed run still
-counts sequences.
+counts sequences. Rows to a token budget: ``CacheDataset(..., pack_tokens=N)`` with
+``per_device_train_batch_size=1`` and ``data_collator=ds.collate_rows`` (each micro-batch one row of at
+most ``N`` tokens; every epoch has as many rows, so the Trainer's steps per epoch hold); the position
+then counts rows.
 
 Notes: the batch carries non-model keys (``target_*``, ``labels``, ``seq_ids``), so the Trainer
 must keep every column (``remove_unused_columns=False``) and :meth:`KDTrainer.compute_loss` passes
@@ -80,11 +83,19 @@ class KDTrainer(transformers.Trainer):
         self._position: _DataPosition | None = None
         if isinstance(self.train_dataset, CacheDataset):
             ds = self.train_dataset
+            if ds.pack_tokens is not None and self._train_batch_size != 1:
+                raise ConfigError(f"per-device train batch size: found {self._train_batch_size}, expected 1 for a "
+                                  f"CacheDataset with pack_tokens={ds.pack_tokens}: each element is already a packed "
+                                  "row; pass per_device_train_batch_size=1 and data_collator=ds.collate_rows")
             if ds.batch_size not in (None, self._train_batch_size):
                 raise ConfigError(f"CacheDataset batch_size: found {ds.batch_size}, expected {self._train_batch_size} "
                                   "(the Trainer's per-device train batch size, which the dataset's workers "
                                   "interleave by and its resume state counts in)")
             ds.batch_size = self._train_batch_size
+            if self.accelerator.dataloader_config.dispatch_batches is None:
+                # Accelerate's default for an IterableDataset dispatches: one process reads, and each batch is
+                # sliced along its first dimension, a packed row's per-sequence keys (seq_ids, cu_seq_lens) too
+                self.accelerator.dataloader_config.dispatch_batches = False
             self._position = _DataPosition(ds)
             self.add_callback(self._position)
 

@@ -48,13 +48,15 @@ import numpy as np
 from ..errors import ConfigError
 from .world import World
 
-__all__ = ["epoch_order", "partition", "rank_count", "default_window", "worker_share"]
+__all__ = ["epoch_order", "partition", "rank_count", "default_window", "generator", "worker_share"]
 
 
-def _generator(seed: int, epoch: int) -> np.random.Generator:
+def generator(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+    """The generator of ``(seed, epoch)``: ``PCG64(SeedSequence([seed, epoch, *stream]))``; another ``stream``
+    (e.g. the order of packed rows) draws independently of the epoch order (no ``stream``)."""
     if seed < 0 or epoch < 0:
         raise ConfigError(f"seed and epoch must be >= 0; found seed={seed}, epoch={epoch}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch)])))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), *stream])))
 
 
 def default_window(shard_sizes: Sequence[int]) -> int:
@@ -74,7 +76,7 @@ def epoch_order(num_sequences: int, seed: int, epoch: int, shuffle: bool, *,
         raise ConfigError(f"num_sequences must be >= 0; found {num_sequences}")
     if not shuffle:
         return np.arange(num_sequences, dtype=np.int64)
-    rng = _generator(seed, epoch)
+    rng = generator(seed, epoch)
     sizes = np.asarray([num_sequences] if shard_sizes is None else list(shard_sizes), dtype=np.int64)
     if int(sizes.sum()) != num_sequences or (sizes < 0).any():
         raise ConfigError(f"shard_sizes sum to {int(sizes.sum())}; expected num_sequences={num_sequences} "

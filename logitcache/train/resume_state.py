@@ -12,7 +12,6 @@ being the elements that worker has handed out of its own share (after ``consumed
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +41,8 @@ _STORE_FIELDS = ("num_sequences", "store_fingerprint")
 _LATER_FIELDS = ("pack_tokens", "pack_window")  # None when absent: states saved before packing was a setting
 
 
-def validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: int | None,
-                   length: Callable[[int], int]) -> None:
-    """Raise on the first field of ``state`` that does not fit, naming it ("found X, expected Y");
-    ``length(epoch)`` is how many elements this rank reads in ``epoch``."""
+def validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: int | None, length: int) -> None:
+    """Raise on the first field of ``state`` that does not fit, naming it ("found X, expected Y")."""
     if not isinstance(state, dict):
         raise ConfigError(f"state must be a dict from CacheDataset.state_dict(); found {type(state).__name__}")
     for name in (*expected, "epoch", "batch_size", "consumed"):
@@ -61,9 +58,9 @@ def validate_state(state: dict[str, Any], expected: dict[str, Any], batch_size: 
                           "(resume is exact only with the same batch size)")
     if not isinstance(state["epoch"], int) or state["epoch"] < 0:
         raise ConfigError(f"state field 'epoch': found {state['epoch']!r}, expected an int >= 0")
-    consumed, most = state["consumed"], length(state["epoch"])
-    if not isinstance(consumed, int) or not 0 <= consumed <= most:
-        raise ConfigError(f"state field 'consumed': found {consumed!r}, expected an int in [0, {most}]")
+    consumed = state["consumed"]
+    if not isinstance(consumed, int) or not 0 <= consumed <= length:
+        raise ConfigError(f"state field 'consumed': found {consumed!r}, expected an int in [0, {length}]")
     if consumed and state["batch_size"] is None:
         raise ConfigError("state field 'batch_size': found None, expected the DataLoader's batch size "
                           "(needed to resume mid-epoch)")

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import CHATML, CHAT_ROWS as ROWS, make_config, write_chat_corpus
+from click.testing import CliRunner
+
+from helpers import CHATML, CHAT_ROWS as ROWS, cli_args, make_config, write_chat_corpus
 from logitcache.capture.chat import conversation_from_row, render, trained_positions
 from logitcache.capture.corpus import open_corpus
 from logitcache.capture.documents import build_document_plan
@@ -20,6 +22,7 @@ from logitcache.capture.pipeline import capture_local, sequence_batches
 from logitcache.capture.plan import build_plan, plan_units
 from logitcache.capture.sparsify import sparsify
 from logitcache.capture.teachers import load_teacher
+from logitcache.cli import main
 from logitcache.errors import ConfigError, CorpusError, StoreError
 from logitcache.store import read_manifest
 from logitcache.store.reader import iter_sequences, verify_store
@@ -235,3 +238,35 @@ def test_a_changed_template_or_policy_is_refused_on_resume(chat_corpus, tiny_tea
     with pytest.raises(StoreError, match=rf"corpus\.layout\.{field}"):
         capture_chat(tiny_teacher, path, template, out, **over)
     assert tree_bytes(out) == before
+
+
+def test_the_cli_captures_a_chat_corpus_and_inspect_reports_the_plan(chat_corpus, tiny_teacher, tmp_path):
+    path, template = chat_corpus
+    out = tmp_path / "s"
+    args = cli_args(make_config(tiny_teacher, out, method="topk", **{"corpus.max_tokens": 10_000}))
+    args += ["--corpus", str(path), "--chat-template", str(template), "--seq-len", "120", "--layout", "documents",
+             "--long-sequences", "skip", "--train-on", "last-assistant"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    header = read_manifest(out).header
+    assert header.corpus["layout"] == {"name": "documents", "long_sequences": "skip", "train_on": "last-assistant",
+                                       "chat_template_sha256": header.corpus["layout"]["chat_template_sha256"]}
+    shown = CliRunner().invoke(main, ["inspect", str(out)]).output
+    assert "layout         documents; long sequences skip" in shown
+    assert "skipped long 2" in shown and "conversations without assistant 1" in shown
+    assert f"{header.plan.sequences} documents of at most 120 positions" in shown
+
+
+def test_a_template_that_refuses_a_role_fails_before_any_store_exists(tmp_path, tiny_teacher):
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "critic", "content": "meh"}, {"role": "assistant", "content": "ok"}]}]
+    path, _ = write_chat_corpus(tmp_path, rows)
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                      "{{ raise_exception('Unknown role: ' + m['role']) }}{% endif %}"
+                      "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}", encoding="utf-8")
+    out = tmp_path / "s"
+    with pytest.raises(CorpusError, match=r"chat\.jsonl:2.*role 'critic'"):
+        capture_chat(tiny_teacher, path, strict, out)
+    assert not out.exists() or not any(out.iterdir())

@@ -138,3 +138,75 @@ def test_a_converted_header_records_the_options_and_a_fresh_digest(stores):
     assert converted.identity["store"]["format"] == "zarr" and header.identity["store"]["format"] == "arrow"
     assert ManifestHeader.from_dict(converted.to_dict()) == converted
     assert converted.to_dict()[HEADER_DIGEST] != header.to_dict()[HEADER_DIGEST]
+
+
+# -- row lengths (documents stores) -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def documents(tiny_teacher, tmp_path_factory) -> Path:
+    """A documents store captured from eight text documents of different lengths (one truncated at seq_len)."""
+    root = tmp_path_factory.mktemp("documents_manifest")
+    (root / "docs").mkdir()
+    for i in range(8):
+        (root / "docs" / f"{i}.txt").write_text("ab " * (3 * i + 1) if i < 7 else "ab " * 40)
+    config = make_config(tiny_teacher, root / "store", "topk", **{"corpus.layout": "documents",
+                                                                  "corpus.source": str(root / "docs"),
+                                                                  "corpus.seq_len": 24, "corpus.max_tokens": None,
+                                                                  "corpus.long_sequences": "truncate"})
+    capture(config, progress=False)
+    return root / "store"
+
+
+def test_documents_records_list_each_rows_token_count_and_packed_ones_none(documents, stores):
+    from logitcache.store import iter_sequences
+
+    manifest = read_manifest(documents)
+    lengths = [n for record in manifest.shards for n in record.lengths]
+    assert lengths == [tokens.size for _, tokens, _ in iter_sequences(documents)]  # the rows, read back
+    assert len(set(lengths)) > 3 and max(lengths) == 24 + 1  # different lengths; the long one truncated
+    assert dump_json(manifest.to_dict()) == (documents / "manifest.json").read_bytes()
+    assert Manifest.from_dict(manifest.to_dict()) == manifest and verify_store(documents).ok
+    for store, _ in stores.values():  # packed stores: no key at all (their bytes are unchanged)
+        assert all("lengths" not in entry for entry in on_disk(store)["shards"])
+        assert all(record.lengths is None for record in read_manifest(store).shards)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(lengths=e["lengths"][:-1]), "shards[0].lengths is [{}]; expected a list of 3 token counts"),
+    (lambda e: e.update(lengths=e["lengths"][:2] + [1]), "shards[0].lengths[2] is 1; expected an integer in [2, "),
+    (lambda e: e.update(lengths=e["lengths"][:2] + ["9"]), "shards[0].lengths[2] is '9'; expected an integer"),
+    (lambda e: e.update(lengths=e["lengths"][:2] + [26]),
+     "shards[0].lengths[2] is 26; expected at most seq_len + 1 = 25"),
+    (lambda e: e.update(lengths=[2, 2, 2]), "shards[0].positions is {}; expected at most the unit's input positions, "
+                                            "sum(lengths) − sequences = 3"),
+    (lambda e: e.update(lengths="17,17,17"), "shards[0].lengths is '17,17,17'; expected a list of 3 token counts"),
+])
+def test_hostile_row_lengths_are_refused_by_name(documents, change, message):
+    manifest = on_disk(documents)
+    entry = manifest["shards"][0]
+    message = message.format(", ".join(map(str, entry["lengths"][:-1])) if "list of" in message else entry["positions"])
+    change(entry)
+    with pytest.raises(StoreError) as info:
+        Manifest.from_dict(manifest, "S/manifest.json")
+    assert str(info.value).startswith("S/manifest.json: ") and message in str(info.value)
+
+
+def test_row_lengths_in_a_packed_store_are_refused(stores):
+    manifest = on_disk(stores["topk"][0])
+    manifest["shards"][1]["lengths"] = [17, 17, 17]
+    with pytest.raises(StoreError, match=r"shards\[1\].lengths is \[17, 17, 17\]; expected absent in a packed store"):
+        Manifest.from_dict(manifest)
+
+
+def test_verify_finds_a_recorded_length_that_is_not_the_rows(documents, tmp_path):
+    store = shutil.copytree(documents, tmp_path / "s")
+    manifest = on_disk(store)
+    entry = manifest["shards"][1]
+    row = next(r for r, n in enumerate(entry["lengths"]) if n < 25)  # room to claim one token more
+    entry["lengths"][row] += 1
+    (store / "manifest.json").write_bytes(dump_json(manifest))
+    from logitcache.store import iter_sequences
+
+    seq_id, tokens, _ = list(iter_sequences(documents))[3 + row]  # shard 1 (three rows per shard)
+    assert verify_store(store).problems == [f"shard 1 row {row} (seq_id {seq_id}) holds {tokens.size} tokens; the "
+                                            f"manifest records lengths[{row}] = {tokens.size + 1}"]
