@@ -9,8 +9,10 @@ the paused capture and continue it with SIGCONT).
 
 Points, in the order a capture reaches them:
 
+``unit_start``       before a unit's teacher forward (and before its generation, with ``generate`` settings)
+``generate``         the HF teacher sampled one response token (detail: the response's length so far), inside
+                     the generation loop of a unit, before its targets are captured
 ``teacher_chunk``    one chunk of the teacher head was computed and sparsified (during the forward)
-``unit_start``       before a unit's teacher forward
 ``mid_write``        inside an atomic write, half the bytes are in the temp file (detail: the file)
 ``after_shard``      shard renamed into place, commit record not yet written
 ``after_commit``     unit fully committed

@@ -261,6 +261,8 @@ class CaptureConfig:
                f"--generate-max-new-tokens at most {c.seq_len - 1} or a larger --seq-len")
         _check(c.layout != "packed", "generation writes one sequence per prompt and response (the documents layout); "
                "drop --layout packed")
+        _check(self.teacher.backend == "hf", "generating responses runs on backend 'hf' only for now (the vLLM "
+               "backend has no generate yet: docs/capture.md, \"Teacher-generated responses\"); use --backend hf")
         _check(c.train_on is None, f"train_on {c.train_on!r} does not apply to generated responses: the response "
                "(and its end-of-turn token) is what trains; drop --train-on")
 

@@ -35,7 +35,7 @@ from .corpus import Corpus
 from .documents import LayoutSection, Sequence
 from .plan import Unit, seq_id_for
 from ..errors import CorpusError, TeacherError
-from ..store.encoding import finish_code
+from ..store.finish import finish_code
 
 LAYOUT = "generate"  # the seq-id key; the store's layout is "documents"
 _MASK63 = (1 << 63) - 1
@@ -117,10 +117,8 @@ def build_generation_plan(corpus: Corpus, tokenizer, *, seq_len: int, max_tokens
     """The generation plan of ``corpus`` (see the module docstring); ``chat_template``: template text or None
     (the tokenizer's). Raises :class:`CorpusError` when no prompt remains, naming what was skipped."""
     reader = PromptReader(corpus, tokenizer, chat_template, room=seq_len + 1 - settings.max_new_tokens)
-    kept, tokens = [], 0
-    for prompt in reader.prompts(stop=lambda: max_tokens is not None and tokens >= max_tokens):
-        kept.append(prompt.tokens)
-        tokens += prompt.tokens.size
+    kept = [p.tokens for p in reader.kept(max_tokens)]
+    tokens = sum(p.size for p in kept)
     stats = {"documents": reader.read, "prompts": len(kept), "sequences": len(kept) * settings.n,
              "prompt_tokens": tokens, **reader.stats}
     if not kept:
@@ -164,6 +162,14 @@ class PromptReader:
             prompt = self._prompt(chat.conversation_from_row(row, where=origin, shape=shape))
             if prompt is not None:
                 yield prompt
+
+    def kept(self, max_tokens: int | None) -> list[Prompt]:
+        """The plan's prompts: all of them, or with ``max_tokens`` those before their tokens reach it."""
+        kept, tokens = [], 0
+        for prompt in self.prompts(stop=lambda: max_tokens is not None and tokens >= max_tokens):
+            kept.append(prompt)
+            tokens += prompt.tokens.size
+        return kept
 
     def _prompt(self, conversation: chat.Conversation) -> Prompt | None:
         head = conversation.messages[:conversation.completion_start or len(conversation.messages)]

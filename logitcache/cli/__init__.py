@@ -1,4 +1,4 @@
-"""Command-line entry points: ``logitcache capture | inspect | verify | convert | train``.
+"""Command-line entry points: ``logitcache capture | inspect | verify | convert | export-generations | train``.
 
 ``capture`` reads an optional YAML config (``--config``); flags given on the command line
 override it field by field.
@@ -39,6 +39,12 @@ CAPTURE_FLAGS = {
     "long_sequences": "corpus.long_sequences",
     "train_on": "corpus.train_on",
     "chat_template": "corpus.chat_template",
+    "generate_max_new_tokens": "generate.max_new_tokens",
+    "generate_temperature": "generate.temperature",
+    "generate_top_p": "generate.top_p",
+    "generate_top_k": "generate.top_k",
+    "generate_n": "generate.n",
+    "generate_stop": "generate.stop",
     "method": "sparsify.method",
     "k": "sparsify.k",
     "samples": "sparsify.samples",
@@ -77,7 +83,8 @@ def load_config(path: str | None, overrides: dict) -> CaptureConfig:
     """A CaptureConfig from an optional YAML file plus flag overrides (``None`` = not given)."""
     data = read_job_file(path, "capture") if path else {}
     config = CaptureConfig.from_dict(data)
-    config = config.with_overrides({CAPTURE_FLAGS[k]: v for k, v in overrides.items() if k in CAPTURE_FLAGS})
+    config = config.with_overrides({CAPTURE_FLAGS[k]: list(v) if isinstance(v, tuple) else v
+                                    for k, v in overrides.items() if k in CAPTURE_FLAGS and v != ()})
     engine = parse_engine_args(overrides.get("engine") or ())
     return config.with_overrides({f"teacher.engine.{k}": v for k, v in engine.items()}) if engine else config
 
@@ -117,6 +124,15 @@ def main() -> None:
 @click.option("--chat-template", type=click.Path(dir_okay=False),
               help="Jinja chat template file to render chats with (default: the teacher tokenizer's).")
 @click.option("--max-tokens", type=int, help="Stop after about this many tokens (whole windows).")
+@click.option("--generate-max-new-tokens", type=int,
+              help="Generate the teacher's own responses, at most this many tokens each, to the prompts of a chat "
+              "corpus (its conversations up to the last user turn), and capture the targets over them (0 = off).")
+@click.option("--generate-temperature", type=float, help="Generation sampling temperature (0 = greedy; default 1).")
+@click.option("--generate-top-p", type=float, help="Generation nucleus: keep the top-p probability mass (default 1).")
+@click.option("--generate-top-k", type=int, help="Generation: sample among the k most likely tokens (0 = all).")
+@click.option("--generate-n", type=int, help="Responses per prompt (default 1).")
+@click.option("--generate-stop", multiple=True, metavar="TEXT",
+              help="A stop string, repeatable: a response ends once its text holds one (kept in the response).")
 @click.option("--method", type=click.Choice(METHODS), help="Sparsifier (default sample).")
 @click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
 @click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
@@ -265,6 +281,7 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         f"corpus           {s['corpus']['source']}  ({s['corpus']['stats'].get('documents')} documents)",
         *_corpus_input_lines(s["corpus"].get("input")),
         *_sequence_lines(s),
+        *generation_lines(s.get("generation"), s["corpus"]["stats"]),
         f"shards           {s['shards']} of {s['planned_shards']}",
         f"encoding         {s['store_format']}  ids {s['encoding']['ids']}  logprobs {s['encoding']['logprobs']}  "
         f"{s['compression']}",
@@ -338,9 +355,11 @@ def verify(store) -> None:
     click.echo(f"ok: {report.shards} shards verified in {store}")
 
 
+from .generations import export_generations_command, generation_lines  # noqa: E402
 from .train import train_command  # noqa: E402
 
 main.add_command(train_command)
+main.add_command(export_generations_command)
 
 
 def run() -> None:

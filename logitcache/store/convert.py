@@ -1,9 +1,9 @@
 """``logitcache convert``: re-encode a finished store into another format or encoding, one unit at a time.
 
 Memory stays constant (one unit decoded at a time); the destination is written through the same
-exactly-once commit path as a capture, so an interrupted conversion resumes. The layout (and a
-``documents`` store's train masks) is kept. Afterwards every sequence of the two stores is compared:
-equal for lossless targets, and within the documented error of the destination's logprob codec otherwise.
+exactly-once commit path as a capture, so an interrupted conversion resumes. The layout (a ``documents``
+store's train masks, a generated store's finish reasons) is kept. Afterwards every sequence of the two stores
+is compared: equal for lossless targets, and within the documented error of the destination's logprob codec otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from .writer import encode_unit
 from ..errors import ConfigError, StoreError
 from .encoding import Encoding, q8_bound
+from .finish import finish_code, row_finish
 from .fs import StoreFS
 from .manifest import Manifest, ManifestHeader, StoreSection
 from .commit import begin_store, commit_unit, finalize_store, read_manifest
@@ -91,9 +92,12 @@ def convert(src: str, dst: str, *, format: str | None = None, ids: str | None = 
         for record in records:
             if record.index in done:
                 continue
-            rows = list(decode_rows(src_spec, read_unit(src_fs, src_spec, record), with_mask=True))
+            unit = read_unit(src_fs, src_spec, record)
+            rows = list(decode_rows(src_spec, unit, with_mask=True))
+            finish = [finish_code(*row_finish(unit.row(r))) for r in range(len(unit))] if spec.generated else None
             new_record, objects = encode_unit(spec, record.index, [r[0] for r in rows], [r[1] for r in rows],
-                                              [r[3] for r in rows], [r[2] for r in rows] if spec.masked else None)
+                                              [r[3] for r in rows], [r[2] for r in rows] if spec.masked else None,
+                                              finish)
             commit_unit(dst_fs, new_record, objects)
             out.append(new_record)
         final = finalize_store(dst_fs, header, out)

@@ -45,6 +45,7 @@ from ..choices import ENTROPY_CODECS, ID_CODECS, LOGPROB_DTYPES
 from ..errors import ConfigError, CorruptShardError, TargetsError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
+from .finish import finish_column
 
 ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
@@ -257,7 +258,7 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.nda
     """Encode one sequence: ``tokens`` int[L] (labels are ``tokens[1:]``) and its targets, one per
     position; or, with ``mask`` bool[L - 1] (a masked row), targets only at the positions it marks
     (compact, in position order; their labels are ``tokens[1:][mask]``). ``finish``: a generated row's
-    finish code (:data:`FINISH_CODES`)."""
+    finish code (:mod:`logitcache.store.finish`)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
     labels = tokens[1:]
@@ -344,36 +345,6 @@ def row_mask(columns: dict[str, np.ndarray]) -> np.ndarray | None:
     if bits[num_positions:].any():
         raise CorruptShardError("train mask has bits set past the row's last position")
     return bits[:num_positions].astype(bool)
-
-
-FINISH_CODES = {"stop": 0, "length": 1, "stop-string": 2}  # code 2 + i: the settings' stop string i
-MAX_FINISH_CODE = 255
-
-
-def finish_code(reason: str, stop_string: int | None = None) -> int:
-    """The stored code of a finish reason: 0 stop, 1 length, ``2 + i`` for stop string ``i``."""
-    if reason not in FINISH_CODES or (reason == "stop-string") != (stop_string is not None):
-        raise TargetsError(f"finish reason {reason!r} (stop string {stop_string!r}); expected stop, length, or "
-                           "stop-string with the index of the stop string that ended the response")
-    return FINISH_CODES[reason] + (stop_string or 0)
-
-
-def finish_column(code: int) -> bytes:
-    """A generated row's ``finish_reason`` column: its code in one byte."""
-    if not isinstance(code, (int, np.integer)) or not 0 <= code <= MAX_FINISH_CODE:
-        raise TargetsError(f"finish code {code!r}; expected an integer in [0, {MAX_FINISH_CODE}] (finish_code)")
-    return bytes([int(code)])
-
-
-def row_finish(columns: dict[str, np.ndarray]) -> tuple[str, int | None] | None:
-    """A decoded row's ``(finish reason, stop string index or None)``; None for a row without the column."""
-    if "finish_reason" not in columns:
-        return None
-    data = columns["finish_reason"]
-    if data.size != 1:
-        raise CorruptShardError(f"finish_reason holds {data.size} bytes; 1 expected (one code per row)")
-    code = int(data[0])
-    return ("stop", None) if code == 0 else ("length", None) if code == 1 else ("stop-string", code - 2)
 
 
 def decode_row(enc: Encoding, method: str, num_samples: int, k: int,

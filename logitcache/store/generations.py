@@ -10,14 +10,16 @@ whole store, ``inspect`` summarises one (:func:`summarize`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..errors import StoreError
-from .encoding import FINISH_CODES, row_finish, row_mask
+from .encoding import row_mask
+from .finish import FINISH_CODES, row_finish
+from .records import ShardRecord
 from .spec import ShardSpec
 from .units import UnitRows
 
@@ -68,4 +70,17 @@ def summarize(settings: dict[str, Any], rows: Iterable[GeneratedRow]) -> dict[st
             "stop_string_hits": {s: hits[i] for i, s in enumerate(settings.get("stop", []))}}
 
 
-__all__ = ["GeneratedRow", "summarize", "unit_rows"]
+def inspect_section(spec: ShardSpec, settings: dict[str, Any] | None, records: Iterable[ShardRecord],
+                    read: Callable[[ShardRecord], UnitRows]) -> tuple[dict[str, Any], list[str]]:
+    """``({"generation": summary}, problems)`` for ``inspect`` of a generated store (``({}, [])`` for any other):
+    :func:`summarize` over the committed units, each read by ``read``; a unit that cannot be read is a problem."""
+    if settings is None:
+        return {}, []
+    try:
+        rows = [row for r in sorted(records, key=lambda r: r.index) for row in unit_rows(spec, r.index, read(r))]
+    except StoreError as exc:
+        return {"generation": {"settings": settings}}, [f"generation statistics: {exc}"]
+    return {"generation": summarize(settings, rows)}, []
+
+
+__all__ = ["GeneratedRow", "inspect_section", "summarize", "unit_rows"]

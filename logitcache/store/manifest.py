@@ -300,7 +300,7 @@ def _check_lengths(record: ShardRecord, header: ManifestHeader, where: str, name
     """A unit's row lengths: only in a documents store, each at most ``seq_len + 1``, and room for its trained
     positions (each row trains at most its ``L − 1`` input positions)."""
     if not header.masked:
-        fail(where, f"{name}.lengths", record.lengths, "absent in a packed store (its rows all hold seq_len + 1 "
+        fail(where, f"{name}.lengths", list(record.lengths), "absent in a packed store (its rows all hold seq_len + 1 "
              "tokens)")
     for j, n in enumerate(record.lengths):
         if n > header.seq_len + 1:

@@ -15,7 +15,8 @@ from .encoding import decode_row, row_mask
 from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
-from .spec import ShardSpec, spec_from_manifest
+from .generations import inspect_section
+from .spec import ShardSpec, generation_settings, spec_from_manifest
 from .containers import get_container
 from .units import UnitRows
 
@@ -179,7 +180,8 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
 
 
 def check_lengths(record: ShardRecord, rows: list[Row]) -> None:
-    """Refuse a unit whose recorded row lengths (``record.lengths``, documents stores) are not its rows' token counts."""
+    """Refuse a unit whose recorded row lengths (``record.lengths``, documents stores) are not its rows' token
+    counts."""
     if record.lengths is None:
         return
     for r, ((seq_id, tokens, _), recorded) in enumerate(zip(rows, record.lengths)):
@@ -218,7 +220,10 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
     fs = as_fs(root)
     manifest = read_manifest(fs)
     header, records = manifest.header, manifest.shards
-    problems = quick_problems(fs, spec_from_manifest(header), records)
+    spec = spec_from_manifest(header)
+    problems = quick_problems(fs, spec, records)
+    generation, unreadable = inspect_section(spec, generation_settings(header), records,
+                                             lambda record: read_unit(fs, spec, record, check=False))
     positions = sum(r.positions for r in records)
     shard_bytes = sum(r.bytes for r in records)
     total_bytes = shard_bytes + (fs.size(MANIFEST) or 0)
@@ -251,7 +256,8 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
         "complete": manifest.complete,
         "unbound_shards": sum(r.binding is None for r in records),
         "checked": INSPECT_CHECKS,
-        "problems": problems,
+        "problems": problems + unreadable,
+        **generation,
     }
 
 

@@ -33,12 +33,14 @@ def documented_shard_table() -> list[tuple[str, str, str]]:
 
 
 def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str,
-           masked: bool = False) -> bool:
+           masked: bool = False, generated: bool = False) -> bool:
     """Evaluate a documented "stored when" condition for one store configuration."""
     if condition == "always":
         return True
     if condition == "layout `documents`":
         return masked
+    if condition == "generated responses (`corpus.layout.generate`)":
+        return generated
     if condition == "under `ans`":
         return entropy == "ans"
     clauses = [c.strip() for c in condition.split(";")]
@@ -113,3 +115,18 @@ def test_documents_shards_have_the_documented_schema(method, tau, ids, logprobs,
                                  masked=True)
     assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
     assert expected.names[:3] == ["seq_id", "tokens", "train_mask"]
+
+
+def test_generated_shards_have_the_documented_schema(tiny_teacher, tmp_path):
+    """A store of teacher-generated responses adds the finish_reason column where the table says."""
+    from helpers import write_chat_corpus
+
+    path, template = write_chat_corpus(tmp_path)
+    capture(make_config(tiny_teacher, tmp_path / "s", "hybrid", **{
+        "corpus.source": str(path), "corpus.max_tokens": None, "corpus.seq_len": 120,
+        "corpus.chat_template": str(template), "generate.max_new_tokens": 4}), progress=False)
+    with pa.ipc.open_stream(pa.OSFile(str(sorted((tmp_path / "s" / "shards").glob("*.arrow"))[0]))) as reader:
+        schema = reader.schema
+    expected = documented_schema(method="hybrid", weighted=False, ids="rank-delta", logprobs="float32",
+                                 entropy="zstd", masked=True, generated=True)
+    assert "finish_reason" in expected.names and schema.remove_metadata().equals(expected)

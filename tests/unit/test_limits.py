@@ -83,7 +83,7 @@ def test_head_chunk_beyond_seq_len_is_the_whole_window(tiny_teacher, teacher, tm
         config = make_config(tiny_teacher, tmp_path / str(chunk), "hybrid", **{"teacher.head_chunk": chunk})
         plan, units, _, _ = prepare_capture(config, teacher)
         plans[chunk] = compute_unit(teacher, plan, units[0], config)
-    (ids_a, _, targets_a, _), (ids_b, _, targets_b, _) = plans.values()
+    (ids_a, _, targets_a, *_), (ids_b, _, targets_b, *_) = plans.values()
     assert ids_a == ids_b
     for a, b in zip(targets_a, targets_b):
         assert_targets_equal(a, b)
