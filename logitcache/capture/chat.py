@@ -246,7 +246,7 @@ def render(conversation: Conversation, tokenizer: Any, *, chat_template: str | N
         raise ConfigError("rendering a chat needs a fast tokenizer (its offsets map text to tokens); "
                           f"found {type(tokenizer).__name__}")
     template = resolve_chat_template(tokenizer, chat_template)
-    text = _apply(tokenizer, conversation, len(conversation.messages), template)
+    text = apply_template(tokenizer, conversation, len(conversation.messages), template)
     turns = conversation.trained_turns(train_on)
     spans = [] if train_on == "all" else [_turn_span(tokenizer, conversation, i, template, text) for i in turns]
     _check_verbatim(conversation, text, skip=set(conversation.trained_turns("assistant")) - set(turns))
@@ -258,8 +258,10 @@ def render(conversation: Conversation, tokenizer: Any, *, chat_template: str | N
     return RenderedChat(input_ids=ids, mask=mask, template_sha256=template_sha256(template))
 
 
-def _apply(tokenizer: Any, conversation: Conversation, count: int, template: str, generation: bool = False) -> str:
-    """The template's text for the first ``count`` messages; a template error names the row and role."""
+def apply_template(tokenizer: Any, conversation: Conversation, count: int, template: str,
+                   generation: bool = False) -> str:
+    """The template's text for the first ``count`` messages (with the generation prompt after them when
+    ``generation``); a template error names the row and role."""
     try:
         return tokenizer.apply_chat_template(conversation.as_dicts()[:count], chat_template=template,
                                              tokenize=False, add_generation_prompt=generation)
@@ -297,8 +299,8 @@ def _turn_span(tokenizer: Any, conversation: Conversation, i: int, template: str
     if i == 0:
         raise CorpusError(f"{where}: the conversation opens with an assistant turn, so there is no prefix to "
                           "render its generation prompt from; expected a system or user turn before it")
-    prompt = _apply(tokenizer, conversation, i, template, generation=True)
-    turn = _apply(tokenizer, conversation, i + 1, template)
+    prompt = apply_template(tokenizer, conversation, i, template, generation=True)
+    turn = apply_template(tokenizer, conversation, i + 1, template)
     if not (text.startswith(prompt) and text.startswith(turn) and len(turn) >= len(prompt)):
         raise CorpusError(f"{where}: the chat template renders this conversation's prefix differently from the "
                           "whole conversation (it is not prefix-stable, e.g. it rewrites earlier assistant turns), "
@@ -348,6 +350,7 @@ def pydoc_chat_rows() -> Iterator[tuple[str, dict]]:
         yield f"pydoc-chat:{key}", {"messages": [*system, question, answer]}
 
 
-__all__ = ["ROW_SHAPES", "SHAREGPT_ROLES", "Conversation", "Message", "RenderedChat", "conversation_from_row",
+__all__ = ["ROW_SHAPES", "SHAREGPT_ROLES", "Conversation", "Message", "RenderedChat", "apply_template",
+           "conversation_from_row",
            "pydoc_chat_rows", "read_chat_template", "render", "resolve_chat_template", "row_shape",
            "template_sha256", "trained_positions"]

@@ -46,8 +46,9 @@ def iter_generated(root, *, check: bool = True) -> Iterator[GeneratedRow]:
     fs = as_fs(root)
     manifest = read_manifest(fs)
     spec = spec_from_manifest(manifest.header)
+    stops = len((generation_settings(manifest.header) or {}).get("stop", []))
     for record in sorted(manifest.shards, key=lambda r: r.index):
-        yield from unit_rows(spec, record.index, read_unit(fs, spec, record, check=check))
+        yield from unit_rows(spec, record.index, read_unit(fs, spec, record, check=check), stops)
 
 
 def export_generations(store: str, out: str | os.PathLike, *, corpus: str | None = None,

@@ -182,8 +182,8 @@ class PromptReader:
             self.stats["empty_prompts"] += 1
             return None
         prompt = chat.Conversation(messages, conversation.origin)
-        text = chat._apply(self.tokenizer, prompt, len(messages), self.template, generation=True)
-        if text == chat._apply(self.tokenizer, prompt, len(messages), self.template):
+        text = chat.apply_template(self.tokenizer, prompt, len(messages), self.template, generation=True)
+        if text == chat.apply_template(self.tokenizer, prompt, len(messages), self.template):
             raise CorpusError(f"{conversation.origin}: the chat template adds nothing for add_generation_prompt, so "
                               "the teacher would not be asked to answer as the assistant; pass a template that "
                               "renders a generation prompt with --chat-template FILE")

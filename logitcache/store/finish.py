@@ -29,14 +29,18 @@ def finish_column(code: int) -> bytes:
     return bytes([int(code)])
 
 
-def row_finish(columns: dict[str, np.ndarray]) -> tuple[str, int | None] | None:
-    """A decoded row's ``(finish reason, stop string index or None)``; None for a row without the column."""
+def row_finish(columns: dict[str, np.ndarray], stop_strings: int | None = None) -> tuple[str, int | None] | None:
+    """A decoded row's ``(finish reason, stop string index or None)``; None for a row without the column.
+    ``stop_strings``: how many stop strings the store's settings list; a code naming another is refused."""
     if "finish_reason" not in columns:
         return None
     data = columns["finish_reason"]
     if data.size != 1:
         raise CorruptShardError(f"finish_reason holds {data.size} bytes; 1 expected (one code per row)")
     code = int(data[0])
+    if stop_strings is not None and code >= FINISH_CODES["stop-string"] + stop_strings:
+        raise CorruptShardError(f"finish_reason code {code} names stop string {code - 2}; the store's settings list "
+                                f"{stop_strings} (codes 0 .. {1 + stop_strings} expected)")
     return ("stop", None) if code == 0 else ("length", None) if code == 1 else ("stop-string", code - 2)
 
 

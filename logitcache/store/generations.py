@@ -41,15 +41,16 @@ class GeneratedRow:
         return self.tokens[self.prompt_length:]
 
 
-def unit_rows(spec: ShardSpec, index: int, unit: UnitRows) -> Iterator[GeneratedRow]:
-    """The responses of unit ``index`` (its rows as :func:`~logitcache.store.reader.read_unit` gives them)."""
+def unit_rows(spec: ShardSpec, index: int, unit: UnitRows, stop_strings: int) -> Iterator[GeneratedRow]:
+    """The responses of unit ``index`` (its rows as :func:`~logitcache.store.reader.read_unit` gives them);
+    ``stop_strings``: how many the settings list (a finish code naming another is a CorruptShardError)."""
     if not spec.generated:
         raise StoreError("this store holds no teacher-generated responses (its manifest has no corpus.layout."
                          "generate); expected a store captured with --generate-max-new-tokens")
     for r in range(len(unit)):
         columns = unit.row(r)
         tokens = columns["tokens"].view("<i4").astype(np.int32)
-        finish, stop_string = row_finish(columns)
+        finish, stop_string = row_finish(columns, stop_strings)
         yield GeneratedRow(index * spec.sequences_per_shard + r, int(unit.seq_ids[r]), tokens,
                            int(np.argmax(row_mask(columns))) + 1, finish, stop_string)
 
@@ -77,7 +78,8 @@ def inspect_section(spec: ShardSpec, settings: dict[str, Any] | None, records: I
     if settings is None:
         return {}, []
     try:
-        rows = [row for r in sorted(records, key=lambda r: r.index) for row in unit_rows(spec, r.index, read(r))]
+        stops = len(settings.get("stop", []))
+        rows = [row for r in sorted(records, key=lambda r: r.index) for row in unit_rows(spec, r.index, read(r), stops)]
     except StoreError as exc:
         return {"generation": {"settings": settings}}, [f"generation statistics: {exc}"]
     return {"generation": summarize(settings, rows)}, []

@@ -15,6 +15,7 @@ from .encoding import decode_row, row_mask
 from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
+from .finish import row_finish
 from .generations import inspect_section
 from .spec import ShardSpec, generation_settings, spec_from_manifest
 from .containers import get_container
@@ -157,6 +158,7 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     report.shards = len(records)
     report.unbound = sum(r.binding is None for r in records)
     report.problems = store_problems(fs, spec, records)
+    header_stops = len((generation_settings(manifest.header) or {}).get("stop", []))
     for record in records:
         try:
             rows = read_unit(fs, spec, record)
@@ -165,6 +167,7 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
             except CorruptShardError as exc:
                 raise CorruptShardError(f"shard {record.index}: {exc}") from None
             check_lengths(record, decoded)
+            check_finish_codes(spec, header_stops, record, rows)
             targets = [t for _, _, t in decoded]
             positions = sum(t.num_positions for t in targets)  # a documents row's: its trained positions
             entries = sum(int(t.ids_per_position().sum()) for t in targets)
@@ -188,6 +191,15 @@ def check_lengths(record: ShardRecord, rows: list[Row]) -> None:
         if tokens.size != recorded:
             raise CorruptShardError(f"shard {record.index} row {r} (seq_id {seq_id}) holds {tokens.size} tokens; the "
                                     f"manifest records lengths[{r}] = {recorded}")
+
+
+def check_finish_codes(spec: ShardSpec, stop_strings: int, record: ShardRecord, rows: UnitRows) -> None:
+    """Refuse a generated unit whose finish codes name a stop string the settings do not list."""
+    for r in range(len(rows)) if spec.generated else ():
+        try:
+            row_finish(rows.row(r), stop_strings)
+        except CorruptShardError as exc:
+            raise CorruptShardError(f"shard {record.index} row {r} (seq_id {int(rows.seq_ids[r])}): {exc}") from None
 
 
 INSPECT_CHECKS = ("manifest fields and header digest; every recorded object present with the recorded size and "

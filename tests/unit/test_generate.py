@@ -289,3 +289,13 @@ def test_a_text_corpus_or_one_without_prompts_is_refused(tiny_teacher, tmp_path)
     none = write_chat_corpus(tmp_path, ROWS[2:5])
     with pytest.raises(CorpusError, match="prompts_without_user 1, empty_prompts 1, skipped_long_prompts 1"):
         capture_local(generate_config(tiny_teacher, none, tmp_path / "b"), progress=False)
+
+
+def test_a_finish_code_naming_an_unlisted_stop_string_is_refused():
+    from logitcache.errors import CorruptShardError
+    from logitcache.store.finish import finish_code, row_finish
+
+    two_stops = {"finish_reason": np.frombuffer(bytes([finish_code("stop-string", 1)]), np.uint8)}
+    assert row_finish(two_stops, 2) == ("stop-string", 1)
+    with pytest.raises(CorruptShardError, match="names stop string 1; the store's settings list 1"):
+        row_finish(two_stops, 1)
