@@ -6,6 +6,8 @@ live in ``logitcache.testing``."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,21 @@ from logitcache.testing.targets import build
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 SEQ_LEN = 32  # window length of the small tiny-teacher captures below
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a test's subprocess: no inherited DDP rank variables, one thread, this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    path = env.get("PYTHONPATH")
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (a DDP rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_config(teacher: str, out: Path, method: str = "sample", **over) -> CaptureConfig:

@@ -19,9 +19,21 @@ then counts rows.
 Notes: the batch carries non-model keys (``target_*``, ``labels``, ``seq_ids``), so the Trainer
 must keep every column (``remove_unused_columns=False``) and :meth:`KDTrainer.compute_loss` passes
 only the model's keys to the forward. A :class:`~logitcache.train.dataset.CacheDataset` is an ``IterableDataset``:
-give ``max_steps``. Under DDP the Trainer's accelerate wrapper does not shard an
-``IterableDataset`` that is not split by rank itself; ``CacheDataset`` already splits by rank
-(``torch.distributed`` rank and world size), so each process reads its own slice.
+give ``max_steps``.
+
+DDP (``torchrun``, ``accelerate launch``): a ``CacheDataset`` already splits the epoch by rank (its
+``world``, from ``torch.distributed`` or ``RANK``/``WORLD_SIZE``), and every rank yields as many batches.
+The Trainer's own loader would split it again: Accelerate's ``prepare_data_loader`` either dispatches
+(rank 0 reads *its* slice and hands each rank a piece of every batch, ``DataLoaderDispatcher``) or wraps
+the dataset in ``IterableDatasetShard`` (each rank keeps every ``world_size``-th batch of its own slice);
+either way the ranks together read ``1/world_size`` of the epoch. :meth:`KDTrainer.get_train_dataloader`
+therefore prepares the loader of a ``CacheDataset`` as Accelerate does for one process: a
+``DataLoaderShard`` over the dataset itself (batches put on the device, ``set_epoch`` forwarded, the end
+of the epoch reported to Accelerate's ``GradientState``), so each rank trains on exactly its own slice.
+The dataset's world must be Accelerate's (rank, processes), and batch dispatching and splitting
+(``accelerator_config`` ``dispatch_batches``/``split_batches``; dispatching would also slice a packed row's
+per-sequence keys) are refused. The loader keeps the workers' order (what resume by position counts), uses
+the collator as given and honours ``dataloader_drop_last``.
 
 Resume (``trainer.train(resume_from_checkpoint=...)``) by position: every checkpoint also gets
 ``dataset_state.json`` (the dataset's :meth:`~logitcache.train.dataset.CacheDataset.state_dict` after the
@@ -31,7 +43,10 @@ run (``ignore_data_skip``), so the epoch continues at the next unseen batch with
 and discarding the ones before (the Trainer's default replays them through Accelerate's
 ``skip_first_batches``). Without the file, with ``ignore_data_skip=True`` set by you, or with gradient
 accumulation whose last group of an epoch is partial, the Trainer's replay is left to do the skip:
-exact too, only slower.
+exact too, only slower: Accelerate's ``skip_first_batches`` builds a ``DataLoaderShard`` over the same
+dataset with ``skip_batches=k``, which reads, decodes and drops the epoch's first ``k`` batches of each
+rank's own slice. Under DDP every rank loads the same ``dataset_state.json`` (written by rank 0): the
+ranks step in lockstep over slices of equal length, so rank 0's position is every rank's.
 """
 
 from __future__ import annotations
@@ -44,6 +59,9 @@ from pathlib import Path
 from typing import Any
 
 import transformers
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import ConfigError
@@ -83,21 +101,28 @@ class KDTrainer(transformers.Trainer):
         self._position: _DataPosition | None = None
         if isinstance(self.train_dataset, CacheDataset):
             ds = self.train_dataset
-            if ds.pack_tokens is not None and self._train_batch_size != 1:
-                raise ConfigError(f"per-device train batch size: found {self._train_batch_size}, expected 1 for a "
-                                  f"CacheDataset with pack_tokens={ds.pack_tokens}: each element is already a packed "
-                                  "row; pass per_device_train_batch_size=1 and data_collator=ds.collate_rows")
-            if ds.batch_size not in (None, self._train_batch_size):
-                raise ConfigError(f"CacheDataset batch_size: found {ds.batch_size}, expected {self._train_batch_size} "
-                                  "(the Trainer's per-device train batch size, which the dataset's workers "
-                                  "interleave by and its resume state counts in)")
+            _check_dataset(ds, self._train_batch_size, self.accelerator)
             ds.batch_size = self._train_batch_size
-            if self.accelerator.dataloader_config.dispatch_batches is None:
-                # Accelerate's default for an IterableDataset dispatches: one process reads, and each batch is
-                # sliced along its first dimension, a packed row's per-sequence keys (seq_ids, cu_seq_lens) too
-                self.accelerator.dataloader_config.dispatch_batches = False
             self._position = _DataPosition(ds)
             self.add_callback(self._position)
+
+    def get_train_dataloader(self) -> DataLoader:
+        """The training loader; over a :class:`CacheDataset`, Accelerate's loader of one process over the
+        dataset itself, which each rank reads its own slice of (module docstring, "DDP")."""
+        if self._position is None:
+            return super().get_train_dataloader()
+        args, accelerator = self.args, self.accelerator
+        context = getattr(args, "dataloader_multiprocessing_context", None)  # an argument of recent transformers
+        loader = DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                            drop_last=args.dataloader_drop_last, num_workers=args.dataloader_num_workers,
+                            pin_memory=args.dataloader_pin_memory,
+                            persistent_workers=args.dataloader_persistent_workers,
+                            prefetch_factor=args.dataloader_prefetch_factor,
+                            multiprocessing_context=context)
+        return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=accelerator.device_placement, rng_types=list(accelerator.rng_types),
+                                   dispatch_batches=False, non_blocking=accelerator.non_blocking,
+                                   use_stateful_dataloader=accelerator.use_stateful_dataloader)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """``transformers.Trainer.train``; a resume restores the dataset's position from the checkpoint's
@@ -150,6 +175,29 @@ class KDTrainer(transformers.Trainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
         return (loss, outputs) if return_outputs else loss
+
+
+def _check_dataset(ds: CacheDataset, batch_size: int, accelerator: Accelerator) -> None:
+    """Refuse a ``CacheDataset`` the Trainer cannot read as it is: another batch size, another world than
+    Accelerate's, or Accelerate set to dispatch or split batches."""
+    if ds.pack_tokens is not None and batch_size != 1:
+        raise ConfigError(f"per-device train batch size: found {batch_size}, expected 1 for a CacheDataset with "
+                          f"pack_tokens={ds.pack_tokens}: each element is already a packed row; pass "
+                          "per_device_train_batch_size=1 and data_collator=ds.collate_rows")
+    if ds.batch_size not in (None, batch_size):
+        raise ConfigError(f"CacheDataset batch_size: found {ds.batch_size}, expected {batch_size} (the Trainer's "
+                          "per-device train batch size, which the dataset's workers interleave by and its resume "
+                          "state counts in)")
+    found, expected = (ds.world.rank, ds.world.world_size), (accelerator.process_index, accelerator.num_processes)
+    if found != expected:
+        raise ConfigError(f"CacheDataset world: found rank {found[0]} of {found[1]}, expected rank {expected[0]} of "
+                          f"{expected[1]} (Accelerate's process); each rank trains on the dataset's own slice. "
+                          "Construct the dataset in each process with world=None (detected) or that World.")
+    config = accelerator.dataloader_config
+    for name in ("dispatch_batches", "split_batches"):
+        if getattr(config, name):
+            raise ConfigError(f"accelerator_config {name}: found True, expected unset or False with a CacheDataset: "
+                              "each rank reads its own slice of the epoch in whole batches; remove the setting")
 
 
 class _DataPosition(transformers.TrainerCallback):

@@ -7,8 +7,6 @@ The plain loop (loss goes down, outputs, eval metrics, exact resume), the CLI, t
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +17,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import free_port, subprocess_env
 
 import logitcache.train.loop as train_mod
 from logitcache.capture import capture
@@ -34,12 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    path = env.get("PYTHONPATH")
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -256,12 +249,6 @@ DDP_SCRIPT = textwrap.dedent("""
         make_student(student)
         mp.start_processes(worker, args=(store, student, out, port), nprocs=2, join=True, start_method="fork")
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_ranks_read_disjoint_slices(store, tiny_teacher, tmp_path):
