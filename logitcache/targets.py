@@ -15,6 +15,10 @@ Every method yields the same estimate shape through :meth:`SparseTargets.estimat
 with ``scale = tail_mass`` for hybrid (draws come from the renormalised tail) and ``1``
 for sample. The estimate is unbiased for ``sample`` and ``hybrid``; for ``topk`` it is the
 exact head and the tail is summarised by ``tail_mass`` alone.
+
+Optionally (a store captured with ``--label-logprobs``) every method also carries ``label_logprobs``:
+the teacher's exact log-probability of each position's realized next token, whether or not a head or a
+draw holds it (what cross-tokenizer merges need, docs/cross_tokenizer.md).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class SparseTargets:
         sample_counts: ``int32[P]`` draws of each id; per position they sum to ``num_samples``.
         sample_weights: ``float32[P]`` importance weights ``p/q`` (``sample`` with τ ≠ 1), else ``None``.
         num_samples: ``N``, the number of draws per position (0 without samples).
+        label_logprobs: ``float32[T]`` exact teacher log-probability of each position's label (its realized
+            next token), any method; ``None`` unless the store keeps it (``store.label_logprobs``).
     """
 
     method: str
@@ -52,6 +58,15 @@ class SparseTargets:
     sample_counts: torch.Tensor | None = None
     sample_weights: torch.Tensor | None = None
     num_samples: int = 0
+    label_logprobs: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        lp = self.label_logprobs
+        if lp is not None and (not isinstance(lp, torch.Tensor) or lp.dim() != 1 or not lp.is_floating_point()
+                               or lp.shape[0] != self.num_positions):
+            found = f"{lp.dtype}{list(lp.shape)}" if isinstance(lp, torch.Tensor) else type(lp).__name__
+            raise TargetsError(f"label_logprobs is {found}; expected a float tensor of shape [{self.num_positions}] "
+                               "(one log-probability per position, the label's)")
 
     @property
     def num_positions(self) -> int:
@@ -169,4 +184,5 @@ def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
         sample_counts=cat("sample_counts"),
         sample_weights=cat("sample_weights"),
         num_samples=first.num_samples,
+        label_logprobs=cat("label_logprobs"),
     )

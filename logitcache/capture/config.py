@@ -188,7 +188,10 @@ class StoreConfig:
     ``path`` is a directory or an fsspec URL (``s3://bucket/prefix``); ``format`` the container
     (``arrow`` or ``zarr``); ``ids`` the id code (``auto`` = ``rank-delta``, the smaller on measured
     SmolLM2 targets for every method; ``packed`` is fixed-width); ``logprob_dtype``
-    ``float32`` (lossless), or lossy ``float16`` / ``q8`` (opt-in; error recorded per unit).
+    ``float32`` (lossless), or lossy ``float16`` / ``q8`` (opt-in; error recorded per unit);
+    ``label_logprobs`` also keeps the teacher's exact log-probability of every position's realized next
+    token (a ``label_logprob`` row column, 4 bytes a position before compression; what cross-tokenizer
+    merges need, docs/cross_tokenizer.md).
     """
 
     path: str = "cache"
@@ -199,8 +202,11 @@ class StoreConfig:
     logprob_dtype: str = "float32"
     ids: str = "auto"
     entropy: str = "zstd"
+    label_logprobs: bool = False
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.label_logprobs, bool), f"label_logprobs must be true or false; found "
+               f"{self.label_logprobs!r}")
         _check(self.entropy in ENTROPY_CODECS, f"entropy must be {_or(ENTROPY_CODECS)}; found {self.entropy!r}")
         _check(self.format in FORMATS, f"format must be {_or(FORMATS, quote=True)}; found {self.format!r}")
         _check(self.ids in ID_CHOICES, f"ids must be {_or(ID_CHOICES)}; found {self.ids!r}")
@@ -261,8 +267,6 @@ class CaptureConfig:
                f"--generate-max-new-tokens at most {c.seq_len - 1} or a larger --seq-len")
         _check(c.layout != "packed", "generation writes one sequence per prompt and response (the documents layout); "
                "drop --layout packed")
-        _check(self.teacher.backend == "hf", "generating responses runs on backend 'hf' only for now (the vLLM "
-               "backend has no generate yet: docs/capture.md, \"Teacher-generated responses\"); use --backend hf")
         _check(c.train_on is None, f"train_on {c.train_on!r} does not apply to generated responses: the response "
                "(and its end-of-turn token) is what trains; drop --train-on")
 
@@ -296,12 +300,13 @@ class CaptureConfig:
         the same store. (Stores written before this recorded ``corpus.source`` here; a resume ignores it.)
         The layout fields enter as resolved (``auto`` made ``packed`` or ``documents``, the chat template by
         its sha256) through the manifest's ``corpus.layout``, compared on resume like the fingerprint.
-        ``generate`` enters only when generation is on, so stores captured without it keep their identity.
+        ``generate`` enters only when generation is on, and ``store.label_logprobs`` only when it is true, so
+        stores captured without them keep their identity.
         """
         d = self.to_dict()
         # head_chunk is here because the head's matmul shape can change float rounding in the last bit
         teacher = {k: d["teacher"][k] for k in ("model", "backend", "dtype", "head_chunk")}
-        store = {k: v for k, v in d["store"].items() if k != "path"}
+        store = {k: v for k, v in d["store"].items() if k != "path" and (k != "label_logprobs" or v)}
         return {
             "teacher": teacher,
             "corpus": {k: v for k, v in d["corpus"].items() if k not in _NOT_IN_IDENTITY},

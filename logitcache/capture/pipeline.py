@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -33,7 +33,7 @@ from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
 from .plan import Plan, PlanSlice, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .limits import check_teacher_limits, plan_warnings
-from .sparsify import draw_uniforms, sparsify
+from .sparsify import draw_uniforms, label_logprobs, sparsify
 from ..store.commit import MANIFEST, begin_store, finalize_store, mismatch_error, read_manifest
 from ..store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from ..store.fs import StoreFS
@@ -78,7 +78,7 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
     ids = DEFAULT_ID_CODEC if config.store.ids == "auto" else config.store.ids
     order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
     return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order,
-                    entropy=config.store.entropy)
+                    entropy=config.store.entropy, label_logprobs=config.store.label_logprobs)
 
 
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan | DocumentPlan, units: list[Unit],
@@ -114,7 +114,7 @@ def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan | DocumentP
 def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
                    config: CaptureConfig) -> list[SparseTargets]:
     """Targets for a batch of windows ``int64[B, L+1]``: one SparseTargets of L positions each."""
-    inputs = windows[:, :-1]
+    inputs, labels = windows[:, :-1], windows[:, 1:]
     num_positions = inputs.shape[1]
     cfg = config.sparsify
     draws = cfg.samples if cfg.method in ("sample", "hybrid") else 0
@@ -123,8 +123,7 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     for row, start, logits in teacher.forward_chunks(inputs, config.teacher.head_chunk):
         u = uniforms[row]
         chunk_u = None if u is None else u[start:start + logits.shape[0]].to(logits.device)
-        # sparsify where the logits are (the teacher's device); only the sparse result comes back to the CPU
-        parts[row].append(sparsify(logits, cfg, chunk_u).to("cpu"))
+        parts[row].append(_sparsify(logits, config, chunk_u, labels[row, start:start + logits.shape[0]]))
         fault_point("teacher_chunk")
     return [concat_targets(p) for p in parts]
 
@@ -147,10 +146,22 @@ def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: lis
         if count:
             u = uniforms[row]
             chunk_u = None if u is None else u[done[row]:done[row] + count].to(logits.device)
-            parts[row].append(sparsify(logits[trained.to(logits.device)], cfg, chunk_u).to("cpu"))
+            labels = torch.from_numpy(np.array(sequences[row].tokens[start + 1:start + 1 + trained.numel()], np.int64))
+            parts[row].append(_sparsify(logits[trained.to(logits.device)], config, chunk_u, labels[trained]))
             done[row] += count
         fault_point("teacher_chunk")
     return [concat_targets(p) for p in parts]
+
+
+def _sparsify(logits: torch.Tensor, config: CaptureConfig, uniforms: torch.Tensor | None,
+              labels: torch.Tensor) -> SparseTargets:
+    """Targets of ``logits`` (rows predicting ``labels``), computed where the logits are (the teacher's device);
+    only the sparse result comes back to the CPU. With ``store.label_logprobs`` they carry each label's exact
+    log-probability too (:func:`~logitcache.capture.sparsify.label_logprobs`)."""
+    targets = sparsify(logits, config.sparsify, uniforms)
+    if config.store.label_logprobs:
+        targets = replace(targets, label_logprobs=label_logprobs(logits, labels))
+    return targets.to("cpu")
 
 
 def sequence_batches(lengths: list[int], batch_tokens: int, max_positions: int) -> list[list[int]]:

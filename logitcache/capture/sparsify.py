@@ -381,6 +381,23 @@ def hybrid(logits: torch.Tensor, k: int, num_samples: int, uniforms: torch.Tenso
     )
 
 
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``float32[T]`` the exact log-softmax (τ = 1) of each row of ``logits`` at its label ``labels[t]``:
+    ``(x_label − max) − log Σ exp(x − max)``, the sum from the same cache-blocked pass as :func:`full`
+    (float64 block sums), so it is row local like every sparsifier."""
+    _check_logits(logits)
+    t, v = logits.shape
+    labels = labels.to(device=logits.device, dtype=torch.int64)
+    if tuple(labels.shape) != (t,) or (t and not bool(((labels >= 0) & (labels < v)).all())):
+        raise TargetsError(f"labels must be int[{t}] ids in [0, {v}); found shape {list(labels.shape)}"
+                           + (f", values in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else ""))
+    row_max = logits.amax(1).float()
+    _check_row_max(row_max)
+    totals, _, _ = _exp_pass(logits, row_max)
+    picked = logits.gather(1, labels[:, None])[:, 0].double()
+    return (picked - row_max.double() - torch.log(totals)).float()
+
+
 def sparsify(logits: torch.Tensor, config: SparsifyConfig, uniforms: torch.Tensor | None) -> SparseTargets:
     """Dispatch on ``config.method``; ``uniforms`` (float64[T, N]) is needed by sample and hybrid."""
     if config.method == "topk":
@@ -394,4 +411,4 @@ def sparsify(logits: torch.Tensor, config: SparsifyConfig, uniforms: torch.Tenso
     raise ConfigError(f"method must be one of {', '.join(METHODS)}; found {config.method!r}")
 
 
-__all__ = ["draw_uniforms", "full", "hybrid", "sample", "sequence_seed", "sparsify", "topk"]
+__all__ = ["draw_uniforms", "full", "hybrid", "label_logprobs", "sample", "sequence_seed", "sparsify", "topk"]

@@ -55,6 +55,7 @@ CAPTURE_FLAGS = {
     "format": "store.format",
     "ids": "store.ids",
     "entropy": "store.entropy",
+    "label_logprobs": "store.label_logprobs",
     "compression_level": "store.compression_level",
     "seed": "seed",
     "batch_tokens": "batch_tokens",
@@ -146,6 +147,9 @@ def main() -> None:
 @click.option("--ids", type=click.Choice(ID_CHOICES), help="Id code (default auto).")
 @click.option("--entropy", type=click.Choice(ENTROPY_CODECS),
               help="Entropy stage: zstd (default) or ans, context-modelled rANS per unit (smaller, lossless).")
+@click.option("--label-logprobs", is_flag=True, default=None,
+              help="Also keep the teacher's exact log-probability of every realized next token, whatever the method "
+              "(~4 B/position; for cross-tokenizer students).")
 @click.option("--compression-level", type=int, help="zstd level 1-22 (default 9).")
 @click.option("--batch-tokens", type=int, help="Tokens per teacher forward batch (speed only; default 4096).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")

@@ -2,7 +2,7 @@
 
 Memory stays constant (one unit decoded at a time); the destination is written through the same
 exactly-once commit path as a capture, so an interrupted conversion resumes. The layout (a ``documents``
-store's train masks, a generated store's finish reasons) is kept. Afterwards every sequence of the two stores
+store's train masks, a generated store's finish reasons) and the realized-token log-probabilities are kept. Afterwards every sequence of the two stores
 is compared: equal for lossless targets, and within the documented error of the destination's logprob codec otherwise.
 """
 
@@ -58,7 +58,8 @@ def destination_header(src_fs: StoreFS, manifest: Manifest, *, format: str | Non
     if new_ids == "rank-delta" and not order:
         order = _token_order(src_fs, src_enc.vocab_size)
     enc = Encoding(ids=new_ids, logprobs=logprob_dtype or src_enc.logprobs, vocab_size=src_enc.vocab_size,
-                   order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy)
+                   order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy,
+                   label_logprobs=src_enc.label_logprobs)  # kept: only the teacher could add them
     if src_enc.logprobs != "float32" and enc.logprobs != src_enc.logprobs:
         raise ConfigError(f"the source stores {src_enc.logprobs} logprobs; converting them to {enc.logprobs} "
                           "would compound two lossy steps. Convert from a float32 store instead.")
@@ -128,7 +129,7 @@ def _compare_targets(seq_id: int, a: SparseTargets, b: SparseTargets, b_encoding
                     if b_encoding.tail_dtype == "<f2" else torch.zeros_like(a.tail_mass, dtype=torch.float64))
         if bool(((a.tail_mass.double() - b.tail_mass.double()).abs() > half_ulp).any()):
             raise StoreError(f"converted store differs at sequence {seq_id} in tail_mass")
-    for name in ("sample_lengths", "sample_ids", "sample_counts", "sample_weights"):
+    for name in ("sample_lengths", "sample_ids", "sample_counts", "sample_weights", "label_logprobs"):  # lossless
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
             raise StoreError(f"converted store differs at sequence {seq_id} in {name}")

@@ -46,8 +46,10 @@ from ..errors import ConfigError, CorruptShardError, TargetsError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 from .finish import finish_column
+from .planes import LABEL_COLUMN, decode_labels, encode_labels, split as _split, unsplit as _unsplit, view as _view
 
 ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
+LABELS_VERSION = 4  # what either stage writes when rows carry label_logprob (older readers then refuse the store)
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
 DEFAULT_ID_CODEC = "rank-delta"
 LOGPROB_CODECS = LOGPROB_DTYPES
@@ -69,6 +71,7 @@ class Encoding:
     vocab_size: int = 0
     order: tuple[int, ...] = ()  # ids by descending corpus frequency (rank-delta only)
     entropy: str = "zstd"
+    label_logprobs: bool = False  # rows carry label_logprob: the exact log-probability of each label
     _rank: np.ndarray = field(default=None, repr=False, compare=False)
     _unrank: np.ndarray = field(default=None, repr=False, compare=False)
 
@@ -104,21 +107,25 @@ class Encoding:
 
     def to_manifest(self) -> dict[str, Any]:
         blob = np.asarray(self.order, dtype="<u4").tobytes()
-        out = {"version": ENCODING_VERSIONS[self.entropy], "ids": self.ids, "logprobs": self.logprobs,
-               "vocab_size": self.vocab_size,
+        version = LABELS_VERSION if self.label_logprobs else ENCODING_VERSIONS[self.entropy]
+        out = {"version": version, "ids": self.ids, "logprobs": self.logprobs, "vocab_size": self.vocab_size,
                "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
-        return out if self.entropy == "zstd" else {**out, "entropy": self.entropy}
+        out = out if self.entropy == "zstd" else {**out, "entropy": self.entropy}
+        return {**out, "label_logprobs": True} if self.label_logprobs else out
 
     @classmethod
     def from_manifest(cls, d: dict[str, Any]) -> Encoding:
-        entropy = d.get("entropy", "zstd")
-        if entropy not in ENCODING_VERSIONS or d.get("version") != ENCODING_VERSIONS[entropy]:
-            raise CorruptShardError(f"store encoding version {d.get('version')!r} (entropy {entropy!r}); this "
-                                    f"logitcache reads version 2 (zstd) and 3 (ans). Upgrade logitcache or recapture.")
+        entropy, labels = d.get("entropy", "zstd"), d.get("label_logprobs", False) is True
+        if entropy not in ENCODING_VERSIONS or d.get("version") != (
+                LABELS_VERSION if labels else ENCODING_VERSIONS[entropy]):
+            raise CorruptShardError(f"store encoding version {d.get('version')!r} (entropy {entropy!r}, label_logprobs "
+                                    f"{labels}); this logitcache reads version 2 (zstd), 3 (ans) and {LABELS_VERSION} "
+                                    "(either, with label_logprobs). Upgrade logitcache or recapture.")
         order: tuple[int, ...] = ()
         if d["ids"] == "rank-delta":
             order = tuple(np.frombuffer(zlib.decompress(base64.b64decode(d["vocab_order"])), dtype="<u4").tolist())
-        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy)
+        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy,
+                   label_logprobs=labels)
 
 
 def corpus_order(tokens: np.ndarray, vocab_size: int) -> tuple[int, ...]:
@@ -204,26 +211,6 @@ def _decode_logprobs(enc: Encoding, data: np.ndarray, count: int) -> np.ndarray:
     return np.log(p).astype(np.float32)
 
 
-def _split(values: np.ndarray, dtype: str) -> bytes:
-    """Floats as byte planes (all first bytes, then all second bytes, …): exponents and signs line
-    up, which zstd compresses far better (Parquet's BYTE_STREAM_SPLIT)."""
-    a = np.ascontiguousarray(values, dtype=dtype)
-    return np.ascontiguousarray(a.view(np.uint8).reshape(-1, a.itemsize).T).tobytes()
-
-
-def _unsplit(data: np.ndarray, dtype: str, count: int) -> np.ndarray:
-    size = np.dtype(dtype).itemsize
-    planes = _view(data, "u1", count * size).reshape(size, count)
-    return np.ascontiguousarray(planes.T).view(dtype).reshape(count)
-
-
-def _view(data: np.ndarray, dtype: str, count: int) -> np.ndarray:
-    size = np.dtype(dtype).itemsize * count
-    if data.size != size:
-        raise CorruptShardError(f"column holds {data.size} bytes; {size} expected ({count} × {dtype})")
-    return data.view(dtype)
-
-
 # ---------------------------------------------------------------- rows
 
 @dataclass
@@ -233,10 +220,12 @@ class EncodedRow:
     prob_error: float = 0.0  # max |Δ p| over all entries
 
 
-def row_columns(method: str, weighted: bool, masked: bool = False, generated: bool = False) -> list[str]:
+def row_columns(method: str, weighted: bool, masked: bool = False, generated: bool = False,
+                labels: bool = False) -> list[str]:
     """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them;
-    ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``, and ``generated``
-    rows (teacher-generated responses) a ``finish_reason`` after that."""
+    ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``, ``generated``
+    rows (teacher-generated responses) a ``finish_reason`` after that, and with ``labels``
+    (``Encoding.label_logprobs``) ``label_logprob`` comes last."""
     cols = ["tokens", "train_mask"] if masked else ["tokens"]
     cols += ["finish_reason"] if generated else []
     if method in ("topk", "hybrid", "full"):
@@ -245,7 +234,7 @@ def row_columns(method: str, weighted: bool, masked: bool = False, generated: bo
         cols += ["sample_lengths", "sample_label", "sample_ids", "sample_id_bits", "sample_counts"]
         if weighted:
             cols.append("sample_weights")
-    return cols
+    return cols + ([LABEL_COLUMN] if labels else [])
 
 
 def _count_dtype(num_samples: int) -> str:
@@ -318,6 +307,7 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.nda
             w = t.sample_weights.numpy().astype("<f4")
             w_order = np.argsort(np.concatenate([seg[is_label] * 2, seg[rest][order] * 2 + 1]), kind="stable")
             out.columns["sample_weights"] = _split(np.concatenate([w[is_label], w[rest][order]])[w_order], "<f4")
+    out.columns.update(encode_labels(t, enc.label_logprobs))
     return out
 
 
@@ -390,7 +380,8 @@ def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
         if "sample_weights" in columns:
             w = _unsplit(columns["sample_weights"], "<f4", ids.size)
             sample["sample_weights"] = torch.from_numpy(w[order].astype(np.float32))
-    targets = SparseTargets(method=method, num_samples=num_samples if sample else 0, **head, **sample)
+    targets = SparseTargets(method=method, num_samples=num_samples if sample else 0, **head, **sample,
+                            **decode_labels(columns, num_positions))
     return tokens, targets
 
 

@@ -279,7 +279,7 @@ def _hf_rows(root: str, fingerprint: str) -> Iterator[dict[str, Any]]:
         if mask is not None:
             row["train_mask"] = mask.tolist()
         for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
-                     "sample_weights"):
+                     "sample_weights", "label_logprobs"):
             value = getattr(t, name)
             if value is not None:
                 row[name] = value.reshape(-1).tolist()

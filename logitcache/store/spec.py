@@ -37,7 +37,7 @@ class ShardSpec:
     def columns(self) -> list[str]:
         """The byte columns a container stores per row (after ``seq_id``): the row encoding's, and
         with the ``ans`` stage the unit's ``entropy`` column in place of the columns it codes."""
-        cols = row_columns(self.method, self.weighted, self.masked, self.generated)
+        cols = row_columns(self.method, self.weighted, self.masked, self.generated, self.encoding.label_logprobs)
         if self.encoding.entropy == "ans":
             from .entropy import COLUMN, coded_columns
 

@@ -115,7 +115,7 @@ def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 
 def assert_equal(a: SparseTargets, b: SparseTargets) -> None:
     """Every field of ``a`` equals ``b``'s exactly (compared in ``b``'s dtype); None where ``b`` has None."""
     for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
-                 "sample_weights"):
+                 "sample_weights", "label_logprobs"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:

@@ -11,12 +11,14 @@ tokenizer, aligns the two (:func:`logitcache.train.align.align`) and gives every
   - **1:1** (one teacher token): the stored estimate at the teacher position with the same context,
     each teacher id moved to the student id with the same bytes (:mod:`logitcache.train.vocab_map`);
   - **many teacher : one student**: the chain rule. With the group's teacher tokens ``v_1..v_r`` (``v_1``
-    predicted at teacher position ``p``), ``Π = Π_{k≥2} t(v_k | …)`` from the *exact* stored head at
-    positions ``p+1..p+r−1``: the stored mass ``t̂_p(v_1)`` splits into ``t̂_p(v_1)·Π`` on the student's
-    token and ``t̂_p(v_1)·(1 − Π)`` on ``v_1``'s student id; the other entries move as for 1:1. Where a
-    realized token is not in an exact head (RS-KD; top-k or hybrid with the label outside the head) the
-    position is left out of KD and counted as ``many_to_one_skipped``: the store keeps no exact
-    realized-token log-probability there.
+    predicted at teacher position ``p``), ``Π = Π_{k≥2} t(v_k | …)`` from the exact realized-token
+    log-probabilities at positions ``p+1..p+r−1``: the mass of ``v_1`` at ``p`` splits into ``·Π`` on the
+    student's token and ``·(1 − Π)`` on ``v_1``'s student id; the other entries move as for 1:1. A store
+    captured with ``--label-logprobs`` (``targets.label_logprobs``) has them at every position, whatever the
+    method, and also gives ``v_1``'s exact mass ``t_p(v_1)`` (in place of its estimate). Without them only an
+    exact head holds them (where the label is in it); a position whose realized tokens are not all there
+    (RS-KD; top-k or hybrid with a label outside the head) is left out of KD and counted as
+    ``many_to_one_skipped``.
   Teacher entries without a student id with their bytes go, sorted by probability, to the ULD term
   (``uld_probs``). One : many and many : many groups get no KD target (counted).
 
@@ -80,9 +82,13 @@ class StudentItem:
 
 
 def realized_logprobs(targets: SparseTargets, positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``float64[length]`` the exact stored log-probability of each position's next token: from the head
-    (topk, hybrid, full) where the label is in it, NaN elsewhere (RS-KD has no exact value)."""
+    """``float64[length]`` the exact stored log-probability of each position's next token: the store's
+    ``label_logprobs`` where it keeps them; else from the head (topk, hybrid, full) where the label is in it,
+    NaN elsewhere (RS-KD has no exact value)."""
     out = np.full(labels.size, np.nan)
+    if targets.label_logprobs is not None:
+        out[positions] = targets.label_logprobs.numpy()
+        return out
     if not targets.has_head or positions.size == 0:
         return out
     head, logp = targets.head_ids.numpy(), targets.head_logprobs.numpy().astype(np.float64)
@@ -151,8 +157,8 @@ class CrossTokenizerTransform:
         single = al.student_count[groups] == 1
         many_t = al.teacher_count[groups] > 1
         first = al.teacher_first[groups]  # teacher token index of each group's first token
-        log_rest = _segment_sums(realized_logprobs(targets, positions, labels), first,
-                                 first + al.teacher_count[groups] - 1)
+        realized = realized_logprobs(targets, positions, labels)
+        log_rest = _segment_sums(realized, first, first + al.teacher_count[groups] - 1)
         merged = ce & single & many_t
         kd = ce & single & (~many_t | ~np.isnan(log_rest))
         stats = XTokStats({"one_to_one": int((kd & ~many_t).sum()), "many_to_one": int((kd & many_t).sum()),
@@ -162,9 +168,10 @@ class CrossTokenizerTransform:
         q = np.nonzero(kd)[0]
         row_of = np.full(labels.size, -1, dtype=np.int64)
         row_of[positions] = np.arange(positions.size)
-        owner, tid, prob = _entries(targets, row_of[first[q] - 1])
+        exact_first = None if targets.label_logprobs is None else np.exp(realized[first[q] - 1])
+        owner, tid, prob, split = _first_token_entries(*_entries(targets, row_of[first[q] - 1]), many_t[q],
+                                                       tokens[first[q]], exact_first)
         chain = np.where(many_t[q], np.exp(np.nan_to_num(log_rest[q])), 1.0)
-        split = many_t[q][owner] & (tid == tokens[first[q]][owner])  # the first realized token's entry
         extra_owner, extra_prob = owner[split], prob[split] * chain[owner[split]]
         prob[split] *= 1.0 - chain[owner[split]]
         sid = self.map.lookup(tid)
@@ -191,6 +198,21 @@ class CrossTokenizerTransform:
         """Student-token batch of teacher-token items (keys in docs/cross_tokenizer.md, "Batch")."""
         converted = [self(item, f"item {i} (seq_id {item.get('seq_id')!r})") for i, item in enumerate(items)]
         return collate_student(converted, pad_id=self.pad_id, student_matched=self.map.student_matched)
+
+
+def _first_token_entries(owner: np.ndarray, tid: np.ndarray, prob: np.ndarray, merged: np.ndarray,
+                         first_ids: np.ndarray, exact: np.ndarray | None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(owner, ids, probs, split)``: the entries, with ``split`` marking at each ``merged`` row the entry of
+    the group's first teacher token ``first_ids[row]``, the one the chain rule splits. With ``exact`` (its exact
+    probability per row, from the store's label log-probabilities) that entry is ``exact[row]`` at every merged
+    row, in place of the stored estimate (which RS-KD may lack): still unbiased, with no variance."""
+    split = merged[owner] & (tid == first_ids[owner])
+    if exact is None:
+        return owner, tid, prob, split
+    rows, keep = np.flatnonzero(merged), ~split
+    return (np.concatenate([owner[keep], rows]), np.concatenate([tid[keep], first_ids[rows]]),
+            np.concatenate([prob[keep], exact[rows]]), np.concatenate([split[keep], np.ones(rows.size, bool)]))
 
 
 def _per_position(q: np.ndarray, owners: np.ndarray, size: int) -> np.ndarray:

@@ -4,6 +4,8 @@ Items are ``{"seq_id": int, "input_ids": int64[T], "labels": int64[T], "targets"
 (``input_ids = tokens[:-1]``, ``labels = tokens[1:]``). A ``documents`` store (chat conversations,
 documents of their own length) adds ``"loss_mask": bool[T]``, the row's train mask: ``labels`` is
 ``-100`` where it is 0, and ``targets`` covers only the ``loss_mask.sum()`` trained positions, in order.
+A store captured with ``--label-logprobs`` gives ``targets.label_logprobs`` (each label's exact teacher
+log-probability, what :mod:`logitcache.train.cross_tokenizer` merges groups with); other stores None.
 Batch items with ``ds.collate`` (:func:`logitcache.train.collate.collate`: padded ``[B, T]``) or
 ``ds.collate_packed`` (:func:`logitcache.train.packing.pack`: the loader's ``B`` sequences in one
 padding-free row ``[1, total]``; feed the student :func:`logitcache.train.packing.model_inputs`).

@@ -1,5 +1,6 @@
 """docs/format.md describes the files as written: the documented Arrow shard schema equals the schema
-of real shards, for every method, id code, logprob code and entropy stage, packed and ``documents``."""
+of real shards, for every method, id code, logprob code and entropy stage, packed and ``documents``, with and
+without the realized-token log-probabilities."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def documented_shard_table() -> list[tuple[str, str, str]]:
 
 
 def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str,
-           masked: bool = False, generated: bool = False) -> bool:
+           masked: bool = False, generated: bool = False, labels: bool = False) -> bool:
     """Evaluate a documented "stored when" condition for one store configuration."""
     if condition == "always":
         return True
@@ -43,6 +44,8 @@ def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: s
         return generated
     if condition == "under `ans`":
         return entropy == "ans"
+    if condition == "realized-token log-probabilities (`encoding.label_logprobs`)":
+        return labels
     clauses = [c.strip() for c in condition.split(";")]
     methods = re.fullmatch(r"method (.+)", clauses[0])
     assert methods, f"unparsed condition {condition!r} in docs/format.md"
@@ -89,6 +92,22 @@ def test_real_shards_have_the_documented_schema(tiny_teacher, tmp_path, method, 
         schema = reader.schema
     expected = documented_schema(method=method, weighted=tau != 1.0, ids=ids, logprobs=logprobs, entropy=entropy)
     assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
+
+
+@pytest.mark.parametrize("method, tau, ids, logprobs, entropy", [CASES[1], CASES[2], CASES[4], CASES[7]])
+def test_shards_with_label_logprobs_have_the_documented_schema(tiny_teacher, tmp_path, method, tau, ids, logprobs,
+                                                               entropy):
+    """``--label-logprobs`` adds ``label_logprob`` after the row columns (before ``entropy``), and nothing else."""
+    over = {"store.ids": ids, "store.logprob_dtype": logprobs, "store.entropy": entropy, "store.label_logprobs": True,
+            "corpus.max_tokens": 16 * 4, "store.sequences_per_shard": 2, "sparsify.temperature": tau}
+    capture(make_config(tiny_teacher, tmp_path / "s", method, **over), progress=False)
+    with pa.ipc.open_stream(pa.OSFile(str(sorted((tmp_path / "s" / "shards").glob("*.arrow"))[0]))) as reader:
+        schema = reader.schema
+    store = dict(method=method, weighted=tau != 1.0, ids=ids, logprobs=logprobs, entropy=entropy)
+    expected = documented_schema(**store, labels=True)
+    assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
+    without = documented_schema(**store).names
+    assert [n for n in expected.names if n not in without] == ["label_logprob"]
 
 
 def test_a_drifted_table_is_caught():
