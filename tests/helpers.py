@@ -138,3 +138,46 @@ def tiny_store(teacher: str, path: Path, sequences: int, sequences_per_shard: in
     capture(make_config(teacher, path, **{"corpus.seq_len": 16, "corpus.max_tokens": 16 * sequences,
                                           "store.sequences_per_shard": sequences_per_shard}), progress=False)
     return str(path)
+
+
+def write_documents_store(root: str, method: str, rows: list, fingerprint: str, *, per_shard: int, k: int, n: int,
+                          seq_len: int) -> str:
+    """A documents store of ``rows`` (``(seq_id, tokens, mask, targets)`` each) through the store's own write path
+    (begin, encode_unit, commit, finalize), ``per_shard`` rows a unit, recorded with tokenizer ``fingerprint``."""
+    import dataclasses
+
+    from logitcache.store.commit import begin_store, commit_unit, finalize_store
+    from logitcache.store.containers import get_container
+    from logitcache.store.fs import StoreFS
+    from logitcache.store.manifest import TokenizerSection
+    from logitcache.store.spec import spec_from_manifest
+    from logitcache.store.writer import encode_unit
+    from logitcache.testing.store_conformance import make_header
+
+    header = make_header(method, "arrow", sequences=len(rows), per_shard=per_shard, k=k, n=n, seq_len=seq_len)
+    header = dataclasses.replace(header, layout="documents", tokenizer=TokenizerSection(fingerprint))
+    fs, spec = StoreFS(root), spec_from_manifest(header)
+    begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=False)
+    records = []
+    for index in range(-(-len(rows) // per_shard)):
+        seq_ids, tokens, masks, targets = map(list, zip(*rows[index * per_shard:(index + 1) * per_shard]))
+        record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks)
+        commit_unit(fs, record, objects)
+        records.append(record)
+    finalize_store(fs, header, records)
+    return root
+
+
+def assert_within_multinomial_bound(grads: list[torch.Tensor], expected: torch.Tensor, q: torch.Tensor,
+                                    z: torch.Tensor, positions: int, draws: int) -> None:
+    """The mean of ``grads`` (one per RS-KD seed, of a KL term ``Σ (p·M̂ − q̂)/n`` over ``positions`` positions at
+    logits ``z``) equals ``expected`` (the same term on the dense targets ``q``) elementwise within 5 standard errors
+    of the mean plus three draws' worth (ids of probability ~1e-7 drawn once are no normal variable), and is ~10x
+    closer than one seed. One seed's variance at id u is at most 2(p_u²·M(1−M) + q_u(1−q_u))/(N·n²)."""
+    mass, p = q.sum(-1, keepdim=True), torch.softmax(z, -1)
+    se = (2 * (p**2 * mass * (1 - mass) + q * (1 - q)) / draws).sqrt() / positions / len(grads) ** 0.5
+    mean = torch.stack(grads).mean(0)
+    error = (mean - expected).abs()
+    resolution = 1.0 / (draws * len(grads)) / positions  # one draw more or less over all seeds
+    assert (error <= 5 * se + 3 * resolution).all(), float(((error - 3 * resolution) / (se + 1e-30)).max())
+    assert (mean - expected).norm() < 0.3 * (grads[0] - expected).norm()

@@ -10,7 +10,6 @@ losses within 1e-5 relative of a float64 reference.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -20,14 +19,9 @@ from click.testing import CliRunner
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from helpers import write_documents_store
 from logitcache.models.tokenizers import tokenizer_fingerprint
-from logitcache.store.commit import begin_store, commit_unit, finalize_store
-from logitcache.store.containers import get_container
-from logitcache.store.fs import StoreFS
-from logitcache.store.manifest import TokenizerSection
-from logitcache.store.spec import spec_from_manifest
-from logitcache.store.writer import encode_unit
-from logitcache.testing.store_conformance import VOCAB, make_header
+from logitcache.testing.store_conformance import VOCAB
 from logitcache.testing.targets import assert_equal, build, canonical
 from logitcache.train.dataset import CacheDataset, CacheView
 from logitcache.train.losses import kd_loss
@@ -57,22 +51,8 @@ def _rows(method: str, seed: int) -> list[tuple[int, np.ndarray, np.ndarray, obj
     return rows
 
 
-def write_documents_store(root: str, method: str, rows: list, fingerprint: str) -> str:
-    """A documents store of ``rows`` through the store's own write path (begin, encode_unit, commit, finalize)."""
-    header = make_header(method, "arrow", sequences=len(rows), per_shard=PER_SHARD, k=K, n=N, seq_len=SEQ_LEN)
-    header = dataclasses.replace(header, layout="documents", tokenizer=TokenizerSection(fingerprint))
-    fs, spec = StoreFS(root), spec_from_manifest(header)
-    assert spec.masked
-    begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=False)
-    records = []
-    for index in range(-(-len(rows) // PER_SHARD)):
-        part = rows[index * PER_SHARD:(index + 1) * PER_SHARD]
-        seq_ids, tokens, masks, targets = map(list, zip(*part))
-        record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks)
-        commit_unit(fs, record, objects)
-        records.append(record)
-    finalize_store(fs, header, records)
-    return root
+def write_store(root: str, method: str, rows: list, fingerprint: str) -> str:
+    return write_documents_store(root, method, rows, fingerprint, per_shard=PER_SHARD, k=K, n=N, seq_len=SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +65,13 @@ def masked(request, tmp_path_factory, fingerprint):
     """``(store path, rows written)`` for each method."""
     rows = _rows(request.param, seed=len(request.param))
     root = str(tmp_path_factory.mktemp(f"documents_{request.param}") / "store")
-    return write_documents_store(root, request.param, rows, fingerprint), rows
+    return write_store(root, request.param, rows, fingerprint), rows
 
 
 @pytest.fixture(scope="module")
 def hybrid_store(tmp_path_factory, fingerprint) -> str:
-    return write_documents_store(str(tmp_path_factory.mktemp("documents") / "store"), "hybrid",
-                                 _rows("hybrid", seed=11), fingerprint)
+    return write_store(str(tmp_path_factory.mktemp("documents") / "store"), "hybrid", _rows("hybrid", seed=11),
+                       fingerprint)
 
 
 def _student(tiny_teacher: str) -> torch.nn.Module:

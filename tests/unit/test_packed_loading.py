@@ -10,7 +10,6 @@ item built here from the decoded row. The store is a ``documents`` store written
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 
@@ -19,16 +18,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import write_documents_store
 from logitcache.errors import ConfigError, CorruptShardError, StoreMismatchError
 from logitcache.models.tokenizers import tokenizer_fingerprint
-from logitcache.store.commit import begin_store, commit_unit, finalize_store
-from logitcache.store.containers import get_container
-from logitcache.store.fs import StoreFS
-from logitcache.store.manifest import TokenizerSection
 from logitcache.store.reader import iter_sequences
-from logitcache.store.spec import spec_from_manifest
-from logitcache.store.writer import encode_unit
-from logitcache.testing.store_conformance import VOCAB, make_header
+from logitcache.testing.store_conformance import VOCAB
 from logitcache.testing.targets import build
 from logitcache.train.collate import collate
 from logitcache.train.dataset import CacheDataset
@@ -62,19 +56,8 @@ def _rows(seed: int) -> list[tuple[int, np.ndarray, np.ndarray, object]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer) -> str:
     root = str(tmp_path_factory.mktemp("packed_loading") / "store")
-    header = make_header("hybrid", "arrow", sequences=SEQUENCES, per_shard=PER_SHARD, k=K, n=N, seq_len=SEQ_LEN)
-    header = dataclasses.replace(header, layout="documents",
-                                 tokenizer=TokenizerSection(tokenizer_fingerprint(tiny_tokenizer)))
-    fs, spec = StoreFS(root), spec_from_manifest(header)
-    begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=False)
-    rows, records = _rows(seed=3), []
-    for index in range(-(-SEQUENCES // PER_SHARD)):
-        seq_ids, tokens, masks, targets = map(list, zip(*rows[index * PER_SHARD:(index + 1) * PER_SHARD]))
-        record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks)
-        commit_unit(fs, record, objects)
-        records.append(record)
-    finalize_store(fs, header, records)
-    return root
+    return write_documents_store(root, "hybrid", _rows(seed=3), tokenizer_fingerprint(tiny_tokenizer),
+                                 per_shard=PER_SHARD, k=K, n=N, seq_len=SEQ_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_config
+from helpers import assert_within_multinomial_bound, make_config
 from logitcache.capture import capture
 from logitcache.models.tokenizers import tokenizer_fingerprint
 from logitcache.testing.targets import build
@@ -99,11 +99,12 @@ TEXTS = ["The list.sort() method sorts   in place; 3.14 ≈ π, naïve café �
 
 def synthetic(tokenizer, seed: int = 1) -> list[tuple[dict, torch.Tensor]]:
     """Items of TEXTS with a random dense teacher peaked on the realized tokens, and that teacher."""
-    gen = torch.Generator().manual_seed(seed)
     out = []
     for i, text in enumerate(TEXTS):
         ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-        t = torch.distributions.Dirichlet(torch.full((len(tokenizer),), 0.1)).sample((ids.numel() - 1,))
+        with torch.random.fork_rng(devices=[]):  # Dirichlet draws from the global generator: seed it here
+            torch.manual_seed(seed + i)
+            t = torch.distributions.Dirichlet(torch.full((len(tokenizer),), 0.1)).sample((ids.numel() - 1,))
         t = 0.5 * t + 0.5 * torch.nn.functional.one_hot(ids[1:], len(tokenizer))
         out.append(({"seq_id": i, "input_ids": ids[:-1], "labels": ids[1:]}, t.double()))
     return out
@@ -138,13 +139,7 @@ def test_merged_positions_are_unbiased_over_rskd_seeds(tiny_tokenizer, unigram):
         assert torch.equal(batch["kd_mask"], reference["kd_mask"]) and batch["xtok_stats"].positions[
             "many_to_one_skipped"] == 0
         grads.append(exact_grad(batch))
-    g = torch.stack(grads)
-    error = (g.mean(0) - exact_grad(reference)).abs()
     q = torch.zeros(*reference["target_ids"].shape[:-1], len(unigram), dtype=torch.float64).scatter_add_(
         -1, reference["target_ids"], torch.where(reference["target_mask"], reference["target_probs"].double(), 0.0))
     q = torch.where(reference["kd_mask"][..., None], q, 0.0)
-    mass, p, n = q.sum(-1, keepdim=True), torch.softmax(z, -1), int(reference["kd_mask"].sum())
-    se = (2 * (p**2 * mass * (1 - mass) + q * (1 - q)) / 20).sqrt() / n / len(grads) ** 0.5
-    resolution = 1.0 / (20 * len(grads)) / n
-    assert (error <= 5 * se + 3 * resolution).all(), float(((error - 3 * resolution) / (se + 1e-30)).max())
-    assert (g.mean(0) - exact_grad(reference)).norm() < 0.3 * (g[0] - exact_grad(reference)).norm()
+    assert_within_multinomial_bound(grads, exact_grad(reference), q, z, int(reference["kd_mask"].sum()), draws=20)
