@@ -181,3 +181,21 @@ def assert_within_multinomial_bound(grads: list[torch.Tensor], expected: torch.T
     resolution = 1.0 / (draws * len(grads)) / positions  # one draw more or less over all seeds
     assert (error <= 5 * se + 3 * resolution).all(), float(((error - 3 * resolution) / (se + 1e-30)).max())
     assert (mean - expected).norm() < 0.3 * (grads[0] - expected).norm()
+
+
+def train_counting_decodes(trainer, *, resume: bool) -> int:
+    """``trainer.train()`` (from its last checkpoint when ``resume``); returns how many items the store decoded."""
+    import pytest
+
+    from logitcache.train import dataset as dataset_mod
+
+    decoded, real_item = [0], dataset_mod._Store.item
+
+    def counting_item(self, index):
+        decoded[0] += 1
+        return real_item(self, index)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset_mod._Store, "item", counting_item)
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    return decoded[0]

@@ -10,9 +10,8 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_store
+from helpers import tiny_store, train_counting_decodes
 
-import logitcache.train.dataset as dataset_mod
 from logitcache.errors import ConfigError
 from logitcache.train.dataset import CacheDataset, CacheView
 from logitcache.train.hf_trainer import DATASET_STATE_FILE, KDTrainer
@@ -68,16 +67,8 @@ def run(store, teacher, out, *, stop=None, resume=False, workers=0, accumulation
         save_strategy="steps" if stop else "no", save_steps=stop or 1, seed=0)
     trainer = Recording(model=student, args=args, train_dataset=ds, data_collator=ds.collate, kd_alpha=0.5,
                         callbacks=[StopAt(stop)] if stop else None)
-    decoded, real_item = [0], dataset_mod._Store.item
-
-    def counting_item(self, index):
-        decoded[0] += 1
-        return real_item(self, index)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset_mod._Store, "item", counting_item)
-        trainer.train(resume_from_checkpoint=True if resume else None)
-    return trainer, student, decoded[0]
+    decoded = train_counting_decodes(trainer, resume=resume)
+    return trainer, student, decoded
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import write_documents_store
+from helpers import train_counting_decodes, write_documents_store
 from logitcache.errors import ConfigError, CorruptShardError, StoreMismatchError
 from logitcache.models.tokenizers import tokenizer_fingerprint
 from logitcache.store.reader import iter_sequences
@@ -278,7 +278,6 @@ def train(store: str, teacher: str, out, *, stop: int | None = None, resume: boo
     student, and how many sequences the dataset decoded."""
     from transformers import TrainerCallback, TrainingArguments
 
-    import logitcache.train.dataset as dataset_mod
     from logitcache.train.hf_trainer import KDTrainer, training_args_defaults
     from logitcache.train.loop import make_student
 
@@ -301,16 +300,8 @@ def train(store: str, teacher: str, out, *, stop: int | None = None, resume: boo
                              save_steps=stop or steps, seed=0, **training_args_defaults())
     trainer = Recording(model=make_student(f"init:{teacher}:1"), args=args, train_dataset=ds,
                         data_collator=ds.collate_rows, kd_alpha=0.5, callbacks=[Stop()])
-    decoded, real_item = [0], dataset_mod._Store.item
-
-    def counting_item(self, index):
-        decoded[0] += 1
-        return real_item(self, index)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset_mod._Store, "item", counting_item)
-        trainer.train(resume_from_checkpoint=True if resume else None)
-    return seen, trainer.model, decoded[0]
+    decoded = train_counting_decodes(trainer, resume=resume)
+    return seen, trainer.model, decoded
 
 
 def test_a_resumed_trainer_trains_on_exactly_the_rows_after_its_checkpoint(store, tiny_teacher, tmp_path):
