@@ -273,7 +273,6 @@ def test_a_generated_store_converts_with_its_finish_reasons(corpus, tiny_teacher
     ({"corpus.layout": "packed"}, "documents layout"),
     ({"corpus.train_on": "assistant"}, "train_on"),
     ({"generate.stop": [""]}, "non-empty strings"),
-    ({"teacher.backend": "vllm"}, "backend 'hf' only"),
 ])
 def test_bad_settings_are_refused(corpus, tiny_teacher, tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):

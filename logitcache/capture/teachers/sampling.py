@@ -1,7 +1,9 @@
 """Sampling one next token from logits, and deciding when a response ends: the reference generation rules.
 
 The HF backend generates with these (:meth:`~logitcache.capture.teachers.hf.HFTeacher.generate`); vLLM
-applies the same settings with its own sampler. Per step, from the logits of the last position:
+applies the same settings with its own sampler and per-request generators (so its sampled tokens are
+not these), and :meth:`StopRule.replay` ends its responses by this module's rule. Per step, from the
+logits of the last position:
 
 - ``temperature`` 0: the argmax (the lowest id among ties), no random draw;
 - else scores ``logits / temperature`` (float64); ``top_k`` > 0 keeps the scores ``>=`` the k-th largest
@@ -62,6 +64,13 @@ class StopRule:
             if hit is not None:
                 return self._done(tokens, "stop-string", hit)
         return self._done(tokens, "length") if len(tokens) >= self.limit else None
+
+    def replay(self, tokens: Sequence[int]) -> Generation | None:
+        """The :class:`Generation` this rule makes of a response another sampler wrote: ``tokens`` up to the
+        first prefix that :meth:`finish` ends (the rest dropped), or None when no prefix ends it."""
+        tokens = [int(t) for t in tokens]
+        return next((done for n in range(1, len(tokens) + 1) if (done := self.finish(tokens[:n])) is not None),
+                    None)
 
     @staticmethod
     def _done(tokens: list[int], finish: str, stop_string: int | None = None) -> Generation:

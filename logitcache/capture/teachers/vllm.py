@@ -13,6 +13,10 @@ top-k log-probabilities of a fixed probe, and the teacher refuses to start, nami
 the deviation, when our head disagrees beyond :data:`PARITY_ATOL`. An architecture whose head we do
 not reproduce therefore fails loudly instead of writing a wrong cache.
 
+Generating responses (:meth:`VLLMTeacher.generate`) needs vLLM's generate runner: a pooling engine
+cannot sample, a generate engine returns no per-token hidden states, so a second engine for the same
+model starts on the first ``generate`` call and lives until :meth:`~VLLMTeacher.close`.
+
 ``vllm`` is imported only inside functions of this module, i.e. only when this backend is used.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +34,11 @@ import torch
 
 from ..config import TeacherConfig
 from ...errors import TeacherError
-from .base import check_input_ids, check_sequences
+from .base import Generation, check_input_ids, check_sequences
 from ...models.hashing import weights_sha256
 from .head import OutputHead, load_output_head
 from .hf import TORCH_DTYPES, _check_model_dir, _eos_id, _max_positions, resolve_device
+from .sampling import StopRule
 
 # Largest |our logprob - vLLM's logprob| accepted on the probe's top-k entries, per dtype. fp32:
 # both sides compute the same fp32 hidden states, so only the matmul's summation order differs
@@ -60,8 +65,11 @@ class VLLMTeacher:
     backend = "vllm"
 
     def __init__(self, *, llm: Any, head: OutputHead, tokenizer: Any, name: str, weights_sha256: str,
-                 dtype: str, max_positions: int, eos_id: int) -> None:
+                 dtype: str, max_positions: int, eos_id: int,
+                 generate_engine: Callable[[], Any] | None = None) -> None:
         self.llm = llm
+        self.generate_engine = generate_engine  # starts the generate-runner engine, on first generate
+        self.generator: Any = None
         self.head = head
         self.tokenizer = tokenizer
         self.name = name
@@ -97,7 +105,8 @@ class VLLMTeacher:
             stop_engine(reference_engine)
         teacher = cls(llm=start_engine(path, config, pooling=True), head=head, tokenizer=tokenizer,
                       name=config.model, weights_sha256=digest, dtype=config.dtype, max_positions=max_positions,
-                      eos_id=_eos_id(hf_config, tokenizer, config.model))
+                      eos_id=_eos_id(hf_config, tokenizer, config.model),
+                      generate_engine=lambda: start_engine(path, config, pooling=False))
         teacher.parity_reference = (probe, reference)
         try:
             teacher.parity_deviation = teacher.check_parity(probe, reference)
@@ -142,6 +151,34 @@ class VLLMTeacher:
             for start, logits in self.head.chunks(hidden, chunk):
                 yield row, start, logits
 
+    def generate(self, prompts: Sequence[torch.Tensor], settings: Any, seeds: Sequence[int],
+                 stop_ids: Sequence[int]) -> list[Generation]:
+        """See :meth:`Teacher.generate`: one ``LLM.generate`` call on the generate engine, a request per prompt
+        with its own seed (:func:`sampling_params`); each response then ends by
+        :meth:`~logitcache.capture.teachers.sampling.StopRule.replay`, as the HF backend's would."""
+        from vllm import TokensPrompt
+
+        seqs = check_sequences(prompts, 1, name=self.name, max_positions=self.max_positions,
+                               vocab_size=self.vocab_size)
+        if self.generator is None:
+            if self.generate_engine is None:
+                raise TeacherError(f"teacher {self.name!r} was made without a generate engine; load it with "
+                                   "VLLMTeacher.load to generate")
+            self.generator = self.generate_engine()
+        params = [sampling_params(settings, seed, stop_ids) for seed in seeds]
+        outputs = self.generator.generate([TokensPrompt(prompt_token_ids=s.tolist()) for s in seqs], params,
+                                          use_tqdm=False)
+        rule = StopRule(settings, stop_ids, self.tokenizer)
+        return [self._ended(rule, i, o.outputs[0]) for i, o in enumerate(outputs)]
+
+    def _ended(self, rule: StopRule, row: int, output: Any) -> Generation:
+        done = rule.replay(output.token_ids)
+        if done is None:
+            raise TeacherError(f"teacher {self.name!r}: vLLM ended response {row} after {len(output.token_ids)} "
+                               f"tokens ({output.finish_reason}, {output.stop_reason!r}) where no stop token, stop "
+                               "string or max_new_tokens ends it; is the engine's max_model_len below seq_len + 1?")
+        return done
+
     @torch.inference_mode()
     def check_parity(self, probe: list[list[int]], reference: list[TopK]) -> float:
         """Max |our log-softmax - vLLM's prompt logprob| over the reference top-k; raises beyond tolerance."""
@@ -162,9 +199,23 @@ class VLLMTeacher:
 
     def close(self) -> None:
         llm = self.__dict__.pop("llm", None)
+        generator, self.generator, self.generate_engine = self.generator, None, None
         self.__dict__.pop("head", None)
-        if llm is not None:
-            stop_engine(llm)
+        for engine in (generator, llm):  # the later first: each restores the thread state it found at start
+            if engine is not None:
+                stop_engine(engine)
+
+
+def sampling_params(settings: Any, seed: int, stop_ids: Sequence[int]) -> Any:
+    """vLLM's ``SamplingParams`` for one response under ``settings`` (a GenerateConfig) with ``seed``: only
+    ``stop_ids`` end it on a token (``ignore_eos``: the model's generation config adds none), stop strings
+    are matched with special tokens kept and stay in the output, as :class:`StopRule` has it."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                          max_tokens=settings.max_new_tokens, stop=list(settings.stop), stop_token_ids=list(stop_ids),
+                          ignore_eos=True, include_stop_str_in_output=True, skip_special_tokens=False,
+                          seed=int(seed))
 
 
 def probe_ids(vocab: int, length: int) -> list[list[int]]:
