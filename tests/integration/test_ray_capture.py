@@ -67,6 +67,18 @@ def test_two_workers_capture_a_chat_corpus_as_one_process_does(cluster, tiny_tea
     assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
 
 
+def test_two_workers_generate_and_capture_as_one_process_does(cluster, tiny_teacher, tmp_path):
+    """Teacher-generated responses through Ray: seeded per sequence, so the workers' store is the one-process store."""
+    corpus, template = write_chat_corpus(tmp_path)
+    over = {"corpus.source": str(corpus), "corpus.chat_template": str(template), "corpus.max_tokens": None,
+            "corpus.seq_len": 120, "store.sequences_per_shard": 1, "generate.max_new_tokens": 12,
+            "generate.n": 2, "generate.top_p": 0.9}
+    capture(make_config(tiny_teacher, tmp_path / "one").with_overrides(over), progress=False)
+    summary = capture(make_config(tiny_teacher, tmp_path / "two", workers=2).with_overrides(over), progress=False)
+    assert summary.units_written >= 4 and inspect_store(tmp_path / "two")["generation"]["responses"] >= 4
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
 @pytest.mark.parametrize("fault", ["unit_start:2", "teacher_chunk:5", "mid_write:3", "after_shard:2", "after_commit:1"])
 def test_a_killed_worker_is_replaced_and_the_store_is_identical(cluster, tiny_teacher, reference, tmp_path, fault):
     from logitcache.capture.distributed import capture_distributed
