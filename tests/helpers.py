@@ -199,3 +199,24 @@ def train_counting_decodes(trainer, *, resume: bool) -> int:
         mp.setattr(dataset_mod._Store, "item", counting_item)
         trainer.train(resume_from_checkpoint=True if resume else None)
     return decoded[0]
+
+
+def exact_gradient(z: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The gradient at student logits ``z`` of the exact-match KL term of a cross-tokenizer ``batch``."""
+    from logitcache.train.losses_xtok import cross_tokenizer_terms
+
+    zz = z.clone().requires_grad_()
+    cross_tokenizer_terms(zz, batch).exact.backward()
+    return zz.grad
+
+
+def hf_and_vllm_teachers(config_for):
+    """Yield ``(hf, vllm)`` teachers loaded from ``config_for("hf")`` and ``config_for("vllm")``; closes both after
+    (a module fixture's body: ``yield from hf_and_vllm_teachers(config_for)``)."""
+    from logitcache.capture.teachers import load_teacher
+
+    hf = load_teacher(config_for("hf").teacher)
+    vl = load_teacher(config_for("vllm").teacher)
+    yield hf, vl
+    vl.close()
+    hf.close()

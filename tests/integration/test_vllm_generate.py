@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import hf_and_vllm_teachers
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig, GenerateConfig
 from logitcache.capture.corpus import open_corpus
@@ -44,13 +45,7 @@ def config_for(backend: str, out: str = "unused", **over) -> CaptureConfig:
 
 @pytest.fixture(scope="module")
 def teachers(engine_env):
-    from logitcache.capture.teachers import load_teacher
-
-    hf = load_teacher(config_for("hf").teacher)
-    vl = load_teacher(config_for("vllm").teacher)
-    yield hf, vl
-    vl.close()
-    hf.close()
+    yield from hf_and_vllm_teachers(config_for)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from helpers import hf_and_vllm_teachers
 from logitcache.capture import capture
 from logitcache.capture.pipeline import prepare_capture, sparsify_batch
 from logitcache.capture.config import CaptureConfig
@@ -40,13 +41,7 @@ def config_for(backend: str, out: str = "unused", method: str = "hybrid") -> Cap
 
 @pytest.fixture(scope="module")
 def teachers(engine_env):
-    from logitcache.capture.teachers import load_teacher
-
-    hf = load_teacher(config_for("hf").teacher)
-    vl = load_teacher(config_for("vllm").teacher)
-    yield hf, vl
-    vl.close()
-    hf.close()
+    yield from hf_and_vllm_teachers(config_for)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import assert_within_multinomial_bound, tiny_store
+from helpers import assert_within_multinomial_bound, exact_gradient, tiny_store
 from logitcache.errors import StoreError
 from logitcache.models.tokenizers import tokenizer_fingerprint
 from logitcache.testing.targets import build
@@ -127,21 +127,16 @@ def test_exact_part_gradient_unbiased_over_rskd_seeds(tiny_tokenizer, unigram):
     reference = transform.collate(full_items)
     z = torch.randn(*reference["input_ids"].shape, len(unigram), dtype=torch.float64)
 
-    def exact_grad(batch) -> torch.Tensor:
-        zz = z.clone().requires_grad_()
-        cross_tokenizer_terms(zz, batch).exact.backward()
-        return zz.grad
-
     grads = []
     for seed in range(100):
         gen = torch.Generator().manual_seed(seed)
         items = [{**it, "targets": build("sample", t, gen, n=20)} for it, t in zip(full_items, dense_t)]
         batch = transform.collate(items)
         assert torch.equal(batch["kd_mask"], reference["kd_mask"] & (batch["kd_mask"]))  # merged: skipped
-        grads.append(exact_grad({**batch, "kd_mask": batch["kd_mask"]}))
+        grads.append(exact_gradient(z, {**batch, "kd_mask": batch["kd_mask"]}))
     kd = transform.collate([{**it, "targets": build("sample", t, torch.Generator(), n=20)}
                             for it, t in zip(full_items, dense_t)])["kd_mask"]
-    expected = exact_grad({**reference, "kd_mask": kd})
+    expected = exact_gradient(z, {**reference, "kd_mask": kd})
     q = torch.where(kd[..., None], dense(reference["target_ids"], reference["target_probs"], reference["target_mask"],
                                          len(unigram)), 0.0)
     assert_within_multinomial_bound(grads, expected, q, z, int(kd.sum()), draws=20)

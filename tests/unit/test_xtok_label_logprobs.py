@@ -11,14 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import assert_within_multinomial_bound, make_config
+from helpers import assert_within_multinomial_bound, exact_gradient, make_config
 from logitcache.capture import capture
 from logitcache.models.tokenizers import tokenizer_fingerprint
 from logitcache.testing.targets import build
 from logitcache.train.align import encode_student
 from logitcache.train.cross_tokenizer import CrossTokenizerTransform
 from logitcache.train.dataset import CacheView
-from logitcache.train.losses_xtok import cross_tokenizer_terms
 
 
 @pytest.fixture(scope="module")
@@ -127,19 +126,15 @@ def test_merged_positions_are_unbiased_over_rskd_seeds(tiny_tokenizer, unigram):
     assert reference["xtok_stats"].positions["many_to_one"] > 5
     z = torch.randn(*reference["input_ids"].shape, len(unigram), dtype=torch.float64)
 
-    def exact_grad(batch) -> torch.Tensor:
-        zz = z.clone().requires_grad_()
-        cross_tokenizer_terms(zz, batch).exact.backward()
-        return zz.grad
-
     grads = []
     for seed in range(100):
         gen = torch.Generator().manual_seed(seed)
         batch = transform.collate([labelled(item, t, "sample", gen) for item, t in pairs])
         assert torch.equal(batch["kd_mask"], reference["kd_mask"]) and batch["xtok_stats"].positions[
             "many_to_one_skipped"] == 0
-        grads.append(exact_grad(batch))
+        grads.append(exact_gradient(z, batch))
     q = torch.zeros(*reference["target_ids"].shape[:-1], len(unigram), dtype=torch.float64).scatter_add_(
         -1, reference["target_ids"], torch.where(reference["target_mask"], reference["target_probs"].double(), 0.0))
     q = torch.where(reference["kd_mask"][..., None], q, 0.0)
-    assert_within_multinomial_bound(grads, exact_grad(reference), q, z, int(reference["kd_mask"].sum()), draws=20)
+    assert_within_multinomial_bound(grads, exact_gradient(z, reference), q, z, int(reference["kd_mask"].sum()),
+                                    draws=20)
