@@ -6,6 +6,11 @@ Supported sources (``open_corpus(source)``, or ``read_documents(source)`` for ju
   topic, sorted by topic key. Works offline; its text follows the running Python version.
 - ``builtin:pydoc-chat`` — the same topics as conversations (a chat corpus, below), from
   :func:`logitcache.capture.chat.pydoc_chat_rows`.
+- ``builtin:stdlib`` — the running Python's standard-library sources (:func:`stdlib_files`: every ``.py``
+  file under ``sysconfig``'s ``stdlib`` path, sorted by relative path, one document each, without test
+  packages, ``site-packages`` and the machine-generated ``_sysconfigdata*``/``config-*`` files: ~12 MB,
+  some 3–4 million tokens on Python 3.11). Offline, larger than pydoc; which files it read is
+  ``corpus.input`` (``python`` version, file count and ``files_sha256`` of the name list).
 - plain text — a ``.txt``/``.md`` file. **One file is one document**: a file's whole text is a
   single document, however many blank lines or headings it holds, so an EOS token is placed only
   between files. A file larger than :data:`PIECE_BYTES` is a :class:`TextFileDocument`, read in
@@ -43,6 +48,9 @@ byte-order mark and line-end counts are :mod:`logitcache.capture.textio`'s.
 
 from __future__ import annotations
 
+import hashlib
+import platform
+import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +62,8 @@ from .sources import CorpusFiles, resolve_files
 from .textio import BOM, Document, TextFacts, decode_utf8, without_bom
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("builtin:pydoc", "builtin:pydoc-chat")
+BUILTINS = ("builtin:pydoc", "builtin:pydoc-chat", "builtin:stdlib")
+STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 _CHAT_ROWS = "rows with 'messages', 'conversations' or 'prompt'/'completion'"
 PRESCAN_BYTES = 16 << 20  # Corpus.check reads a corpus up to this size in full, a larger one to its first document
 PIECE_BYTES = 1 << 20  # a larger text file is read in pieces of this many bytes (cut at a character boundary)
@@ -122,8 +131,9 @@ class Corpus:
     """
 
     def __init__(self, source: str, kind: str, read: Reader | RowReader, files: CorpusFiles | None = None, *,
-                 chat: bool = False, text_field: str | None = None) -> None:
+                 chat: bool = False, text_field: str | None = None, about: dict | None = None) -> None:
         self.source, self.kind, self._read, self.chat, self.text_field = source, kind, read, chat, text_field
+        self.about = about or {}
         self.names = tuple(name for _, name in files.files) if files and kind != "hf" else ()
         self.skipped = files.skipped if files else ()
         self.size = files.size if files else 0
@@ -194,7 +204,7 @@ class Corpus:
         """What the manifest records of the last pass (``corpus.input``; shown by ``inspect``, never compared);
         a chat corpus adds ``"rows": "chat"`` (``newlines`` counts the line ends of text documents only)."""
         found = {"kind": self.kind, "files": list(self.names), "skipped": list(self.skipped),
-                 "bom_stripped": self.facts.bom_stripped, "newlines": dict(self.facts.newlines)}
+                 "bom_stripped": self.facts.bom_stripped, "newlines": dict(self.facts.newlines), **self.about}
         return {**found, "rows": "chat"} if self.chat else found
 
 
@@ -211,6 +221,11 @@ def open_corpus(source: str, *, text_field: str = "text", split: str = "train") 
             )
         if source == "builtin:pydoc-chat":
             return Corpus(source, "builtin", lambda facts: _read_pydoc_chat(), chat=True)
+        if source == "builtin:stdlib":
+            root, names = stdlib_files()
+            about = {"python": platform.python_version(), "stdlib_files": len(names),
+                     "files_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+            return Corpus(source, "builtin", lambda facts: _read_stdlib(root, names, facts), about=about)
         return Corpus(source, "builtin", lambda facts: _read_pydoc())
     files = resolve_files(source)
     # one file named directly keeps the spelling given in origins and messages; directory files their names
@@ -238,6 +253,24 @@ def _read_pydoc() -> Iterator[Document]:
 
     for key in sorted(topics):
         yield Document(text=topics[key], origin=f"pydoc:{key}")
+
+
+def stdlib_files() -> tuple[Path, list[str]]:
+    """``(root, relative names)`` of ``builtin:stdlib``: the ``.py`` files under the running Python's
+    ``sysconfig`` ``stdlib`` path, sorted, without :data:`STDLIB_SKIP` directories and machine-generated files."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+    keep = [n for n in names if not STDLIB_SKIP & set(n.split("/")) and not n.startswith(("_sysconfigdata", "config-"))]
+    if not keep:
+        raise CorpusError(f"builtin:stdlib found no .py files under {root} (sysconfig's stdlib path); expected "
+                          "the Python standard library's sources. Use another corpus on this Python")
+    return root, keep
+
+
+def _read_stdlib(root: Path, names: list[str], facts: TextFacts) -> Iterator[Document]:
+    for name in names:
+        data, dropped = without_bom((root / name).read_bytes(), facts)
+        yield Document(text=decode_utf8(data, str(root / name), dropped), origin=f"stdlib:{name}")
 
 
 def _read_pydoc_chat() -> Iterator[tuple[str, str, dict]]:

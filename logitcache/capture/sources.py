@@ -31,8 +31,8 @@ KINDS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".json": "json", ".pa
 HF_MARKERS = ("dataset_dict.json", "dataset_info.json", "state.json")
 DOC_NAMES = re.compile(r"(readme|license|licence|copying|notice|changelog|citation)([.-].*)?", re.IGNORECASE)
 SUPPORTED = (
-    "builtin:pydoc, builtin:pydoc-chat; a .txt/.md file; a .jsonl/.json (JSON Lines) file; a .parquet file; "
-    "a directory of one kind of these (README, LICENSE and other documentation skipped); a glob such as "
+    "builtin:pydoc, builtin:pydoc-chat, builtin:stdlib; a .txt/.md file; a .jsonl/.json (JSON Lines) file; "
+    "a .parquet file; a directory of one kind of these (README, LICENSE and other documentation skipped); a glob such as "
     "'data/*.jsonl'; a Hugging Face dataset directory written by save_to_disk"
 )
 _SHOWN = 3  # files named per kind in a message

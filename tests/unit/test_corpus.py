@@ -26,6 +26,32 @@ def test_builtin_pydoc_one_document_per_topic_sorted():
     assert all(isinstance(d, Document) and d.text == topics[d.origin[6:]] for d in docs)
 
 
+def test_builtin_stdlib_is_the_standard_library_sources_sorted_without_tests():
+    """Checked against the file system read independently: os.walk, not the reader's rglob."""
+    import hashlib
+    import os
+    import platform
+    import sysconfig
+
+    from logitcache.capture.corpus import open_corpus
+
+    root = sysconfig.get_paths()["stdlib"]
+    expected = sorted(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for d, _, fs in os.walk(root)
+                      for f in fs if f.endswith(".py"))
+    expected = [n for n in expected if not {"test", "tests", "idle_test", "site-packages"} & set(n.split("/"))
+                and not n.startswith(("_sysconfigdata", "config-"))]
+    corpus = open_corpus("builtin:stdlib")
+    docs = list(corpus.documents())
+    assert [d.origin for d in docs] == [f"stdlib:{n}" for n in expected] and len(docs) > 500
+    assert "stdlib:json/decoder.py" in {d.origin for d in docs} and "stdlib:test/test_json.py" not in expected
+    with open(os.path.join(root, "json", "decoder.py"), encoding="utf-8", newline="") as handle:
+        assert next(d.text for d in docs if d.origin == "stdlib:json/decoder.py") == handle.read()
+    assert sum(len(d.text) for d in docs) > 5_000_000
+    about = corpus.manifest_input()
+    assert about["python"] == platform.python_version() and about["stdlib_files"] == len(expected)
+    assert about["files_sha256"] == hashlib.sha256("\n".join(expected).encode()).hexdigest()
+
+
 def test_unknown_builtin_lists_known():
     with pytest.raises(CorpusError, match="builtin:pydoc"):
         read_documents("builtin:nope")
