@@ -84,10 +84,10 @@ def measure_loader(store: Path, transform: CrossTokenizerTransform, fingerprint:
                      round(positions / statistics.median(values))))
 
 
-def student(vocab: int):
+def student(vocab: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048))
 

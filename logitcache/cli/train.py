@@ -47,6 +47,12 @@ def load_train_config(path: str | None, overrides: dict[str, Any]):
 @click.option("--padding-free/--padded", "padding_free", default=None,
               help="Each step's sequences in one packed row [1, total] with per-sequence position_ids, "
                    "no padding (default --padded: [B, T] right-padded).")
+@click.option("--student-tokenizer", type=click.Path(exists=True),
+              help="Cross-tokenizer mode: the student's tokenizer (a directory or tokenizer.json), when it differs "
+                   "from the store's; targets are moved into its tokens (docs/cross_tokenizer.md).")
+@click.option("--teacher-tokenizer", type=click.Path(exists=True),
+              help="With --student-tokenizer: the tokenizer the store was captured with (default: the tokenizer of "
+                   "the teacher the store's manifest names).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_command(config_path, quiet, **flags) -> None:
     """Distil a student from a store (plain loop; resumable with the same command)."""

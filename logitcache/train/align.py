@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -49,7 +50,9 @@ def _byte_alphabet() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TokenBytes:
-    """The bytes each id of one tokenizer stands for: ``table[id]``, ``None`` where they are unknown."""
+    """The bytes each id of one tokenizer stands for: ``table[id]``, ``None`` where they are unknown.
+
+    Lookups of many ids are vectorised over :attr:`packed` (every id's bytes in one buffer)."""
 
     kind: str  # BYTE_LEVEL or SENTENCEPIECE
     table: tuple[bytes | None, ...]
@@ -57,18 +60,38 @@ class TokenBytes:
     def __len__(self) -> int:
         return len(self.table)
 
+    @cached_property
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(buffer uint8[·], starts int64[V], sizes int64[V])``: id ``i``'s bytes are
+        ``buffer[starts[i]: starts[i] + sizes[i]]``; ``sizes[i]`` is −1 where they are unknown."""
+        sizes = np.fromiter((-1 if p is None else len(p) for p in self.table), dtype=np.int64, count=len(self.table))
+        starts = np.cumsum(np.maximum(sizes, 0)) - np.maximum(sizes, 0)
+        buffer = np.frombuffer(b"".join(p or b"" for p in self.table), dtype=np.uint8)
+        return buffer, starts, sizes
+
+    def sizes_of(self, ids: np.ndarray) -> np.ndarray:
+        """``int64[n]`` byte length of each id, −1 where unknown (also for ids outside the vocabulary)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < len(self.table))
+        return np.where(inside, self.packed[2][np.where(inside, ids, 0)], -1)
+
     def lengths(self, ids: np.ndarray, where: str) -> np.ndarray:
         """``int64[n]`` byte length of each id; :class:`TargetsError` (naming ``where``) for an unknown one."""
-        pieces = [self.table[i] if 0 <= i < len(self.table) else None for i in ids.tolist()]
-        bad = [i for i, p in zip(ids.tolist(), pieces) if p is None]
-        if bad:
-            raise TargetsError(f"{where}: token ids {sorted(set(bad))[:5]} have no known bytes (the unknown token, "
+        sizes = self.sizes_of(ids)
+        if (sizes < 0).any():
+            bad = sorted(set(np.asarray(ids)[sizes < 0].tolist()))
+            raise TargetsError(f"{where}: token ids {bad[:5]} have no known bytes (the unknown token, "
                                f"or ids outside the {len(self.table)}-entry vocabulary); expected ids whose text is "
                                "known, as a store captured with this tokenizer holds")
-        return np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+        return sizes
 
     def join(self, ids: np.ndarray) -> bytes:
-        return b"".join(self.table[i] for i in ids.tolist())
+        """The concatenated bytes of ``ids`` (every one known)."""
+        buffer, starts, _ = self.packed
+        sizes = self.lengths(ids, "join")
+        ids = np.asarray(ids, dtype=np.int64)
+        index = np.repeat(starts[ids] - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+        return buffer[index].tobytes()
 
 
 def _decoder_types(node: dict | None) -> list[dict]:
@@ -188,12 +211,11 @@ def encode_student(tokenizer, table: TokenBytes, data: bytes, where: str = "text
 
 
 def _own_ends(table: TokenBytes, ids: np.ndarray, text: bytes) -> np.ndarray | None:
-    pieces = [table.table[i] if 0 <= i < len(table) else None for i in ids.tolist()]
-    if any(p is None for p in pieces):
+    lengths = table.sizes_of(ids)
+    if (lengths < 0).any():
         return None
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    joined = b"".join(pieces)
-    if joined == b" " + text and lengths.size and pieces[0].startswith(b" "):
+    joined = table.join(ids)
+    if joined == b" " + text and lengths.size and joined[:1] == b" " and lengths[0] > 0:
         lengths[0] -= 1  # the dummy prefix SentencePiece adds before the first word
     elif joined != text:
         return None

@@ -24,18 +24,21 @@ tokenizer, aligns the two (:func:`logitcache.train.align.align`) and gives every
 
 Use it explicitly: ``CacheDataset(path, tokenizer_fingerprint=tokenizer_fingerprint(teacher_tokenizer))``
 checks the store's tokenizer, and ``DataLoader(ds, batch_size=B, collate_fn=transform.collate)`` batches in
-the student's tokens (docs/cross_tokenizer.md).
+the student's tokens (docs/cross_tokenizer.md). :meth:`CrossTokenizerTransform.for_store` builds one from
+tokenizer paths, finding the teacher's tokenizer through the store's manifest (``logitcache train
+--student-tokenizer``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import StoreError
+from ..errors import ConfigError, LogitCacheError, StoreError
 from ..models.tokenizers import tokenizer_fingerprint
 from ..store.commit import read_manifest
 from ..store.fs import StoreFS
@@ -44,7 +47,7 @@ from .align import align, encode_student, token_bytes_table
 from .collate import item_layout
 from .vocab_map import VocabMap, vocab_map
 
-__all__ = ["GROUP_KINDS", "CrossTokenizerTransform", "XTokStats"]
+__all__ = ["GROUP_KINDS", "CrossTokenizerTransform", "XTokStats", "evaluate_cross_tokenizer", "load_tokenizer"]
 
 IGNORE_INDEX = -100
 GROUP_KINDS = ("one_to_one", "many_to_one", "many_to_one_skipped", "one_to_many", "many_to_many", "untrained")
@@ -128,8 +131,29 @@ class CrossTokenizerTransform:
         self.student_bytes = token_bytes_table(student_tokenizer)
         self.map: VocabMap = vocab_map(teacher_tokenizer, student_tokenizer, cache=cache)
         self.pad_id = pad_id if pad_id is not None else (student_tokenizer.pad_token_id or 0)
+        self.teacher_fingerprint = tokenizer_fingerprint(teacher_tokenizer)
         if store is not None:
-            _check_store(store, tokenizer_fingerprint(teacher_tokenizer))
+            self.check_store(store)
+
+    @classmethod
+    def for_store(cls, store: str, student_tokenizer: str, teacher_tokenizer: str | None = None
+                  ) -> CrossTokenizerTransform:
+        """The transform from ``store``'s teacher tokenizer to the one at ``student_tokenizer`` (a tokenizer
+        directory or ``tokenizer.json``, :func:`load_tokenizer`). The teacher's is ``teacher_tokenizer`` when
+        given, else the tokenizer of the teacher the store's manifest names (a local directory or an embedded
+        teacher); either must have the store's fingerprint."""
+        student = load_tokenizer(student_tokenizer, "student tokenizer")
+        teacher = (load_tokenizer(teacher_tokenizer, "teacher tokenizer") if teacher_tokenizer is not None
+                   else _manifest_teacher_tokenizer(store))
+        return cls(teacher, student, store=store)
+
+    def check_store(self, path: str) -> None:
+        """:class:`StoreError` unless the store at ``path`` was captured with this transform's teacher tokenizer."""
+        found = read_manifest(StoreFS(path)).header.tokenizer.fingerprint
+        if found != self.teacher_fingerprint:
+            raise StoreError(f"tokenizer mismatch: the store {path} was captured with tokenizer fingerprint {found}; "
+                             f"the teacher tokenizer given to CrossTokenizerTransform has {self.teacher_fingerprint}. "
+                             "Pass the tokenizer the store was captured with as teacher_tokenizer.")
 
     def __call__(self, item: dict[str, Any], where: str | None = None) -> StudentItem:
         where = where or f"seq_id {item.get('seq_id')!r}"
@@ -255,9 +279,67 @@ def collate_student(items: list[StudentItem], *, pad_id: int, student_matched: n
             "uld_mask": uld_mask, "student_matched": torch.from_numpy(student_matched), "xtok_stats": stats}
 
 
-def _check_store(path: str, fingerprint: str) -> None:
-    found = read_manifest(StoreFS(path)).header.tokenizer.fingerprint
-    if found != fingerprint:
-        raise StoreError(f"tokenizer mismatch: the store {path} was captured with tokenizer fingerprint {found}; "
-                         f"the teacher tokenizer given to CrossTokenizerTransform has {fingerprint}. Pass the "
-                         "tokenizer the store was captured with as teacher_tokenizer.")
+@torch.no_grad()
+def evaluate_cross_tokenizer(model, store: str, transform: CrossTokenizerTransform, *, batch_size: int = 8,
+                             device: str = "cpu") -> dict[str, float]:
+    """Means over a whole store in the student's tokens: ``ce`` (per labelled student position), ``kl`` (the
+    exact-match KL) and ``uld`` (per KD position, ``kd_tokens`` of them), from
+    :func:`~logitcache.train.losses_xtok.cross_tokenizer_terms`."""
+    from torch.utils.data import DataLoader
+
+    from .dataset import CacheView
+    from .losses_xtok import cross_tokenizer_terms
+
+    view = CacheView(store, tokenizer_fingerprint=transform.teacher_fingerprint)
+    was_training = model.training
+    model.eval()
+    sums, tokens, kd_tokens = {"ce": 0.0, "kl": 0.0, "uld": 0.0}, 0, 0
+    for batch in DataLoader(view, batch_size=batch_size, collate_fn=transform.collate):
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        terms = cross_tokenizer_terms(logits, batch)
+        n, k = int((batch["labels"] != IGNORE_INDEX).sum()), int(batch["kd_mask"].sum())
+        sums["ce"] += float(terms.ce) * n
+        sums["kl"] += float(terms.exact) * k
+        sums["uld"] += float(terms.uld) * k
+        tokens, kd_tokens = tokens + n, kd_tokens + k
+    model.train(was_training)
+    return {"ce": sums["ce"] / max(tokens, 1), "kl": sums["kl"] / max(kd_tokens, 1),
+            "uld": sums["uld"] / max(kd_tokens, 1), "tokens": tokens, "kd_tokens": kd_tokens}
+
+
+def load_tokenizer(path: str, what: str = "tokenizer"):
+    """The fast tokenizer at ``path``: a directory ``AutoTokenizer`` reads, or a ``tokenizer.json`` file (then
+    without special-token roles: padding is id 0). :class:`ConfigError` naming ``what`` if neither loads."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    where, expected = Path(path).expanduser(), "a tokenizer directory (tokenizer.json, tokenizer_config.json) or a " \
+        "tokenizer.json file"
+    if not where.exists():
+        raise ConfigError(f"{what} {path}: not found; expected {expected}")
+    try:
+        if where.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(where))
+        return AutoTokenizer.from_pretrained(where)
+    except Exception as exc:  # the tokenizers package raises a bare Exception for a file it cannot parse
+        raise ConfigError(f"{what} {path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                          f"expected {expected}") from exc
+
+
+def _manifest_teacher_tokenizer(store: str):
+    """The tokenizer of the teacher ``store``'s manifest names, or :class:`ConfigError` saying to pass one."""
+    from ..models.embedded import resolve_teacher_path
+
+    header = read_manifest(StoreFS(store)).header
+    name = header.teacher.get("name")
+    hint = ("pass the tokenizer the store was captured with: --teacher-tokenizer PATH (TrainConfig.teacher_tokenizer, "
+            "CrossTokenizerTransform.for_store(..., teacher_tokenizer=PATH))")
+    try:
+        tokenizer = load_tokenizer(str(resolve_teacher_path(str(name))), "teacher tokenizer")
+    except (LogitCacheError, OSError, ValueError) as exc:
+        raise ConfigError(f"store {store}: the teacher its manifest names ({name!r}) has no tokenizer here ({exc}); "
+                          f"{hint}") from exc
+    if tokenizer_fingerprint(tokenizer) != header.tokenizer.fingerprint:
+        raise ConfigError(f"store {store}: the tokenizer of the teacher its manifest names ({name!r}) has fingerprint "
+                          f"{tokenizer_fingerprint(tokenizer)}, the store {header.tokenizer.fingerprint}; {hint}")
+    return tokenizer

@@ -16,6 +16,18 @@ counts sequences. Rows to a token budget: ``CacheDataset(..., pack_tokens=N)`` w
 most ``N`` tokens; every epoch has as many rows, so the Trainer's steps per epoch hold); the position
 then counts rows.
 
+Cross-tokenizer (a student with another tokenizer than the store's, docs/cross_tokenizer.md)::
+
+    ds = CacheDataset("cache/", shuffle=True, seed=0, batch_size=8,
+                      tokenizer_fingerprint=tokenizer_fingerprint(teacher_tokenizer))
+    transform = CrossTokenizerTransform(teacher_tokenizer, student_tokenizer, store="cache/")
+    trainer = KDTrainer(model=student, args=args, train_dataset=ds, cross_tokenizer=transform, kd_alpha=0.5)
+
+The loader then collates with ``transform.collate`` (give no other ``data_collator``) and the loss is
+:func:`~logitcache.train.losses_xtok.cross_tokenizer_kd_loss` (``kd_matched_weight``,
+``kd_unmatched_weight``); ``kd_kind`` stays ``auto``. Batches are padded ``[B, T]`` in the student's tokens:
+a dataset with ``pack_tokens`` (rows to a token budget) is refused; train with ``batch_size`` instead.
+
 Notes: the batch carries non-model keys (``target_*``, ``labels``, ``seq_ids``), so the Trainer
 must keep every column (``remove_unused_columns=False``) and :meth:`KDTrainer.compute_loss` passes
 only the model's keys to the forward. A :class:`~logitcache.train.dataset.CacheDataset` is an ``IterableDataset``:
@@ -65,8 +77,10 @@ from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import ConfigError
+from .cross_tokenizer import CrossTokenizerTransform
 from .dataset import CacheDataset
 from .losses import kd_loss, resolve_kind
+from .losses_xtok import check_xtok_args, cross_tokenizer_kd_loss
 from .packing import student_inputs
 
 __all__ = ["DATASET_STATE_FILE", "KDTrainer", "training_args_defaults"]
@@ -86,22 +100,33 @@ class KDTrainer(transformers.Trainer):
     """A ``Trainer`` whose loss is :func:`logitcache.kd_loss` on collated store batches.
 
     ``kd_alpha`` and ``kd_kind`` (and ``kd_temperature``) are passed to ``kd_loss``; every other
-    argument goes to ``transformers.Trainer``. A :class:`CacheDataset` ``train_dataset`` resumes by
+    argument goes to ``transformers.Trainer``. ``cross_tokenizer`` (a
+    :class:`~logitcache.train.cross_tokenizer.CrossTokenizerTransform`) trains a student with another tokenizer
+    (module docstring) with ``cross_tokenizer_kd_loss(alpha=kd_alpha, matched_weight=kd_matched_weight,
+    unmatched_weight=kd_unmatched_weight, temperature=kd_temperature)``. A :class:`CacheDataset`
+    ``train_dataset`` resumes by
     position (module docstring); its ``batch_size`` must be the Trainer's per-device batch size
     (``None`` adopts it).
     """
 
     def __init__(self, *args: Any, kd_alpha: float = 0.5, kd_kind: str = "auto", kd_temperature: float = 1.0,
-                 **kwargs: Any) -> None:
+                 cross_tokenizer: CrossTokenizerTransform | None = None, kd_matched_weight: float = 1.0,
+                 kd_unmatched_weight: float = 1.0, **kwargs: Any) -> None:
         resolve_kind(kd_kind, "hybrid")
         if not 0.0 <= kd_alpha <= 1.0:
             raise ConfigError(f"kd_alpha must be in [0, 1]; found {kd_alpha!r}")
+        if cross_tokenizer is not None:
+            check_xtok_args(kd_alpha, kd_temperature, kd_matched_weight, kd_unmatched_weight)
+            kwargs["data_collator"] = _xtok_collator(cross_tokenizer, kd_kind, kwargs.get("data_collator"))
         super().__init__(*args, **kwargs)
         self.kd_alpha, self.kd_kind, self.kd_temperature = kd_alpha, kd_kind, kd_temperature
+        self.cross_tokenizer, self.kd_weights = cross_tokenizer, (kd_matched_weight, kd_unmatched_weight)
         self._position: _DataPosition | None = None
         if isinstance(self.train_dataset, CacheDataset):
             ds = self.train_dataset
             _check_dataset(ds, self._train_batch_size, self.accelerator)
+            if cross_tokenizer is not None:
+                _check_xtok_dataset(ds, cross_tokenizer)
             ds.batch_size = self._train_batch_size
             self._position = _DataPosition(ds)
             self.add_callback(self._position)
@@ -173,8 +198,33 @@ class KDTrainer(transformers.Trainer):
         """
         outputs = model(**student_inputs(inputs))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
+        if self.cross_tokenizer is not None:
+            loss = cross_tokenizer_kd_loss(logits, inputs, alpha=self.kd_alpha, matched_weight=self.kd_weights[0],
+                                           unmatched_weight=self.kd_weights[1], temperature=self.kd_temperature)
+        else:
+            loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
         return (loss, outputs) if return_outputs else loss
+
+
+def _xtok_collator(transform: CrossTokenizerTransform, kind: str, given: Any) -> Any:
+    """The collator of a cross-tokenizer run: the transform's; refuses another collator or loss kind."""
+    if kind != "auto":
+        raise ConfigError(f"kd_kind: found {kind!r}, expected 'auto' with cross_tokenizer: the cross-tokenizer loss is "
+                          "its own (exact-match KL + ULD); weigh its terms with kd_matched_weight and "
+                          "kd_unmatched_weight")
+    if given is not None and given != transform.collate:
+        raise ConfigError(f"data_collator: found {given!r}, expected none (or cross_tokenizer.collate) with "
+                          "cross_tokenizer: the batches must be in the student's tokens; remove data_collator")
+    return transform.collate
+
+
+def _check_xtok_dataset(ds: CacheDataset, transform: CrossTokenizerTransform) -> None:
+    """Refuse a dataset a cross-tokenizer run cannot read: packed rows, or a store of another teacher tokenizer."""
+    if ds.pack_tokens is not None:
+        raise ConfigError(f"CacheDataset pack_tokens: found {ds.pack_tokens}, expected None with cross_tokenizer: "
+                          "cross-tokenizer batches are padded [B, T] in the student's tokens (packed student rows "
+                          "are not supported); build the dataset without pack_tokens and set the batch size")
+    transform.check_store(ds.path)
 
 
 def _check_dataset(ds: CacheDataset, batch_size: int, accelerator: Accelerator) -> None:

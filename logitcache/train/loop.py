@@ -37,7 +37,7 @@ __all__ = ["TrainConfig", "evaluate", "make_student", "train"]
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 # fields a resumed run must share with the run that wrote the state (others may change)
-_RESUME_FIELDS = ("store", "student", "batch_size", "seed", "dtype")
+_RESUME_FIELDS = ("store", "student", "batch_size", "seed", "dtype", "student_tokenizer")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -60,6 +60,9 @@ class TrainConfig:
     ≤ 0 disables clipping. ``padding_free`` trains on packed rows (each step's ``batch_size`` sequences
     in one row ``[1, total]``, :func:`logitcache.train.packing.pack`) instead of padded ``[B, T]`` batches;
     a run may switch between the two on resume (a step consumes the same sequences either way).
+    ``student_tokenizer`` (a tokenizer directory or ``tokenizer.json``) trains a student with another
+    tokenizer than the store's (docs/cross_tokenizer.md): batches in its tokens, ``cross_tokenizer_kd_loss``;
+    the teacher's tokenizer is ``teacher_tokenizer``, else the one of the teacher the store's manifest names.
     """
 
     store: str
@@ -78,6 +81,8 @@ class TrainConfig:
     dtype: str = "float32"
     grad_clip: float = 1.0
     padding_free: bool = False
+    student_tokenizer: str | None = None
+    teacher_tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("store", "student", "out"):
@@ -97,6 +102,21 @@ class TrainConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}; found {self.dtype!r}")
         _check(isinstance(self.grad_clip, (int, float)), f"grad_clip must be a number; found {self.grad_clip!r}")
         _check(isinstance(self.padding_free, bool), f"padding_free must be true or false; found {self.padding_free!r}")
+        self._check_cross_tokenizer()
+
+    def _check_cross_tokenizer(self) -> None:
+        for name in ("student_tokenizer", "teacher_tokenizer"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value != ""),
+                   f"{name} must be a path or unset; found {value!r}")
+        if self.student_tokenizer is None:
+            _check(self.teacher_tokenizer is None, f"teacher_tokenizer {self.teacher_tokenizer!r} is only used with "
+                                                   "student_tokenizer (cross-tokenizer mode); set both or neither")
+            return
+        _check(not self.padding_free, "padding_free: cross-tokenizer batches are padded [B, T] in the student's "
+                                      "tokens (packed student rows are not supported); drop --padding-free")
+        _check(self.kind == "auto", f"kind {self.kind!r}: the cross-tokenizer loss is its own (exact-match KL + ULD); "
+                                    "leave kind at auto with student_tokenizer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,8 +201,11 @@ def _student_fingerprint(spec: str) -> str | None:
         return None
 
 
-def _save_tokenizer(source: Path, out: Path) -> None:
-    """Copy the source's tokenizer next to the student, when it has one."""
+def _save_tokenizer(source: Any, out: Path) -> None:
+    """Copy the student's tokenizer next to it: ``source`` a loaded tokenizer, or a directory that may hold one."""
+    if hasattr(source, "save_pretrained"):
+        source.save_pretrained(out)
+        return
     try:
         from transformers import AutoTokenizer
 
@@ -194,14 +217,20 @@ def _save_tokenizer(source: Path, out: Path) -> None:
 # -- evaluation -------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, store: str, *, kind: str = "auto", batch_size: int = 8, device: str = "cpu") -> dict[str, float]:
+def evaluate(model, store: str, *, kind: str = "auto", batch_size: int = 8, device: str = "cpu",
+             transform=None) -> dict[str, float]:
     """Token-weighted means over a whole store (:class:`~logitcache.train.dataset.CacheView`): ``ce``
     (cross-entropy on labels), ``kl`` (``kd_loss(alpha=1, kind)``, KL(t̂‖p)) and, when the targets
-    have a head, ``top1`` (student argmax equals the teacher's top entry)."""
+    have a head, ``top1`` (student argmax equals the teacher's top entry). With a ``transform`` (a
+    cross-tokenizer run): :func:`~logitcache.train.cross_tokenizer.evaluate_cross_tokenizer` instead."""
     from torch.utils.data import DataLoader
 
+    from .cross_tokenizer import evaluate_cross_tokenizer
     from .dataset import CacheView
     from .losses import kd_loss
+
+    if transform is not None:
+        return evaluate_cross_tokenizer(model, store, transform, batch_size=batch_size, device=device)
 
     view = CacheView(store)
     was_training = model.training
@@ -248,7 +277,7 @@ def _load_state(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     return state
 
 
-def _save(out: Path, model, optimizer, state: dict[str, Any], source: Path | None) -> None:
+def _save(out: Path, model, optimizer, state: dict[str, Any], source: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     if source is not None:
@@ -280,22 +309,44 @@ def _setup(config: TrainConfig, state: dict[str, Any] | None):
     model = make_student(source, config.dtype).to(config.device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    transform = _transform(config)
     ds = CacheDataset(config.store, shuffle=True, seed=config.seed, batch_size=config.batch_size,
-                      tokenizer_fingerprint=_student_fingerprint(config.student))
+                      tokenizer_fingerprint=transform.teacher_fingerprint if transform is not None
+                      else _student_fingerprint(config.student))
     if state:
         optimizer.load_state_dict(torch.load(Path(config.out) / OPTIMIZER_FILE, weights_only=True))
         ds.load_state_dict(state["dataset"])
-    return model, optimizer, ds
+    return model, optimizer, ds, transform
+
+
+def _transform(config: TrainConfig):
+    """A cross-tokenizer run's :class:`~logitcache.train.cross_tokenizer.CrossTokenizerTransform` (None for an
+    ordinary run); a tokenizer the student ships must be ``student_tokenizer``."""
+    if config.student_tokenizer is None:
+        return None
+    from ..models.tokenizers import tokenizer_fingerprint
+    from .cross_tokenizer import CrossTokenizerTransform
+
+    transform = CrossTokenizerTransform.for_store(config.store, config.student_tokenizer, config.teacher_tokenizer)
+    shipped, given = _student_fingerprint(config.student), tokenizer_fingerprint(transform.student_tokenizer)
+    if shipped not in (None, given):
+        raise ConfigError(f"student {config.student!r} ships a tokenizer with fingerprint {shipped}; student_tokenizer "
+                          f"{config.student_tokenizer} has {given}. Pass the tokenizer the student was built for.")
+    return transform
 
 
 def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float:
     from .losses import kd_loss
+    from .losses_xtok import cross_tokenizer_kd_loss
     from .packing import student_inputs
 
     inputs = {key: v.to(config.device) if isinstance(v, torch.Tensor) else v
               for key, v in student_inputs(batch).items()}
     logits = model(**inputs).logits
-    loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind)
+    if config.student_tokenizer is not None:
+        loss = cross_tokenizer_kd_loss(logits, batch, alpha=config.alpha)
+    else:
+        loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip and config.grad_clip > 0:
@@ -304,13 +355,12 @@ def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float
     return float(loss.detach())
 
 
-def _batches(ds, config: TrainConfig, run: _Run):
+def _batches(ds, collate, config: TrainConfig, run: _Run):
     """Batches forever, epoch after epoch (``run.batches`` reset at each new epoch)."""
     from torch.utils.data import DataLoader
 
     while True:
-        loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.num_workers,
-                            collate_fn=ds.collate_packed if config.padding_free else ds.collate)
+        loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate)
         fresh = ds.state_dict()["consumed"] == 0
         got = False
         for batch in loader:
@@ -332,10 +382,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(config.out)
     state = _load_state(out, config)
     run = _Run(state)
-    model, optimizer, ds = _setup(config, state)
-    source = None if state else _student_source(config.student)
+    model, optimizer, ds, transform = _setup(config, state)
+    source = None if state else transform.student_tokenizer if transform else _student_source(config.student)
+    collate = transform.collate if transform else ds.collate_packed if config.padding_free else ds.collate
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="train", unit="step")
-    batches = _batches(ds, config, run)
+    batches = _batches(ds, collate, config, run)
     try:
         while run.step < config.steps:
             batch = next(batches)
@@ -351,20 +402,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{run.tokens / max(run.seconds, 1e-9):.0f}")
             if config.eval_every > 0 and run.step % config.eval_every == 0 and run.step < config.steps:
-                _checkpoint(model, optimizer, ds, config, run, source)
+                _checkpoint(model, optimizer, ds, config, run, source, transform)
     finally:
         batches.close()
         bar.close()
-    _checkpoint(model, optimizer, ds, config, run, source)
+    _checkpoint(model, optimizer, ds, config, run, source, transform)
     return {"step": run.step, "losses": run.losses, "evals": run.evals,
             "tokens_per_second": run.tokens / max(run.seconds, 1e-9), "out": str(out)}
 
 
-def _checkpoint(model, optimizer, ds, config: TrainConfig, run: _Run, source: Path | None) -> None:
+def _checkpoint(model, optimizer, ds, config: TrainConfig, run: _Run, source: Any, transform) -> None:
     """Evaluate (once per step, when there is an eval store), then save everything to ``config.out``."""
     if config.eval_store and (not run.evals or run.evals[-1]["step"] != run.step):
         metrics = evaluate(model, config.eval_store, kind=config.kind, batch_size=config.batch_size,
-                           device=config.device)
+                           device=config.device, transform=transform)
         run.evals.append({"step": run.step, **metrics})
     state = {"step": run.step, "dataset": ds.state_dict(batches_consumed=run.batches),
              "config": config.to_dict(), "evals": run.evals}

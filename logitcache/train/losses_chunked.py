@@ -12,47 +12,37 @@ per-token function, :func:`logitcache.train.losses.token_losses`, on each chunk)
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .losses import _Targets, check_loss_args, flatten_batch, resolve_kind, token_losses
+from .losses import check_loss_args, flatten_batch, resolve_kind, token_losses
 
-__all__ = ["ChunkedKDLoss", "chunked_kd_loss"]
-
-
-class _Options(NamedTuple):
-    alpha: float
-    kind: str
-    head_size: int
-    temperature: float
-    ignore_index: int
-    chunk_size: int
+__all__ = ["ChunkLoss", "ChunkedKDLoss", "chunked_kd_loss", "chunked_linear_loss"]
 
 
-class _ChunkedKD(torch.autograd.Function):
+ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""``chunk_loss(logits[c, V], start, stop)``: the scalar share of the loss of rows ``start:stop``."""
+
+
+class _ChunkedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, tg: _Targets, opt: _Options) -> torch.Tensor:
-        token_mask = tg.labels != opt.ignore_index
-        denom = token_mask.sum().clamp_min(1).to(torch.float32)
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int
+                ) -> torch.Tensor:
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, hidden.shape[0], opt.chunk_size):
-            e = s + opt.chunk_size
+        for s in range(0, hidden.shape[0], chunk_size):
+            e = s + chunk_size
             h = hidden[s:e]
             logits = (h @ weight.T).requires_grad_(True)
             with torch.enable_grad():
-                ce, kd = token_losses(
-                    logits, tg.rows(s, e), kind=opt.kind, head_size=opt.head_size, temperature=opt.temperature,
-                    ignore_index=opt.ignore_index, need_ce=opt.alpha < 1.0, need_kd=opt.alpha > 0.0,
-                )
-                per_token = (1.0 - opt.alpha) * ce + opt.alpha * kd
-                chunk_loss = torch.where(token_mask[s:e], per_token, 0.0).sum() / denom
-            (g,) = torch.autograd.grad(chunk_loss, logits)
-            total += chunk_loss.detach()
+                part = chunk_loss(logits, s, e)
+            (g,) = torch.autograd.grad(part, logits)
+            total += part.detach()
             grad_h[s:e] = g @ weight
             grad_w += (g.T @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -64,6 +54,16 @@ class _ChunkedKD(torch.autograd.Function):
         if not torch.equal(grad_out, torch.ones_like(grad_out)):
             grad_h, grad_w = grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype)
         return grad_h, grad_w, None, None
+
+
+def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, chunk_loss: ChunkLoss, chunk_size: int
+                        ) -> torch.Tensor:
+    """``Σ_chunks chunk_loss(hidden[s:e] @ weightᵀ, s, e)`` for ``hidden [N, d]``, ``weight [V, d]``: the logits of
+    one chunk at a time, with the gradients with respect to ``hidden`` and ``weight`` taken during the forward
+    pass (module docstring). Any loss that is a sum of per-chunk terms can use it."""
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1; found {chunk_size!r}")
+    return _ChunkedLinear.apply(hidden, weight, chunk_loss, int(chunk_size))
 
 
 def chunked_kd_loss(
@@ -84,15 +84,18 @@ def chunked_kd_loss(
     up to summation order. The head has no bias. ``chunk_size`` is positions per chunk.
     """
     check_loss_args(alpha, temperature)
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1; found {chunk_size!r}")
-    opt = _Options(
-        alpha=float(alpha), kind=resolve_kind(kind, batch["target_method"]),
-        head_size=int(batch["target_head_size"]), temperature=float(temperature),
-        ignore_index=ignore_index, chunk_size=int(chunk_size),
-    )
-    d = hidden.shape[-1]
-    return _ChunkedKD.apply(hidden.reshape(-1, d), head_weight, flatten_batch(batch, hidden.device), opt)
+    kind = resolve_kind(kind, batch["target_method"])
+    head_size, d = int(batch["target_head_size"]), hidden.shape[-1]
+    tg = flatten_batch(batch, hidden.device)
+    token_mask = tg.labels != ignore_index
+    denom = token_mask.sum().clamp_min(1).to(torch.float32)
+
+    def chunk_loss(logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        ce, kd = token_losses(logits, tg.rows(s, e), kind=kind, head_size=head_size, temperature=float(temperature),
+                              ignore_index=ignore_index, need_ce=alpha < 1.0, need_kd=alpha > 0.0)
+        return torch.where(token_mask[s:e], (1.0 - alpha) * ce + alpha * kd, 0.0).sum() / denom
+
+    return chunked_linear_loss(hidden.reshape(-1, d), head_weight, chunk_loss, chunk_size)
 
 
 class ChunkedKDLoss(nn.Module):

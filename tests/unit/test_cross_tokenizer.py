@@ -198,3 +198,72 @@ def test_student_with_another_tokenizer_trains(tiny_teacher, tiny_tokenizer, uni
         history.append((float(loss.detach()), float(cross_tokenizer_terms(logits.detach(), batch).exact)))
         opt.zero_grad(), loss.backward(), opt.step()
     assert history[-1][0] < 0.7 * history[0][0] and history[-1][1] < history[0][1]
+
+
+def reference_loss(z: torch.Tensor, batch: dict, alpha: float, w_m: float, w_u: float, tau: float) -> torch.Tensor:
+    """The cross-tokenizer loss written out position by position in float64 (docs/cross_tokenizer.md, "Loss")."""
+    z = z.double().reshape(-1, z.shape[-1])
+    labels, kd = batch["labels"].reshape(-1), batch["kd_mask"].reshape(-1)
+    q = dense(batch["target_ids"], batch["target_probs"], batch["target_mask"], z.shape[-1]).reshape(z.shape)
+    matched = torch.nn.functional.pad(batch["student_matched"], (0, z.shape[-1] - batch["student_matched"].numel()))
+    ce, exact, uld = [], [], []
+    for i in range(z.shape[0]):
+        if labels[i] != -100:
+            ce.append(-torch.log_softmax(z[i], -1)[labels[i]])
+        if kd[i]:
+            logp = torch.log_softmax(z[i] / tau, -1)
+            exact.append((torch.special.xlogy(q[i], q[i]) - q[i] * logp).sum())
+            teacher = batch["uld_probs"].reshape(z.shape[0], -1)[i][batch["uld_mask"].reshape(z.shape[0], -1)[i]]
+            student = torch.sort(logp.exp()[~matched], descending=True).values[: teacher.numel()]
+            uld.append((teacher.double() - student).abs().sum())
+    mean = lambda xs: torch.stack(xs).mean() if xs else z.new_zeros(())  # noqa: E731
+    return (1 - alpha) * mean(ce) + alpha * (w_m * mean(exact) + w_u * mean(uld))
+
+
+@pytest.mark.parametrize("alpha,w_m,w_u,tau,chunk", [(0.5, 1.0, 1.0, 1.0, 7), (0.3, 0.5, 2.0, 2.0, 1),
+                                                     (1.0, 1.0, 1.0, 1.0, 1000), (0.0, 1.0, 1.0, 1.0, 13)])
+def test_chunked_equals_plain_and_reference(tiny_tokenizer, unigram, alpha, w_m, w_u, tau, chunk):
+    """Hidden states + head in chunks give the plain loss's value and gradients; both equal a float64 reference
+    written out per position. Items of unequal length (padding) with an untrained prompt (masks), merged groups
+    and unmatched teacher entries (ULD) included."""
+    from logitcache.train.losses_xtok_chunked import ChunkedCrossTokenizerKDLoss, chunked_cross_tokenizer_kd_loss
+
+    items, _ = teacher_items(tiny_tokenizer, "hybrid", masked=True, peaked=True, k=5, n=20)
+    batch = CrossTokenizerTransform(tiny_tokenizer, unigram, cache=False).collate(items)
+    assert batch["uld_mask"].any() and batch["xtok_stats"].positions["many_to_one"] > 0
+    assert batch["xtok_stats"].positions["untrained"] > 0 and (batch["attention_mask"] == 0).any()
+    gen = torch.Generator().manual_seed(3)
+    b, t = batch["input_ids"].shape
+    hidden = torch.randn(b, t, 24, generator=gen, dtype=torch.float64)
+    weight = torch.randn(len(unigram) + 3, 24, generator=gen, dtype=torch.float64)  # padded vocabulary
+    kw = dict(alpha=alpha, matched_weight=w_m, unmatched_weight=w_u, temperature=tau)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = cross_tokenizer_kd_loss(h1 @ w1.T, batch, **kw)
+    plain.backward()
+    h2, w2 = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    chunked = chunked_cross_tokenizer_kd_loss(h2, w2, batch, chunk_size=chunk, **kw)
+    (2.0 * chunked).backward()  # an incoming gradient other than 1 scales the stored ones
+    h3, w3 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    reference = reference_loss(h3 @ w3.T, batch, alpha, w_m, w_u, tau)
+    reference.backward()
+    assert abs(float(plain) - float(reference)) < 1e-5 and abs(float(chunked) - float(reference)) < 1e-5
+    for plain_grad, chunked_grad, ref_grad in ((h1.grad, h2.grad, h3.grad), (w1.grad, w2.grad, w3.grad)):
+        assert torch.allclose(plain_grad, ref_grad, atol=1e-5)
+        assert torch.allclose(chunked_grad.double(), 2.0 * ref_grad, atol=2e-5)
+    module = ChunkedCrossTokenizerKDLoss(chunk_size=chunk, **kw)
+    assert abs(float(module(hidden.float(), weight.float(), batch)) - float(reference)) < 1e-5
+
+
+def test_chunked_refuses_bad_arguments(tiny_tokenizer, unigram):
+    from logitcache.errors import ConfigError
+    from logitcache.train.losses_xtok_chunked import chunked_cross_tokenizer_kd_loss
+
+    batch = CrossTokenizerTransform(tiny_tokenizer, unigram, cache=False).collate(teacher_items(tiny_tokenizer,
+                                                                                              "topk", k=5)[0])
+    hidden, weight = torch.zeros(*batch["input_ids"].shape, 8), torch.zeros(len(unigram), 8)
+    with pytest.raises(ConfigError, match="chunk_size must be >= 1; found 0"):
+        chunked_cross_tokenizer_kd_loss(hidden, weight, batch, chunk_size=0)
+    with pytest.raises(ConfigError, match="matched_weight and unmatched_weight must be >= 0"):
+        chunked_cross_tokenizer_kd_loss(hidden, weight, batch, unmatched_weight=-1.0)
+    with pytest.raises(ConfigError, match="the student's logits have 100 entries; its tokenizer has 1256 ids"):
+        chunked_cross_tokenizer_kd_loss(hidden, weight[:100], batch)
