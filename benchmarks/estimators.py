@@ -43,6 +43,7 @@ from logitcache.train.collate import collate
 from logitcache.capture.config import SparsifyConfig
 from logitcache.train.losses import full_kd_loss, kd_loss
 from logitcache.train.metrics import ghost_effective_target, gradient_angle, norm_ratio
+from logitcache.capture.budget import sequence_targets
 from logitcache.capture.sparsify import draw_uniforms, sparsify
 from logitcache.targets import SparseTargets
 
@@ -60,6 +61,7 @@ class Method:
     kind: str  # loss kind
     k: int = 0
     samples: int = 0
+    allocation: str = "fixed"  # or "variance": an adaptive budget of mean `samples` (benchmarks/adaptive_budget.py)
 
     @property
     def stochastic(self) -> bool:
@@ -75,9 +77,10 @@ def methods() -> list[Method]:
 
 
 def make_targets(m: Method, logits: torch.Tensor, seed: int, seq_id: int) -> SparseTargets:
-    cfg = SparsifyConfig(method=m.method, k=max(m.k, 1), samples=max(m.samples, 1))
-    u = draw_uniforms(seed, seq_id, logits.shape[0], m.samples) if m.stochastic else None
-    return sparsify(logits, cfg, u)
+    """The targets of one window as a capture of it writes them (an adaptive budget spread over the window)."""
+    cfg = SparsifyConfig(method=m.method, k=max(m.k, 1), samples=max(m.samples, 1), allocation=m.allocation)
+    u = draw_uniforms(seed, seq_id, logits.shape[0], cfg.max_samples) if m.stochastic else None
+    return sequence_targets([sparsify(logits, cfg, u)], cfg.samples)
 
 
 def sparse_target(m: Method, tg: SparseTargets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,13 +95,14 @@ def sparse_target(m: Method, tg: SparseTargets) -> tuple[torch.Tensor, torch.Ten
 
 
 def theory_variance(m: Method, t: torch.Tensor, tg: SparseTargets) -> torch.Tensor:
-    """``float64[T]`` closed-form ``Σ_i Var(t̂_i)`` (0 for deterministic methods)."""
+    """``float64[T]`` closed-form ``Σ_i Var(t̂_i)`` (0 for deterministic methods), over each position's own N."""
+    draws = m.samples if tg.sample_totals is None else tg.sample_totals.double()
     if m.method == "sample":
-        return (1 - (t * t).sum(1)) / m.samples
+        return (1 - (t * t).sum(1)) / draws
     if m.method == "hybrid":
         mass = tg.tail_mass.double()
         tail = t.scatter(1, tg.head_ids.long(), 0.0)
-        return (mass * mass - (tail * tail).sum(1)) / m.samples
+        return (mass * mass - (tail * tail).sum(1)) / draws
     return torch.zeros(t.shape[0], dtype=torch.float64)
 
 

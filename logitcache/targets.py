@@ -44,9 +44,13 @@ class SparseTargets:
         sample_ids: ``int32[P]`` distinct sampled ids, ascending within each position.
         sample_counts: ``int32[P]`` draws of each id; per position they sum to ``num_samples``.
         sample_weights: ``float32[P]`` importance weights ``p/q`` (``sample`` with τ ≠ 1), else ``None``.
-        num_samples: ``N``, the number of draws per position (0 without samples).
+        num_samples: ``N``, the number of draws per position (0 without samples); with ``sample_totals`` the
+            mean over the sequence's positions.
         label_logprobs: ``float32[T]`` exact teacher log-probability of each position's label (its realized
             next token), any method; ``None`` unless the store keeps it (``store.label_logprobs``).
+        sample_totals: ``int32[T]`` each position's own number of draws (an adaptive sample budget,
+            ``--sample-allocation variance``): its counts sum to it and its estimate divides by it; ``None``
+            when every position has ``num_samples``.
     """
 
     method: str
@@ -59,8 +63,15 @@ class SparseTargets:
     sample_weights: torch.Tensor | None = None
     num_samples: int = 0
     label_logprobs: torch.Tensor | None = None
+    sample_totals: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        st = self.sample_totals
+        if st is not None and (not isinstance(st, torch.Tensor) or st.dim() != 1 or st.is_floating_point()
+                               or self.sample_lengths is None or st.shape[0] != self.num_positions):
+            found = f"{st.dtype}{list(st.shape)}" if isinstance(st, torch.Tensor) else type(st).__name__
+            raise TargetsError(f"sample_totals is {found}; expected an integer tensor of shape [{self.num_positions}] "
+                               "(one number of draws per position) on targets with a sample part")
         lp = self.label_logprobs
         if lp is not None and (not isinstance(lp, torch.Tensor) or lp.dim() != 1 or not lp.is_floating_point()
                                or lp.shape[0] != self.num_positions):
@@ -114,10 +125,15 @@ class SparseTargets:
         return total
 
     def sample_estimate(self) -> torch.Tensor:
-        """``float32[P]`` the estimate ``scale · count / N · weight`` of each sampled id."""
+        """``float32[P]`` the estimate ``scale · count / N · weight`` of each sampled id (``N`` its position's
+        own ``sample_totals`` where the budget is adaptive)."""
         if self.sample_counts is None:
             raise self._no_sample_part()
-        est = self.sample_counts.to(torch.float32) / float(self.num_samples)
+        if self.sample_totals is None:
+            est = self.sample_counts.to(torch.float32) / float(self.num_samples)
+        else:
+            per_entry = torch.repeat_interleave(self.sample_totals.to(torch.float32), self.sample_lengths.to(torch.int64))
+            est = self.sample_counts.to(torch.float32) / per_entry
         if self.sample_weights is not None:
             est = est * self.sample_weights
         if self.method == "hybrid":
@@ -185,4 +201,5 @@ def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
         sample_weights=cat("sample_weights"),
         num_samples=first.num_samples,
         label_logprobs=cat("label_logprobs"),
+        sample_totals=cat("sample_totals"),
     )

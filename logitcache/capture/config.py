@@ -16,6 +16,7 @@ from ..models.embedded import EMBEDDED_TEACHER
 from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS,
                        LOGPROB_DTYPES, LONG_SEQUENCES, METHODS, TRAIN_ON)
 from ..jobfile import from_mapping
+from ..store.totals import ALLOCATIONS, adaptive_cap
 
 BUILTIN_CORPUS = "builtin:pydoc"
 
@@ -36,13 +37,17 @@ class SparsifyConfig:
     """How each position's distribution is summarised.
 
     ``k`` is the head size (topk, hybrid); ``samples`` the draws N (sample, hybrid);
-    ``temperature`` τ shapes the sampling proposal q ∝ p^(1/τ) (sample only).
+    ``temperature`` τ shapes the sampling proposal q ∝ p^(1/τ) (sample only). ``allocation`` (sample,
+    hybrid): ``fixed`` gives every position N draws; ``variance`` gives each sequence N draws per position on
+    average, each position ``N_t ∝ sqrt(1 − Σp²)`` of them (hybrid: of its tail), between 1 and
+    :attr:`max_samples` (:mod:`logitcache.capture.budget`).
     """
 
     method: str = "sample"
     k: int = 64
     samples: int = 50
     temperature: float = 1.0
+    allocation: str = "fixed"
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; found {self.method!r}")
@@ -57,15 +62,31 @@ class SparsifyConfig:
             f"temperature applies to method 'sample' only; found temperature={self.temperature} "
             f"with method {self.method!r} (hybrid samples the tail at τ=1)",
         )
+        _check(self.allocation in ALLOCATIONS, f"allocation must be {_or(ALLOCATIONS)}; found {self.allocation!r}")
+        _check(self.allocation == "fixed" or self.method in ("sample", "hybrid"),
+               f"allocation {self.allocation!r} spreads sample draws; method {self.method!r} draws none (use "
+               "method sample or hybrid, or allocation fixed)")
+        _check(self.allocation == "fixed" or self.temperature == 1.0,
+               f"allocation {self.allocation!r} samples at temperature 1 (its budget is the variance of the count "
+               f"estimator, not of the importance-weighted one); found temperature={self.temperature}. Use one of "
+               "the two.")
+
+    @property
+    def max_samples(self) -> int:
+        """The most draws one position gets: N (fixed), or the adaptive cap
+        (:func:`~logitcache.store.totals.adaptive_cap`: 4·N within the count's byte width)."""
+        return self.samples if self.allocation == "fixed" else adaptive_cap(self.samples)
 
     def params(self) -> dict[str, Any]:
-        """Only the parameters the method uses (what the manifest records)."""
+        """Only the parameters the method uses (what the manifest records); ``allocation`` only when not fixed,
+        so fixed-budget stores keep their identity."""
+        adaptive = {} if self.allocation == "fixed" else {"allocation": self.allocation}
         if self.method == "topk":
             return {"k": self.k}
         if self.method == "sample":
-            return {"samples": self.samples, "temperature": self.temperature}
+            return {"samples": self.samples, "temperature": self.temperature, **adaptive}
         if self.method == "hybrid":
-            return {"k": self.k, "samples": self.samples}
+            return {"k": self.k, "samples": self.samples, **adaptive}
         return {}
 
 
@@ -253,9 +274,10 @@ class CaptureConfig:
         from ..store.entropy import MAX_SAMPLES
 
         _check(self.store.entropy != "ans" or self.sparsify.method not in ("sample", "hybrid")
-               or self.sparsify.samples <= MAX_SAMPLES,
+               or self.sparsify.max_samples <= MAX_SAMPLES,
                f"the ans entropy stage codes up to {MAX_SAMPLES} draws per position; found "
-               f"samples={self.sparsify.samples}. Use entropy zstd for more.")
+               f"samples={self.sparsify.samples} (at most {self.sparsify.max_samples} a position). Use entropy "
+               "zstd for more.")
         if self.generate.enabled:
             self._check_generation()
 

@@ -33,6 +33,7 @@ from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
 from .plan import Plan, PlanSlice, Unit, build_plan, plan_units, tokenizer_fingerprint
 from .limits import check_teacher_limits, plan_warnings
+from .budget import DrawnChunk, sequence_targets
 from .sparsify import draw_uniforms, label_logprobs, sparsify
 from ..store.commit import MANIFEST, begin_store, finalize_store, mismatch_error, read_manifest
 from ..store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
@@ -41,7 +42,7 @@ from ..store.spec import ShardSpec, spec_from_manifest
 from ..store.containers import get_container
 from ..store.lock import StoreLock
 from ..store.writer import encode_and_commit
-from ..targets import SparseTargets, concat_targets
+from ..targets import SparseTargets
 from .teachers import Teacher, load_teacher
 from .teachers.base import bucket_length
 from .teachers.hf import resolve_device
@@ -78,7 +79,8 @@ def store_encoding(config: CaptureConfig, vocab_size: int, tokens) -> Encoding:
     ids = DEFAULT_ID_CODEC if config.store.ids == "auto" else config.store.ids
     order = corpus_order(tokens, vocab_size) if ids == "rank-delta" else ()
     return Encoding(ids=ids, logprobs=config.store.logprob_dtype, vocab_size=vocab_size, order=order,
-                    entropy=config.store.entropy, label_logprobs=config.store.label_logprobs)
+                    entropy=config.store.entropy, label_logprobs=config.store.label_logprobs,
+                    sample_totals=config.sparsify.allocation != "fixed")
 
 
 def build_header(config: CaptureConfig, teacher: Teacher, plan: Plan | DocumentPlan, units: list[Unit],
@@ -117,7 +119,7 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
     inputs, labels = windows[:, :-1], windows[:, 1:]
     num_positions = inputs.shape[1]
     cfg = config.sparsify
-    draws = cfg.samples if cfg.method in ("sample", "hybrid") else 0
+    draws = cfg.max_samples if cfg.method in ("sample", "hybrid") else 0
     uniforms = [draw_uniforms(config.seed, s, num_positions, draws) if draws else None for s in seq_ids]
     parts: list[list[SparseTargets]] = [[] for _ in seq_ids]
     for row, start, logits in teacher.forward_chunks(inputs, config.teacher.head_chunk):
@@ -125,7 +127,7 @@ def sparsify_batch(teacher: Teacher, windows: torch.Tensor, seq_ids: list[int],
         chunk_u = None if u is None else u[start:start + logits.shape[0]].to(logits.device)
         parts[row].append(_sparsify(logits, config, chunk_u, labels[row, start:start + logits.shape[0]]))
         fault_point("teacher_chunk")
-    return [concat_targets(p) for p in parts]
+    return [sequence_targets(p, cfg.samples) for p in parts]
 
 
 def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: list[int],
@@ -134,7 +136,7 @@ def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: lis
     ``mask.sum()`` positions each (in position order). The teacher reads each whole sequence but its last
     token, alone (:meth:`Teacher.forward_sequences`); the draws of a sequence are indexed by trained position."""
     cfg = config.sparsify
-    draws = cfg.samples if cfg.method in ("sample", "hybrid") else 0
+    draws = cfg.max_samples if cfg.method in ("sample", "hybrid") else 0
     masks = [torch.from_numpy(np.array(s.mask, dtype=bool)) for s in sequences]  # a copy: plan arrays are read-only
     uniforms = [draw_uniforms(config.seed, i, int(m.sum()), draws) if draws else None for i, m in zip(seq_ids, masks)]
     inputs = [torch.from_numpy(np.asarray(s.tokens[:-1], dtype=np.int64)) for s in sequences]
@@ -150,11 +152,11 @@ def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: lis
             parts[row].append(_sparsify(logits[trained.to(logits.device)], config, chunk_u, labels[trained]))
             done[row] += count
         fault_point("teacher_chunk")
-    return [concat_targets(p) for p in parts]
+    return [sequence_targets(p, cfg.samples) for p in parts]
 
 
 def _sparsify(logits: torch.Tensor, config: CaptureConfig, uniforms: torch.Tensor | None,
-              labels: torch.Tensor) -> SparseTargets:
+              labels: torch.Tensor) -> SparseTargets | DrawnChunk:
     """Targets of ``logits`` (rows predicting ``labels``), computed where the logits are (the teacher's device);
     only the sparse result comes back to the CPU. With ``store.label_logprobs`` they carry each label's exact
     log-probability too (:func:`~logitcache.capture.sparsify.label_logprobs`)."""

@@ -24,10 +24,11 @@ underflow below ~1e-38 of the maximum) are never drawn.
 
 from __future__ import annotations
 
-import hashlib
+from typing import NamedTuple
 
 import torch
 
+from .budget import DrawnChunk, draw_uniforms, run_lengths, sequence_seed
 from .config import SparsifyConfig
 from ..choices import METHODS
 from ..errors import ConfigError, TargetsError
@@ -37,42 +38,15 @@ ROW_CHUNK = 16
 """Rows processed together in the ``exp`` pass (16 × 49152 fp32 = 3 MiB buffer)."""
 BLOCK = 64
 """Ids per block of the two-level CDF and of the top-k prefilter."""
-UNIFORM_ROWS = 64
-"""Rows of uniforms drawn from one generator (see :func:`draw_uniforms`)."""
-_MASK63 = (1 << 63) - 1
 
 
-def sequence_seed(seed: int, seq_id: int) -> int:
-    """Stable 63-bit seed for sequence ``seq_id`` under global ``seed`` (blake2b, not ``hash()``)."""
-    digest = hashlib.blake2b(f"logitcache/seq/{int(seed)}/{int(seq_id)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _MASK63
+class _Pass(NamedTuple):
+    """What :func:`_exp_pass` returns (float64 sums per row; ``None`` where not asked for)."""
 
-
-def _block_seed(seq_seed: int, block: int, num_samples: int) -> int:
-    key = f"logitcache/uniforms/{seq_seed}/{num_samples}/{block}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & _MASK63
-
-
-def draw_uniforms(seed: int, seq_id: int, num_positions: int, num_samples: int) -> torch.Tensor:
-    """``float64[T, N]`` uniforms in ``[0, 1)`` for one sequence of ``T = num_positions``.
-
-    Rows are drawn in groups of :data:`UNIFORM_ROWS` positions, each group from its own
-    ``torch.Generator`` seeded by ``(sequence_seed(seed, seq_id), N, group)``. Hence row ``t``
-    depends only on ``(seed, seq_id, t, N)``: not on ``T`` and not on anything global. (The capture
-    loop draws for the full sequence and slices rows ``[a:b]`` per position chunk.)
-    """
-    if num_positions < 0 or num_samples < 1:
-        raise ConfigError(f"draw_uniforms needs num_positions >= 0 and num_samples >= 1; found "
-                          f"num_positions={num_positions}, num_samples={num_samples}")
-    seq_seed = sequence_seed(seed, seq_id)
-    out = torch.empty(num_positions, num_samples, dtype=torch.float64)
-    gen = torch.Generator(device="cpu")
-    for g, start in enumerate(range(0, num_positions, UNIFORM_ROWS)):
-        gen.manual_seed(_block_seed(seq_seed, g, num_samples))
-        group = torch.rand(UNIFORM_ROWS, num_samples, generator=gen, dtype=torch.float64)
-        stop = min(start + UNIFORM_ROWS, num_positions)
-        out[start:stop] = group[: stop - start]
-    return out
+    totals: torch.Tensor  # Σ e
+    p_totals: torch.Tensor | None  # Σ exp(x − max) at τ = 1 (importance weights)
+    draws: torch.Tensor | None  # int64[T, N] drawn ids
+    squares: torch.Tensor | None  # Σ e² (the variance an adaptive budget allocates by)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -196,13 +170,15 @@ def _exp_pass(
     head_ids: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
     with_p_total: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    adaptive: bool = False,
+) -> _Pass:
     """One cache-blocked ``exp`` pass over ``x`` (``[T, V]``, any float dtype).
 
     Per row computes ``e = exp(fp32(x − row_max) · inv_tau)`` with the ``head_ids`` (int64[T, k])
-    zeroed, and returns ``(totals float64[T] = Σ e, p_totals float64[T] | None, draws int64[T, N] | None)``.
+    zeroed, and returns ``totals`` float64[T] = Σ e and what is asked for (:class:`_Pass`).
     ``p_totals`` is ``Σ exp(x − row_max)`` (τ = 1), requested for importance weights. ``draws`` are
-    ``N`` inverse-CDF draws per row from ``e / Σ e`` using ``uniforms`` (float64[T, N]), ascending.
+    ``N`` inverse-CDF draws per row from ``e / Σ e`` using ``uniforms`` (float64[T, N]), ascending; with
+    ``adaptive`` in the order of the uniforms instead (a prefix is a sample), and ``squares`` = Σ e².
     """
     t, v = x.shape
     nb = -(-v // BLOCK)
@@ -213,6 +189,7 @@ def _exp_pass(
     totals = torch.empty(t, dtype=torch.float64, device=dev)
     p_totals = torch.empty(t, dtype=torch.float64, device=dev) if with_p_total else None
     draws = None if uniforms is None else torch.empty(uniforms.shape, dtype=torch.int64, device=dev)
+    squares = torch.empty(t, dtype=torch.float64, device=dev) if adaptive else None
     for a in range(0, t, rows):
         b = min(a + rows, t)
         e = buf[: b - a]
@@ -227,13 +204,16 @@ def _exp_pass(
             ev.scatter_(1, head_ids[a:b], 0.0)
         sums = e.view(b - a, nb, BLOCK).sum(-1).double()
         totals[a:b] = sums.sum(1)
+        if squares is not None:
+            squares[a:b] = (e * e).view(b - a, nb, BLOCK).sum(-1).double().sum(1)
         if draws is not None:
-            draws[a:b] = _draw(e.view(b - a, nb, BLOCK), sums, uniforms[a:b])
-    return totals, p_totals, draws
+            draws[a:b] = _draw(e.view(b - a, nb, BLOCK), sums, uniforms[a:b], adaptive)
+    return _Pass(totals, p_totals, draws, squares)
 
 
-def _draw(eb: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Two-level inverse CDF: ``int64[r, N]`` ids, ascending per row.
+def _draw(eb: torch.Tensor, sums: torch.Tensor, u: torch.Tensor, in_uniform_order: bool = False) -> torch.Tensor:
+    """Two-level inverse CDF: ``int64[r, N]`` ids, ascending per row (or, ``in_uniform_order``, entry ``j`` the
+    id uniform ``u[:, j]`` draws).
 
     ``eb`` float32[r, nb, BLOCK] unnormalised weights, ``sums`` float64[r, nb] their block sums,
     ``u`` float64[r, N]. Level 1 picks block ``b`` from the float64 cumsum of ``sums``; level 2
@@ -245,7 +225,8 @@ def _draw(eb: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor
     r = eb.shape[0]
     cdf = torch.cumsum(sums, 1)
     total = cdf[:, -1:].contiguous()
-    target = torch.sort(u, 1).values * total
+    ordered = torch.sort(u, 1)
+    target = ordered.values * total
     last = torch.searchsorted(cdf, total, right=False)
     blk = torch.minimum(torch.searchsorted(cdf, target, right=True), last)
     prev = torch.gather(torch.nn.functional.pad(cdf, (1, 0)), 1, blk)
@@ -255,35 +236,19 @@ def _draw(eb: torch.Tensor, sums: torch.Tensor, u: torch.Tensor) -> torch.Tensor
     j = torch.searchsorted(inner, frac[:, :, None] * inner_total, right=True)
     j_last = torch.searchsorted(inner, inner_total.contiguous(), right=False)
     j = torch.minimum(j, j_last).squeeze(-1)
-    return blk * BLOCK + j
-
-
-def _run_lengths(draws: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Run-length encode ascending ``draws`` int64[T, N] of the ``valid`` (bool[T]) rows.
-
-    Returns ``(lengths int32[T], ids int64[P], counts int32[P], rows int64[P])``.
-    """
-    t, n = draws.shape
-    new = torch.ones(t, n, dtype=torch.bool, device=draws.device)
-    new[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    new &= valid[:, None]
-    starts = new.reshape(-1).nonzero().squeeze(1)
-    rows = starts // n
-    ends = torch.cat([starts[1:], starts.new_full((1,), t * n)])
-    ends = torch.minimum(ends, (rows + 1) * n)
-    ids = draws.reshape(-1)[starts]
-    return new.sum(1, dtype=torch.int32), ids, (ends - starts).to(torch.int32), rows
+    ids = blk * BLOCK + j
+    return torch.empty_like(ids).scatter_(1, ordered.indices, ids) if in_uniform_order else ids
 
 
 def _lse_parts(vals: torch.Tensor, tail_totals: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """From head values float32[T, k] (descending, so ``vals[:, 0]`` is the row max) and the tail
-    sums float64[T] of ``exp(x − max)``: ``(head_logprobs float32[T, k], tail_mass float32[T])``.
-    Both sums are of positive terms, so the tail mass is exact to relative ~1e-7, however small."""
+    sums float64[T] of ``exp(x − max)``: ``(head_logprobs float32[T, k], tail_mass float32[T], all_totals
+    float64[T])``. Both sums are of positive terms, so the tail mass is exact to relative ~1e-7, however small."""
     d = vals.double() - vals[:, :1].double()
     head_totals = torch.exp(d).sum(1)
     all_totals = head_totals + tail_totals
     logprobs = (d - torch.log(all_totals)[:, None]).float()
-    return logprobs, (tail_totals / all_totals).float()
+    return logprobs, (tail_totals / all_totals).float(), all_totals
 
 
 def _check_k(k: int, name: str = "k") -> None:
@@ -305,8 +270,8 @@ def topk(logits: torch.Tensor, k: int) -> SparseTargets:
     if kk == logits.shape[1]:
         tail = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
     else:
-        tail, _, _ = _exp_pass(logits, vals[:, 0], head_ids=ids)
-    logprobs, tail_mass = _lse_parts(vals, tail)
+        tail = _exp_pass(logits, vals[:, 0], head_ids=ids).totals
+    logprobs, tail_mass, _ = _lse_parts(vals, tail)
     return SparseTargets("topk", head_ids=ids.to(torch.int32), head_logprobs=logprobs, tail_mass=tail_mass)
 
 
@@ -316,35 +281,42 @@ def full(logits: torch.Tensor) -> SparseTargets:
     vals, ids = torch.sort(logits, dim=1, descending=True, stable=True)
     row_max = vals[:, 0].float()
     _check_row_max(row_max)
-    totals, _, _ = _exp_pass(logits, row_max)
+    totals = _exp_pass(logits, row_max).totals
     lse = (row_max.double() + torch.log(totals)).float()
     logprobs = vals.float() - lse[:, None]
     tail = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     return SparseTargets("full", head_ids=ids.to(torch.int32), head_logprobs=logprobs, tail_mass=tail)
 
 
-def sample(logits: torch.Tensor, num_samples: int, temperature: float, uniforms: torch.Tensor) -> SparseTargets:
+def sample(logits: torch.Tensor, num_samples: int, temperature: float, uniforms: torch.Tensor,
+           adaptive: bool = False) -> SparseTargets | DrawnChunk:
     """RS-KD: ``N`` draws with replacement from ``q ∝ p^(1/τ)`` by inverse CDF on ``uniforms``.
 
     Returns per position the distinct drawn ids ascending (``sample_ids`` int32[P]), their
     ``sample_counts`` int32[P] (summing to N), ``sample_lengths`` int32[T], and for ``τ ≠ 1``
-    ``sample_weights`` float32[P] = ``p_i / q_i`` (computed in float64 from the logits).
+    ``sample_weights`` float32[P] = ``p_i / q_i`` (computed in float64 from the logits). With ``adaptive``
+    (τ = 1 only; ``N`` = the cap) the draws of every uniform and each row's variance ``1 − Σ p²`` instead, as a
+    :class:`~logitcache.capture.budget.DrawnChunk` that :func:`~logitcache.capture.budget.sequence_targets` ends.
     """
     _check_logits(logits)
     _check_k(num_samples, "num_samples")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0; found {temperature!r}")
+    if adaptive and temperature != 1.0:
+        raise ConfigError(f"an adaptive sample budget samples at temperature 1; found temperature={temperature}")
     u = _check_uniforms(uniforms, logits.shape[0], num_samples, logits.device)
     row_max = logits.amax(1).float()
     _check_row_max(row_max)
     inv_tau = 1.0 / float(temperature)
-    q_totals, p_totals, draws = _exp_pass(logits, row_max, inv_tau, None, u, with_p_total=inv_tau != 1.0)
+    res = _exp_pass(logits, row_max, inv_tau, None, u, with_p_total=inv_tau != 1.0, adaptive=adaptive)
     valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    lengths, ids, counts, rows = _run_lengths(draws, valid)
+    if adaptive:
+        return DrawnChunk("sample", res.draws, 1.0 - res.squares / res.totals**2, valid)
+    lengths, ids, counts, rows = run_lengths(res.draws, torch.full_like(row_max, num_samples, dtype=torch.int64))
     weights = None
-    if p_totals is not None:
+    if res.p_totals is not None:
         d = logits[rows, ids].double() - row_max[rows].double()
-        log_w = d - torch.log(p_totals[rows]) - d * inv_tau + torch.log(q_totals[rows])
+        log_w = d - torch.log(res.p_totals[rows]) - d * inv_tau + torch.log(res.totals[rows])
         weights = torch.exp(log_w).float()
     return SparseTargets(
         "sample", sample_lengths=lengths, sample_ids=ids.to(torch.int32), sample_counts=counts,
@@ -352,12 +324,14 @@ def sample(logits: torch.Tensor, num_samples: int, temperature: float, uniforms:
     )
 
 
-def hybrid(logits: torch.Tensor, k: int, num_samples: int, uniforms: torch.Tensor) -> SparseTargets:
+def hybrid(logits: torch.Tensor, k: int, num_samples: int, uniforms: torch.Tensor,
+           adaptive: bool = False) -> SparseTargets | DrawnChunk:
     """Exact top-k head (as :func:`topk`) plus ``N`` draws from the renormalised tail.
 
     The tail part lists distinct tail ids ascending with counts; the estimate of a tail id is
     ``tail_mass · count / N``. Positions with no tail (``k >= V`` or zero tail mass) get no draws
-    (length 0).
+    (length 0). With ``adaptive`` a :class:`~logitcache.capture.budget.DrawnChunk` (as :func:`sample`) whose
+    variance is the tail's, ``m² (1 − Σ q²) = (S_tail² − Σ e²) / S²``.
     """
     _check_logits(logits)
     _check_k(k)
@@ -368,17 +342,18 @@ def hybrid(logits: torch.Tensor, k: int, num_samples: int, uniforms: torch.Tenso
     vals, ids = _head(logits, kk)
     _check_row_max(vals[:, 0])
     if kk == v:
-        tail = torch.zeros(t, dtype=torch.float64, device=logits.device)
-        draws = torch.zeros(t, num_samples, dtype=torch.int64, device=logits.device)
+        zeros = torch.zeros(t, dtype=torch.float64, device=logits.device)
+        res = _Pass(zeros, None, torch.zeros(t, num_samples, dtype=torch.int64, device=logits.device), zeros)
     else:
-        tail, _, draws = _exp_pass(logits, vals[:, 0], 1.0, ids, u)
-    logprobs, tail_mass = _lse_parts(vals, tail)
-    lengths, s_ids, counts, _ = _run_lengths(draws, tail > 0)
-    return SparseTargets(
-        "hybrid", head_ids=ids.to(torch.int32), head_logprobs=logprobs, tail_mass=tail_mass,
-        sample_lengths=lengths, sample_ids=s_ids.to(torch.int32), sample_counts=counts,
-        num_samples=num_samples,
-    )
+        res = _exp_pass(logits, vals[:, 0], 1.0, ids, u, adaptive=adaptive)
+    logprobs, tail_mass, all_totals = _lse_parts(vals, res.totals)
+    head = dict(head_ids=ids.to(torch.int32), head_logprobs=logprobs, tail_mass=tail_mass)
+    if adaptive:
+        return DrawnChunk("hybrid", res.draws, (res.totals**2 - res.squares) / all_totals**2, res.totals > 0, **head)
+    full_rows = torch.where(res.totals > 0, num_samples, 0)
+    lengths, s_ids, counts, _ = run_lengths(res.draws, full_rows)
+    return SparseTargets("hybrid", **head, sample_lengths=lengths, sample_ids=s_ids.to(torch.int32),
+                         sample_counts=counts, num_samples=num_samples)
 
 
 def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -393,19 +368,23 @@ def label_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            + (f", values in [{int(labels.min())}, {int(labels.max())}]" if labels.numel() else ""))
     row_max = logits.amax(1).float()
     _check_row_max(row_max)
-    totals, _, _ = _exp_pass(logits, row_max)
+    totals = _exp_pass(logits, row_max).totals
     picked = logits.gather(1, labels[:, None])[:, 0].double()
     return (picked - row_max.double() - torch.log(totals)).float()
 
 
-def sparsify(logits: torch.Tensor, config: SparsifyConfig, uniforms: torch.Tensor | None) -> SparseTargets:
-    """Dispatch on ``config.method``; ``uniforms`` (float64[T, N]) is needed by sample and hybrid."""
+def sparsify(logits: torch.Tensor, config: SparsifyConfig, uniforms: torch.Tensor | None
+             ) -> SparseTargets | DrawnChunk:
+    """Dispatch on ``config.method``; ``uniforms`` (float64[T, config.max_samples]) is needed by sample and
+    hybrid. An adaptive budget (``config.allocation``) gives a :class:`DrawnChunk`: the capture joins a
+    sequence's chunks with :func:`~logitcache.capture.budget.sequence_targets`."""
+    adaptive = config.allocation != "fixed"
     if config.method == "topk":
         return topk(logits, config.k)
     if config.method == "sample":
-        return sample(logits, config.samples, config.temperature, uniforms)
+        return sample(logits, config.max_samples, config.temperature, uniforms, adaptive)
     if config.method == "hybrid":
-        return hybrid(logits, config.k, config.samples, uniforms)
+        return hybrid(logits, config.k, config.max_samples, uniforms, adaptive)
     if config.method == "full":
         return full(logits)
     raise ConfigError(f"method must be one of {', '.join(METHODS)}; found {config.method!r}")

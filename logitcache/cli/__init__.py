@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from ..capture.config import CaptureConfig
+from ..store.totals import ALLOCATIONS
 from ..choices import (BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS, LOGPROB_DTYPES, LONG_SEQUENCES,
                        METHODS, TRAIN_ON)
 from ..jobfile import read_job_file
@@ -49,6 +50,7 @@ CAPTURE_FLAGS = {
     "k": "sparsify.k",
     "samples": "sparsify.samples",
     "temperature": "sparsify.temperature",
+    "sample_allocation": "sparsify.allocation",
     "out": "store.path",
     "sequences_per_shard": "store.sequences_per_shard",
     "logprob_dtype": "store.logprob_dtype",
@@ -138,6 +140,9 @@ def main() -> None:
 @click.option("--k", type=int, help="Head size for topk and hybrid (default 64).")
 @click.option("--samples", type=int, help="Draws N for sample and hybrid (default 50).")
 @click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
+@click.option("--sample-allocation", type=click.Choice(ALLOCATIONS),
+              help="Draws per position: fixed (N each, default) or variance (N per position on average over each "
+                   "sequence, N_t ∝ sqrt(1 − Σp²), 1 to 4N; τ = 1 only).")
 @click.option("--seed", type=int, help="Global seed for the draws (default 0).")
 @click.option("--out", help="Store directory or fsspec URL such as s3://bucket/prefix (default ./cache).")
 @click.option("--format", type=click.Choice(FORMATS), help="Store container (default arrow).")
@@ -292,6 +297,10 @@ def _print_summary(store: str, summary: dict | None = None) -> None:
         f"bytes on disk    {s['bytes_on_disk']:,}  ({s['bytes_per_position']:.1f} B/position)",
         f"ids per position {s['mean_ids_per_position']:.2f}",
     ]
+    if "sample_totals" in s:
+        d = s["sample_totals"]
+        lines.append(f"draws/position   min {d['min']}  p10 {d['p10']}  median {d['p50']}  mean {d['mean']:.2f}  "
+                     f"p90 {d['p90']}  max {d['max']}")
     if s["encoding"]["logprobs"] != "float32":
         lines.append(f"lossy logprobs   max |Δp| {s['max_prob_error']:.3g}, max |Δ logp| {s['max_logprob_error']:.3g} "
                      "(where p >= 1e-3)")

@@ -59,7 +59,8 @@ def destination_header(src_fs: StoreFS, manifest: Manifest, *, format: str | Non
         order = _token_order(src_fs, src_enc.vocab_size)
     enc = Encoding(ids=new_ids, logprobs=logprob_dtype or src_enc.logprobs, vocab_size=src_enc.vocab_size,
                    order=order if new_ids == "rank-delta" else (), entropy=entropy or src_enc.entropy,
-                   label_logprobs=src_enc.label_logprobs)  # kept: only the teacher could add them
+                   label_logprobs=src_enc.label_logprobs,  # kept: only the teacher could add them
+                   sample_totals=src_enc.sample_totals)
     if src_enc.logprobs != "float32" and enc.logprobs != src_enc.logprobs:
         raise ConfigError(f"the source stores {src_enc.logprobs} logprobs; converting them to {enc.logprobs} "
                           "would compound two lossy steps. Convert from a float32 store instead.")
@@ -129,7 +130,8 @@ def _compare_targets(seq_id: int, a: SparseTargets, b: SparseTargets, b_encoding
                     if b_encoding.tail_dtype == "<f2" else torch.zeros_like(a.tail_mass, dtype=torch.float64))
         if bool(((a.tail_mass.double() - b.tail_mass.double()).abs() > half_ulp).any()):
             raise StoreError(f"converted store differs at sequence {seq_id} in tail_mass")
-    for name in ("sample_lengths", "sample_ids", "sample_counts", "sample_weights", "label_logprobs"):  # lossless
+    for name in ("sample_lengths", "sample_ids", "sample_counts", "sample_weights", "label_logprobs",
+                 "sample_totals"):  # lossless
         x, y = getattr(a, name), getattr(b, name)
         if (x is None) != (y is None) or (x is not None and not torch.equal(x, y)):
             raise StoreError(f"converted store differs at sequence {seq_id} in {name}")

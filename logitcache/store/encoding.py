@@ -47,9 +47,11 @@ from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 from .finish import finish_column
 from .planes import LABEL_COLUMN, decode_labels, encode_labels, split as _split, unsplit as _unsplit, view as _view
+from .totals import TOTALS_COLUMN, check_decoded_sums, checked_totals, count_dtype as _count_dtype, decoded_totals
 
 ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
 LABELS_VERSION = 4  # what either stage writes when rows carry label_logprob (older readers then refuse the store)
+TOTALS_VERSION = 5  # what an adaptive-budget store writes (rows carry sample_totals; label_logprob or not)
 # what a capture with ids="auto" uses: the smaller for every method on SmolLM2 (benchmarks/storage.py)
 DEFAULT_ID_CODEC = "rank-delta"
 LOGPROB_CODECS = LOGPROB_DTYPES
@@ -72,6 +74,7 @@ class Encoding:
     order: tuple[int, ...] = ()  # ids by descending corpus frequency (rank-delta only)
     entropy: str = "zstd"
     label_logprobs: bool = False  # rows carry label_logprob: the exact log-probability of each label
+    sample_totals: bool = False  # rows carry sample_totals: each position's own number of draws (adaptive budget)
     _rank: np.ndarray = field(default=None, repr=False, compare=False)
     _unrank: np.ndarray = field(default=None, repr=False, compare=False)
 
@@ -107,25 +110,32 @@ class Encoding:
 
     def to_manifest(self) -> dict[str, Any]:
         blob = np.asarray(self.order, dtype="<u4").tobytes()
-        version = LABELS_VERSION if self.label_logprobs else ENCODING_VERSIONS[self.entropy]
-        out = {"version": version, "ids": self.ids, "logprobs": self.logprobs, "vocab_size": self.vocab_size,
+        out = {"version": _version(self.entropy, self.label_logprobs, self.sample_totals), "ids": self.ids,
+               "logprobs": self.logprobs, "vocab_size": self.vocab_size,
                "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
         out = out if self.entropy == "zstd" else {**out, "entropy": self.entropy}
-        return {**out, "label_logprobs": True} if self.label_logprobs else out
+        out = {**out, "label_logprobs": True} if self.label_logprobs else out
+        return {**out, TOTALS_COLUMN: True} if self.sample_totals else out
 
     @classmethod
     def from_manifest(cls, d: dict[str, Any]) -> Encoding:
         entropy, labels = d.get("entropy", "zstd"), d.get("label_logprobs", False) is True
-        if entropy not in ENCODING_VERSIONS or d.get("version") != (
-                LABELS_VERSION if labels else ENCODING_VERSIONS[entropy]):
+        totals = d.get(TOTALS_COLUMN, False) is True
+        if entropy not in ENCODING_VERSIONS or d.get("version") != _version(entropy, labels, totals):
             raise CorruptShardError(f"store encoding version {d.get('version')!r} (entropy {entropy!r}, label_logprobs "
-                                    f"{labels}); this logitcache reads version 2 (zstd), 3 (ans) and {LABELS_VERSION} "
-                                    "(either, with label_logprobs). Upgrade logitcache or recapture.")
+                                    f"{labels}, sample_totals {totals}); this logitcache reads version 2 (zstd), 3 "
+                                    f"(ans) and {LABELS_VERSION} (either, with label_logprobs), and {TOTALS_VERSION} "
+                                    "(any of those, with sample_totals). Upgrade logitcache or recapture.")
         order: tuple[int, ...] = ()
         if d["ids"] == "rank-delta":
             order = tuple(np.frombuffer(zlib.decompress(base64.b64decode(d["vocab_order"])), dtype="<u4").tolist())
         return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy,
-                   label_logprobs=labels)
+                   label_logprobs=labels, sample_totals=totals)
+
+
+def _version(entropy: str, labels: bool, totals: bool) -> int:
+    """The encoding version rows of these options are written as (older readers refuse newer columns)."""
+    return TOTALS_VERSION if totals else LABELS_VERSION if labels else ENCODING_VERSIONS[entropy]
 
 
 def corpus_order(tokens: np.ndarray, vocab_size: int) -> tuple[int, ...]:
@@ -221,10 +231,11 @@ class EncodedRow:
 
 
 def row_columns(method: str, weighted: bool, masked: bool = False, generated: bool = False,
-                labels: bool = False) -> list[str]:
+                labels: bool = False, totals: bool = False) -> list[str]:
     """Byte columns of a row for ``method`` (after ``seq_id``) as :func:`encode_row` writes them;
     ``masked`` rows (the ``documents`` layout) carry ``train_mask`` after ``tokens``, ``generated``
-    rows (teacher-generated responses) a ``finish_reason`` after that, and with ``labels``
+    rows (teacher-generated responses) a ``finish_reason`` after that, with ``totals``
+    (``Encoding.sample_totals``) ``sample_totals`` follows ``sample_counts``, and with ``labels``
     (``Encoding.label_logprobs``) ``label_logprob`` comes last."""
     cols = ["tokens", "train_mask"] if masked else ["tokens"]
     cols += ["finish_reason"] if generated else []
@@ -232,14 +243,10 @@ def row_columns(method: str, weighted: bool, masked: bool = False, generated: bo
         cols += ["head_label", "head_ids", "head_id_bits", "head_logprobs", "tail_mass"]
     if method in ("sample", "hybrid"):
         cols += ["sample_lengths", "sample_label", "sample_ids", "sample_id_bits", "sample_counts"]
+        cols += [TOTALS_COLUMN] if totals else []
         if weighted:
             cols.append("sample_weights")
     return cols + ([LABEL_COLUMN] if labels else [])
-
-
-def _count_dtype(num_samples: int) -> str:
-    """Stored ``count - 1`` and per-position lengths are at most ``N``: one byte while ``N <= 255``."""
-    return "u1" if num_samples <= 255 else "<u2"
 
 
 def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None,
@@ -290,11 +297,15 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.nda
         counts = t.sample_counts.numpy().astype(np.int64)
         seg = np.repeat(np.arange(num_positions), lengths)
         sums = np.bincount(seg, weights=counts, minlength=num_positions)
-        wrong = np.flatnonzero((lengths > 0) & (sums != t.num_samples))
+        totals = checked_totals(enc.sample_totals, t)
+        wrong = np.flatnonzero((lengths > 0) & (sums != totals))
         if wrong.size:
             bad = int(wrong[0])
-            raise TargetsError(f"sample counts must sum to N={t.num_samples} at every sampled position; found "
+            raise TargetsError(f"sample counts must sum to N={int(np.broadcast_to(totals, sums.shape)[bad])} at every "
+                               f"sampled position; found "
                                f"{int(sums[bad])} at position {bad}")
+        if enc.sample_totals:
+            out.columns[TOTALS_COLUMN] = totals.astype(_count_dtype(t.num_samples)).tobytes()
         is_label = ids == labels[seg]
         flags = np.zeros(num_positions, dtype=bool)
         flags[seg[is_label]] = True
@@ -359,7 +370,7 @@ def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
                     head_logprobs=torch.from_numpy(np.take_along_axis(lp, order, 1)),
                     tail_mass=torch.from_numpy(_unsplit(columns["tail_mass"], enc.tail_dtype, num_positions)
                                                .astype(np.float32)))
-    sample = {}
+    sample: dict[str, torch.Tensor] = {}
     if "sample_ids" in columns:
         flags = _flags(columns["sample_label"], num_positions)
         rest_len = _view(columns["sample_lengths"], _count_dtype(num_samples), num_positions).astype(np.int64)
@@ -368,13 +379,17 @@ def decode_row(enc: Encoding, method: str, num_samples: int, k: int,
         lengths = rest_len + flags
         ids = _with_label_first(flags, labels, rest_ids, rest_len)
         seg = np.repeat(np.arange(num_positions), rest_len)
-        label_counts = num_samples - np.bincount(seg, weights=rest_counts, minlength=num_positions).astype(np.int64)
+        totals = decoded_totals(columns, num_samples, num_positions)
+        label_counts = totals - np.bincount(seg, weights=rest_counts, minlength=num_positions).astype(np.int64)
         counts = _with_label_first(flags, label_counts, rest_counts, rest_len)
         if np.any(counts < 1):
             raise CorruptShardError("decoded a sample count below 1")
+        if TOTALS_COLUMN in columns:
+            check_decoded_sums(counts, lengths, totals)
+            sample[TOTALS_COLUMN] = torch.from_numpy(totals.astype(np.int32))
         pos = np.repeat(np.arange(num_positions, dtype=np.int64), lengths)
         order = np.argsort(pos * enc.vocab_size + ids, kind="stable")  # ascending ids within each position
-        sample = dict(sample_lengths=torch.from_numpy(lengths.astype(np.int32)),
+        sample.update(sample_lengths=torch.from_numpy(lengths.astype(np.int32)),
                       sample_ids=torch.from_numpy(ids[order].astype(np.int32)),
                       sample_counts=torch.from_numpy(counts[order].astype(np.int32)))
         if "sample_weights" in columns:

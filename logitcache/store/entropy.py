@@ -35,6 +35,7 @@ from . import rans
 from .jit import njit_on_first_use
 from .bits import bit_length
 from .encoding import row_mask
+from .totals import count_dtype
 from .units import UnitRows
 
 COLUMN = "entropy"
@@ -146,7 +147,7 @@ def _gapped(spec) -> bool:
 
 
 def _count_dtype(spec) -> str:
-    return "u1" if spec.num_samples <= 255 else "<u2"
+    return count_dtype(spec.num_samples)
 
 
 class _Layout:
@@ -176,7 +177,7 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
     ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
     decoder can fill ``values[name]`` before the next contexts are computed. A gap-length stream
     with no entries at all is not coded (no segment, no table)."""
-    nb = max(1, int(bit_length(np.array([max(spec.num_samples, 1)]))[0]) + 1)
+    nb = max(1, int(bit_length(np.array([max(spec.max_samples, 1)]))[0]) + 1)
     if spec.has_samples:
         n = int(layout.positions.sum())
         yield "sample_lengths", np.zeros(n, np.int64), 1
@@ -241,14 +242,14 @@ MAX_SAMPLES = rans.M - 1  # lengths take up to N + 1 values in one table
 
 
 def check_spec(spec) -> None:
-    if spec.has_samples and spec.num_samples > MAX_SAMPLES:
+    if spec.has_samples and spec.max_samples > MAX_SAMPLES:
         raise ConfigError(f"the ans entropy stage codes sample counts of N <= {MAX_SAMPLES}; found N = "
-                          f"{spec.num_samples}. Use --entropy zstd for more draws.")
+                          f"{spec.max_samples} (a position's most draws). Use --entropy zstd for more draws.")
 
 
 def _limits(spec) -> dict[str, int]:
     """The largest value each stream may hold: a decoded value above it means a corrupt unit."""
-    return {"sample_lengths": spec.num_samples, "sample_ids": 32, "sample_counts": max(spec.num_samples - 1, 0),
+    return {"sample_lengths": spec.max_samples, "sample_ids": 32, "sample_counts": max(spec.max_samples - 1, 0),
             "head_ids": 32, "head_qmin": 255, "head_logprobs": 255}
 
 

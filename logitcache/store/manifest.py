@@ -28,6 +28,7 @@ from typing import Any
 from ..choices import COMPRESSIONS, FORMATS, METHODS
 from ..errors import StoreError
 from .encoding import Encoding
+from .totals import ALLOCATIONS
 from .records import (MAX_COUNT, MAX_SEQ_LEN, ShardRecord, as_json, fail, int_field, mapping_field, number_field,
                       str_field)
 
@@ -207,6 +208,7 @@ class ManifestHeader:
         head_size = int_field(where, "head_size", d["head_size"], 0, MAX_SEQ_LEN)
         seq_len = int_field(where, "seq_len", d["seq_len"], 1, MAX_SEQ_LEN)
         plan = PlanSection.from_dict(d["plan"], where)
+        _check_budget(params, store, where)
         seed, written_by = d.get("seed"), d.get("written_by")
         return cls(identity=copy.deepcopy(identity), method=method, params=copy.deepcopy(params),
                    head_size=head_size, seed=None if seed is None else int_field(where, "seed", seed, 0, None),
@@ -240,7 +242,18 @@ def _params(d: Any, where: str) -> dict[str, Any]:
         int_field(where, "params.samples", d["samples"], 0, MAX_COUNT)
     if "temperature" in d:
         number_field(where, "params.temperature", d["temperature"])
+    if "allocation" in d:
+        str_field(where, "params.allocation", d["allocation"], ALLOCATIONS[1:])
     return d
+
+
+def _check_budget(params: dict[str, Any], store: StoreSection, where: str) -> None:
+    """An adaptive budget (``params.allocation``) and the rows' per-position draws (``sample_totals``) go together."""
+    adaptive = "allocation" in params
+    if adaptive != store.encoding.sample_totals:
+        fail(where, "store.encoding.sample_totals", store.encoding.sample_totals,
+             f"{adaptive} with params.allocation {params.get('allocation', 'absent (fixed)')!r} (rows of an adaptive "
+             "budget keep each position's draws)")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .finish import row_finish
 from .generations import inspect_section
 from .spec import ShardSpec, generation_settings, spec_from_manifest
+from .totals import draws_summary
 from .containers import get_container
 from .units import UnitRows
 
@@ -270,6 +271,7 @@ def inspect_store(root: str | os.PathLike | StoreFS) -> dict[str, Any]:
         "checked": INSPECT_CHECKS,
         "problems": problems + unreadable,
         **generation,
+        **draws_summary(records),
     }
 
 
@@ -279,7 +281,7 @@ def _hf_rows(root: str, fingerprint: str) -> Iterator[dict[str, Any]]:
         if mask is not None:
             row["train_mask"] = mask.tolist()
         for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
-                     "sample_weights", "label_logprobs"):
+                     "sample_weights", "label_logprobs", "sample_totals"):
             value = getattr(t, name)
             if value is not None:
                 row[name] = value.reshape(-1).tolist()

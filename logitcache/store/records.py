@@ -70,6 +70,18 @@ def lengths_field(where: str, name: str, value: Any, sequences: int) -> tuple[in
     return tuple(value)
 
 
+def histogram_field(where: str, name: str, value: Any, positions: int) -> tuple[int, ...]:
+    """A unit's histogram of draws per position: at most 65535 counts (``[i]``: positions with ``i + 1`` draws)
+    summing to the unit's ``positions``."""
+    if not isinstance(value, list) or not 1 <= len(value) <= 65535:
+        fail(where, name, value, "a list of 1 to 65535 position counts ([i]: positions given i + 1 draws)")
+    for j, n in enumerate(value):
+        int_field(where, f"{name}[{j}]", n, 0, MAX_COUNT)
+    if sum(value) != positions:
+        fail(where, f"sum of {name}", sum(value), f"the unit's positions, {positions}")
+    return tuple(value)
+
+
 def as_json(value: Any) -> Any:
     """A typed value as the JSON logitcache writes: fields in order, ``None`` fields left out."""
     if isinstance(value, Encoding):
@@ -123,6 +135,7 @@ class ShardRecord:
     max_prob_error: float = 0.0
     binding: str | None = None
     lengths: tuple[int, ...] | None = None  # tokens of each row, in row order (documents stores; packed: None)
+    sample_totals: tuple[int, ...] | None = None  # adaptive budgets: [i] = positions given i + 1 draws (inspect)
 
     @property
     def bytes(self) -> int:
@@ -158,16 +171,22 @@ class ShardRecord:
         lengths = d.get("lengths")  # optional: documents stores only
         if lengths is not None:
             lengths = lengths_field(where, f"{name}.lengths", lengths, counts["sequences"])
-        return cls(objects=records, **counts, **errors, binding=binding, lengths=lengths)
+        histogram = d.get("sample_totals")  # optional: adaptive-budget stores only
+        if histogram is not None:
+            histogram = histogram_field(where, f"{name}.sample_totals", histogram, counts["positions"])
+        return cls(objects=records, **counts, **errors, binding=binding, lengths=lengths, sample_totals=histogram)
 
     @classmethod
     def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
               max_logprob_error: float = 0.0, max_prob_error: float = 0.0, *,
-              header_sha256: str | None = None, lengths: tuple[int, ...] | None = None) -> ShardRecord:
-        """A unit's record from its objects (and its rows' token counts, ``lengths``, in a documents store);
-        bound to the store whose header digest is ``header_sha256`` if given."""
+              header_sha256: str | None = None, lengths: tuple[int, ...] | None = None,
+              sample_totals: tuple[int, ...] | None = None) -> ShardRecord:
+        """A unit's record from its objects (and its rows' token counts, ``lengths``, in a documents store; the
+        histogram of draws per position, ``sample_totals``, in an adaptive-budget store); bound to the store whose
+        header digest is ``header_sha256`` if given."""
         recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
-        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error, lengths=lengths)
+        record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error, lengths=lengths,
+                     sample_totals=sample_totals)
         if header_sha256 is None:
             return record
         return dataclasses.replace(record, binding=record.binding_for(header_sha256))

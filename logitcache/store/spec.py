@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from .encoding import Encoding, row_columns
 from .manifest import HEADER_DIGEST, ManifestHeader
+from .totals import adaptive_cap
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,16 @@ class ShardSpec:
     def has_samples(self) -> bool:
         return self.method in ("sample", "hybrid")
 
+    @property
+    def max_samples(self) -> int:
+        """The most draws one position holds: N, or with per-position budgets (``encoding.sample_totals``) the cap."""
+        return adaptive_cap(self.num_samples) if self.encoding.sample_totals else self.num_samples
+
     def columns(self) -> list[str]:
         """The byte columns a container stores per row (after ``seq_id``): the row encoding's, and
         with the ``ans`` stage the unit's ``entropy`` column in place of the columns it codes."""
-        cols = row_columns(self.method, self.weighted, self.masked, self.generated, self.encoding.label_logprobs)
+        cols = row_columns(self.method, self.weighted, self.masked, self.generated, self.encoding.label_logprobs,
+                           self.encoding.sample_totals)
         if self.encoding.entropy == "ans":
             from .entropy import COLUMN, coded_columns
 

@@ -14,6 +14,7 @@ from .encoding import encode_row
 from .entropy import pack_unit
 from .fs import StoreFS
 from .spec import ShardSpec
+from .totals import totals_histogram
 from .containers import get_container
 
 
@@ -48,7 +49,7 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
         entries=int(sum(int(t.ids_per_position().sum()) for t in targets)), objects=objects,
         max_logprob_error=max((r.logprob_error for r in rows), default=0.0),
         max_prob_error=max((r.prob_error for r in rows), default=0.0), header_sha256=spec.header_sha256 or None,
-        lengths=tuple(len(tok) for tok in tokens) if spec.masked else None)
+        lengths=tuple(len(tok) for tok in tokens) if spec.masked else None, sample_totals=totals_histogram(targets))
     return record, objects
 
 

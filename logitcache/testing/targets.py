@@ -33,39 +33,50 @@ def build_full(t: torch.Tensor) -> SparseTargets:
     )
 
 
-def _draw(q: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lengths int32[T], ids int32[P] ascending per position, counts int32[P])`` of n draws from q."""
-    draws = torch.multinomial(q, n, replacement=True, generator=gen)
-    counts = torch.zeros(q.shape, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+def _draw(q: torch.Tensor, n: int, gen: torch.Generator,
+          totals: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lengths int32[T], ids int32[P] ascending per position, counts int32[P])`` of n draws from q (or, with
+    ``totals`` int[T], of the first ``totals[t]`` of ``max(totals)`` draws at position t)."""
+    width = n if totals is None else int(totals.max())
+    draws = torch.multinomial(q, width, replacement=True, generator=gen)
+    kept = torch.ones_like(draws) if totals is None else (torch.arange(width) < totals[:, None]).long()
+    counts = torch.zeros(q.shape, dtype=torch.int64).scatter_add_(1, draws, kept)
     present = counts > 0
     ids = present.nonzero()[:, 1]  # row-major: ascending ids within each position
     return present.sum(1).to(torch.int32), ids.to(torch.int32), counts[present].to(torch.int32)
 
 
-def build_sample(t: torch.Tensor, n: int, gen: torch.Generator, temperature: float = 1.0) -> SparseTargets:
-    """RS-KD: n draws from ``q ∝ t^(1/τ)``; weights ``t/q`` when ``τ != 1``."""
+def build_sample(t: torch.Tensor, n: int, gen: torch.Generator, temperature: float = 1.0,
+                 totals: torch.Tensor | None = None) -> SparseTargets:
+    """RS-KD: n draws from ``q ∝ t^(1/τ)``; weights ``t/q`` when ``τ != 1``; with ``totals`` (an adaptive budget
+    of mean ``n``) ``totals[t]`` draws at position t."""
     q = t.double() ** (1.0 / temperature)
     q = q / q.sum(-1, keepdim=True)
-    lengths, ids, counts = _draw(q, n, gen)
+    lengths, ids, counts = _draw(q, n, gen, totals)
     weights = None
     if temperature != 1.0:
         pos = torch.repeat_interleave(torch.arange(t.shape[0]), lengths.long())
         weights = (t.double()[pos, ids.long()] / q[pos, ids.long()]).float()
     return SparseTargets(
         method="sample", sample_lengths=lengths, sample_ids=ids, sample_counts=counts,
-        sample_weights=weights, num_samples=n,
+        sample_weights=weights, num_samples=n, sample_totals=_totals(totals),
     )
 
 
-def build_hybrid(t: torch.Tensor, k: int, n: int, gen: torch.Generator) -> SparseTargets:
-    """Exact top-k head plus n draws from the renormalised tail."""
+def build_hybrid(t: torch.Tensor, k: int, n: int, gen: torch.Generator,
+                 totals: torch.Tensor | None = None) -> SparseTargets:
+    """Exact top-k head plus n draws (``totals[t]`` with ``totals``) from the renormalised tail."""
     head = build_topk(t, k)
     tail = t.double().scatter(1, head.head_ids.long(), 0.0)
-    lengths, ids, counts = _draw(tail / tail.sum(-1, keepdim=True), n, gen)
+    lengths, ids, counts = _draw(tail / tail.sum(-1, keepdim=True), n, gen, totals)
     return SparseTargets(
         method="hybrid", head_ids=head.head_ids, head_logprobs=head.head_logprobs, tail_mass=head.tail_mass,
-        sample_lengths=lengths, sample_ids=ids, sample_counts=counts, num_samples=n,
+        sample_lengths=lengths, sample_ids=ids, sample_counts=counts, num_samples=n, sample_totals=_totals(totals),
     )
+
+
+def _totals(totals: torch.Tensor | None) -> torch.Tensor | None:
+    return None if totals is None else totals.to(torch.int32)
 
 
 def build(method: str, t: torch.Tensor, gen: torch.Generator, *, k: int = 5, n: int = 50) -> SparseTargets:
@@ -92,7 +103,7 @@ def canonical(t: SparseTargets) -> SparseTargets:
     sample = {}
     if t.sample_ids is not None:
         sample = dict(sample_lengths=t.sample_lengths, sample_ids=t.sample_ids, sample_counts=t.sample_counts,
-                      sample_weights=t.sample_weights)
+                      sample_weights=t.sample_weights, sample_totals=t.sample_totals)
     return SparseTargets(method=t.method, num_samples=t.num_samples, **head, **sample)
 
 
@@ -115,7 +126,7 @@ def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 
 def assert_equal(a: SparseTargets, b: SparseTargets) -> None:
     """Every field of ``a`` equals ``b``'s exactly (compared in ``b``'s dtype); None where ``b`` has None."""
     for name in ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "sample_ids", "sample_counts",
-                 "sample_weights", "label_logprobs"):
+                 "sample_weights", "label_logprobs", "sample_totals"):
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:
