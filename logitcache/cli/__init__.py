@@ -112,8 +112,8 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a teacher that needs remote code.")
 @click.option("--head-chunk", type=int, help="Positions per output-head chunk (default 256; part of the identity).")
 @click.option("--corpus", help="A .txt/.md, .jsonl, .parquet file, a directory of one kind, a glob, a HF "
-              "save_to_disk dir, builtin:pydoc or builtin:pydoc-chat. Rows with messages, conversations or "
-              "prompt/completion are chats.")
+              "save_to_disk dir, builtin:pydoc, builtin:pydoc-chat or builtin:stdlib. Rows with messages, "
+              "conversations or prompt/completion are chats.")
 @click.option("--text-field", help="Text column/field for JSONL, Parquet and HF datasets (default text).")
 @click.option("--split", help="Split of a saved HF DatasetDict (default train).")
 @click.option("--seq-len", type=int, help="Positions per window, or at most per document (default 512).")
