@@ -98,7 +98,7 @@ def run(args) -> list[dict]:
     return [{**meta, **row} for row in rows]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 window, 8 seeds, 2 gradient seeds")
     ap.add_argument("--windows", type=int, default=2, help="held-out windows of --seq-len positions")
@@ -107,7 +107,11 @@ def main() -> None:
     ap.add_argument("--grad-seeds", type=int, default=3, help="sampling seeds for the gradient angle")
     ap.add_argument("--student-temperature", type=float, default=2.0)
     csv_argument(ap, "adaptive_budget.csv")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.quick:
         args.windows, args.seeds, args.grad_seeds = 1, 8, 2
     rows = run(args)

@@ -6,41 +6,58 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
 * ``raw``: ``pyarrow`` memory-map + ``read_all`` (zstd decompression) of every shard's columns —
   the floor for reading these bytes, without decoding the compact row encoding;
 * ``loader``: iterate ``CacheDataset`` (shuffle, ``verify=True``: each shard's sha256 checked when
-  it is read; rows decoded from the compact encoding) through ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
-* ``loader-noverify``: the same with ``verify=False``;
+  it is read; each unit's rows decoded at once, :mod:`logitcache.store.unit_decode`) through
+  ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
+* ``loader-rows``: the same with every row decoded by itself (``decode_row``, the path units of a newer
+  format take: ``RowsByRow``);
+* ``loader-noverify``: ``loader`` with ``verify=False``;
 * ``iterate-only``: ``CacheDataset`` items without collation.
+
+* ``baseline`` (with ``--baseline DIR``): ``loader`` with the ``logitcache`` package of another checkout
+  ``DIR`` (e.g. ``git archive <commit> | tar -x -C DIR``), imported under another name, so before and after
+  are timed in the same rounds.
+
+``--profile`` prints the top cProfile entries (by own time) of one ``loader`` and one ``loader-rows`` pass
+(and one ``baseline`` pass).
 
 Everything runs on one thread (``torch.set_num_threads(1)``, ``pyarrow.set_cpu_count(1)``).
 
     python benchmarks/loader_speed.py          # appends to benchmarks/results/loader_speed.csv
+    python benchmarks/loader_speed.py --teacher embedded:smollm2-135m-instruct --profile 12   # a real teacher's store
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import importlib
+import pstats
 import shutil
+import sys
 import statistics
 import tempfile
 from functools import partial
 from pathlib import Path
 
-from common import PROVENANCE, ResultsFile, csv_argument, interleave, provenance, single_thread, timed
+from common import PROVENANCE, ResultsFile, csv_argument, interleave, machine_load, provenance, single_thread, timed
 
 import pyarrow as pa
 from torch.utils.data import DataLoader
 
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
-from logitcache.train.dataset import CacheDataset
 from logitcache.store import read_manifest
+from logitcache.store.unit_decode import RowsByRow
+from logitcache.train import dataset
+from logitcache.train.dataset import CacheDataset
 
 COLUMNS = PROVENANCE + ("threads", "case", "positions", "seconds", "positions_per_s")
 
 
-def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard: int) -> None:
+def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard: int, teacher: str | None) -> None:
     from logitcache.testing.tiny import make_tiny_teacher
 
-    teacher = make_tiny_teacher(path.parent / "tiny_teacher")
+    teacher = teacher or make_tiny_teacher(path.parent / "tiny_teacher")
     capture(CaptureConfig().with_overrides({
         "teacher.model": teacher, "teacher.dtype": "float32", "corpus.seq_len": seq_len,
         "corpus.max_tokens": seq_len * sequences, "store.path": str(path),
@@ -59,12 +76,34 @@ def raw_read(store: Path) -> int:
     return positions
 
 
-def loader_read(store: Path, batch_size: int, *, verify: bool, collate: bool) -> int:
-    ds = CacheDataset(store, shuffle=True, seed=0, verify=verify, batch_size=batch_size)
-    if not collate:
-        return sum(int(item["input_ids"].numel()) for item in ds)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=ds.collate)
-    return sum(int(batch["attention_mask"].sum()) for batch in loader)
+def loader_read(store: Path, batch_size: int, *, verify: bool = True, collate: bool = True, rows: bool = False,
+                dataset_class=CacheDataset) -> int:
+    """Positions read by a shuffled pass; ``rows``: every row decoded by ``decode_row`` (``RowsByRow``)."""
+    unit_rows = dataset.unit_rows
+    dataset.unit_rows = (lambda spec, unit, index: RowsByRow(spec, unit)) if rows else unit_rows
+    try:
+        ds = dataset_class(store, shuffle=True, seed=0, verify=verify, batch_size=batch_size)
+        if not collate:
+            return sum(int(item["input_ids"].numel()) for item in ds)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=ds.collate)
+        return sum(int(batch["attention_mask"].sum()) for batch in loader)
+    finally:
+        dataset.unit_rows = unit_rows
+
+
+def baseline_dataset(checkout: Path, workdir: Path):
+    """``CacheDataset`` of the ``logitcache`` package in ``checkout``, imported as ``logitcache_baseline`` (its
+    imports of itself are relative)."""
+    shutil.copytree(checkout / "logitcache", workdir / "baseline" / "logitcache_baseline")
+    sys.path.insert(0, str(workdir / "baseline"))
+    return importlib.import_module("logitcache_baseline.train.dataset").CacheDataset
+
+
+def print_profile(name: str, fn, store: Path, top: int) -> None:
+    profile = cProfile.Profile()
+    profile.runcall(fn, store)
+    print(f"--- {name}: top {top} by own time")
+    pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sequences-per-shard", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--teacher", help="teacher to capture with (default: the tiny offline teacher), e.g. "
+                    "embedded:smollm2-135m-instruct")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries")
+    ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its loader is timed too")
     csv_argument(ap, "loader_speed.csv")
     return ap
 
@@ -85,24 +128,32 @@ def main() -> None:
     single_thread()
     cases = {
         "raw": lambda s: raw_read(s),
-        "loader": lambda s: loader_read(s, args.batch_size, verify=True, collate=True),
-        "loader-noverify": lambda s: loader_read(s, args.batch_size, verify=False, collate=True),
-        "iterate-only": lambda s: loader_read(s, args.batch_size, verify=True, collate=False),
+        "loader": lambda s: loader_read(s, args.batch_size),
+        "loader-rows": lambda s: loader_read(s, args.batch_size, rows=True),
+        "loader-noverify": lambda s: loader_read(s, args.batch_size, verify=False),
+        "iterate-only": lambda s: loader_read(s, args.batch_size, collate=False),
     }
     workdir = Path(tempfile.mkdtemp(prefix="lc-loader-bench-"))
+    if args.baseline:
+        cases["baseline"] = partial(loader_read, batch_size=args.batch_size,
+                                    dataset_class=baseline_dataset(args.baseline, workdir))
     try:
         store = workdir / "store"
-        make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard)
+        make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard, args.teacher)
         positions = {name: fn(store) for name, fn in cases.items()}  # warm-up: page cache, imports
         times = interleave({name: partial(timed, fn, store) for name, fn in cases.items()}, args.repeats,
                            warmup=False)
+        for name in [c for c in ("loader", "loader-rows", "baseline") if c in cases] if args.profile else ():
+            print_profile(name, cases[name], store, args.profile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = dict(provenance(), threads=1)
+    print(f"teacher {args.teacher or 'tiny'}; machine load {machine_load()}")
     rows = []
     for name in cases:
         seconds = statistics.median(times[name])
-        rows.append({**meta, "case": name, "positions": positions[name],
+        case = name if args.teacher is None else f"{name}@{args.teacher.rpartition(':')[2]}"  # the store's teacher
+        rows.append({**meta, "case": case, "positions": positions[name],
                      "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
         print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
               f"positions/s={positions[name] / seconds:,.0f}", flush=True)

@@ -7,8 +7,8 @@ order (the *compact* targets of a ``documents`` store). :func:`collate` right-pa
 batch's longest ``T`` and lays every stored position's estimate ``t̂`` (see
 :meth:`SparseTargets.estimate`) into ``[B, T, U]`` arrays at that position, ``U`` the batch's largest
 number of stored ids at one position. Labels are ``ignore_index`` wherever ``loss_mask`` is 0 and on
-padding, so every loss averages over trained positions only. The scatter is vectorised: one index
-computation for the whole batch, no Python loop per position.
+padding, so every loss averages over trained positions only. The layout is vectorised: one estimate
+over the whole batch's entries and one masked assignment per array, no Python loop per position.
 
 Along ``U`` the head comes first (by descending teacher probability, as stored), then the sampled
 ids (ascending). Padding entries, and every entry of a position without targets, have id 0,
@@ -17,8 +17,10 @@ probability 0 and ``target_mask`` False.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import TargetsError
@@ -134,33 +136,56 @@ def _batch_target_params(targets: list[SparseTargets]) -> tuple[str, int, int]:
 def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tuple[int, int]) -> dict[str, Any]:
     """The target keys of a batch of ``shape = (B, T)`` positions, the stored positions at ``cells``.
 
-    ``cells`` (int64, distinct) lists, in order, the flat (row-major) cell of every stored position of
+    ``cells`` (int64, ascending) lists, in order, the flat (row-major) cell of every stored position of
     ``targets[0]``, then of ``targets[1]``, and so on. Returns ``target_ids``/``target_probs``/``target_mask``
     ``[B, T, U]``, ``target_tail_mass`` ``[B, T]`` and the shared ``target_head_size``,
     ``target_method`` and ``target_num_samples``; cells without a stored position are empty.
 
-    Entry ``e`` of the stored position at cell ``c`` (rank ``e - start(c)`` there) goes to the flat
-    index ``c * u + rank``: one ``repeat_interleave`` over all stored positions gives every index, and
-    ``scatter_`` (much cheaper than ``index_put`` here) lays them out.
+    The items' targets are joined end to end first, so :meth:`SparseTargets.estimate` runs once for the
+    batch (elementwise, so the same values as item by item); the entries of the cell ``c`` with ``n``
+    of them fill ``[c, :n]``, which a ``[B·T, U]`` mask (``arange(U) < n``) says in row-major order.
     """
     method, head_size, num_samples = _batch_target_params(targets)
-    estimates = [tg.estimate() for tg in targets]
-    counts = torch.cat([offsets[1:] - offsets[:-1] for offsets, _, _ in estimates])  # per stored position
+    if cells.numel() > 1 and not bool((cells[1:] > cells[:-1]).all()):
+        raise TargetsError("dense_targets takes the stored positions' cells in ascending order (item by item, "
+                           "positions ascending); found them out of order")
+    offsets, ids, probs = _joined(targets).estimate()
+    counts = offsets[1:] - offsets[:-1]  # per stored position
     u = int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    index = torch.repeat_interleave(cells * u - starts, counts) + torch.arange(int(counts.sum()))
-    ids = torch.cat([ids for _, ids, _ in estimates]).to(torch.int64)
-    probs = torch.cat([probs for _, _, probs in estimates]).to(torch.float32)
     size = shape[0] * shape[1]
+    per_cell = torch.zeros(size, dtype=torch.int64)
+    per_cell[cells] = counts
+    filled = (torch.arange(u) < per_cell[:, None]).numpy()
     tail_mass = torch.zeros(size, dtype=torch.float32)
     if method in ("topk", "hybrid"):
         tail_mass[cells] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32)
     return {
-        "target_ids": torch.zeros(size * u, dtype=torch.int64).scatter_(0, index, ids).view(*shape, u),
-        "target_probs": torch.zeros(size * u, dtype=torch.float32).scatter_(0, index, probs).view(*shape, u),
-        "target_mask": torch.zeros(size * u, dtype=torch.bool).scatter_(0, index, True).view(*shape, u),
+        "target_ids": _laid_out(filled, ids.numpy(), np.int64).view(*shape, u),
+        "target_probs": _laid_out(filled, probs.numpy(), np.float32).view(*shape, u),
+        "target_mask": torch.from_numpy(filled).view(*shape, u),
         "target_tail_mass": tail_mass.view(shape),
         "target_head_size": head_size,
         "target_method": method,
         "target_num_samples": num_samples,
     }
+
+
+def _laid_out(filled: np.ndarray, values: np.ndarray, dtype: type) -> torch.Tensor:
+    """``[B·T, U]`` of ``dtype``: ``values`` at the ``filled`` entries in row-major order, 0 elsewhere."""
+    out = np.zeros(filled.shape, dtype=dtype)
+    out[filled] = values
+    return torch.from_numpy(out)
+
+
+def _joined(targets: list[SparseTargets]) -> SparseTargets:
+    """The batch's targets as one :class:`SparseTargets` over every item's positions, end to end. A field
+    only some items carry is left out, except ``sample_weights``, which is 1 (exact) where an item has none."""
+    first, parts = targets[0], {}
+    for f in fields(SparseTargets):
+        values = [getattr(tg, f.name) for tg in targets]
+        if f.name == "sample_weights" and any(v is not None for v in values):
+            values = [torch.ones(tg.sample_ids.shape, dtype=torch.float32) if v is None else v
+                      for v, tg in zip(values, targets)]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            parts[f.name] = torch.cat(values)
+    return SparseTargets(method=first.method, num_samples=first.num_samples, **parts)

@@ -16,9 +16,10 @@ Token-budget rows (``pack_tokens=N``): each element yielded is already one paddi
 which rank reads each (as many on every rank, balanced by tokens), are :mod:`logitcache.train.packed_order`
 of the lengths the manifest records. Below, read "row" for "sequence" and ``batch_size = 1``.
 
-Reading is lazy: a shard is memory-mapped only when a reader first needs one of its rows, its
-checksum is verified then (``verify=True``; a mismatch raises :class:`CorruptShardError` naming the
-shard, before any of its rows is yielded), and a few recently used shards are kept open.
+Reading is lazy: a shard is read only when a reader first needs one of its rows, its checksum is
+verified then (``verify=True``; a mismatch raises :class:`CorruptShardError` naming the shard, before any
+of its rows is decoded or yielded), all its rows are decoded at once (:mod:`logitcache.store.unit_decode`),
+and a few recently used shards are kept decoded.
 
 Order and resume. The epoch order is :func:`logitcache.train.partition.epoch_order` of ``(seed, epoch)``;
 each rank reads a contiguous slice of it (:func:`logitcache.train.partition.partition`). When the dataset
@@ -58,12 +59,11 @@ from .packed_order import DEFAULT_PACK_WINDOW, RowPlan, one_row, packing_sizes, 
 from .packing import pack
 from .partition import default_window, epoch_order, partition, rank_count, worker_share
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
-from ..store.encoding import decode_row, row_mask
 from ..store.fs import StoreFS
 from ..store.commit import ShardRecord, read_manifest
 from ..store.reader import read_unit
 from ..store.spec import ShardSpec, spec_from_manifest
-from ..store.units import UnitRows
+from ..store.unit_decode import UnitReader, unit_rows
 from .world import World, detect_world
 
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
@@ -100,7 +100,7 @@ class _Store:
         self.num_sequences = int(self.starts[-1])
         self.lengths = record_lengths(self.records, manifest.header.seq_len, self.spec.masked)  # None: unknown
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
-        self._open: OrderedDict[int, UnitRows] = OrderedDict()
+        self._open: OrderedDict[int, UnitReader] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -121,12 +121,15 @@ class _Store:
             log.warning("skipped %d of %d units of %s", len(problems), len(self.records), self.root)
         return sound, problems
 
-    def _shard(self, s: int) -> UnitRows:
+    def _shard(self, s: int) -> UnitReader:
+        """Unit ``s`` read (checksums first, with ``verify``), its rows decoded (:func:`unit_rows`)."""
         shard = self._open.get(s)
         if shard is not None:
             self._open.move_to_end(s)
             return shard
-        shard = self._open[s] = read_unit(self.fs, self.spec, self.records[s], check=self.verify)
+        record = self.records[s]
+        shard = self._open[s] = unit_rows(self.spec, read_unit(self.fs, self.spec, record, check=self.verify),
+                                          record.index)
         while len(self._open) > self.cache_shards:
             self._open.popitem(last=False)
         return shard
@@ -145,11 +148,7 @@ class _Store:
     def item(self, index: int) -> dict[str, Any]:
         """The item of global sequence ``index`` (manifest shard order, as ``iter_sequences``)."""
         s, row = self.locate(index)
-        shard = self._shard(s)
-        columns = shard.row(row)
-        tokens, targets = decode_row(self.spec.encoding, self.spec.method, self.spec.num_samples, self.spec.k,
-                                     columns)
-        seq_id, mask = int(shard.seq_ids[row]), row_mask(columns)
+        seq_id, tokens, mask, targets = self._shard(s).row(row)
         if self.lengths is not None and tokens.size != self.lengths[index]:  # what packing planned by
             raise CorruptShardError(f"shard {self.records[s].index} row {row} (seq_id {seq_id}) holds {tokens.size} "
                                     f"tokens; the manifest records {self.lengths[index]}. Run `logitcache verify` "

@@ -14,8 +14,9 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
 # the scripts that append rows to a CSV; each owns results/<name>.csv and results/<name>_<variant>.csv
-CSV_SCRIPTS = ("capture_speed", "chat_layout", "entropy_speed", "estimators", "loader_speed", "loss_speed", "packed_loading",
-               "sparsify_speed", "storage", "students", "vllm_speed", "xtok_label_logprobs")
+CSV_SCRIPTS = ("adaptive_budget", "capture_speed", "chat_layout", "entropy_speed", "estimators", "loader_speed",
+               "loss_speed", "packed_loading", "sparsify_speed", "storage", "students", "vllm_speed",
+               "xtok_label_logprobs", "xtok_train")
 RESULT_FILES = sorted(RESULTS.glob("*.csv"))
 
 
