@@ -34,7 +34,7 @@ def documented_shard_table() -> list[tuple[str, str, str]]:
 
 
 def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: str, entropy: str,
-           masked: bool = False, generated: bool = False, labels: bool = False) -> bool:
+           masked: bool = False, generated: bool = False, labels: bool = False, totals: bool = False) -> bool:
     """Evaluate a documented "stored when" condition for one store configuration."""
     if condition == "always":
         return True
@@ -50,8 +50,9 @@ def stored(condition: str, *, method: str, weighted: bool, ids: str, logprobs: s
     methods = re.fullmatch(r"method (.+)", clauses[0])
     assert methods, f"unparsed condition {condition!r} in docs/format.md"
     names, tau = methods.group(1), "τ ≠ 1" in methods.group(1)
+    adaptive = "with an adaptive budget (`encoding.sample_totals`)" in names
     listed = re.findall(r"topk|sample|hybrid|full", names)
-    ok = method in listed and (not tau or weighted)
+    ok = method in listed and (not tau or weighted) and (not adaptive or totals)
     for clause in clauses[1:]:
         m = re.fullmatch(r"not under `ans`(?: with (rank-delta ids|q8 logprobs))?", clause)
         assert m, f"unparsed clause {clause!r} in docs/format.md"
@@ -108,6 +109,20 @@ def test_shards_with_label_logprobs_have_the_documented_schema(tiny_teacher, tmp
     assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
     without = documented_schema(**store).names
     assert [n for n in expected.names if n not in without] == ["label_logprob"]
+
+
+@pytest.mark.parametrize("method, entropy", [("sample", "zstd"), ("hybrid", "ans")])
+def test_shards_with_an_adaptive_budget_have_the_documented_schema(tiny_teacher, tmp_path, method, entropy):
+    """``--sample-allocation variance`` adds ``sample_totals`` where the table says, and nothing else."""
+    over = {"store.entropy": entropy, "sparsify.allocation": "variance", "corpus.max_tokens": 16 * 4,
+            "store.sequences_per_shard": 2}
+    capture(make_config(tiny_teacher, tmp_path / "s", method, **over), progress=False)
+    with pa.ipc.open_stream(pa.OSFile(str(sorted((tmp_path / "s" / "shards").glob("*.arrow"))[0]))) as reader:
+        schema = reader.schema
+    store = dict(method=method, weighted=False, ids="rank-delta", logprobs="float32", entropy=entropy)
+    expected = documented_schema(**store, totals=True)
+    assert schema.remove_metadata().equals(expected), f"{schema} != documented {expected}"
+    assert [n for n in expected.names if n not in documented_schema(**store).names] == ["sample_totals"]
 
 
 def test_a_drifted_table_is_caught():
