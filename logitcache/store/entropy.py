@@ -79,66 +79,69 @@ class _Waves:
         return [(symbols[lo:hi], contexts[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def decode(self, decoder: rans.Decoder, tables: rans.Tables) -> np.ndarray:
+        """The stream's values in stream order (in ``tables.symbol_dtype()``)."""
         decoder.check(self.num_contexts, tables)
-        values = np.zeros(int(self.lengths.sum()), dtype=np.int64)
+        values = np.zeros(int(self.lengths.sum()), dtype=tables.symbol_dtype())
+        t = tables.lookup
         decoder.advance(_decode_waves(decoder.x, decoder.words, decoder.pos, self.lengths, self.buckets,
-                                      self.num_buckets, tables.slots, tables.freq, tables.cum, values))
+                                      self.num_buckets, t.rows, t.slots, t.fc, values))
         return values
 
 
 @njit_on_first_use
-def _next_wave(active, back, count, lengths, w):
+def _next_wave(active, count, lengths, w):
     """Keep, in order, those of the first ``count`` positions in ``active`` with an entry ``w``;
-    ``back[j]``: where kept position ``j`` stood in the wave before. Returns how many were kept."""
+    returns how many were kept."""
     kept = 0
     for j in range(count):
         if lengths[active[j]] > w:
             active[kept] = active[j]
-            back[kept] = j
             kept += 1
     return kept
 
 
 @njit_on_first_use
-def _wave_contexts(back, count, before, w, bucket, num_buckets, contexts):
-    """The contexts of wave ``w``'s ``count`` entries; ``before``: the symbols of the wave before."""
-    for j in range(count):
-        prev = PREV_CAP + 1 if w == 0 else min(before[back[j]], PREV_CAP)
-        contexts[j] = prev * num_buckets + bucket
+def _wave_context(values, at, w, bucket, num_buckets):
+    """The context of entry ``w`` of a position, which stands at ``values[at]`` (stream order): the
+    entry before it (``values[at - 1]``) is the same position's previous gap length."""
+    prev = PREV_CAP + 1 if w == 0 else min(values[at - 1], PREV_CAP)
+    return prev * num_buckets + bucket
 
 
 @njit_on_first_use
 def _wave_order(lengths, buckets, num_buckets, values):
     """Encoder side: the symbols of ``values`` in wave order, their contexts, where each wave starts."""
-    starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)
+    starts, active = np.cumsum(lengths) - lengths, np.arange(lengths.size)
     symbols, contexts = np.empty(values.size, np.int64), np.empty(values.size, np.int64)
     bounds, count = np.zeros(buckets.size + 1, np.int64), lengths.size
     for w in range(buckets.size):
-        count = _next_wave(active, back, count, lengths, w)
+        count = _next_wave(active, count, lengths, w)
         lo = bounds[w]
         for j in range(count):
-            symbols[lo + j] = values[starts[active[j]] + w]
-        _wave_contexts(back, count, symbols[bounds[max(w - 1, 0)]:], w, buckets[w], num_buckets, contexts[lo:])
+            at = starts[active[j]] + w
+            symbols[lo + j] = values[at]
+            contexts[lo + j] = _wave_context(values, at, w, buckets[w], num_buckets)
         bounds[w + 1] = lo + count
     return symbols, contexts, bounds
 
 
 @njit_on_first_use
-def _decode_waves(x, words, pos, lengths, buckets, num_buckets, slots, freq, cum, values):
-    """Decode the waves into ``values`` (in stream order); returns what :func:`rans.decode_stream` does."""
-    starts, active, back = np.cumsum(lengths) - lengths, np.arange(lengths.size), np.empty_like(lengths)
-    symbols, contexts = np.empty(values.size, np.int64), np.empty(lengths.size, np.int64)  # wave order
-    count, lo, before = lengths.size, 0, 0
+def _decode_waves(x, words, pos, lengths, buckets, num_buckets, rows, slots, fc, values):
+    """Decode the waves straight into ``values`` (stream order; each wave's first symbol from lane 0);
+    returns what :func:`rans.decode_stream` does."""
+    starts, active = np.cumsum(lengths) - lengths, np.arange(lengths.size)
+    count, lanes = lengths.size, x.size
     for w in range(buckets.size):
-        count = _next_wave(active, back, count, lengths, w)
-        _wave_contexts(back, count, symbols[before:], w, buckets[w], num_buckets, contexts)
-        pos = rans.decode_stream(x, words, pos, contexts[:count], slots, freq, cum, symbols[lo:lo + count])
-        if pos < 0:
-            return pos
+        count = _next_wave(active, count, lengths, w)
+        lane = 0
         for j in range(count):
-            values[starts[active[j]] + w] = symbols[lo + j]
-        before, lo = lo, lo + count
-    return pos
+            at = starts[active[j]] + w
+            row = rows[_wave_context(values, at, w, buckets[w], num_buckets)]
+            if row < 0:
+                return rans.EMPTY_CONTEXT
+            values[at], pos = rans.decode_symbol(x, lane, words, pos, row, slots, fc)
+            lane = lane + 1 if lane + 1 < lanes else 0
+    return pos if pos < words.size else rans.ENDS_EARLY
 
 
 def _gapped(spec) -> bool:
@@ -187,8 +190,8 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
             waves = _Waves.of(lengths, _sample_idx_bucket, SAMPLE_IDX_BUCKETS)
             yield "sample_ids", waves, waves.num_contexts
             gaps = values["sample_ids"]
-        yield "sample_counts", np.minimum(gaps, IDX_CAP) * nb + np.repeat(bit_length(lengths), lengths), \
-            (IDX_CAP + 1) * nb
+        yield "sample_counts", np.minimum(gaps, IDX_CAP).astype(np.int64) * nb + \
+            np.repeat(bit_length(lengths), lengths), (IDX_CAP + 1) * nb
     if spec.has_head:
         if _gapped(spec) and np.any(spec.k - layout.head_flags):
             waves = _Waves.of(spec.k - layout.head_flags, _head_idx_bucket, HEAD_IDX_BUCKETS)
@@ -196,9 +199,9 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
         if spec.encoding.logprobs == "q8":
             n = int(layout.positions.sum())
             yield "head_qmin", np.zeros(n, np.int64), 1
-            ctx = np.empty((n, spec.k), dtype=np.int64)
+            ctx = np.empty((n, spec.k), dtype=np.uint8)  # contexts below 18
             ctx[:] = (bit_length(values["head_qmin"]) * 2)[:, None]
-            ctx[:, 0] += layout.head_flags
+            ctx[:, 0] += layout.head_flags.astype(np.uint8)
             yield "head_logprobs", ctx.ravel(), 2 * 9
 
 
@@ -291,7 +294,7 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
     rows = [unit.row(r) for r in range(len(unit))]
     if not rows:
         return unit
-    blob = rows[0][COLUMN].tobytes()
+    blob = rows[0][COLUMN]  # uint8, read in place
     if any(r[COLUMN].size for r in rows[1:]):
         raise CorruptShardError("an entropy-coded unit has entropy bytes outside its first row")
     if len(blob) < 8:
@@ -301,7 +304,7 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
     if lanes < 1 or end_states > len(blob) or (len(blob) - end_states) % 2:
         raise CorruptShardError(f"entropy column of {len(blob)} bytes does not fit {lanes} lanes and "
                                 f"{tlen} bytes of tables")
-    tables = rans.unpack_tables(blob[8:end_tables])
+    tables = rans.unpack_tables(blob[8:end_tables].tobytes())
     decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"))
     layout = _Layout(spec, rows)
     values: dict[str, np.ndarray] = {}
@@ -333,7 +336,7 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
         if data.size and (data.min() < 0 or data.max() > np.iinfo(np.dtype(dtype)).max):
             raise CorruptShardError(f"entropy column decodes {name} values outside {dtype}")
         offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64) * np.dtype(dtype).itemsize
-        out[name] = (data.astype(dtype).view(np.uint8), offsets)
+        out[name] = (data.astype(dtype, copy=False).view(np.uint8), offsets)
 
     rows_of_pos = np.repeat(np.arange(layout.positions.size), layout.positions)
     if spec.has_samples:
@@ -349,6 +352,10 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
                                minlength=layout.positions.size).astype(np.int64)
             split("head_ids", values.get("head_ids", np.zeros(0, np.int64)), rest, "u1")
         if spec.encoding.logprobs == "q8":
-            codes = values["head_logprobs"].reshape(-1, spec.k) + values["head_qmin"][:, None]
-            split("head_logprobs", codes.ravel(), layout.positions * spec.k, "u1")
+            codes, qmin = values["head_logprobs"].reshape(-1, spec.k), values["head_qmin"]
+            if codes.size and np.any(codes.max(axis=1) > 255 - qmin.astype(np.int64)):
+                raise CorruptShardError("entropy column decodes head_logprobs codes above 255 (a position's smallest "
+                                        "code plus a difference); at most 255 is possible")
+            split("head_logprobs", (codes.astype(np.uint8, copy=False) + qmin.astype(np.uint8)[:, None]).ravel(),
+                  layout.positions * spec.k, "u1")
     return out

@@ -7,7 +7,7 @@ vLLM capture once the store imported numba at load time.
 
 Every function decorated with :func:`njit_on_first_use` is replaced in its module by a numba dispatcher
 (``cache=True, nogil=True``) the first time any of them is called — all of them at once, so kernels that
-call each other (also across modules, ``rans.decode_stream`` from ``entropy``) find compiled callees.
+call each other (also across modules, ``rans.decode_symbol`` from ``entropy``) find compiled callees.
 """
 
 from __future__ import annotations

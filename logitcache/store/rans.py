@@ -88,7 +88,7 @@ def _absorb_rounding(f, used):
 
 @dataclass
 class Tables:
-    """Frequencies ``freq[C, A]``, their prefix sums and a slot → symbol lookup per context."""
+    """Frequencies ``freq[C, A]``, their prefix sums and the decoder's :class:`Lookup` (:attr:`lookup`)."""
 
     table_bytes: np.ndarray  # uint8 [C, A]
 
@@ -104,26 +104,44 @@ class Tables:
         return cls(quantize_counts(counts))
 
     @cached_property
-    def slots(self) -> np.ndarray:
-        """Per (context, slot), flattened ``[C * M]``: the symbol whose range holds the slot (``-1``
-        in unused contexts), so a decode step finds its symbol in one lookup."""
+    def lookup(self) -> Lookup:
+        """The decoder's view of the tables (:class:`Lookup`), built on first use."""
         if self.alphabet > M:  # every coded stream has fewer values (entropy._limits): a damaged table
             raise CorruptShardError(f"an entropy table has {self.alphabet} symbols; at most {M} are possible")
-        return _slot_symbols(self.freq)
+        used = self.freq.sum(axis=1) == M  # normalize gives a context M or nothing
+        rows = np.full(self.contexts, -1, dtype=np.int64)
+        rows[used] = np.arange(int(used.sum()))
+        freq = self.freq[used]
+        fc = ((freq << PRECISION) | self.cum[used]).astype(np.int32)
+        slots = np.empty(freq.shape[0] * M, dtype=self.symbol_dtype())
+        _slot_symbols(freq, slots)
+        return Lookup(rows, slots, fc)
+
+    def symbol_dtype(self) -> type:
+        """The smallest unsigned dtype that holds every symbol of the alphabet."""
+        return np.uint8 if self.alphabet <= 256 else np.uint16
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What a decode step reads, for the used contexts only (a unit's tables leave many unused):
+
+    - ``rows int64[C]``: a context's row among the used ones, ``-1`` for an unused context;
+    - ``slots uint8|uint16[U * M]``: per (row, slot) the symbol whose range holds the slot;
+    - ``fc int32[U, A]``: per (row, symbol) ``freq << PRECISION | cum``, one load for both."""
+
+    rows: np.ndarray
+    slots: np.ndarray
+    fc: np.ndarray
 
 
 @njit_on_first_use
-def _slot_symbols(freq):
-    contexts, alphabet = freq.shape
-    slots = np.full(contexts * M, -1, dtype=np.int16)  # symbols are below M <= 2**15 (Tables.slots)
-    for c in range(contexts):
-        if freq[c].sum() != M:  # an unused context (normalize gives M or nothing): its slots name no symbol
-            continue
-        pos = c * M
-        for s in range(alphabet):
-            slots[pos:pos + freq[c, s]] = s
-            pos += freq[c, s]
-    return slots
+def _slot_symbols(freq, slots):
+    for r in range(freq.shape[0]):
+        pos = r * M
+        for s in range(freq.shape[1]):
+            slots[pos:pos + freq[r, s]] = s
+            pos += freq[r, s]
 
 
 @njit_on_first_use
@@ -169,29 +187,37 @@ ENDS_EARLY, EMPTY_CONTEXT = -1, -2  # what decode_stream returns instead of a wo
 
 
 @njit_on_first_use
-def decode_stream(x, words, pos, contexts, slots, freq, cum, out):
-    """Decode ``out.size`` symbols, first to last, from lane states ``x`` and ``words[pos:]``.
+def decode_symbol(x, lane, words, pos, row, slots, fc):
+    """Decode one symbol from lane ``lane`` under the used context ``row`` (``>= 0``); returns
+    ``(symbol, pos)``, ``pos`` past the word a refill read.
 
     ``words`` ends with one padding word past the coded ones, so a state reads its next word
-    without a branch (a branch the next symbol's word position would wait on). Returns the new
-    ``pos``, ``ENDS_EARLY`` if that ran past the coded words, or ``EMPTY_CONTEXT``. ``contexts``
-    must lie in ``[0, C)``: nothing here checks an index."""
-    lanes, lane, last = x.size, 0, words.size - 1  # symbol i comes from lane i % lanes
+    without a branch (a branch the next symbol's word position would wait on); the caller checks
+    that ``pos`` stayed within the coded words."""
+    xs = x[lane]
+    slot = xs & (M - 1)
+    s = slots[row * M + slot]
+    e = fc[row, s]
+    xs = (e >> PRECISION) * (xs >> PRECISION) + slot - (e & (M - 1))
+    refill = xs < LOW
+    word = words[min(pos, words.size - 1)]
+    x[lane] = (xs << 16) | word if refill else xs
+    return s, pos + refill
+
+
+@njit_on_first_use
+def decode_stream(x, words, pos, contexts, rows, slots, fc, out):
+    """Decode ``out.size`` symbols, first to last (symbol ``i`` from lane ``i % lanes``), from lane
+    states ``x`` and ``words[pos:]``. Returns the new ``pos``, ``ENDS_EARLY`` if that ran past the
+    coded words, or ``EMPTY_CONTEXT``. ``contexts`` must lie in ``[0, C)``: nothing here checks an index."""
+    lanes, lane = x.size, 0
     for i in range(out.size):
-        xs = x[lane]
-        c = contexts[i]
-        slot = xs & (M - 1)
-        s = slots[c * M + slot]
-        if s < 0:
+        row = rows[contexts[i]]
+        if row < 0:
             return EMPTY_CONTEXT
-        out[i] = s
-        xs = freq[c, s] * (xs >> PRECISION) + slot - cum[c, s]
-        refill = xs < LOW
-        word = words[min(pos, last)]
-        x[lane] = (xs << 16) | word if refill else xs
-        pos += refill
+        out[i], pos = decode_symbol(x, lane, words, pos, row, slots, fc)
         lane = lane + 1 if lane + 1 < lanes else 0
-    return pos if pos <= last else ENDS_EARLY
+    return pos if pos < words.size else ENDS_EARLY
 
 
 class Decoder:
@@ -219,13 +245,15 @@ class Decoder:
         self.pos = pos
 
     def decode(self, contexts: np.ndarray, tables: Tables) -> np.ndarray:
-        c = np.asarray(contexts, dtype=np.int64)
-        out = np.empty(c.size, dtype=np.int64)
+        """The next stream's symbols (in :meth:`Tables.symbol_dtype`) under ``contexts`` (any integer dtype)."""
+        c = np.asarray(contexts)
+        out = np.empty(c.size, dtype=tables.symbol_dtype())
         if c.size == 0:
             return out
         if c.min() < 0 or c.max() >= tables.contexts:
             raise CorruptShardError("entropy-coded stream names a context outside its tables")
-        self.advance(decode_stream(self.x, self.words, self.pos, c, tables.slots, tables.freq, tables.cum, out))
+        t = tables.lookup
+        self.advance(decode_stream(self.x, self.words, self.pos, c, t.rows, t.slots, t.fc, out))
         return out
 
     def finish(self) -> None:

@@ -158,3 +158,24 @@ def test_damaged_entropy_columns_are_refused_clearly():
 def test_too_many_draws_for_the_ans_tables_is_a_config_error():
     with pytest.raises(ConfigError, match="4095"):
         pack_unit(_spec("sample", "rank-delta", "float32", n=5000), [])
+
+
+def test_q8_codes_past_255_are_refused(monkeypatch):
+    """A well-formed stream can still decode a position's smallest code plus a difference above 255
+    (a damaged or forged unit): refused, not wrapped around into another code."""
+    from logitcache.store import entropy
+
+    rows = [random_row("topk", 30, 300, seed, k=5) for seed in range(2)]
+    spec = _spec("topk", "rank-delta", "q8")
+    true_values = entropy._row_values
+
+    def shifted(*args):
+        values = true_values(*args)
+        values["head_qmin"] = np.full_like(values["head_qmin"], 255)  # every delta > 0 now overflows
+        return values
+
+    monkeypatch.setattr(entropy, "_row_values", shifted)
+    _, _, unit = _unit(spec, rows)
+    monkeypatch.undo()
+    with pytest.raises(CorruptShardError, match="head_logprobs codes above 255"):
+        unpack_unit(spec, unit)

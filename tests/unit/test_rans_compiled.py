@@ -306,4 +306,4 @@ def test_tables_with_too_few_contexts_for_a_wave_stream_are_refused(captured_uni
 
 def test_tables_wider_than_the_coder_precision_are_refused():
     with pytest.raises(CorruptShardError, match=f"{M + 1} symbols; at most {M}"):
-        rans.Tables(np.zeros((1, M + 1), np.uint8)).slots
+        rans.Tables(np.zeros((1, M + 1), np.uint8)).lookup
