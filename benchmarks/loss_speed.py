@@ -5,18 +5,25 @@ Cases (B = 1, one sequence of T positions, RS-KD targets with N = 50 draws, U �
 * ``ce``          — ``F.cross_entropy(logits, labels)`` forward + backward (the baseline);
 * ``rskd``        — ``kd_loss(..., alpha=1, kind="sparse")`` (KD only);
 * ``rskd+ce``     — ``kd_loss(..., alpha=0.5)`` (what a trainer runs);
-* the same three on bf16 logits (ratios against ``ce_bf16``);
-* ``head_plain``  — ``kd_loss(hidden @ W.T, alpha=0.5)`` from hidden states, and
-  ``head_chunked`` — :func:`chunked_kd_loss` on the same inputs (ratios against ``head_plain``).
+* ``rskd_compiled``, ``rskd+ce_compiled`` — the same with ``impl="compiled"`` (torch.compile);
+* all of these on bf16 logits too (``*_bf16``, ``*_bf16_compiled``; ratios against ``ce_bf16``);
+* ``head_plain``  — ``kd_loss(hidden @ W.T, alpha=0.5)`` from hidden states,
+  ``head_chunked`` — :func:`chunked_kd_loss` on the same inputs, ``head_fused`` — the same with
+  ``impl="compiled"``, and ``head_liger`` — Liger-Kernel's fused linear cross-entropy (CE only;
+  run only where ``liger_kernel`` imports, i.e. on a GPU with it installed). Ratios against
+  ``head_plain``; ``head_fused`` against ``head_liger`` where that ran. ``*_bf16`` variants take
+  bf16 hidden states and head.
 
 Every case runs in a fresh subprocess. Peak memory is the growth over the state right after the
-inputs were built: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the kernel's peak RSS
-(``VmHWM``, reset through ``/proc/self/clear_refs`` once the inputs exist; ``ru_maxrss`` where that
-is not possible), with glibc's mmap threshold pinned at 64 KiB so freed tensors leave RSS. Time is
-the minimum of ``--repeats`` runs after one warm-up (the minimum, because the
-machine may be shared: contention only ever adds time).
+warm-up call (so a compile's own memory is not counted): on CUDA ``torch.cuda.max_memory_allocated``;
+on CPU the kernel's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``; ``ru_maxrss``
+where that is not possible), with glibc's mmap threshold pinned at 64 KiB so freed tensors leave
+RSS. Time is the minimum of ``--repeats`` runs after one warm-up (the minimum, because the machine
+may be shared: contention only ever adds time). ``--device`` picks the device (default: CUDA where
+available), so the same command runs on a GPU machine unchanged.
 
     python benchmarks/loss_speed.py          # appends to benchmarks/results/loss_speed.csv
+    python benchmarks/loss_speed.py --device cuda --csv benchmarks/results/loss_speed_gpu.csv
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from common import PROVENANCE, ResultsFile, csv_argument, provenance, timed
 
-CASES = ("ce", "rskd", "rskd+ce", "ce_bf16", "rskd_bf16", "rskd+ce_bf16", "head_plain", "head_chunked")
-BASELINE = {"ce": "ce", "rskd": "ce", "rskd+ce": "ce", "ce_bf16": "ce_bf16", "rskd_bf16": "ce_bf16",
-            "rskd+ce_bf16": "ce_bf16", "head_plain": "head_plain", "head_chunked": "head_plain"}
+CASES = ("ce", "rskd", "rskd+ce", "rskd_compiled", "rskd+ce_compiled",
+         "ce_bf16", "rskd_bf16", "rskd+ce_bf16", "rskd_bf16_compiled", "rskd+ce_bf16_compiled",
+         "head_plain", "head_chunked", "head_fused", "head_liger")
 COLUMNS = PROVENANCE + ("case", "V", "T", "U", "mean_ids", "seconds", "peak_bytes", "baseline", "ratio", "peak_ratio")
 
 
@@ -97,25 +104,49 @@ def _status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats: int) -> dict:
+def baselines(case: str) -> tuple[str, ...]:
+    """The cases ``case`` is divided by, in order of preference (the first one that ran)."""
+    bf16 = "_bf16" if "_bf16" in case else ""
+    if not case.startswith("head"):
+        return (f"ce{bf16}",)
+    return (f"head_liger{bf16}", f"head_plain{bf16}") if case.startswith("head_fused") else (f"head_plain{bf16}",)
+
+
+def _head_step(name: str, batch: dict, h: torch.Tensor, w: torch.Tensor, chunk: int):
+    """forward + backward of head case ``name`` on ``hidden h [1,T,d]`` and ``head w [V,d]``; ``None``
+    where the case cannot run here (Liger not importable)."""
     from logitcache.train.losses import kd_loss
     from logitcache.train.losses_chunked import chunked_kd_loss
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "head_liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return None
+        liger, labels = LigerFusedLinearCrossEntropyLoss(), batch["labels"].view(-1)
+        return lambda: torch.autograd.grad(liger(w, h.view(-1, h.shape[-1]), labels), (h, w))
+    if name == "head_plain":
+        return lambda: torch.autograd.grad(kd_loss(h @ w.T, batch, alpha=0.5), (h, w))
+    impl = "compiled" if name == "head_fused" else "plain"
+    return lambda: torch.autograd.grad(chunked_kd_loss(h, w, batch, alpha=0.5, chunk_size=chunk, impl=impl), (h, w))
+
+
+def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats: int, device: str) -> dict | None:
+    from logitcache.train.losses import kd_loss
+
+    device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
     batch = {k: x.to(device) if isinstance(x, torch.Tensor) else x for k, x in _rskd_batch(t, v, n, gen).items()}
-    dtype = torch.bfloat16 if case.endswith("_bf16") else torch.float32
-    name = case.removesuffix("_bf16")
+    name = case.removesuffix("_compiled")
+    impl = "compiled" if name != case else "plain"
+    dtype = torch.bfloat16 if name.endswith("_bf16") else torch.float32
+    name = name.removesuffix("_bf16")
     if name.startswith("head"):
-        h = torch.randn(1, t, hidden, generator=gen).to(device).requires_grad_(True)
-        w = (torch.randn(v, hidden, generator=gen) / hidden**0.5).to(device).requires_grad_(True)
-        inputs = (h, w)
-        if name == "head_plain":
-            def step():
-                return torch.autograd.grad(kd_loss(h @ w.T, batch, alpha=0.5), inputs)
-        else:
-            def step():
-                return torch.autograd.grad(chunked_kd_loss(h, w, batch, alpha=0.5, chunk_size=chunk), inputs)
+        h = torch.randn(1, t, hidden, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+        w = (torch.randn(v, hidden, generator=gen) / hidden**0.5).to(device=device, dtype=dtype).requires_grad_(True)
+        step = _head_step(name, batch, h, w, chunk)
+        if step is None:
+            return None
     else:
         z = torch.randn(1, t, v, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
         labels = batch["labels"]
@@ -125,9 +156,9 @@ def run_case(case: str, v: int, t: int, n: int, hidden: int, chunk: int, repeats
         else:
             alpha = 1.0 if name == "rskd" else 0.5
             def step():
-                return torch.autograd.grad(kd_loss(z, batch, alpha=alpha, kind="sparse"), z)
+                return torch.autograd.grad(kd_loss(z, batch, alpha=alpha, kind="sparse", impl=impl), z)
+    timed(step)  # warm-up (and compile)
     base = _peak_reset(device)
-    timed(step)  # warm-up
     seconds = min(timed(step) for _ in range(repeats))
     return {"seconds": seconds, "peak_bytes": _peak_read(device) - base,
             "U": int(batch["target_ids"].shape[-1]), "mean_ids": float(batch["target_mask"].sum()) / t}
@@ -144,6 +175,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--chunk", type=int, default=256, help="positions per chunk for head_chunked")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap
 
@@ -152,7 +184,8 @@ def main() -> None:
     args = parser().parse_args()
     if args.worker:
         v = int(args.vocab)
-        print(json.dumps(run_case(args.worker, v, args.seq, args.samples, args.hidden, args.chunk, args.repeats)))
+        print(json.dumps(run_case(args.worker, v, args.seq, args.samples, args.hidden, args.chunk, args.repeats,
+                                  args.device)))
         return
     out = ResultsFile(args.csv, COLUMNS)
     rows = []
@@ -163,15 +196,18 @@ def main() -> None:
         for case in args.cases.split(","):
             cmd = [sys.executable, __file__, "--worker", case, "--vocab", str(v), "--seq", str(args.seq),
                    "--samples", str(args.samples), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats), "--device", args.device]
             stdout = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-            results[case] = json.loads(stdout.strip().splitlines()[-1])
+            result = json.loads(stdout.strip().splitlines()[-1])
+            if result is not None:  # None: the case cannot run here (head_liger without liger_kernel)
+                results[case] = result
         for case, r in results.items():
-            base = results.get(BASELINE[case])
+            name = next((b for b in baselines(case) if b in results), "")
+            base = results.get(name)
             rows.append({
                 **meta, "case": case, "V": v, "T": args.seq, "U": r["U"],
                 "mean_ids": round(r["mean_ids"], 2), "seconds": round(r["seconds"], 4),
-                "peak_bytes": r["peak_bytes"], "baseline": BASELINE[case],
+                "peak_bytes": r["peak_bytes"], "baseline": name,
                 "ratio": round(r["seconds"] / base["seconds"], 3) if base else "",
                 "peak_ratio": round(r["peak_bytes"] / base["peak_bytes"], 3) if base and base["peak_bytes"] else "",
             })
@@ -180,9 +216,9 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':>14} {'V':>7} {'T':>5} {'U':>3} {'ids':>5} {'seconds':>8} {'peak MiB':>9} {'vs':>11} {'time×':>6} {'peak×':>6}")
+    print(f"{'case':>22} {'V':>7} {'T':>5} {'U':>3} {'ids':>5} {'seconds':>8} {'peak MiB':>9} {'vs':>11} {'time×':>6} {'peak×':>6}")
     for r in rows:
-        print(f"{r['case']:>14} {r['V']:>7} {r['T']:>5} {r['U']:>3} {r['mean_ids']:>5} {r['seconds']:>8.3f} "
+        print(f"{r['case']:>22} {r['V']:>7} {r['T']:>5} {r['U']:>3} {r['mean_ids']:>5} {r['seconds']:>8.3f} "
               f"{r['peak_bytes'] / 2**20:>9.1f} {r['baseline']:>11} {r['ratio']!s:>6} {r['peak_ratio']!s:>6}")
 
 

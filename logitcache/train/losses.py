@@ -29,11 +29,14 @@ two-sided softening. :func:`full_kd_loss`, which has the teacher logits, softens
 chunks (each upcast to fp32) and keeps only the gathered ``[..., U]`` values: forward retains ``z``
 (alive anyway) and ``O(B·T·U)`` results; backward recomputes the softmax per chunk and writes the
 ``[B, T, V]`` gradient in ``z``'s dtype, so a bf16 ``z`` is never copied whole to fp32. For logits that never exist whole,
-see :func:`logitcache.train.losses_chunked.chunked_kd_loss`.
+see :func:`logitcache.train.losses_chunked.chunked_kd_loss`. ``impl="compiled"`` swaps this student
+side for :mod:`logitcache.train.losses_fused` (``torch.compile``; one pass over ``V`` each way and no
+fp32 ``[N, V]`` buffer at all), keeping every other line of the loss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -44,6 +47,7 @@ from ..choices import LOSS_KINDS
 from ..errors import ConfigError, TargetsError
 
 __all__ = [
+    "IMPLS",
     "KINDS",
     "KDLoss",
     "full_kd_loss",
@@ -61,6 +65,7 @@ _AUTO = {"sample": "sparse", "hybrid": "sparse", "topk": "ghost", "full": "spars
 # (13 rows per chunk at V = 152064 ran 4.8x slower than cross-entropy on an H100; docs/benchmarks.md)
 _CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
 _FILL = -1e30  # finite stand-in for log 0 (keeps every gradient finite)
+IMPLS = ("plain", "compiled")  # the student side: chunked eager torch, or torch.compile (losses_fused)
 
 
 def _chunk_rows(z: torch.Tensor) -> int:
@@ -300,25 +305,51 @@ def flatten_batch(batch: dict[str, Any], device: torch.device) -> _Targets:
     )
 
 
+LogProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, bool, bool],
+                    tuple[torch.Tensor | None, torch.Tensor | None]]
+"""``log_probs(logits[N,V], ids[N,U], label_ids[N,1], τ, need_ce, need_kd)``: ``(log softmax(z/τ)[ids]
+float32[N,U], log softmax(z)[labels] float32[N])``, ``None`` for a term not needed."""
+
+
+def plain_log_probs(
+    logits: torch.Tensor, ids: torch.Tensor, label_ids: torch.Tensor, temperature: float, need_ce: bool,
+    need_kd: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The :data:`LogProbs` of the plain path, through :func:`gather_log_probs`."""
+    if need_ce and need_kd and temperature == 1.0:  # one pass over V for both terms
+        logp_all = gather_log_probs(logits, torch.cat([ids, label_ids], 1))
+        return logp_all[:, :-1], logp_all[:, -1]
+    logp = gather_log_probs(logits, ids, temperature=temperature) if need_kd else None
+    return logp, (gather_log_probs(logits, label_ids)[:, 0] if need_ce else None)
+
+
+def log_probs_impl(impl: str, device: torch.device) -> LogProbs:
+    """The student side for ``impl``: ``plain``, or ``compiled`` (:mod:`logitcache.train.losses_fused`) where
+    ``torch.compile`` works on ``device`` (else the plain one, after one warning)."""
+    if impl not in IMPLS:
+        raise ConfigError(f"impl must be one of {', '.join(IMPLS)}; found {impl!r}")
+    if impl == "compiled":
+        from .losses_fused import compile_works, compiled_log_probs
+
+        if compile_works(device):
+            return compiled_log_probs
+    return plain_log_probs
+
+
 def token_losses(
     logits: torch.Tensor, tg: _Targets, *, kind: str, head_size: int, temperature: float, ignore_index: int,
-    need_ce: bool = True, need_kd: bool = True,
+    need_ce: bool = True, need_kd: bool = True, log_probs: LogProbs = plain_log_probs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(ce float32[N], kd float32[N])`` for rows ``logits[N,V]``; ``kind`` resolved.
 
     A term not needed is returned as zeros (and costs nothing). Shared by :func:`kd_loss` and the
-    chunked loss so both compute exactly the same function.
+    chunked loss so both compute exactly the same function; ``log_probs`` is the student side.
     """
     zeros = logits.new_zeros(logits.shape[0], dtype=torch.float32)
     label_ids = torch.where(tg.labels == ignore_index, 0, tg.labels)[:, None]
     ids = tg.ids[:, :head_size] if kind == "ghost" else tg.ids
-    share = need_ce and need_kd and temperature == 1.0
-    if share:  # one pass over V for both terms
-        logp_all = gather_log_probs(logits, torch.cat([ids, label_ids], 1))
-        logp, ce = logp_all[:, :-1], -logp_all[:, -1]
-    else:
-        logp = gather_log_probs(logits, ids, temperature=temperature) if need_kd else None
-        ce = -gather_log_probs(logits, label_ids)[:, 0] if need_ce else zeros
+    logp, logp_label = log_probs(logits, ids, label_ids, temperature, need_ce, need_kd)
+    ce = -logp_label if need_ce else zeros
     if not need_kd:
         return ce, zeros
     if kind == "ghost":
@@ -346,6 +377,7 @@ def kd_loss(
     kind: str = "auto",
     temperature: float = 1.0,
     ignore_index: int = -100,
+    impl: str = "plain",
 ) -> torch.Tensor:
     """``(1 − α)·CE(labels) + α·KD`` on a collated batch, mean over tokens with a label.
 
@@ -354,15 +386,18 @@ def kd_loss(
     ``ghost`` (head + tail-mass bucket; uses only the first ``target_head_size`` entries) or
     ``reverse`` (reverse KL on the stored support, see :func:`sparse_kd_loss`). ``temperature``
     applies to the student in the KD term only; CE uses τ = 1. Tokens are those with
-    ``labels != ignore_index``.
+    ``labels != ignore_index``. ``impl="compiled"`` computes the same function through
+    ``torch.compile`` (:mod:`logitcache.train.losses_fused`; the plain path where compiling fails).
     """
     check_loss_args(alpha, temperature)
     kind = resolve_kind(kind, batch["target_method"])
+    log_probs = log_probs_impl(impl, logits.device)
     tg = flatten_batch(batch, logits.device)
     token_mask = tg.labels != ignore_index
     ce, kd = token_losses(
         logits.reshape(-1, logits.shape[-1]), tg, kind=kind, head_size=int(batch["target_head_size"]),
         temperature=temperature, ignore_index=ignore_index, need_ce=alpha < 1.0, need_kd=alpha > 0.0,
+        log_probs=log_probs,
     )
     return _masked_mean((1.0 - alpha) * ce + alpha * kd, token_mask)
 
@@ -370,15 +405,19 @@ def kd_loss(
 class KDLoss(nn.Module):
     """Module form of :func:`kd_loss`: ``KDLoss(alpha=0.5)(logits, batch) -> scalar``."""
 
-    def __init__(self, *, alpha: float = 0.5, kind: str = "auto", temperature: float = 1.0, ignore_index: int = -100):
+    def __init__(self, *, alpha: float = 0.5, kind: str = "auto", temperature: float = 1.0, ignore_index: int = -100,
+                 impl: str = "plain"):
         super().__init__()
         check_loss_args(alpha, temperature)
         resolve_kind(kind, "hybrid")
+        if impl not in IMPLS:
+            raise ConfigError(f"impl must be one of {', '.join(IMPLS)}; found {impl!r}")
         self.alpha, self.kind, self.temperature, self.ignore_index = alpha, kind, temperature, ignore_index
+        self.impl = impl
 
     def forward(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return kd_loss(logits, batch, alpha=self.alpha, kind=self.kind, temperature=self.temperature,
-                       ignore_index=self.ignore_index)
+                       ignore_index=self.ignore_index, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, kind={self.kind!r}, temperature={self.temperature}"
+        return f"alpha={self.alpha}, kind={self.kind!r}, temperature={self.temperature}, impl={self.impl!r}"

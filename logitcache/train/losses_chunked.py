@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .losses import check_loss_args, flatten_batch, resolve_kind, token_losses
+from .losses import check_loss_args, flatten_batch, log_probs_impl, resolve_kind, token_losses
 
 __all__ = ["ChunkLoss", "ChunkedKDLoss", "chunked_kd_loss", "chunked_linear_loss"]
 
@@ -76,15 +76,18 @@ def chunked_kd_loss(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    impl: str = "plain",
 ) -> torch.Tensor:
     """:func:`~logitcache.train.losses.kd_loss` of ``hidden[B,T,d] @ head_weight[V,d]ᵀ``, chunk by chunk.
 
     Gradients with respect to ``hidden`` and ``head_weight`` are computed during the forward pass
     (so it costs the backward's work even under ``no_grad``) and equal those of the plain version
-    up to summation order. The head has no bias. ``chunk_size`` is positions per chunk.
+    up to summation order. The head has no bias. ``chunk_size`` is positions per chunk. ``impl="compiled"``:
+    each chunk's loss through ``torch.compile`` (:mod:`logitcache.train.losses_fused`).
     """
     check_loss_args(alpha, temperature)
     kind = resolve_kind(kind, batch["target_method"])
+    log_probs = log_probs_impl(impl, hidden.device)
     head_size, d = int(batch["target_head_size"]), hidden.shape[-1]
     tg = flatten_batch(batch, hidden.device)
     token_mask = tg.labels != ignore_index
@@ -92,7 +95,8 @@ def chunked_kd_loss(
 
     def chunk_loss(logits: torch.Tensor, s: int, e: int) -> torch.Tensor:
         ce, kd = token_losses(logits, tg.rows(s, e), kind=kind, head_size=head_size, temperature=float(temperature),
-                              ignore_index=ignore_index, need_ce=alpha < 1.0, need_kd=alpha > 0.0)
+                              ignore_index=ignore_index, need_ce=alpha < 1.0, need_kd=alpha > 0.0,
+                              log_probs=log_probs)
         return torch.where(token_mask[s:e], (1.0 - alpha) * ce + alpha * kd, 0.0).sum() / denom
 
     return chunked_linear_loss(hidden.reshape(-1, d), head_weight, chunk_loss, chunk_size)
