@@ -16,10 +16,11 @@ LOGPROB_DTYPES = ("float32", "float16", "q8")  # how head logprobs are stored (q
 ENTROPY_CODECS = ("zstd", "ans")  # the entropy stage after the row codecs
 COMPRESSIONS = ("zstd", "lz4", "none")  # container compression
 LOSS_KINDS = ("auto", "sparse", "topk_renorm", "ghost", "reverse")  # KD loss estimators
+LOSS_IMPLS = ("plain", "compiled")  # the student side of the loss: eager torch, or torch.compile (losses_fused)
 ON_CORRUPT = ("raise", "skip")  # what the dataset does with a damaged shard
 TRAIN_ON = ("assistant", "last-assistant", "all")  # which tokens of a chat conversation train
 LAYOUTS = ("auto", "packed", "documents")  # how a corpus becomes sequences (auto: documents for chat, else packed)
 LONG_SEQUENCES = ("truncate", "split", "skip")  # what the documents layout does with a sequence over seq_len
 
 __all__ = ["BACKENDS", "COMPRESSIONS", "DTYPES", "ENTROPY_CODECS", "FORMATS", "ID_CHOICES", "ID_CODECS",
-           "LAYOUTS", "LOGPROB_DTYPES", "LONG_SEQUENCES", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]
+           "LAYOUTS", "LOGPROB_DTYPES", "LONG_SEQUENCES", "LOSS_IMPLS", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..choices import DTYPES, LOSS_KINDS
+from ..choices import DTYPES, LOSS_IMPLS, LOSS_KINDS
 from ..jobfile import read_job_file
 
 __all__ = ["load_train_config", "train_command"]
@@ -35,6 +35,9 @@ def load_train_config(path: str | None, overrides: dict[str, Any]):
 @click.option("--alpha", type=float, help="Weight of the KD term: (1-α)·CE + α·KD (default 0.5).")
 @click.option("--loss-kind", "kind", type=click.Choice(LOSS_KINDS),
               help="KD loss kind (default auto).")
+@click.option("--loss-impl", "loss_impl", type=click.Choice(LOSS_IMPLS),
+              help="The loss's student side: plain (default) or compiled (torch.compile; falls back to plain "
+                   "with one warning where compiling fails).")
 @click.option("--lr", type=float, help="AdamW learning rate (default 3e-4).")
 @click.option("--batch-size", type=int, help="Sequences per step (default 8).")
 @click.option("--steps", type=int, help="Total optimizer steps (default 100).")

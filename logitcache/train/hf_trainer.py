@@ -76,6 +76,7 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from ..choices import LOSS_IMPLS
 from ..errors import ConfigError
 from .cross_tokenizer import CrossTokenizerTransform
 from .dataset import CacheDataset
@@ -99,7 +100,8 @@ def training_args_defaults() -> dict[str, Any]:
 class KDTrainer(transformers.Trainer):
     """A ``Trainer`` whose loss is :func:`logitcache.kd_loss` on collated store batches.
 
-    ``kd_alpha`` and ``kd_kind`` (and ``kd_temperature``) are passed to ``kd_loss``; every other
+    ``kd_alpha``, ``kd_kind``, ``kd_temperature`` and ``kd_impl`` (``plain`` or ``compiled``) are passed to
+    ``kd_loss`` (as ``alpha``, ``kind``, ``temperature``, ``impl``); every other
     argument goes to ``transformers.Trainer``. ``cross_tokenizer`` (a
     :class:`~logitcache.train.cross_tokenizer.CrossTokenizerTransform`) trains a student with another tokenizer
     (module docstring) with ``cross_tokenizer_kd_loss(alpha=kd_alpha, matched_weight=kd_matched_weight,
@@ -110,16 +112,19 @@ class KDTrainer(transformers.Trainer):
     """
 
     def __init__(self, *args: Any, kd_alpha: float = 0.5, kd_kind: str = "auto", kd_temperature: float = 1.0,
-                 cross_tokenizer: CrossTokenizerTransform | None = None, kd_matched_weight: float = 1.0,
+                 kd_impl: str = "plain", cross_tokenizer: CrossTokenizerTransform | None = None, kd_matched_weight: float = 1.0,
                  kd_unmatched_weight: float = 1.0, **kwargs: Any) -> None:
         resolve_kind(kd_kind, "hybrid")
+        if kd_impl not in LOSS_IMPLS or (cross_tokenizer is not None and kd_impl != "plain"):
+            raise ConfigError(f"kd_impl must be one of {', '.join(LOSS_IMPLS)} (plain with cross_tokenizer: the "
+                              f"cross-tokenizer loss has no compiled form); found {kd_impl!r}")
         if not 0.0 <= kd_alpha <= 1.0:
             raise ConfigError(f"kd_alpha must be in [0, 1]; found {kd_alpha!r}")
         if cross_tokenizer is not None:
             check_xtok_args(kd_alpha, kd_temperature, kd_matched_weight, kd_unmatched_weight)
             kwargs["data_collator"] = _xtok_collator(cross_tokenizer, kd_kind, kwargs.get("data_collator"))
         super().__init__(*args, **kwargs)
-        self.kd_alpha, self.kd_kind, self.kd_temperature = kd_alpha, kd_kind, kd_temperature
+        self.kd_alpha, self.kd_kind, self.kd_temperature, self.kd_impl = kd_alpha, kd_kind, kd_temperature, kd_impl
         self.cross_tokenizer, self.kd_weights = cross_tokenizer, (kd_matched_weight, kd_unmatched_weight)
         self._position: _DataPosition | None = None
         if isinstance(self.train_dataset, CacheDataset):
@@ -202,7 +207,8 @@ class KDTrainer(transformers.Trainer):
             loss = cross_tokenizer_kd_loss(logits, inputs, alpha=self.kd_alpha, matched_weight=self.kd_weights[0],
                                            unmatched_weight=self.kd_weights[1], temperature=self.kd_temperature)
         else:
-            loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature)
+            loss = kd_loss(logits, inputs, alpha=self.kd_alpha, kind=self.kd_kind, temperature=self.kd_temperature,
+                           impl=self.kd_impl)
         return (loss, outputs) if return_outputs else loss
 
 

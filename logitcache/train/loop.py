@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..choices import DTYPES, LOSS_KINDS
+from ..choices import DTYPES, LOSS_IMPLS, LOSS_KINDS
 from ..jobfile import from_mapping
 from ..errors import ConfigError
 
@@ -56,7 +56,8 @@ class TrainConfig:
     ``student`` is a local HF causal-LM directory, or ``init:<teacher>:<layers>``: the teacher's
     architecture and weights with only its first ``layers`` decoder layers (``<teacher>`` is a
     directory or ``embedded:smollm2-135m-instruct``; split on the last colon). ``kind`` is the loss
-    kind of :func:`logitcache.kd_loss`. ``eval_every`` ≤ 0 evaluates only at the end; ``grad_clip``
+    kind of :func:`logitcache.kd_loss`, ``loss_impl`` its student side (``compiled``: torch.compile,
+    docs/training.md "A compiled loss"). ``eval_every`` ≤ 0 evaluates only at the end; ``grad_clip``
     ≤ 0 disables clipping. ``padding_free`` trains on packed rows (each step's ``batch_size`` sequences
     in one row ``[1, total]``, :func:`logitcache.train.packing.pack`) instead of padded ``[B, T]`` batches;
     a run may switch between the two on resume (a step consumes the same sequences either way).
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_store: str | None = None
     alpha: float = 0.5
     kind: str = "auto"
+    loss_impl: str = "plain"
     lr: float = 3e-4
     batch_size: int = 8
     steps: int = 100
@@ -95,6 +97,8 @@ class TrainConfig:
         _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
                f"alpha must be in [0, 1]; found {self.alpha!r}")
         _check(self.kind in LOSS_KINDS, f"kind must be one of {', '.join(LOSS_KINDS)}; found {self.kind!r}")
+        _check(self.loss_impl in LOSS_IMPLS,
+               f"loss_impl must be one of {', '.join(LOSS_IMPLS)}; found {self.loss_impl!r}")
         _check(isinstance(self.lr, (int, float)) and self.lr > 0, f"lr must be > 0; found {self.lr!r}")
         for name, low in (("batch_size", 1), ("steps", 0), ("seed", 0), ("num_workers", 0)):
             _check(_is_int(getattr(self, name), low), f"{name} must be an integer >= {low}; found {getattr(self, name)!r}")
@@ -117,6 +121,8 @@ class TrainConfig:
                                       "tokens (packed student rows are not supported); drop --padding-free")
         _check(self.kind == "auto", f"kind {self.kind!r}: the cross-tokenizer loss is its own (exact-match KL + ULD); "
                                     "leave kind at auto with student_tokenizer")
+        _check(self.loss_impl == "plain", f"loss_impl {self.loss_impl!r}: the cross-tokenizer loss has no compiled "
+                                          "form; leave loss_impl at plain with student_tokenizer")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -346,7 +352,7 @@ def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float
     if config.student_tokenizer is not None:
         loss = cross_tokenizer_kd_loss(logits, batch, alpha=config.alpha)
     else:
-        loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind)
+        loss = kd_loss(logits, batch, alpha=config.alpha, kind=config.kind, impl=config.loss_impl)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.grad_clip and config.grad_clip > 0:

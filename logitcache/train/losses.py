@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..choices import LOSS_KINDS
+from ..choices import LOSS_IMPLS, LOSS_KINDS
 from ..errors import ConfigError, TargetsError
 
 __all__ = [
@@ -65,7 +65,7 @@ _AUTO = {"sample": "sparse", "hybrid": "sparse", "topk": "ghost", "full": "spars
 # (13 rows per chunk at V = 152064 ran 4.8x slower than cross-entropy on an H100; docs/benchmarks.md)
 _CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
 _FILL = -1e30  # finite stand-in for log 0 (keeps every gradient finite)
-IMPLS = ("plain", "compiled")  # the student side: chunked eager torch, or torch.compile (losses_fused)
+IMPLS = LOSS_IMPLS  # the student side: chunked eager torch, or torch.compile (losses_fused)
 
 
 def _chunk_rows(z: torch.Tensor) -> int:

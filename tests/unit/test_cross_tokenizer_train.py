@@ -132,6 +132,10 @@ def test_kd_trainer_refuses(store, tiny_tokenizer, student_dir, unigram_dir, tmp
 
     with pytest.raises(ConfigError, match="kd_kind: found 'ghost', expected 'auto' with cross_tokenizer"):
         make(kd_kind="ghost")
+    with pytest.raises(ConfigError, match="kd_impl must be one of plain, compiled .plain with cross_tokenizer"):
+        make(kd_impl="compiled")
+    with pytest.raises(ConfigError, match="kd_impl must be one of plain, compiled"):
+        make(kd_impl="fused", transform=None)
     with pytest.raises(ConfigError, match="data_collator: found .* expected none"):
         make(data_collator=CacheDataset(store).collate)
     with pytest.raises(ConfigError, match="pack_tokens: found 32, expected None with cross_tokenizer"):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from helpers import write_documents_store
+from logitcache.errors import ConfigError
 from logitcache.models.tokenizers import tokenizer_fingerprint
 from logitcache.testing.store_conformance import VOCAB
 from logitcache.testing.targets import assert_equal, build, canonical
@@ -249,6 +250,32 @@ def test_plain_loop_trains_padded_and_padding_free_alike(hybrid_store, tiny_teac
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "True")
     original = AutoModelForCausalLM.from_pretrained(tiny_teacher)
     assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), original.state_dict().values()))
+
+
+def test_the_loop_and_the_cli_train_with_the_compiled_loss(hybrid_store, tiny_teacher, tmp_path, monkeypatch):
+    """loss_impl="compiled" reaches kd_loss (every call counted) and gives the plain loop's losses; the CLI flag
+    sets it; a bad value is refused."""
+    from logitcache.cli import main
+    from logitcache.train import losses
+    from logitcache.train.loop import TrainConfig, train
+
+    impls = []
+    real = losses.kd_loss
+    monkeypatch.setattr(losses, "kd_loss", lambda *a, **kw: impls.append(kw.get("impl")) or real(*a, **kw))
+    runs = {impl: train(TrainConfig(store=hybrid_store, student=tiny_teacher, out=str(tmp_path / impl),
+                                    batch_size=BATCH, steps=2, eval_every=0, lr=1e-3, loss_impl=impl), progress=False)
+            for impl in ("plain", "compiled")}
+    assert impls == ["plain"] * 2 + ["compiled"] * 2
+    assert runs["compiled"]["losses"] == pytest.approx(runs["plain"]["losses"], rel=1e-4)
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["train", "--store", hybrid_store, "--student", tiny_teacher, "--out", str(out),
+                                       "--steps", "1", "--batch-size", str(BATCH), "--eval-every", "0",
+                                       "--loss-impl", "compiled", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert impls[4:] == ["compiled"]
+    assert json.loads((out / "train_state.json").read_text())["config"]["loss_impl"] == "compiled"
+    with pytest.raises(ConfigError, match="loss_impl must be one of plain, compiled; found 'fused'"):
+        TrainConfig(store=hybrid_store, student=tiny_teacher, out=str(tmp_path / "x"), loss_impl="fused")
 
 
 def test_cli_train_takes_padding_free(hybrid_store, tiny_teacher, tmp_path):
