@@ -157,13 +157,15 @@ def sparsify_sequences(teacher: Teacher, sequences: list[Sequence], seq_ids: lis
 
 def _sparsify(logits: torch.Tensor, config: CaptureConfig, uniforms: torch.Tensor | None,
               labels: torch.Tensor) -> SparseTargets | DrawnChunk:
-    """Targets of ``logits`` (rows predicting ``labels``), computed where the logits are (the teacher's device);
-    only the sparse result comes back to the CPU. With ``store.label_logprobs`` they carry each label's exact
-    log-probability too (:func:`~logitcache.capture.sparsify.label_logprobs`)."""
+    """Targets of ``logits`` (rows predicting ``labels``), computed where the logits are (the teacher's device).
+    With ``store.label_logprobs`` they carry each label's exact log-probability too
+    (:func:`~logitcache.capture.sparsify.label_logprobs`). Fixed-budget targets stay there: the writer computes
+    their streams on that device (:mod:`logitcache.store.encode_device`); the CPU packs the bytes. An
+    adaptive budget's chunks come to the CPU, where :func:`sequence_targets` allocates the sequence's draws."""
     targets = sparsify(logits, config.sparsify, uniforms)
     if config.store.label_logprobs:
         targets = replace(targets, label_logprobs=label_logprobs(logits, labels))
-    return targets.to("cpu")
+    return targets if isinstance(targets, SparseTargets) else targets.to("cpu")
 
 
 def sequence_batches(lengths: list[int], batch_tokens: int, max_positions: int) -> list[list[int]]:

@@ -46,6 +46,7 @@ from ..errors import ConfigError, CorruptShardError, TargetsError
 from ..targets import SparseTargets
 from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 from .finish import finish_column
+from .streams import HeadStreams, RowStreams, SampleStreams, check_id_range
 from .planes import LABEL_COLUMN, decode_labels, encode_labels, split as _split, unsplit as _unsplit, view as _view
 from .totals import TOTALS_COLUMN, check_decoded_sums, checked_totals, count_dtype as _count_dtype, decoded_totals
 
@@ -150,10 +151,7 @@ def corpus_order(tokens: np.ndarray, vocab_size: int) -> tuple[int, ...]:
 def _encode_ids(enc: Encoding, ids: np.ndarray, seg: np.ndarray) -> tuple[bytes, bytes, np.ndarray]:
     """Ids of several positions (``seg`` = position of each, non-decreasing) →
     (symbol bytes, packed bits, order used). ``packed`` has no symbols."""
-    if ids.size and (ids.min() < 0 or ids.max() >= enc.vocab_size):
-        raise TargetsError(f"token ids in [{int(ids.min())}, {int(ids.max())}] fall outside the vocabulary "
-                           f"[0, {enc.vocab_size}); expected every id below the store's vocab_size. Targets and "
-                           "store must come from the same teacher vocabulary.")
+    check_id_range((int(ids.min()), int(ids.max())) if ids.size else None, enc.vocab_size)
     if enc.ids == "packed":
         order = _by_position_then(seg, ids, enc.vocab_size)
         return b"", pack_fixed(ids[order], enc.id_width), order
@@ -249,27 +247,24 @@ def row_columns(method: str, weighted: bool, masked: bool = False, generated: bo
     return cols + ([LABEL_COLUMN] if labels else [])
 
 
-def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None,
-               finish: int | None = None) -> EncodedRow:
-    """Encode one sequence: ``tokens`` int[L] (labels are ``tokens[1:]``) and its targets, one per
-    position; or, with ``mask`` bool[L - 1] (a masked row), targets only at the positions it marks
-    (compact, in position order; their labels are ``tokens[1:][mask]``). ``finish``: a generated row's
-    finish code (:mod:`logitcache.store.finish`)."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
-    labels = tokens[1:]
+def row_labels(tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None) -> np.ndarray:
+    """The labels of a row's target positions (``tokens[1:]``, or those ``mask`` marks), checked against
+    the targets' positions (TargetsError)."""
+    labels = np.asarray(tokens, dtype=np.int64)[1:]
     if mask is not None:
-        mask = _checked_mask(mask, tokens.size)
-        labels = labels[mask]
-        out.columns["train_mask"] = np.packbits(mask).tobytes()
-    if finish is not None:
-        out.columns["finish_reason"] = finish_column(finish)
-    num_positions = labels.size
-    if t.num_positions != num_positions:
-        found = (f"the window has {num_positions} (tokens[1:]). Expected one target row per label position"
-                 if mask is None else f"the train mask marks {num_positions} of the row's {tokens.size - 1}. "
+        labels = labels[_checked_mask(mask, labels.size + 1)]
+    if t.num_positions != labels.size:
+        found = (f"the window has {labels.size} (tokens[1:]). Expected one target row per label position"
+                 if mask is None else f"the train mask marks {labels.size} of the row's {len(tokens) - 1}. "
                  "Expected compact targets: one target row per trained position, in position order")
         raise TargetsError(f"targets cover {t.num_positions} positions; {found}.")
+    return labels
+
+
+def row_streams(enc: Encoding, labels: np.ndarray, t: SparseTargets) -> RowStreams:
+    """The reference (numpy, one row) computation of :class:`RowStreams`."""
+    head = sample = None
+    num_positions = labels.size
     if t.head_ids is not None:
         ids = t.head_ids.numpy().astype(np.int64)
         lp = t.head_logprobs.float().numpy()
@@ -279,47 +274,86 @@ def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.nda
         seg = np.repeat(np.arange(num_positions), k).reshape(num_positions, k)
         rest = ~is_label
         symbols, bits, order = _encode_ids(enc, ids[rest], seg[rest])
-        label_lp = lp[is_label]  # one per flagged position, in position order
-        rest_lp = lp[rest][order]
-        rest_pos = seg[rest][order]
-        lp_stream = np.concatenate([label_lp, rest_lp])
-        lp_order = np.argsort(np.concatenate([np.flatnonzero(flags) * 2, rest_pos * 2 + 1]), kind="stable")
-        lp_blob, out.logprob_error, out.prob_error = _encode_logprobs(enc, lp_stream[lp_order])
-        out.columns.update(head_label=np.packbits(flags).tobytes(), head_ids=symbols, head_id_bits=bits,
-                           head_logprobs=lp_blob,
-                           tail_mass=_split(t.tail_mass.numpy(), enc.tail_dtype))
-        if enc.tail_dtype != "<f4":
-            tail = t.tail_mass.double().numpy()
-            out.prob_error = max(out.prob_error, float(np.abs(tail.astype(enc.tail_dtype) - tail).max(initial=0.0)))
+        lp_stream = np.concatenate([lp[is_label], lp[rest][order]])  # labels' in position order, then the rest
+        lp_order = np.argsort(np.concatenate([np.flatnonzero(flags) * 2, seg[rest][order] * 2 + 1]), kind="stable")
+        head = HeadStreams(flags, symbols, bits, lp_stream[lp_order])
     if t.sample_ids is not None:
         lengths = t.sample_lengths.numpy().astype(np.int64)
         ids = t.sample_ids.numpy().astype(np.int64)
         counts = t.sample_counts.numpy().astype(np.int64)
         seg = np.repeat(np.arange(num_positions), lengths)
-        sums = np.bincount(seg, weights=counts, minlength=num_positions)
-        totals = checked_totals(enc.sample_totals, t)
-        wrong = np.flatnonzero((lengths > 0) & (sums != totals))
-        if wrong.size:
-            bad = int(wrong[0])
-            raise TargetsError(f"sample counts must sum to N={int(np.broadcast_to(totals, sums.shape)[bad])} at every "
-                               f"sampled position; found "
-                               f"{int(sums[bad])} at position {bad}")
-        if enc.sample_totals:
-            out.columns[TOTALS_COLUMN] = totals.astype(_count_dtype(t.num_samples)).tobytes()
         is_label = ids == labels[seg]
         flags = np.zeros(num_positions, dtype=bool)
         flags[seg[is_label]] = True
         rest = ~is_label
         symbols, bits, order = _encode_ids(enc, ids[rest], seg[rest])
-        out.columns.update(sample_lengths=(lengths - flags).astype(_count_dtype(t.num_samples)).tobytes(), sample_label=np.packbits(flags).tobytes(),
-                           sample_ids=symbols, sample_id_bits=bits,
-                           sample_counts=(counts[rest][order] - 1).astype(_count_dtype(t.num_samples)).tobytes())
+        weights = None
         if t.sample_weights is not None:
             w = t.sample_weights.numpy().astype("<f4")
             w_order = np.argsort(np.concatenate([seg[is_label] * 2, seg[rest][order] * 2 + 1]), kind="stable")
-            out.columns["sample_weights"] = _split(np.concatenate([w[is_label], w[rest][order]])[w_order], "<f4")
+            weights = np.concatenate([w[is_label], w[rest][order]])[w_order]
+        sample = SampleStreams(flags, symbols, bits, counts[rest][order], weights)
+    return RowStreams(head, sample)
+
+
+def encode_row(enc: Encoding, tokens: np.ndarray, t: SparseTargets, mask: np.ndarray | None = None,
+               finish: int | None = None, streams: RowStreams | None = None) -> EncodedRow:
+    """Encode one sequence: ``tokens`` int[L] (labels are ``tokens[1:]``) and its targets, one per
+    position; or, with ``mask`` bool[L - 1] (a masked row), targets only at the positions it marks
+    (compact, in position order; their labels are ``tokens[1:][mask]``). ``finish``: a generated row's
+    finish code (:mod:`logitcache.store.finish`). ``streams``: this row's :class:`RowStreams` when already
+    computed (by :mod:`logitcache.store.encode_device`), else :func:`row_streams` computes them."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    out = EncodedRow({"tokens": tokens.astype("<i4").tobytes()})
+    labels = row_labels(tokens, t, mask)
+    if mask is not None:
+        out.columns["train_mask"] = np.packbits(mask).tobytes()
+    if finish is not None:
+        out.columns["finish_reason"] = finish_column(finish)
+    totals = None if t.sample_ids is None else _checked_sample_totals(enc, t)
+    streams = row_streams(enc, labels, t) if streams is None else streams
+    if streams.head is not None:
+        _head_columns(enc, t, streams.head, out)
+    if streams.sample is not None:
+        _sample_columns(enc, t, totals, streams.sample, out)
     out.columns.update(encode_labels(t, enc.label_logprobs))
     return out
+
+
+def _head_columns(enc: Encoding, t: SparseTargets, s: HeadStreams, out: EncodedRow) -> None:
+    lp_blob, out.logprob_error, out.prob_error = _encode_logprobs(enc, s.logprobs)
+    out.columns.update(head_label=np.packbits(s.flags).tobytes(), head_ids=s.symbols, head_id_bits=s.bits,
+                       head_logprobs=lp_blob, tail_mass=_split(t.tail_mass.numpy(), enc.tail_dtype))
+    if enc.tail_dtype != "<f4":
+        tail = t.tail_mass.double().numpy()
+        out.prob_error = max(out.prob_error, float(np.abs(tail.astype(enc.tail_dtype) - tail).max(initial=0.0)))
+
+
+def _checked_sample_totals(enc: Encoding, t: SparseTargets) -> np.ndarray | int:
+    """Each position's draws (:func:`checked_totals`), after checking that its counts sum to them."""
+    lengths = t.sample_lengths.numpy().astype(np.int64)
+    sums = np.bincount(np.repeat(np.arange(lengths.size), lengths), weights=t.sample_counts.numpy(),
+                       minlength=lengths.size)
+    totals = checked_totals(enc.sample_totals, t)
+    wrong = np.flatnonzero((lengths > 0) & (sums != totals))
+    if wrong.size:
+        bad = int(wrong[0])
+        raise TargetsError(f"sample counts must sum to N={int(np.broadcast_to(totals, sums.shape)[bad])} at every "
+                           f"sampled position; found {int(sums[bad])} at position {bad}")
+    return totals
+
+
+def _sample_columns(enc: Encoding, t: SparseTargets, totals: np.ndarray | int, s: SampleStreams,
+                    out: EncodedRow) -> None:
+    lengths = t.sample_lengths.numpy().astype(np.int64)
+    dtype = _count_dtype(t.num_samples)
+    if enc.sample_totals:
+        out.columns[TOTALS_COLUMN] = totals.astype(dtype).tobytes()
+    out.columns.update(sample_lengths=(lengths - s.flags).astype(dtype).tobytes(),
+                       sample_label=np.packbits(s.flags).tobytes(), sample_ids=s.symbols, sample_id_bits=s.bits,
+                       sample_counts=(s.counts - 1).astype(dtype).tobytes())
+    if s.weights is not None:
+        out.columns["sample_weights"] = _split(s.weights, "<f4")
 
 
 def _checked_mask(mask: np.ndarray, length: int) -> np.ndarray:

@@ -10,7 +10,8 @@ from ..errors import TargetsError
 from ..faults import fault_point
 from ..targets import SparseTargets
 from .commit import ShardRecord, commit_unit
-from .encoding import encode_row
+from .encode_device import on_device, unit_streams
+from .encoding import encode_row, row_labels
 from .entropy import pack_unit
 from .fs import StoreFS
 from .spec import ShardSpec
@@ -24,7 +25,9 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
     """Encode one unit's sequences into its container objects and their commit record. A masked
     spec (the ``documents`` layout) takes one train mask ``bool[L_i - 1]`` per row in ``masks`` and
     compact targets, and its record lists each row's token count (``lengths``, what a loader packs by
-    without reading the unit); a packed one takes no masks and records no lengths."""
+    without reading the unit); a packed one takes no masks and records no lengths. Targets on an
+    accelerator (a GPU capture) have their streams computed there (:mod:`logitcache.store.encode_device`),
+    byte-identical to the CPU's."""
     if spec.masked and masks is None:
         raise TargetsError(f"unit {index}: the store's layout is documents, so every row needs a train mask; found "
                            "masks=None. Pass one bool[L - 1] per row.")
@@ -38,8 +41,13 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
         raise TargetsError(f"unit {index}: {'no' if finish is None else len(finish)} finish codes for {len(tokens)} "
                            f"rows; a store of generated responses takes one per row, any other store none")
     finish = [None] * len(tokens) if finish is None else finish
-    rows = [encode_row(spec.encoding, tok, t, m, f)
-            for tok, t, m, f in zip(tokens, targets, masks, finish, strict=True)]
+    streams: list = [None] * len(tokens)  # None: encode_row computes each row's (numpy, on the CPU)
+    if on_device(targets):  # the numeric work batched where the targets are; the CPU packs bytes and compresses
+        labels = [row_labels(tok, t, m) for tok, t, m in zip(tokens, targets, masks, strict=True)]
+        streams = unit_streams(spec.encoding, labels, targets)
+        targets = [t.to("cpu") for t in targets]
+    rows = [encode_row(spec.encoding, tok, t, m, f, s)
+            for tok, t, m, f, s in zip(tokens, targets, masks, finish, streams, strict=True)]
     columns = [r.columns for r in rows]
     if spec.encoding.entropy == "ans":
         columns = pack_unit(spec, columns)
@@ -56,8 +64,8 @@ def encode_unit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, t
 def encode_and_commit(spec: ShardSpec, index: int, seq_ids: list[int], tokens: list, targets: list[SparseTargets],
                       masks: list[np.ndarray] | None = None, finish: list[int] | None = None, *,
                       root: str) -> ShardRecord:
-    """Encode a computed unit (``masks`` as :func:`encode_unit` takes them) and commit it through the
-    store's exactly-once path (CPU only)."""
+    """Encode a computed unit (``masks`` and ``targets``, on any device, as :func:`encode_unit` takes them)
+    and commit it through the store's exactly-once path."""
     record, objects = encode_unit(spec, index, seq_ids, tokens, targets, masks, finish)
     commit_unit(StoreFS(root), record, objects)
     fault_point("after_commit")
