@@ -21,6 +21,7 @@ ON_CORRUPT = ("raise", "skip")  # what the dataset does with a damaged shard
 TRAIN_ON = ("assistant", "last-assistant", "all")  # which tokens of a chat conversation train
 LAYOUTS = ("auto", "packed", "documents")  # how a corpus becomes sequences (auto: documents for chat, else packed)
 LONG_SEQUENCES = ("truncate", "split", "skip")  # what the documents layout does with a sequence over seq_len
+ALLOCATIONS = ("fixed", "variance")  # sparsify.allocation: how a sequence's draws are spread over its positions
 
-__all__ = ["BACKENDS", "COMPRESSIONS", "DTYPES", "ENTROPY_CODECS", "FORMATS", "ID_CHOICES", "ID_CODECS",
+__all__ = ["ALLOCATIONS", "BACKENDS", "COMPRESSIONS", "DTYPES", "ENTROPY_CODECS", "FORMATS", "ID_CHOICES", "ID_CODECS",
            "LAYOUTS", "LOGPROB_DTYPES", "LONG_SEQUENCES", "LOSS_IMPLS", "LOSS_KINDS", "METHODS", "ON_CORRUPT", "TRAIN_ON"]

@@ -13,10 +13,10 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..models.embedded import EMBEDDED_TEACHER
-from ..choices import (BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS,
+from ..choices import (ALLOCATIONS, BACKENDS, COMPRESSIONS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS,
                        LOGPROB_DTYPES, LONG_SEQUENCES, METHODS, TRAIN_ON)
 from ..jobfile import from_mapping
-from ..store.totals import ALLOCATIONS, adaptive_cap
+from ..store.totals import adaptive_cap
 
 BUILTIN_CORPUS = "builtin:pydoc"
 

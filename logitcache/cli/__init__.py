@@ -17,9 +17,8 @@ from pathlib import Path
 import click
 
 from ..capture.config import CaptureConfig
-from ..store.totals import ALLOCATIONS
-from ..choices import (BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS, LOGPROB_DTYPES, LONG_SEQUENCES,
-                       METHODS, TRAIN_ON)
+from ..choices import (ALLOCATIONS, BACKENDS, DTYPES, ENTROPY_CODECS, FORMATS, ID_CHOICES, LAYOUTS, LOGPROB_DTYPES,
+                       LONG_SEQUENCES, METHODS, TRAIN_ON)
 from ..jobfile import read_job_file
 from ..errors import LogitCacheError
 

@@ -25,10 +25,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import COMPRESSIONS, FORMATS, METHODS
+from ..choices import ALLOCATIONS, COMPRESSIONS, FORMATS, METHODS
 from ..errors import StoreError
 from .encoding import Encoding
-from .totals import ALLOCATIONS
 from .records import (MAX_COUNT, MAX_SEQ_LEN, ShardRecord, as_json, fail, int_field, mapping_field, number_field,
                       str_field)
 

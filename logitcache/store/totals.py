@@ -16,7 +16,6 @@ from ..targets import SparseTargets
 from .planes import view
 
 TOTALS_COLUMN = "sample_totals"
-ALLOCATIONS = ("fixed", "variance")  # sparsify.allocation: how a sequence's draws are spread over its positions
 ADAPTIVE_CAP_FACTOR = 4
 
 

@@ -21,12 +21,14 @@ EXPECTED = {
     ("capture", "layout"): choices.LAYOUTS,
     ("capture", "long_sequences"): choices.LONG_SEQUENCES,
     ("capture", "train_on"): choices.TRAIN_ON,
+    ("capture", "sample_allocation"): choices.ALLOCATIONS,
     ("convert", "format"): choices.FORMATS,
     ("convert", "ids"): choices.ID_CHOICES,
     ("convert", "logprob_dtype"): choices.LOGPROB_DTYPES,
     ("convert", "entropy"): choices.ENTROPY_CODECS,
     ("train", "kind"): choices.LOSS_KINDS,
     ("train", "dtype"): choices.DTYPES,
+    ("train", "loss_impl"): choices.LOSS_IMPLS,
 }
 
 
