@@ -4,8 +4,11 @@ docs/results.md section writer."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 from logitcache.capture.config import BUILTIN_CORPUS, EMBEDDED_TEACHER, TeacherConfig
 from logitcache.capture.corpus import read_documents
 from logitcache.capture.plan import Plan, build_plan
+from logitcache.capture.teachers.head import head_chunks
 from logitcache.store.writer import encode_unit
 from logitcache.store.encoding import DEFAULT_ID_CODEC, Encoding, corpus_order
 from logitcache.store.spec import ShardSpec
@@ -22,6 +26,7 @@ from logitcache.targets import SparseTargets
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = ROOT / "docs" / "results.md"
+HEAD_CHUNK = TeacherConfig().head_chunk  # the chunk capture applies the head in
 
 
 def bytes_per_position(spec: ShardSpec, seq_ids: list[int], tokens: list[np.ndarray],
@@ -48,48 +53,106 @@ class CachedBodyTeacher:
     """An :class:`~logitcache.capture.teachers.hf.HFTeacher` whose decoder runs once per window.
 
     The body's last hidden states (``[L, d]`` in the teacher's dtype, a few hundred KiB per
-    window) are kept per window; the output head runs on demand. Several captures of the same
-    windows, and the online full-KD teacher, then cost only the head. Everything else is the
-    wrapped teacher's.
+    window) are kept per window — in memory, and with ``cache_dir`` also on disk (one file per
+    window, named by a digest of the teacher's weights and the window's tokens, written atomically),
+    so later runs and a resumed run reuse them. The output head runs on demand; with ``keep_logits``
+    its ``[L, V]`` logits are kept in memory too (``L·V·2`` bytes a window in bf16, ~50 MB for
+    SmolLM2 at L = 512), so several captures of the same windows and the online full-KD teacher
+    cost one head pass per window. Everything else is the wrapped teacher's.
     """
 
-    def __init__(self, teacher) -> None:
+    def __init__(self, teacher, cache_dir: Path | None = None, keep_logits: bool = False) -> None:
         self.inner = teacher
-        self._hidden: dict[bytes, torch.Tensor] = {}
+        self.cache_dir = cache_dir
+        self.keep_logits = keep_logits
+        self._hidden: dict[str, torch.Tensor] = {}
+        self._logits: dict[str, torch.Tensor] = {}
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
+    def _key(self, row: torch.Tensor) -> str:
+        digest = hashlib.sha256(str(self.inner.weights_sha256).encode())
+        digest.update(row.numpy().astype(np.int64).tobytes())
+        return digest.hexdigest()[:40]
+
+    def _lookup(self, key: str) -> torch.Tensor | None:
+        if key not in self._hidden and self.cache_dir is not None and (self.cache_dir / f"{key}.pt").exists():
+            self._hidden[key] = torch.load(self.cache_dir / f"{key}.pt")
+        return self._hidden.get(key)
+
+    def _store(self, key: str, hidden: torch.Tensor) -> None:
+        self._hidden[key] = hidden.clone()
+        if self.cache_dir is not None:
+            tmp = self.cache_dir / f"{key}.pt.tmp"
+            torch.save(self._hidden[key], tmp)
+            os.replace(tmp, self.cache_dir / f"{key}.pt")
+
     @torch.inference_mode()
     def hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L, d]`` last hidden states of ``input_ids`` (int64[B, L]), computed once per row."""
-        keys = [row.numpy().astype(np.int64).tobytes() for row in input_ids.cpu()]
-        missing = [i for i, key in enumerate(keys) if key not in self._hidden]
+        keys = [self._key(row) for row in input_ids.cpu()]
+        missing = [i for i, key in enumerate(keys) if self._lookup(key) is None]
         if missing:
             out = self.inner.body(input_ids=input_ids[missing].to(self.inner.device), use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             for i, h in zip(missing, hidden):
-                self._hidden[keys[i]] = h.clone()
+                self._store(keys[i], h)
         return torch.stack([self._hidden[key] for key in keys])
+
+    @torch.inference_mode()
+    def _row_logits(self, row: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """``[L, V]`` logits of one row, the head applied :data:`HEAD_CHUNK` positions at a time as
+        capture applies it (the matmul's shape can change the last bit); kept with ``keep_logits``."""
+        key = self._key(row)
+        logits = self._logits.get(key)
+        if logits is None:
+            logits = torch.cat([z for _, z in head_chunks(self.inner.head, self.inner.post, hidden, HEAD_CHUNK)])
+            if self.keep_logits:
+                self._logits[key] = logits
+        return logits
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[B, L, V]`` teacher logits (the head's dtype) of ``input_ids``."""
-        return self.inner.post.apply(self.inner.head(self.hidden(input_ids)))
+        hidden = self.hidden(input_ids)
+        return torch.stack([self._row_logits(row, h) for row, h in zip(input_ids.cpu(), hidden)])
 
     def forward_chunks(self, input_ids: torch.Tensor, chunk: int):
         ids = self.inner._check_input(input_ids, chunk)
         hidden = self.hidden(ids)
         for row in range(hidden.shape[0]):
-            for start in range(0, hidden.shape[1], chunk):
-                with torch.inference_mode():
-                    yield row, start, self.inner.post.apply(self.inner.head(hidden[row, start:start + chunk]))
+            if chunk == HEAD_CHUNK:
+                logits = self._row_logits(ids[row].cpu(), hidden[row])
+                chunks = ((start, logits[start:start + chunk]) for start in range(0, hidden.shape[1], chunk))
+            else:
+                chunks = head_chunks(self.inner.head, self.inner.post, hidden[row], chunk)
+            for start, z in chunks:
+                yield row, start, z
+
+    def precompute(self, windows: np.ndarray, batch: int = 2, label: str = "teacher body") -> None:
+        """Run the body over ``windows`` (int[W, L+1]; the teacher reads the first L tokens) in batches,
+        printing progress; windows already cached (in memory or on disk) cost only a file read."""
+        started, computed = time.perf_counter(), 0
+        for s in range(0, len(windows), batch):
+            ids = torch.from_numpy(np.asarray(windows[s:s + batch, :-1])).long()
+            todo = sum(self._lookup(self._key(row)) is None for row in ids)
+            self.hidden(ids)
+            computed += todo * ids.shape[1]
+            rate = computed / max(time.perf_counter() - started, 1e-9)
+            print(f"\r{label}: {min(s + batch, len(windows))}/{len(windows)} windows "
+                  f"({computed} tokens computed, {rate:.0f} tokens/s)", end="", flush=True)
+        print(flush=True)
 
 
-def load_cached_teacher(name: str = EMBEDDED_TEACHER) -> CachedBodyTeacher:
+def load_cached_teacher(name: str = EMBEDDED_TEACHER, cache_dir: Path | None = None,
+                        keep_logits: bool = False) -> CachedBodyTeacher:
     from logitcache.capture.teachers import load_teacher
 
-    return CachedBodyTeacher(load_teacher(TeacherConfig(model=name, device="cpu", dtype="bfloat16")))
+    teacher = load_teacher(TeacherConfig(model=name, device="cpu", dtype="bfloat16"))
+    return CachedBodyTeacher(teacher, cache_dir, keep_logits)
 
 
 def corpus_plan(teacher, seq_len: int, corpus: str = BUILTIN_CORPUS) -> Plan:

@@ -35,6 +35,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,12 @@ def make_frozen_head_student(layers: int):
     return model
 
 
-def train_student(run: Run, store: Path, teacher, seed: int, args) -> tuple[torch.nn.Module, dict]:
-    """Train one student; returns it and ``{"order": sha of the seq ids seen, "seconds", "tokens"}``."""
+def train_student(run: Run, store: Path, teacher, seed: int, args,
+                  build: Callable[[], torch.nn.Module] | None = None) -> tuple[torch.nn.Module, dict]:
+    """Train one student (``build()``, by default the frozen-head cut teacher, made after seeding torch
+    with ``seed``); returns it and ``{"order": sha of the seq ids seen, "seconds", "tokens"}``."""
     torch.manual_seed(seed)
-    model = make_frozen_head_student(args.layers)
+    model = build() if build is not None else make_frozen_head_student(args.layers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     ds = CacheDataset(store, shuffle=True, seed=seed, batch_size=args.batch)
     order, step, tokens, started = hashlib.sha256(), 0, 0, time.perf_counter()
