@@ -141,7 +141,8 @@ def main() -> None:
 @click.option("--temperature", type=float, help="Sampling proposal q ∝ p^(1/τ), sample only (default 1).")
 @click.option("--sample-allocation", type=click.Choice(ALLOCATIONS),
               help="Draws per position: fixed (N each, default) or variance (N per position on average over each "
-                   "sequence, N_t ∝ sqrt(1 − Σp²), 1 to 4N; τ = 1 only).")
+                   "sequence, N_t ∝ the square root of the variance one draw leaves: 1 − Σp², for hybrid its "
+                   "tail's; 1 to 4N; τ = 1 only).")
 @click.option("--seed", type=int, help="Global seed for the draws (default 0).")
 @click.option("--out", help="Store directory or fsspec URL such as s3://bucket/prefix (default ./cache).")
 @click.option("--format", type=click.Choice(FORMATS), help="Store container (default arrow).")
