@@ -100,20 +100,39 @@ def evaluate(model, batches: list[dict]) -> tuple[float, float]:
     return statistics.fmean(float(t.ce) for t in terms), statistics.fmean(float(t.exact) for t in terms)
 
 
+def fit(model, train: list[dict], order: list[int], steps: int, alpha: float) -> float:
+    """``steps`` Adam steps of ``cross_tokenizer_kd_loss`` over ``train[order[step % len(order)]]``; seconds taken."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    started = time.perf_counter()
+    for step in range(steps):
+        b = train[order[step % len(order)]]
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = cross_tokenizer_kd_loss(logits, b, alpha=alpha)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - started
+
+
+def student_batches(transform: CrossTokenizerTransform, view: CacheView, ref: CacheView) -> tuple[list, list]:
+    """Training batches (pairs of the store's rows) and held-out batches (the reference's rows past the store's),
+    in the student's tokens."""
+    train = [transform.collate([view[i], view[i + 1]]) for i in range(0, len(view) - 1, 2)]
+    return train, [transform.collate([ref[i]]) for i in range(len(view), len(ref))]
+
+
+def write_rows(meta: dict, rows: list[tuple], csv: Path) -> None:
+    out = [{**meta, **dict(zip(COLUMNS[len(PROVENANCE) + 1:], r))} for r in rows]
+    for row in out:
+        print_row(row)
+    ResultsFile(csv, COLUMNS).append(out)
+
+
 def measure_students(train: list[dict], heldout: list[dict], vocab: int, steps: int, rows: list) -> None:
     for case, alpha in (("ce", 0.0), ("xtok-kd", 0.5)):
         model = student(vocab)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         before = evaluate(model, heldout)
-        started = time.perf_counter()
-        for step in range(steps):
-            b = train[step % len(train)]
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = cross_tokenizer_kd_loss(logits, b, alpha=alpha)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        seconds = time.perf_counter() - started
+        seconds = fit(model, train, list(range(len(train))), steps, alpha)
         ce, kl = evaluate(model, heldout)
         rows += [("student", case, "heldout_ce_before", round(before[0], 4)),
                  ("student", case, "heldout_kl_aligned_before", round(before[1], 4)),
@@ -150,15 +169,11 @@ def main() -> None:
         view, ref = CacheView(str(store), tokenizer_fingerprint=fingerprint), CacheView(str(reference),
                                                                                        tokenizer_fingerprint=fingerprint)
         assert all(torch.equal(view[i]["input_ids"], ref[i]["input_ids"]) for i in range(len(view)))  # same windows
-        train = [transform.collate([view[i], view[i + 1]]) for i in range(0, len(view) - 1, 2)]
-        heldout = [transform.collate([ref[i]]) for i in range(len(view), len(ref))]
+        train, heldout = student_batches(transform, view, ref)
         measure_students(train, heldout, len(transform.student_bytes), args.steps, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = [{**meta, **dict(zip(COLUMNS[len(PROVENANCE) + 1:], r))} for r in rows]
-    for row in out:
-        print_row(row)
-    ResultsFile(args.csv, COLUMNS).append(out)
+    write_rows(meta, rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -25,21 +25,18 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-from common import PROVENANCE, ResultsFile, csv_argument, machine_load, print_row, provenance, single_thread
-from xtok_label_logprobs import SEQ_LEN, config, evaluate, measure_loader, student
+from common import csv_argument, machine_load, provenance, single_thread
+from xtok_label_logprobs import COLUMNS  # noqa: F401  (the CSV header: rows are written by write_rows)
+from xtok_label_logprobs import SEQ_LEN, config, evaluate, fit, measure_loader, student, student_batches, write_rows
 
 from logitcache.capture.pipeline import capture_local
 from logitcache.capture.teachers import load_teacher
 from logitcache.testing.tokenizers import make_unigram_tokenizer
 from logitcache.train.cross_tokenizer import CrossTokenizerTransform
 from logitcache.train.dataset import CacheDataset, CacheView
-from logitcache.train.losses_xtok import cross_tokenizer_kd_loss
 
-COLUMNS = PROVENANCE + ("load", "measurement", "case", "metric", "value")
 
 
 def profile_transform(store: Path, transform: CrossTokenizerTransform, top: int, rows: list) -> None:
@@ -60,20 +57,11 @@ def profile_transform(store: Path, transform: CrossTokenizerTransform, top: int,
 def train_student(case: str, alpha: float, seed: int, train: list[dict], heldout: list[dict], vocab: int,
                   steps: int, rows: list) -> None:
     model = student(vocab, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    order = random.Random(seed).sample(range(len(train)), len(train))
-    started = time.perf_counter()
-    for step in range(steps):
-        b = train[order[step % len(train)]]
-        loss = cross_tokenizer_kd_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b,
-                                       alpha=alpha)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    seconds = fit(model, train, random.Random(seed).sample(range(len(train)), len(train)), steps, alpha)
     ce, kl = evaluate(model, heldout)
     rows += [("student", f"{case} seed {seed}", "heldout_ce", round(ce, 4)),
              ("student", f"{case} seed {seed}", "heldout_kl_aligned", round(kl, 4)),
-             ("student", f"{case} seed {seed}", "train_seconds", round(time.perf_counter() - started, 1))]
+             ("student", f"{case} seed {seed}", "train_seconds", round(seconds, 1))]
 
 
 def summarise(rows: list) -> None:
@@ -114,18 +102,14 @@ def main() -> None:
         profile_transform(store, transform, args.top, rows)
         view = CacheView(str(store), tokenizer_fingerprint=transform.teacher_fingerprint)
         ref = CacheView(str(reference), tokenizer_fingerprint=transform.teacher_fingerprint)
-        train = [transform.collate([view[i], view[i + 1]]) for i in range(0, len(view) - 1, 2)]
-        heldout = [transform.collate([ref[i]]) for i in range(len(view), len(ref))]
+        train, heldout = student_batches(transform, view, ref)
         for seed in range(args.seeds):
             for case, alpha in (("ce", 0.0), ("xtok-kd", 0.5)):
                 train_student(case, alpha, seed, train, heldout, len(transform.student_bytes), args.steps, rows)
         summarise(rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out = [{**meta, **dict(zip(COLUMNS[len(PROVENANCE) + 1:], r))} for r in rows]
-    for row in out:
-        print_row(row)
-    ResultsFile(args.csv, COLUMNS).append(out)
+    write_rows(meta, rows, args.csv)
 
 
 if __name__ == "__main__":

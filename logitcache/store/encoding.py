@@ -48,7 +48,8 @@ from .bits import gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
 from .finish import finish_column
 from .streams import HeadStreams, RowStreams, SampleStreams, check_id_range
 from .planes import LABEL_COLUMN, decode_labels, encode_labels, split as _split, unsplit as _unsplit, view as _view
-from .totals import TOTALS_COLUMN, check_decoded_sums, checked_totals, count_dtype as _count_dtype, decoded_totals
+from .totals import (TOTALS_COLUMN, check_decoded_sums, checked_totals, count_dtype as _count_dtype, decoded_totals,
+                     misplaced_sums)
 
 ENCODING_VERSIONS = {"zstd": 2, "ans": 3}  # the encoding version each entropy stage writes
 LABELS_VERSION = 4  # what either stage writes when rows carry label_logprob (older readers then refuse the store)
@@ -331,11 +332,8 @@ def _head_columns(enc: Encoding, t: SparseTargets, s: HeadStreams, out: EncodedR
 
 def _checked_sample_totals(enc: Encoding, t: SparseTargets) -> np.ndarray | int:
     """Each position's draws (:func:`checked_totals`), after checking that its counts sum to them."""
-    lengths = t.sample_lengths.numpy().astype(np.int64)
-    sums = np.bincount(np.repeat(np.arange(lengths.size), lengths), weights=t.sample_counts.numpy(),
-                       minlength=lengths.size)
     totals = checked_totals(enc.sample_totals, t)
-    wrong = np.flatnonzero((lengths > 0) & (sums != totals))
+    sums, wrong = misplaced_sums(t.sample_counts.numpy(), t.sample_lengths.numpy().astype(np.int64), totals)
     if wrong.size:
         bad = int(wrong[0])
         raise TargetsError(f"sample counts must sum to N={int(np.broadcast_to(totals, sums.shape)[bad])} at every "

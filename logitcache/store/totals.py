@@ -73,10 +73,16 @@ def decoded_totals(columns: dict[str, np.ndarray], num_samples: int, num_positio
     return totals
 
 
+def misplaced_sums(counts: np.ndarray, lengths: np.ndarray, totals: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, wrong)``: each position's counts (grouped by position, ``lengths`` per position) summed, and the
+    sampled positions whose sum is not their draws ``totals`` (an array, or one ``N`` for all)."""
+    sums = np.bincount(np.repeat(np.arange(lengths.size), lengths), weights=counts, minlength=lengths.size)
+    return sums, np.flatnonzero((lengths > 0) & (sums != totals))
+
+
 def check_decoded_sums(counts: np.ndarray, lengths: np.ndarray, totals: np.ndarray) -> None:
     """Each sampled position's decoded counts (grouped by position) sum to its own draws."""
-    sums = np.bincount(np.repeat(np.arange(lengths.size), lengths), weights=counts, minlength=lengths.size)
-    wrong = np.flatnonzero((lengths > 0) & (sums != totals))
+    sums, wrong = misplaced_sums(counts, lengths, totals)
     if wrong.size:
         bad = int(wrong[0])
         raise CorruptShardError(f"position {bad}: sample counts sum to {int(sums[bad])}; its {TOTALS_COLUMN} "

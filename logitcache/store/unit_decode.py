@@ -28,9 +28,10 @@ import torch
 from ..errors import CorruptShardError
 from ..targets import SparseTargets
 from .bits import MAX_BITS
-from .encoding import Encoding, _count_dtype, _decode_logprobs, _with_label_first, decode_row, row_mask
+from .encoding import Encoding, _decode_logprobs, _with_label_first, decode_row, row_mask
 from .planes import LABEL_COLUMN, unsplit
 from .spec import ShardSpec
+from .totals import count_dtype
 from .units import UnitRows
 
 __all__ = ["DecodedUnit", "Row", "RowsByRow", "decode_unit", "handles", "unit_rows"]
@@ -324,9 +325,9 @@ def _sample(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.n
     enc, n = spec.encoding, spec.num_samples
     flags = cols.bits("sample_label", positions)
     _flagged_labels(cols, flags, labels, pos_off, enc.vocab_size, "sample")
-    rest_len = cols.plain("sample_lengths", positions, _count_dtype(n)).astype(np.int64)
+    rest_len = cols.plain("sample_lengths", positions, count_dtype(n)).astype(np.int64)
     rest_ids = _ids(enc, cols, "sample", rest_len, pos_off)
-    rest_counts = cols.plain("sample_counts", _segment_sums(rest_len, pos_off), _count_dtype(n)).astype(np.int32) + 1
+    rest_counts = cols.plain("sample_counts", _segment_sums(rest_len, pos_off), count_dtype(n)).astype(np.int32) + 1
     lengths = rest_len + flags
     label_counts = n - _position_sums(rest_counts, rest_len)
     entry_off = np.concatenate([[0], np.cumsum(lengths)])[pos_off]
