@@ -120,6 +120,7 @@ class CachedBodyTeacher:
         hidden = self.hidden(input_ids)
         return torch.stack([self._row_logits(row, h) for row, h in zip(input_ids.cpu(), hidden)])
 
+    @torch.inference_mode()
     def forward_chunks(self, input_ids: torch.Tensor, chunk: int):
         ids = self.inner._check_input(input_ids, chunk)
         hidden = self.hidden(ids)

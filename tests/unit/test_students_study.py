@@ -1,0 +1,130 @@
+"""The student study's own machinery (benchmarks/students_study.py, benchmarks/kd_common.py): the verdict that
+says which methods separate, the CSV reader that merges invocations, and the teacher-body disk cache every
+capture and the online full-KD reference of the study go through."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_config
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """``students_study`` and ``kd_common`` imported from benchmarks/ (dropped from sys.modules afterwards)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield importlib.import_module("students_study"), importlib.import_module("kd_common")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name, module in list(sys.modules.items()):
+            if Path(getattr(module, "__file__", None) or "/").parent == BENCHMARKS:
+                del sys.modules[name]
+
+
+def _rows(kl: dict[str, list[float]], budget: str = "~50 B") -> list[dict]:
+    online = ("CE only", "full KD (online)")
+    return [{"method": m, "budget": "—" if m in online else budget, "kl": v, "seed": s}
+            for m, values in kl.items() for s, v in enumerate(values)]
+
+
+def test_separability_against_a_hand_computed_verdict(bench):
+    study, _ = bench
+    kl = {"CE only": [5.8, 5.81, 5.79], "full KD (online)": [5.30, 5.31, 5.29],
+          "top-12 renorm": [5.40, 5.41, 5.39], "RS-KD N=170": [5.29, 5.30, 5.31]}
+    pairs = {p[1]: p for p in study.separability(_rows(kl), "kl")}
+    # full KD is compared with every cached method of the budget, and those with each other; CE only is not paired
+    assert set(pairs) == {"full KD (online) − top-12 renorm", "full KD (online) − RS-KD N=170",
+                          "top-12 renorm − RS-KD N=170"}
+    for name, (a, b) in {"full KD (online) − top-12 renorm": ("full KD (online)", "top-12 renorm"),
+                         "full KD (online) − RS-KD N=170": ("full KD (online)", "RS-KD N=170"),
+                         "top-12 renorm − RS-KD N=170": ("top-12 renorm", "RS-KD N=170")}.items():
+        diff = sum(kl[a]) / 3 - sum(kl[b]) / 3
+        sd = max(np.std(kl[a], ddof=1), np.std(kl[b], ddof=1))
+        budget, _, shown_diff, shown_2sd, verdict = pairs[name]
+        assert budget == "~50 B"
+        assert float(shown_diff) == pytest.approx(diff, abs=1e-4) and float(shown_2sd) == pytest.approx(2 * sd, abs=1e-4)
+        assert verdict == ("separable" if abs(diff) >= 2 * sd else "not separable at this budget")
+    assert pairs["full KD (online) − top-12 renorm"][4] == "separable"
+    assert pairs["full KD (online) − RS-KD N=170"][4] == "not separable at this budget"
+
+
+def test_separability_uses_the_larger_sd_and_one_budget_at_a_time(bench):
+    study, _ = bench
+    # a difference of 0.05: separable against the tight method's sd alone, not against the noisy one's
+    kl = {"full KD (online)": [5.0, 5.0 + 1e-3, 5.0 - 1e-3], "noisy": [5.05, 5.10, 5.00]}
+    (row,) = study.separability(_rows(kl), "kl")
+    assert float(row[3]) == pytest.approx(2 * statistics.stdev(kl["noisy"]), abs=1e-4)
+    assert row[4] == "not separable at this budget"
+    two = _rows({"full KD (online)": [5.0, 5.0], "a": [5.2, 5.2]}, "~25 B") + _rows({"b": [5.1, 5.1]}, "~100 B")
+    pairs = study.separability(two, "kl")
+    assert [(p[0], p[1]) for p in pairs] == [("~25 B", "full KD (online) − a"), ("~100 B", "full KD (online) − b")]
+
+
+def test_read_rows_keeps_the_last_row_per_budget_method_and_seed(bench, tmp_path):
+    study, _ = bench
+    numeric = ("bytes_per_position", "ids_per_position", "ce", "kl", "top1_agreement", "accuracy", "ece",
+               "ece_vs_teacher", "gap_closed_ce", "gap_closed_kl", "teacher_ce", "teacher_ece", "wall_s")
+    path = tmp_path / "study.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["budget", "method", "seed", *numeric])
+        w.writeheader()
+        for kl, seed in ((5.5, 0), (5.4, 1), (5.3, 0)):  # the third row supersedes the first
+            w.writerow({"budget": "~50 B", "method": "RS-KD N=170", "seed": seed, **dict.fromkeys(numeric, 1.0),
+                        "kl": kl})
+    rows = study.read_rows(path)
+    assert sorted((r["seed"], r["kl"]) for r in rows) == [(0, 5.3), (1, 5.4)]
+    (tmp_path / "empty.csv").write_text("budget,method,seed\n")
+    with pytest.raises(SystemExit, match="holds no rows"):
+        study.read_rows(tmp_path / "empty.csv")
+
+
+def _shards(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != "manifest.json" and "lock" not in p.name}
+
+
+def test_body_cache_captures_the_same_bytes_and_runs_the_body_once(bench, tiny_teacher, tmp_path):
+    """A capture through the cached teacher writes the shards a plain capture writes; a second teacher on the same
+    cache directory (a later run) reads every window from disk and never runs the body."""
+    from logitcache.capture import capture
+    from logitcache.capture.teachers import load_teacher
+
+    _, kd = bench
+    config = make_config(tiny_teacher, tmp_path / "plain", method="hybrid")
+    capture(config, progress=False)
+
+    calls = []
+
+    def cached():
+        teacher = kd.CachedBodyTeacher(load_teacher(config.teacher), tmp_path / "body", keep_logits=True)
+        body = teacher.inner.body
+        teacher.inner.body = lambda **kw: calls.append(kw["input_ids"].shape[0]) or body(**kw)
+        return teacher
+
+    first = cached()
+    capture(config.with_overrides({"store.path": str(tmp_path / "first")}), progress=False, teacher=first)
+    assert sum(calls) == 10 and len(list((tmp_path / "body").glob("*.pt"))) == 10  # ten windows, each once
+    assert _shards(tmp_path / "first") == _shards(tmp_path / "plain") != {}
+
+    calls.clear()
+    second = cached()
+    capture(config.with_overrides({"store.path": str(tmp_path / "second")}), progress=False, teacher=second)
+    assert calls == [] and _shards(tmp_path / "second") == _shards(tmp_path / "plain")
+
+    ids = torch.randint(0, 300, (2, 17))
+    other = ids.clone()
+    other[1, 3] = (other[1, 3] + 1) % 300  # another window: another key, computed
+    assert torch.equal(second.hidden(ids), second.hidden(ids)) and calls == [2]
+    second.hidden(other)
+    assert calls == [2, 1]
