@@ -89,13 +89,27 @@ def _methods(budget: Budget) -> list[tuple[Run, SparsifyConfig]]:
              SparsifyConfig(method="hybrid", k=ak, samples=an, allocation="variance"))]
 
 
-def store_configs(budget: Budget) -> dict[str, SparsifyConfig]:
-    """Store key → sparsify config of one budget's cached methods."""
-    return {run.store: config for run, config in _methods(budget)}
+FAMILIES = ("topk", "ghost", "rs", "rs-adaptive", "hybrid", "hybrid-adaptive")  # --methods; CE and full KD always run
 
 
-def budget_runs(budget: Budget) -> list[Run]:
-    return [run for run, _ in _methods(budget)]
+def family(run: Run) -> str:
+    """The ``--methods`` name of a cached method's run (``top-12 + ghost`` → ``ghost``)."""
+    if run.kind in ("topk_renorm", "ghost"):
+        return "topk" if run.kind == "topk_renorm" else "ghost"
+    return ("rs" if run.store.startswith("rs") else "hybrid") + ("-adaptive" if run.store.endswith("-var") else "")
+
+
+def _selected(budget: Budget, families) -> list[tuple[Run, SparsifyConfig]]:
+    return [(run, config) for run, config in _methods(budget) if family(run) in families]
+
+
+def store_configs(budget: Budget, families=FAMILIES) -> dict[str, SparsifyConfig]:
+    """Store key → sparsify config of one budget's cached methods (those of ``families``)."""
+    return {run.store: config for run, config in _selected(budget, families)}
+
+
+def budget_runs(budget: Budget, families=FAMILIES) -> list[Run]:
+    return [run for run, _ in _selected(budget, families)]
 
 
 def capture_store(teacher, key: str, sparsify: SparsifyConfig, seed: int, args) -> Path:
@@ -153,9 +167,10 @@ def seed_rows(teacher, seed: int, args, held: tuple) -> list[dict]:
     """Every run of one seed: CE only and full KD once, the cached methods per budget."""
     rows, orders = [], set()
     for b, budget in enumerate(args.budgets):
-        stores = {key: capture_store(teacher, key, cfg, seed, args) for key, cfg in store_configs(budget).items()}
+        configs = {**store_configs(budget, args.methods), f"topk{budget.topk}": SparsifyConfig(method="topk", k=budget.topk)}
+        stores = {key: capture_store(teacher, key, cfg, seed, args) for key, cfg in configs.items()}
         online = [Run("CE only", f"topk{budget.topk}", "ce"), Run("full KD (online)", f"topk{budget.topk}", "full")]
-        for run in (online if b == 0 else []) + budget_runs(budget):
+        for run in (online if b == 0 else []) + budget_runs(budget, args.methods):
             row, order = train_and_evaluate(run, stores[run.store], teacher, seed, args, held)
             size = (float("nan"), float("nan")) if run.kind in ("ce", "full") else store_size(stores[run.store])
             rows.append({"budget": "—" if run.kind in ("ce", "full") else budget.name,
@@ -273,6 +288,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, default=Path("/tmp/logitcache-students-study"),
                     help="teacher hidden states, held-out windows and stores (kept: reruns reuse them)")
     ap.add_argument("--budgets", nargs="+", choices=sorted(BUDGETS), default=["25", "50", "100"])
+    ap.add_argument("--methods", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                    help="the cached methods to train (CE only and full KD always run)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--train-windows", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)

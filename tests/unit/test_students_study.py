@@ -128,3 +128,13 @@ def test_body_cache_captures_the_same_bytes_and_runs_the_body_once(bench, tiny_t
     assert torch.equal(second.hidden(ids), second.hidden(ids)) and calls == [2]
     second.hidden(other)
     assert calls == [2, 1]
+
+
+def test_every_cached_run_has_one_family_and_methods_select_by_it(bench):
+    study, _ = bench
+    for budget in study.BUDGETS.values():
+        runs = study.budget_runs(budget)
+        assert sorted(study.family(r) for r in runs) == sorted(study.FAMILIES)  # one run per family
+        chosen = study.budget_runs(budget, ("topk", "rs"))
+        assert [r.name for r in chosen] == [f"top-{budget.topk} renorm", f"RS-KD N={budget.samples}"]
+        assert set(study.store_configs(budget, ("ghost",))) == {f"topk{budget.topk}"}
