@@ -303,21 +303,28 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--png", type=Path, default=None, help="write the gap-closed vs bytes figure here")
     ap.add_argument("--results-md", action="store_true", help="replace the students-study section of docs/results.md")
     ap.add_argument("--summarize", type=Path, default=None,
-                    help="no training: the table and figure from this CSV's rows (e.g. of several invocations; "
-                         "the last row per budget, method and seed wins)")
+                    help="no training: the table and figure from this CSV's rows with the settings of its last row "
+                         "(several invocations of one setting merge; the last row per budget, method and seed wins)")
     return ap
 
 
+SETTINGS = ("corpus", "files_sha256", "student", "train_windows", "epochs", "batch", "seq_len", "lr", "eval_positions")
+
+
 def read_rows(path: Path) -> list[dict]:
-    """The rows of an earlier invocation's CSV, numbers parsed; the last per (budget, method, seed) wins."""
+    """The rows of earlier invocations in a CSV that have the settings (:data:`SETTINGS`) of its last row,
+    numbers parsed; the last per (budget, method, seed) wins (so invocations of one setting merge, e.g. one per
+    seed, and the rows of pilots with other settings are left out)."""
     import csv
 
     numeric = ("bytes_per_position", "ids_per_position", "ce", "kl", "top1_agreement", "accuracy", "ece",
                "ece_vs_teacher", "gap_closed_ce", "gap_closed_kl", "teacher_ce", "teacher_ece", "wall_s")
     with open(path, newline="") as f:
-        latest = {(r["budget"], r["method"], r["seed"]): r for r in csv.DictReader(f)}
-    if not latest:
+        rows = list(csv.DictReader(f))
+    if not rows:
         raise SystemExit(f"{path} holds no rows; expected the CSV of an earlier students_study.py run")
+    setting = [rows[-1].get(k) for k in SETTINGS]
+    latest = {(r["budget"], r["method"], r["seed"]): r for r in rows if [r.get(k) for k in SETTINGS] == setting}
     return [{**r, **{k: float(r[k]) for k in numeric}, "seed": int(r["seed"])} for r in latest.values()]
 
 

@@ -77,11 +77,12 @@ def test_read_rows_keeps_the_last_row_per_budget_method_and_seed(bench, tmp_path
                "ece_vs_teacher", "gap_closed_ce", "gap_closed_kl", "teacher_ce", "teacher_ece", "wall_s")
     path = tmp_path / "study.csv"
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, ["budget", "method", "seed", *numeric])
+        w = csv.DictWriter(f, ["budget", "method", "seed", "epochs", *numeric])
         w.writeheader()
-        for kl, seed in ((5.5, 0), (5.4, 1), (5.3, 0)):  # the third row supersedes the first
-            w.writerow({"budget": "~50 B", "method": "RS-KD N=170", "seed": seed, **dict.fromkeys(numeric, 1.0),
-                        "kl": kl})
+        # a pilot of other settings (epochs 1) is left out; of one setting, the last row per seed wins
+        for kl, seed, epochs in ((5.9, 2, 1), (5.5, 0, 3), (5.4, 1, 3), (5.3, 0, 3)):
+            w.writerow({"budget": "~50 B", "method": "RS-KD N=170", "seed": seed, "epochs": epochs,
+                        **dict.fromkeys(numeric, 1.0), "kl": kl})
     rows = study.read_rows(path)
     assert sorted((r["seed"], r["kl"]) for r in rows) == [(0, 5.3), (1, 5.4)]
     (tmp_path / "empty.csv").write_text("budget,method,seed\n")
