@@ -49,6 +49,7 @@ from students import Run, evaluate, gap_closed, mean_sd, store_size, summarise, 
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig, CorpusConfig, SparsifyConfig, StoreConfig, TeacherConfig
 from logitcache.capture.corpus import open_corpus
+from logitcache.store import read_manifest
 
 COLUMNS = PROVENANCE + ("wall_s", "load", "corpus", "python", "files_sha256", "student", "train_windows", "epochs",
                         "steps", "batch", "seq_len", "lr", "eval_positions", "quick", "budget", "method", "seed",
@@ -113,10 +114,17 @@ def budget_runs(budget: Budget, families=FAMILIES) -> list[Run]:
 
 
 def capture_store(teacher, key: str, sparsify: SparsifyConfig, seed: int, args) -> Path:
-    """The store ``key`` of this seed under ``--work`` (top-k stores are seed-free), captured if absent."""
+    """The store ``key`` of this seed and training windows under ``--work`` (top-k stores are seed-free), captured
+    if absent; a store found there must hold this corpus's first ``--train-windows`` windows of ``--seq-len``."""
     capture_seed = 0 if sparsify.method == "topk" else seed
-    path = args.work / "stores" / f"{key}-seed{capture_seed}"
-    if not (path / "manifest.json").exists():
+    path = args.work / "stores" / f"{key}-{args.train_windows}x{args.seq_len}-seed{capture_seed}"
+    if (path / "manifest.json").exists():
+        header = read_manifest(path).header
+        found = (header.corpus.get("source"), header.seq_len, header.plan.sequences)
+        if found != (args.corpus, args.seq_len, args.train_windows):
+            raise SystemExit(f"{path}: holds {found[2]} windows of {found[1]} tokens of {found[0]}; expected "
+                             f"{args.train_windows} of {args.seq_len} of {args.corpus}: remove it, or use another --work")
+    else:
         config = CaptureConfig(teacher=TeacherConfig(device="cpu", dtype="bfloat16"),
                                corpus=CorpusConfig(source=args.corpus, seq_len=args.seq_len,
                                                    max_tokens=args.train_windows * args.seq_len),

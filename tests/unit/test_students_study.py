@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -139,3 +140,25 @@ def test_every_cached_run_has_one_family_and_methods_select_by_it(bench):
         chosen = study.budget_runs(budget, ("topk", "rs"))
         assert [r.name for r in chosen] == [f"top-{budget.topk} renorm", f"RS-KD N={budget.samples}"]
         assert set(study.store_configs(budget, ("ghost",))) == {f"topk{budget.topk}"}
+
+
+def test_a_store_of_other_windows_is_not_reused(bench, tiny_teacher, tmp_path):
+    """A store under --work captured for another number of training windows (or seq_len, corpus) is refused by
+    name, not silently trained on; the path carries the windows, so a new setting captures its own."""
+    import argparse
+
+    from logitcache.capture.teachers import load_teacher
+
+    study, _ = bench
+    config = make_config(tiny_teacher, tmp_path / "unused")
+    teacher = load_teacher(config.teacher)
+    args = argparse.Namespace(work=tmp_path, corpus=config.corpus.source, seq_len=config.corpus.seq_len,
+                              train_windows=4)
+    sparsify = config.sparsify
+    path = study.capture_store(teacher, "rs", sparsify, 0, args)
+    assert path.name == f"rs-4x{args.seq_len}-seed0" and study.capture_store(teacher, "rs", sparsify, 0, args) == path
+    assert study.capture_store(teacher, "rs", sparsify, 0, argparse.Namespace(**{**vars(args), "train_windows": 3})) \
+        != path
+    shutil.copytree(path, path.parent / f"rs-5x{args.seq_len}-seed0")  # a 4-window store where 5 are expected
+    with pytest.raises(SystemExit, match="holds 4 windows .* expected 5"):
+        study.capture_store(teacher, "rs", sparsify, 0, argparse.Namespace(**{**vars(args), "train_windows": 5}))
