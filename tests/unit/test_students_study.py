@@ -52,12 +52,25 @@ def test_separability_against_a_hand_computed_verdict(bench):
                          "top-12 renorm − RS-KD N=170": ("top-12 renorm", "RS-KD N=170")}.items():
         diff = sum(kl[a]) / 3 - sum(kl[b]) / 3
         sd = max(np.std(kl[a], ddof=1), np.std(kl[b], ddof=1))
-        budget, _, shown_diff, shown_2sd, verdict = pairs[name]
+        budget, _, shown_diff, shown_2sd, verdict, shown_2sd_paired, paired_verdict = pairs[name]
         assert budget == "~50 B"
         assert float(shown_diff) == pytest.approx(diff, abs=1e-4) and float(shown_2sd) == pytest.approx(2 * sd, abs=1e-4)
         assert verdict == ("separable" if abs(diff) >= 2 * sd else "not separable at this budget")
+        per_seed = np.subtract(kl[a], kl[b])
+        assert float(shown_2sd_paired) == pytest.approx(2 * np.std(per_seed, ddof=1), abs=1e-4)
+        assert paired_verdict == ("separable" if abs(per_seed.mean()) >= 2 * np.std(per_seed, ddof=1)
+                                  else "not separable at this budget")
     assert pairs["full KD (online) − top-12 renorm"][4] == "separable"
     assert pairs["full KD (online) − RS-KD N=170"][4] == "not separable at this budget"
+
+
+def test_paired_verdict_sees_a_shift_the_seed_spread_hides(bench):
+    study, _ = bench
+    # seeds move both methods together by ±0.1; method b is 0.03 worse in every seed
+    kl = {"full KD (online)": [5.0, 5.1, 5.2], "b": [5.03, 5.13, 5.23 + 1e-3]}
+    (row,) = study.separability(_rows(kl), "kl")
+    assert row[4] == "not separable at this budget" and row[6] == "separable"
+    assert float(row[5]) == pytest.approx(2 * np.std([0.03, 0.03, 0.031], ddof=1), abs=1e-4)
 
 
 def test_separability_uses_the_larger_sd_and_one_budget_at_a_time(bench):
