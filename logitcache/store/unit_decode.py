@@ -4,9 +4,11 @@ row (docs/format.md, "Encoding"), from vectorised passes over the unit's concate
 A container hands a unit over as one byte array per column plus row offsets (:class:`UnitRows`), so each
 stream of every row is decoded in one numpy pass over the whole unit: every bit field (mantissas, packed ids)
 is read from the 64-bit window at its first byte (its offset: one cumulative sum), gaps become ranks by one
-cumulative sum, byte planes are gathered per row. A position's sampled entries (its label first,
-then the rest) are laid out as a row of a ``[positions, longest]`` matrix of ``id · longest + column`` keys and
-sorted row by row (stable, as the row path's argsort), instead of one argsort over the unit.
+cumulative sum, byte planes are gathered per row. The sampled entries (ids, counts, the label first, the sort
+by id) are decoded by one compiled pass over the unit (:mod:`logitcache.store.unit_decode_jit`, numba, loaded on
+the first decode); ``decode_unit(..., compiled=False)`` takes the numpy passes instead, the reference the kernel
+is tested against: a position's entries laid out as a row of a ``[positions, longest]`` matrix of
+``id · longest + column`` keys and sorted row by row (stable, as the row path's argsort).
 
 :func:`decode_unit` takes the columns it :func:`handles` (every encoding, method, layout and
 ``label_logprob``); a unit with another column (a newer format) is decoded row by row through
@@ -32,6 +34,7 @@ from .encoding import Encoding, _decode_logprobs, _with_label_first, decode_row,
 from .planes import LABEL_COLUMN, unsplit
 from .spec import ShardSpec
 from .totals import count_dtype
+from .unit_decode_jit import sample_entries
 from .units import UnitRows
 
 __all__ = ["DecodedUnit", "Row", "RowsByRow", "decode_unit", "handles", "unit_rows"]
@@ -41,6 +44,10 @@ __all__ = ["DecodedUnit", "Row", "RowsByRow", "decode_unit", "handles", "unit_ro
 HANDLED = frozenset({"tokens", "train_mask", "finish_reason", "head_label", "head_ids", "head_id_bits",
                      "head_logprobs", "tail_mass", "sample_lengths", "sample_label", "sample_ids", "sample_id_bits",
                      "sample_counts", "sample_weights", LABEL_COLUMN})
+# what a damaged stream holds, said alike by the numpy passes and the compiled kernel
+GAMMA_SYMBOL = "gamma symbol above {bits} in {part}_ids"
+OUTSIDE = "decoded {what} outside the vocabulary of {vocab} in {column}"
+COUNT_BELOW_1 = "decoded a sample count below 1"
 POSITION_FIELDS = ("head_ids", "head_logprobs", "tail_mass", "sample_lengths", "label_logprobs")
 ENTRY_FIELDS = ("sample_ids", "sample_counts", "sample_weights")
 
@@ -132,8 +139,11 @@ class _Columns:
         """Raise for the first row where ``bad_rows`` (bool[R]) holds: ``message(row)`` after the row's name."""
         bad = np.flatnonzero(bad_rows)
         if bad.size:
-            r = int(bad[0])
-            raise CorruptShardError(f"row {r} (seq_id {int(self.rows.seq_ids[r])}): {message(r)}")
+            self.fail(int(bad[0]), message(int(bad[0])))
+
+    def fail(self, r: int, message: str) -> None:
+        """Raise CorruptShardError for row ``r``: its name, then ``message``."""
+        raise CorruptShardError(f"row {r} (seq_id {int(self.rows.seq_ids[r])}): {message}")
 
     def check_entries(self, bad: np.ndarray, off: np.ndarray, message: Callable[[int], str]) -> None:
         """:meth:`check` for ``bad`` given per entry (row ``r``'s entries are ``off[r]:off[r + 1]``)."""
@@ -210,7 +220,7 @@ def _ids(enc: Encoding, cols: _Columns, part: str, rest_len: np.ndarray, pos_off
         return _rank_delta_ids(enc, cols, part, rest_len, counts, value_off)
     ids = _fields(cols, f"{part}_id_bits", np.full(int(value_off[-1]), enc.id_width, np.int64), value_off)
     cols.check_entries(ids >= enc.vocab_size, value_off,
-                       lambda r: f"decoded id outside the vocabulary of {enc.vocab_size} in {part}_id_bits")
+                       lambda r: OUTSIDE.format(what="id", vocab=enc.vocab_size, column=f"{part}_id_bits"))
     return ids
 
 
@@ -218,7 +228,7 @@ def _rank_delta_ids(enc: Encoding, cols: _Columns, part: str, rest_len: np.ndarr
                     value_off: np.ndarray) -> np.ndarray:
     """Gamma-coded rank gaps (symbols in ``{part}_ids``, mantissas in ``{part}_id_bits``) → ids."""
     symbols, _ = cols.bytes(f"{part}_ids", counts)
-    cols.check_entries(symbols > MAX_BITS, value_off, lambda r: f"gamma symbol above {MAX_BITS} in {part}_ids")
+    cols.check_entries(symbols > MAX_BITS, value_off, lambda r: GAMMA_SYMBOL.format(bits=MAX_BITS, part=part))
     widths = np.maximum(symbols.astype(np.int64) - 1, 0)
     gaps = (symbols > 0).astype(np.int64) << widths | _fields(cols, f"{part}_id_bits", widths, value_off)
     csum = np.cumsum(gaps)
@@ -226,7 +236,7 @@ def _rank_delta_ids(enc: Encoding, cols: _Columns, part: str, rest_len: np.ndarr
     before = np.where(first > 0, csum[np.maximum(first - 1, 0)] if csum.size else 0, 0)
     ranks = csum - np.repeat(before, rest_len)
     cols.check_entries(ranks >= enc.vocab_size, value_off,
-                       lambda r: f"decoded rank outside the vocabulary of {enc.vocab_size} in {part}_ids")
+                       lambda r: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column=f"{part}_ids"))
     return enc._unrank[ranks]  # ids of the vocabulary, every one
 
 
@@ -257,21 +267,9 @@ def _label_first_by_id(flags: np.ndarray, lengths: np.ndarray, vocab: int, label
     return filled, keys[filled] // longest, keys % longest
 
 
-def _in_order(filled: np.ndarray, source: np.ndarray, flags: np.ndarray, label_values: np.ndarray | None,
-              stored: np.ndarray, dtype: type) -> np.ndarray:
-    """Values given in stored order (``stored`` for every entry, or with ``label_values`` the labels' apart) in
-    the sorted order :func:`_label_first_by_id` found."""
-    dense = np.zeros(filled.shape, dtype=dtype)
-    if label_values is None:
-        dense[filled] = stored
-    else:
-        dense[filled & (np.arange(filled.shape[1]) >= flags[:, None])] = stored
-        dense[flags, 0] = label_values[flags]
-    return np.take_along_axis(dense, source, 1)[filled]
-
-
-def decode_unit(spec: ShardSpec, rows: UnitRows) -> DecodedUnit:
-    """Every row of ``rows`` decoded (the columns must be ones :func:`handles`)."""
+def decode_unit(spec: ShardSpec, rows: UnitRows, *, compiled: bool = True) -> DecodedUnit:
+    """Every row of ``rows`` decoded (the columns must be ones :func:`handles`); ``compiled``: the sampled entries
+    by the compiled kernel (:mod:`logitcache.store.unit_decode_jit`), else by numpy passes (the reference)."""
     cols = _Columns(rows)
     data, off = cols.bytes("tokens")
     cols.check(np.diff(off) % 4 != 0, lambda r: "tokens column holds a partial int32")
@@ -292,7 +290,7 @@ def decode_unit(spec: ShardSpec, rows: UnitRows) -> DecodedUnit:
     if "head_ids" in rows.columns:
         fields.update(_head(spec, cols, labels, positions, pos_off))
     if "sample_ids" in rows.columns:
-        sample, entry_off = _sample(spec, cols, labels, positions, pos_off)
+        sample, entry_off = _sample(spec, cols, labels, positions, pos_off, compiled)
         fields.update(sample)
     if LABEL_COLUMN in rows.columns:
         values = cols.planes(LABEL_COLUMN, positions, "<f4")
@@ -320,22 +318,55 @@ def _head(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.nda
             "tail_mass": cols.planes("tail_mass", positions, enc.tail_dtype).astype(np.float32)}
 
 
-def _sample(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.ndarray,
-            pos_off: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _sample(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.ndarray, pos_off: np.ndarray,
+            compiled: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
     enc, n = spec.encoding, spec.num_samples
     flags = cols.bits("sample_label", positions)
     _flagged_labels(cols, flags, labels, pos_off, enc.vocab_size, "sample")
     rest_len = cols.plain("sample_lengths", positions, count_dtype(n)).astype(np.int64)
-    rest_ids = _ids(enc, cols, "sample", rest_len, pos_off)
-    rest_counts = cols.plain("sample_counts", _segment_sums(rest_len, pos_off), count_dtype(n)).astype(np.int32) + 1
+    stored_counts = cols.plain("sample_counts", _segment_sums(rest_len, pos_off), count_dtype(n))
     lengths = rest_len + flags
-    label_counts = n - _position_sums(rest_counts, rest_len)
     entry_off = np.concatenate([[0], np.cumsum(lengths)])[pos_off]
-    cols.check_entries(flags & (label_counts < 1), pos_off, lambda r: "decoded a sample count below 1")
-    filled, ids, source = _label_first_by_id(flags, lengths, enc.vocab_size, labels, rest_ids)
-    out = {"sample_lengths": lengths.astype(np.int32), "sample_ids": ids.astype(np.int32),
-           "sample_counts": _in_order(filled, source, flags, label_counts, rest_counts, np.int32)}
+    entries = _compiled_entries if compiled else _numpy_entries  # the one place the kernel is chosen
+    ids, counts, source = entries(enc, cols, n, flags, labels, rest_len, stored_counts, pos_off)
+    out = {"sample_lengths": lengths.astype(np.int32), "sample_ids": ids, "sample_counts": counts}
     if "sample_weights" in cols.rows.columns:
-        weights = cols.planes("sample_weights", np.diff(entry_off), "<f4")
-        out["sample_weights"] = _in_order(filled, source, flags, None, weights, np.float32)
+        out["sample_weights"] = cols.planes("sample_weights", np.diff(entry_off), "<f4")[source]
     return out, entry_off
+
+
+def _numpy_entries(enc: Encoding, cols: _Columns, n: int, flags: np.ndarray, labels: np.ndarray, rest_len: np.ndarray,
+                   stored_counts: np.ndarray, pos_off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids int32[E], counts int32[E], source int64[E])``: every position's entries sorted by id, and where each
+    stood in the label-first stored order (:func:`_with_label_first`), by numpy passes over the unit (the
+    reference of :func:`~logitcache.store.unit_decode_jit.sample_entries`)."""
+    rest_ids = _ids(enc, cols, "sample", rest_len, pos_off)
+    rest_counts = stored_counts.astype(np.int32) + 1
+    label_counts = n - _position_sums(rest_counts, rest_len)
+    cols.check_entries(flags & (label_counts < 1), pos_off, lambda r: COUNT_BELOW_1)
+    lengths = rest_len + flags
+    filled, ids, column = _label_first_by_id(flags, lengths, enc.vocab_size, labels, rest_ids)
+    source = ((np.cumsum(lengths) - lengths)[:, None] + column)[filled]
+    counts = _with_label_first(flags, label_counts, rest_counts, rest_len)[source]
+    return ids.astype(np.int32), counts.astype(np.int32), source
+
+
+def _compiled_entries(enc: Encoding, cols: _Columns, n: int, flags: np.ndarray, labels: np.ndarray,
+                      rest_len: np.ndarray, stored_counts: np.ndarray,
+                      pos_off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_numpy_entries` by the compiled kernel (:func:`~logitcache.store.unit_decode_jit.sample_entries`);
+    a damaged row raises as there."""
+    rank_delta = enc.ids == "rank-delta"
+    symbols = cols.bytes("sample_ids", _segment_sums(rest_len, pos_off))[0] if rank_delta else np.zeros(0, np.uint8)
+    bits, bits_off = cols.bytes("sample_id_bits")
+    unrank = enc._unrank if rank_delta else np.zeros(0, np.int64)
+    ids, counts, source, status = sample_entries(rank_delta, enc.id_width, symbols, bits, bits_off, pos_off, rest_len,
+                                                 flags, labels, stored_counts, n, unrank, enc.vocab_size)
+    if status[0]:
+        code, row, found, expected = (int(v) for v in status)
+        cols.fail(row, {1: GAMMA_SYMBOL.format(bits=MAX_BITS, part="sample"),
+                        2: f"column sample_id_bits holds {found} bytes; {expected} expected",
+                        3: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column="sample_ids"),
+                        4: OUTSIDE.format(what="id", vocab=enc.vocab_size, column="sample_id_bits"),
+                        5: COUNT_BELOW_1}[code])
+    return ids, counts, source

@@ -8,7 +8,7 @@ batch's longest ``T`` and lays every stored position's estimate ``t̂`` (see
 :meth:`SparseTargets.estimate`) into ``[B, T, U]`` arrays at that position, ``U`` the batch's largest
 number of stored ids at one position. Labels are ``ignore_index`` wherever ``loss_mask`` is 0 and on
 padding, so every loss averages over trained positions only. The layout is vectorised: one estimate
-over the whole batch's entries and one masked assignment per array, no Python loop per position.
+over the whole batch's entries and one compiled pass that writes the arrays, no Python loop per position.
 
 Along ``U`` the head comes first (by descending teacher probability, as stored), then the sampled
 ids (ascending). Padding entries, and every entry of a position without targets, have id 0,
@@ -20,11 +20,11 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from ..errors import TargetsError
 from ..targets import SparseTargets
+from .layout_jit import lay_out
 
 __all__ = ["ItemLayout", "collate", "dense_targets", "item_layout"]
 
@@ -153,28 +153,23 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     counts = offsets[1:] - offsets[:-1]  # per stored position
     u = int(counts.max()) if counts.numel() else 0
     size = shape[0] * shape[1]
-    per_cell = torch.zeros(size, dtype=torch.int64)
-    per_cell[cells] = counts
-    filled = (torch.arange(u) < per_cell[:, None]).numpy()
+    if cells.numel() != counts.numel() or (cells.numel() and not 0 <= int(cells[0]) <= int(cells[-1]) < size):
+        raise TargetsError(f"dense_targets takes one cell in [0, {size}) per stored position ({counts.numel()}); "
+                           f"found {cells.numel()} cells")
     tail_mass = torch.zeros(size, dtype=torch.float32)
     if method in ("topk", "hybrid"):
         tail_mass[cells] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32)
+    laid_out = lay_out(offsets.numpy(), ids.numpy(), probs.numpy(), cells.numpy(), size, u)
+    target_ids, target_probs, target_mask = (torch.from_numpy(a).view(*shape, u) for a in laid_out)
     return {
-        "target_ids": _laid_out(filled, ids.numpy(), np.int64).view(*shape, u),
-        "target_probs": _laid_out(filled, probs.numpy(), np.float32).view(*shape, u),
-        "target_mask": torch.from_numpy(filled).view(*shape, u),
+        "target_ids": target_ids,
+        "target_probs": target_probs,
+        "target_mask": target_mask,
         "target_tail_mass": tail_mass.view(shape),
         "target_head_size": head_size,
         "target_method": method,
         "target_num_samples": num_samples,
     }
-
-
-def _laid_out(filled: np.ndarray, values: np.ndarray, dtype: type) -> torch.Tensor:
-    """``[B·T, U]`` of ``dtype``: ``values`` at the ``filled`` entries in row-major order, 0 elsewhere."""
-    out = np.zeros(filled.shape, dtype=dtype)
-    out[filled] = values
-    return torch.from_numpy(out)
 
 
 def _joined(targets: list[SparseTargets]) -> SparseTargets:

@@ -1,5 +1,6 @@
 """The unit decoder (logitcache.store.unit_decode) gives what decode_row gives row by row, bit for bit, for every
-method, id code, logprob code, entropy stage, container, layout and label-logprob store; the loader's batches equal
+method, id code, logprob code, entropy stage, container, layout and label-logprob store, by its compiled kernel
+(logitcache.store.unit_decode_jit) and by its numpy passes; the loader's batches equal
 ``collate`` of per-row items laid out position by position; corruption raises CorruptShardError either way."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from logitcache.store.fs import StoreFS
 from logitcache.store.reader import read_unit
 from logitcache.store.spec import spec_from_manifest
 from logitcache.store.unit_decode import DecodedUnit, RowsByRow, decode_unit, unit_rows
-from logitcache.store.units import UnitRows
+from logitcache.store.encoding import Encoding, encode_row
+from logitcache.store.units import UnitRows, from_blobs
 from logitcache.testing.store_conformance import VOCAB, make_header, make_rows, write_store
 from logitcache.testing.targets import assert_equal, build
 from logitcache.train.collate import collate
@@ -104,19 +106,82 @@ def test_the_unit_decoder_equals_decode_row(tmp_path, name):
         decoded = unit_rows(spec, rows, 0)
         assert isinstance(decoded, DecodedUnit)
         assert_same_rows(decoded, RowsByRow(spec, rows))
+        assert_same_rows(decode_unit(spec, rows, compiled=False), RowsByRow(spec, rows))  # the numpy passes
 
 
-@pytest.mark.parametrize("method", ["topk", "sample", "hybrid", "full"])
-def test_documents_units_decode_like_rows(tmp_path, method):
-    spec, rows_of_units = units(documents_store(tmp_path / method, method))
+@pytest.mark.parametrize("ids", ["rank-delta", "packed"])
+def test_the_compiled_kernel_sorts_the_ids_of_a_large_vocabulary(tmp_path, ids):
+    """V = 70,000 (the kernel's bitmap spans many summary words) and ~50 distinct ids a position (bitmap sort),
+    a few positions of 1 or 2 (insertion sort); the kernel, the numpy passes and decode_row agree."""
+    spec, _ = units(packed_store(tmp_path / "s", "sample", sequences=1, per_shard=1))
+    vocab, rng, gen = 70_000, np.random.default_rng(5), torch.Generator().manual_seed(5)
+    order = tuple(rng.permutation(vocab)[:9000].tolist()) if ids == "rank-delta" else ()
+    spec = dataclasses.replace(spec, encoding=Encoding(ids=ids, vocab_size=vocab, order=order))
+    blobs: dict[str, list[bytes]] = {name: [] for name in spec.columns()}
+    for t in (12, 1, 30):
+        tokens = rng.integers(0, vocab, t + 1)
+        dense = torch.distributions.Dirichlet(torch.full((vocab,), 0.05)).sample((t,)).double()
+        dense[: t // 3] = torch.nn.functional.one_hot(torch.from_numpy(tokens[1:t // 3 + 1]), vocab)  # label alone
+        targets = build("sample", dense / dense.sum(-1, keepdim=True), gen, n=50)
+        for name, value in encode_row(spec.encoding, tokens, targets).columns.items():
+            blobs[name].append(value)
+    rows = from_blobs(np.arange(3), blobs)
+    assert_same_rows(decode_unit(spec, rows), RowsByRow(spec, rows))
+    assert_same_rows(decode_unit(spec, rows, compiled=False), RowsByRow(spec, rows))
+
+
+def _label_and_another(spec, rows_of_units):
+    """``(rows, row, position, id)``: a position whose label is one of its sampled ids, and another of them."""
     for rows in rows_of_units:
-        assert_same_rows(decode_unit(spec, rows), RowsByRow(spec, rows))
+        for r in range(len(rows)):
+            _, tokens, _, targets = RowsByRow(spec, rows).row(r)
+            off, ids = targets.sample_offsets().numpy(), targets.sample_ids.numpy()
+            for p in range(tokens.size - 1):
+                mine = ids[off[p]:off[p + 1]]
+                if tokens[p + 1] in mine and mine.size > 1:
+                    yield rows, r, p, int(mine[mine != tokens[p + 1]][0])
 
 
-def test_a_unit_with_a_column_the_decoder_does_not_know_goes_row_by_row(tmp_path):
-    spec, (rows, *_) = units(packed_store(tmp_path / "s", "sample"))
-    newer = UnitRows(rows.seq_ids, {**rows.columns, "sample_budget": rows.columns["sample_lengths"]})
-    assert isinstance(unit_rows(spec, newer, 0), RowsByRow)
+@pytest.mark.parametrize("n", [8, 50])  # few entries a position (insertion sort), many (the bitmap's fallback)
+def test_an_id_that_repeats_keeps_its_stored_order_like_decode_row(tmp_path, n):
+    """A label that a damaged tokens column makes equal to another of its position's ids: decode_row's stable sort
+    puts the label's entry first; the kernel must too."""
+    spec, rows_of_units = units(packed_store(tmp_path / "s", "sample", n=n, sequences=12))
+    rows, r, p, other = next(_label_and_another(spec, rows_of_units))
+    values, col_off = rows.columns["tokens"]
+    damaged = values.copy()
+    damaged[col_off[r] + 4 * (p + 1):col_off[r] + 4 * (p + 2)] = np.frombuffer(np.int32(other).tobytes(), np.uint8)
+    bad = UnitRows(rows.seq_ids, {**rows.columns, "tokens": (damaged, col_off)})
+    assert_same_rows(decode_unit(spec, bad), RowsByRow(spec, bad))
+    assert_same_rows(decode_unit(spec, bad, compiled=False), RowsByRow(spec, bad))
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("damage, message", [
+    ("symbol", r"^row 1 \(seq_id \d+\): gamma symbol above 32 in sample_ids$"),
+    ("mantissa", r"^row 2 \(seq_id \d+\): column sample_id_bits holds \d+ bytes; \d+ expected$"),
+    ("rank", r"^row 0 \(seq_id \d+\): decoded rank outside the vocabulary of 97 in sample_ids$"),
+    ("id", r"^row 1 \(seq_id \d+\): decoded id outside the vocabulary of 97 in sample_id_bits$"),
+    ("count", r"^row 1 \(seq_id \d+\): decoded a sample count below 1$")])
+def test_the_kernel_and_the_numpy_passes_name_the_damaged_row(tmp_path, compiled, damage, message):
+    spec, (rows, *_) = units(packed_store(tmp_path / "s", "sample", ids="packed" if damage == "id" else "rank-delta"))
+    column = {"symbol": "sample_ids", "mantissa": "sample_id_bits", "rank": "sample_ids", "id": "sample_id_bits",
+              "count": "sample_counts"}[damage]
+    values, off = rows.columns[column]
+    values, row = values.copy(), {"symbol": 1, "mantissa": 2, "rank": 0, "id": 1, "count": 1}[damage]
+    if damage == "mantissa":  # one byte fewer in row 2
+        values, off = np.delete(values, off[2]), off - (np.arange(off.size) > 2)
+    elif damage == "rank":  # as many mantissa bits, in gaps of 64 and more: ranks past V = 97
+        width = int(np.maximum(values[off[0]:off[1]].astype(np.int64) - 1, 0).sum())
+        symbols = np.zeros(off[1] - off[0], np.uint8)
+        symbols[:width // 6], symbols[width // 6] = 7, width % 6 + 1
+        values[off[0]:off[1]] = symbols
+    else:  # a symbol of 40; a packed id of 127; every count 255 (more than N draws)
+        at = slice(off[row], off[row] + 1) if damage != "count" else slice(off[row], off[row + 1])
+        values[at] = {"symbol": 40, "id": 255, "count": 255}[damage]
+    damaged = UnitRows(rows.seq_ids, {**rows.columns, column: (values, off)})
+    with pytest.raises(CorruptShardError, match=message):
+        decode_unit(spec, damaged, compiled=compiled)
 
 
 def positionwise(items: list[dict]) -> dict[str, torch.Tensor]:
