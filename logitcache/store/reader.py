@@ -16,7 +16,7 @@ from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .finish import row_finish
-from .generations import inspect_section
+from .generations import check_counts, inspect_section
 from .spec import ShardSpec, generation_settings, spec_from_manifest
 from .totals import draws_summary
 from .containers import get_container
@@ -150,7 +150,7 @@ def store_problems(fs: StoreFS, spec: ShardSpec, records: tuple[ShardRecord, ...
 
 def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
     """Check the whole store: :func:`store_problems`, and every recorded unit: binding, objects (present,
-    sizes, checksums), decodable rows, counts and recorded row lengths."""
+    sizes, checksums), decodable rows, counts, recorded row lengths and generation counts."""
     fs = as_fs(root)
     report = VerifyReport(root=fs.url)
     manifest = read_manifest(fs)
@@ -169,6 +169,7 @@ def verify_store(root: str | os.PathLike | StoreFS) -> VerifyReport:
                 raise CorruptShardError(f"shard {record.index}: {exc}") from None
             check_lengths(record, decoded)
             check_finish_codes(spec, header_stops, record, rows)
+            check_counts(spec, header_stops, record, rows)
             targets = [t for _, _, t in decoded]
             positions = sum(t.num_positions for t in targets)  # a documents row's: its trained positions
             entries = sum(int(t.ids_per_position().sum()) for t in targets)

@@ -82,6 +82,36 @@ def histogram_field(where: str, name: str, value: Any, positions: int) -> tuple[
     return tuple(value)
 
 
+@dataclass(frozen=True)
+class GenerationCounts:
+    """A generated unit's responses, summed at commit for ``inspect``: their tokens (``response_tokens``, the sum,
+    and ``max_response_tokens``) and the rows per finish code (``finish_codes[c]``: rows whose ``finish_reason``
+    is ``c``: 0 stop token, 1 ``max_new_tokens``, ``2 + i`` stop string ``i``; up to the largest code found)."""
+
+    response_tokens: int
+    max_response_tokens: int
+    finish_codes: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str, name: str, sequences: int) -> GenerationCounts:
+        """A record's ``generation``: counts in range, one finish code per row, the largest response within the
+        sum and the sum within ``sequences`` largest ones."""
+        mapping_field(where, name, d, ("response_tokens", "max_response_tokens", "finish_codes"))
+        total = int_field(where, f"{name}.response_tokens", d["response_tokens"], 0, MAX_COUNT)
+        largest = int_field(where, f"{name}.max_response_tokens", d["max_response_tokens"], 0, MAX_SEQ_LEN)
+        codes = d["finish_codes"]
+        if not isinstance(codes, list) or not 1 <= len(codes) <= 256:
+            fail(where, f"{name}.finish_codes", codes, "a list of 1 to 256 row counts ([c]: rows with finish code c)")
+        for j, n in enumerate(codes):
+            int_field(where, f"{name}.finish_codes[{j}]", n, 0, MAX_COUNT)
+        if sum(codes) != sequences:
+            fail(where, f"sum of {name}.finish_codes", sum(codes), f"the unit's sequences, {sequences}")
+        if not largest <= total <= largest * sequences:
+            fail(where, f"{name}.response_tokens", total, f"from max_response_tokens = {largest} to {sequences} × "
+                 "that (the sum of the unit's response lengths)")
+        return cls(total, largest, tuple(codes))
+
+
 def as_json(value: Any) -> Any:
     """A typed value as the JSON logitcache writes: fields in order, ``None`` fields left out."""
     if isinstance(value, Encoding):
@@ -124,7 +154,8 @@ class ShardRecord:
     """What the manifest records of one committed unit (its objects, counts and measured error), its
     ``binding`` to the store header (None in stores written before bindings) and, in a ``documents``
     store, the token count ``L`` of each of its rows (``lengths``; None in packed stores, whose rows
-    all hold ``seq_len + 1`` tokens, and in documents stores written before the field)."""
+    all hold ``seq_len + 1`` tokens, and in documents stores written before the field) and, in a generated
+    store, its responses' :class:`GenerationCounts` (``generation``; None in stores written before the field)."""
 
     index: int
     sequences: int
@@ -136,6 +167,7 @@ class ShardRecord:
     binding: str | None = None
     lengths: tuple[int, ...] | None = None  # tokens of each row, in row order (documents stores; packed: None)
     sample_totals: tuple[int, ...] | None = None  # adaptive budgets: [i] = positions given i + 1 draws (inspect)
+    generation: GenerationCounts | None = None  # generated responses: their lengths and finish codes (inspect)
 
     @property
     def bytes(self) -> int:
@@ -174,19 +206,25 @@ class ShardRecord:
         histogram = d.get("sample_totals")  # optional: adaptive-budget stores only
         if histogram is not None:
             histogram = histogram_field(where, f"{name}.sample_totals", histogram, counts["positions"])
-        return cls(objects=records, **counts, **errors, binding=binding, lengths=lengths, sample_totals=histogram)
+        generation = d.get("generation")  # optional: generated stores written since the field
+        if generation is not None:
+            generation = GenerationCounts.from_dict(generation, where, f"{name}.generation", counts["sequences"])
+        return cls(objects=records, **counts, **errors, binding=binding, lengths=lengths, sample_totals=histogram,
+                   generation=generation)
 
     @classmethod
     def build(cls, index: int, sequences: int, positions: int, entries: int, objects: list[tuple[str, bytes]],
               max_logprob_error: float = 0.0, max_prob_error: float = 0.0, *,
               header_sha256: str | None = None, lengths: tuple[int, ...] | None = None,
-              sample_totals: tuple[int, ...] | None = None) -> ShardRecord:
+              sample_totals: tuple[int, ...] | None = None, generation: GenerationCounts | None = None
+              ) -> ShardRecord:
         """A unit's record from its objects (and its rows' token counts, ``lengths``, in a documents store; the
-        histogram of draws per position, ``sample_totals``, in an adaptive-budget store); bound to the store whose
-        header digest is ``header_sha256`` if given."""
+        histogram of draws per position, ``sample_totals``, in an adaptive-budget store; the responses' counts,
+        ``generation``, in a generated store); bound to the store whose header digest is ``header_sha256`` if
+        given."""
         recs = tuple(ObjectRecord(p, len(b), hashlib.sha256(b).hexdigest()) for p, b in objects)
         record = cls(index, sequences, positions, entries, recs, max_logprob_error, max_prob_error, lengths=lengths,
-                     sample_totals=sample_totals)
+                     sample_totals=sample_totals, generation=generation)
         if header_sha256 is None:
             return record
         return dataclasses.replace(record, binding=record.binding_for(header_sha256))

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .losses import check_loss_args, flatten_batch, log_probs_impl, resolve_kind, token_losses
+from .losses import check_loss_args, flatten_batch, resolve_kind, token_losses
+from .losses_student import check_impl, log_probs_impl
 
 __all__ = ["ChunkLoss", "ChunkedKDLoss", "chunked_kd_loss", "chunked_linear_loss"]
 
@@ -103,23 +104,24 @@ def chunked_kd_loss(
 
 
 class ChunkedKDLoss(nn.Module):
-    """Module form of :func:`chunked_kd_loss`: ``ChunkedKDLoss()(hidden, head_weight, batch)``."""
+    """Module form of :func:`chunked_kd_loss`: ``ChunkedKDLoss(impl="compiled")(hidden, head_weight, batch)``."""
 
     def __init__(
         self, *, alpha: float = 0.5, kind: str = "auto", chunk_size: int = 1024, temperature: float = 1.0,
-        ignore_index: int = -100,
+        ignore_index: int = -100, impl: str = "plain",
     ):
         super().__init__()
         check_loss_args(alpha, temperature)
         resolve_kind(kind, "hybrid")
+        check_impl(impl)
         self.alpha, self.kind, self.chunk_size = alpha, kind, chunk_size
-        self.temperature, self.ignore_index = temperature, ignore_index
+        self.temperature, self.ignore_index, self.impl = temperature, ignore_index, impl
 
     def forward(self, hidden: torch.Tensor, head_weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return chunked_kd_loss(
             hidden, head_weight, batch, alpha=self.alpha, kind=self.kind, chunk_size=self.chunk_size,
-            temperature=self.temperature, ignore_index=self.ignore_index,
+            temperature=self.temperature, ignore_index=self.ignore_index, impl=self.impl,
         )
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, kind={self.kind!r}, chunk_size={self.chunk_size}"
+        return f"alpha={self.alpha}, kind={self.kind!r}, chunk_size={self.chunk_size}, impl={self.impl!r}"

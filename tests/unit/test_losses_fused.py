@@ -21,7 +21,7 @@ from logitcache.errors import ConfigError
 from logitcache.train import losses_fused
 from logitcache.train.collate import collate
 from logitcache.train.losses import KDLoss, kd_loss
-from logitcache.train.losses_chunked import chunked_kd_loss
+from logitcache.train.losses_chunked import ChunkedKDLoss, chunked_kd_loss
 
 B, T, V = 3, 29, 131
 LENGTHS = [29, 17, 5]  # padded rows (labels -100) are masked tokens
@@ -147,6 +147,27 @@ def test_fused_linear_matches_reference_on_the_plain_head(alpha: float) -> None:
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
 
 
+def test_the_chunked_module_takes_the_compiled_path_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ChunkedKDLoss(impl="compiled")`` is ``chunked_kd_loss(impl="compiled")``: the same values and gradients, bit
+    for bit, through the compiled student side (its calls counted; the plain module makes none)."""
+    batch, gen, d = _batch("hybrid"), torch.Generator().manual_seed(6), 24
+    h = torch.randn(B, T, d, generator=gen, requires_grad=True)
+    w = (torch.randn(V, d, generator=gen) / d**0.5).requires_grad_(True)
+    calls, real = [], losses_fused.compiled_log_probs
+    monkeypatch.setattr(losses_fused, "compiled_log_probs", lambda *a: calls.append(1) or real(*a))
+    module = ChunkedKDLoss(alpha=0.5, chunk_size=13, temperature=0.7, impl="compiled")
+    got = _value_and_grad(lambda a, b: module(a, b, batch), h, w)
+    chunks = len(calls)
+    want = _value_and_grad(lambda a, b: chunked_kd_loss(a, b, batch, alpha=0.5, chunk_size=13, temperature=0.7,
+                                                        impl="compiled"), h, w)
+    assert chunks == len(calls) - chunks == -(-B * T // 13)  # one call per chunk, each way
+    assert torch.equal(got[0], want[0]) and all(torch.equal(g, r) for g, r in zip(got[1], want[1]))
+    plain = _value_and_grad(lambda a, b: ChunkedKDLoss(alpha=0.5, chunk_size=13, temperature=0.7)(a, b, batch), h, w)
+    assert len(calls) == 2 * chunks  # the plain module never reaches the compiled side
+    torch.testing.assert_close(plain[0], want[0], rtol=1e-5, atol=1e-6)
+    assert "impl='compiled'" in repr(module)
+
+
 def test_compile_failure_falls_back_to_the_plain_path_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C++ compiler here")
@@ -175,3 +196,5 @@ def test_unknown_impl_is_refused() -> None:
         kd_loss(_logits(torch.float32), batch, impl="triton")
     with pytest.raises(ConfigError, match="impl must be one of plain, compiled; found 'fast'"):
         KDLoss(impl="fast")
+    with pytest.raises(ConfigError, match="impl must be one of plain, compiled; found 'Compiled'"):
+        ChunkedKDLoss(impl="Compiled")
