@@ -114,3 +114,12 @@ def test_writer_refuses_a_file_with_another_header(common, tmp_path):
                   "Write to a new file"):
         assert words in message
     assert path.read_bytes() == before
+
+
+def test_every_script_is_in_the_readme_table():
+    """benchmarks/README.md's table names every script (the shared modules are described below it)."""
+    text = (BENCHMARKS / "README.md").read_text()
+    listed = {line.split("`")[1] for line in text.splitlines() if line.startswith("| `")}
+    scripts = {p.name for p in BENCHMARKS.glob("*.py")} - {"common.py", "kd_common.py"}
+    assert scripts - listed == set(), f"scripts missing from benchmarks/README.md: {sorted(scripts - listed)}"
+    assert listed - scripts == set(), f"benchmarks/README.md lists scripts that do not exist: {sorted(listed - scripts)}"
