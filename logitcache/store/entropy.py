@@ -83,8 +83,8 @@ class _Waves:
         decoder.check(self.num_contexts, tables)
         values = np.zeros(int(self.lengths.sum()), dtype=tables.symbol_dtype())
         t = tables.lookup
-        decoder.advance(_decode_waves(decoder.x, decoder.words, decoder.pos, self.lengths, self.buckets,
-                                      self.num_buckets, t.rows, t.slots, t.fc, values))
+        decoder.advance(_decode_waves(decoder.x, decoder.words, decoder.pos, decoder.size, self.lengths,
+                                      self.buckets, self.num_buckets, t.rows, t.slots, t.fc, values))
         return values
 
 
@@ -125,23 +125,61 @@ def _wave_order(lengths, buckets, num_buckets, values):
     return symbols, contexts, bounds
 
 
+WAVE_PAD = 64  # bytes between waves in the decoder's wave-order buffer: waves do not share cache sets
+
+
 @njit_on_first_use
-def _decode_waves(x, words, pos, lengths, buckets, num_buckets, rows, slots, fc, values):
-    """Decode the waves straight into ``values`` (stream order; each wave's first symbol from lane 0);
-    returns what :func:`rans.decode_stream` does."""
-    starts, active = np.cumsum(lengths) - lengths, np.arange(lengths.size)
-    count, lanes = lengths.size, x.size
+def _decode_waves(x, words, pos, size, lengths, buckets, num_buckets, rows, slots, fc, values):
+    """Decode the waves into ``values`` (stream order; each wave's first symbol from lane 0); returns
+    what :func:`rans.decode_stream` does.
+
+    Per wave: the positions that have an entry ``w`` (kept in order only once some position ends) and
+    each one's context (``ctx``, from the entry before it); the wave is decoded into its own region of
+    a wave-order buffer, and one pass at the end puts every entry in its place (:func:`_wave_to_stream`:
+    sequential, where writing each wave straight to stream order would sweep all of ``values`` per wave)."""
+    ctx = np.full(lengths.size, (PREV_CAP + 1) * num_buckets + (buckets[0] if buckets.size else 0), np.int32)
+    active = np.arange(lengths.size)
+    region = np.zeros(buckets.size + 1, np.int64)  # where each wave starts in ``waves``
+    waves = np.empty(values.size + WAVE_PAD * buckets.size, values.dtype)
+    count, lanes, shortest = lengths.size, x.size, lengths.min() if lengths.size else 0
     for w in range(buckets.size):
-        count = _next_wave(active, count, lengths, w)
-        lane = 0
+        if w >= shortest:
+            count, shortest = _keep_longer(active, ctx, count, lengths, w)
+        lo = region[w]
+        for j in range(0, count, lanes):
+            pos = rans.decode_step(x, ctx, j, rows, slots, fc, words, pos, size, waves, lo + j, min(lanes, count - j))
+            if pos < 0:
+                return pos
+        bucket = buckets[min(w + 1, buckets.size - 1)]
         for j in range(count):
-            at = starts[active[j]] + w
-            row = rows[_wave_context(values, at, w, buckets[w], num_buckets)]
-            if row < 0:
-                return rans.EMPTY_CONTEXT
-            values[at], pos = rans.decode_symbol(x, lane, words, pos, row, slots, fc)
-            lane = lane + 1 if lane + 1 < lanes else 0
-    return pos if pos < words.size else rans.ENDS_EARLY
+            ctx[j] = min(waves[lo + j], PREV_CAP) * num_buckets + bucket
+        region[w + 1] = lo + count + WAVE_PAD
+    _wave_to_stream(waves, region, lengths, values)
+    return pos
+
+
+@njit_on_first_use
+def _keep_longer(active, ctx, count, lengths, w):
+    """Keep, in order, those of the first ``count`` positions (with their ``ctx``) that have an entry
+    ``w``; returns how many and the fewest entries among them."""
+    kept, shortest = 0, np.iinfo(np.int64).max
+    for j in range(count):
+        if lengths[active[j]] > w:
+            active[kept], ctx[kept] = active[j], ctx[j]
+            shortest = min(shortest, lengths[active[j]])
+            kept += 1
+    return kept, shortest
+
+
+@njit_on_first_use
+def _wave_to_stream(waves, region, lengths, values):
+    """Entry ``w`` of each position, in position order, is the next unread one of wave ``w``'s region."""
+    cursor, out = region[:-1].copy(), 0
+    for p in range(lengths.size):
+        for w in range(lengths[p]):
+            values[out] = waves[cursor[w]]
+            cursor[w] += 1
+            out += 1
 
 
 def _gapped(spec) -> bool:
@@ -190,8 +228,8 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
             waves = _Waves.of(lengths, _sample_idx_bucket, SAMPLE_IDX_BUCKETS)
             yield "sample_ids", waves, waves.num_contexts
             gaps = values["sample_ids"]
-        yield "sample_counts", np.minimum(gaps, IDX_CAP).astype(np.int64) * nb + \
-            np.repeat(bit_length(lengths), lengths), (IDX_CAP + 1) * nb
+        yield "sample_counts", np.minimum(gaps, IDX_CAP).astype(np.uint16) * np.uint16(nb) + \
+            np.repeat(bit_length(lengths).astype(np.uint16), lengths), (IDX_CAP + 1) * nb  # < 2**16: nb <= 13
     if spec.has_head:
         if _gapped(spec) and np.any(spec.k - layout.head_flags):
             waves = _Waves.of(spec.k - layout.head_flags, _head_idx_bucket, HEAD_IDX_BUCKETS)
@@ -199,10 +237,9 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
         if spec.encoding.logprobs == "q8":
             n = int(layout.positions.sum())
             yield "head_qmin", np.zeros(n, np.int64), 1
-            ctx = np.empty((n, spec.k), dtype=np.uint8)  # contexts below 18
-            ctx[:] = (bit_length(values["head_qmin"]) * 2)[:, None]
-            ctx[:, 0] += layout.head_flags.astype(np.uint8)
-            yield "head_logprobs", ctx.ravel(), 2 * 9
+            ctx = np.repeat((bit_length(values["head_qmin"]) * 2).astype(np.uint8), spec.k)  # contexts below 18
+            ctx[::spec.k] += layout.head_flags.astype(np.uint8)
+            yield "head_logprobs", ctx, 2 * 9
 
 
 def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
@@ -333,7 +370,8 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
     def split(name: str, data: np.ndarray, per_row: np.ndarray, dtype: str) -> None:
         if data.size != int(per_row.sum()):
             raise CorruptShardError(f"entropy column decodes {data.size} {name} values; {int(per_row.sum())} expected")
-        if data.size and (data.min() < 0 or data.max() > np.iinfo(np.dtype(dtype)).max):
+        if data.size and not np.can_cast(data.dtype, dtype) and (data.min() < 0 or
+                                                                 data.max() > np.iinfo(np.dtype(dtype)).max):
             raise CorruptShardError(f"entropy column decodes {name} values outside {dtype}")
         offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int64) * np.dtype(dtype).itemsize
         out[name] = (data.astype(dtype, copy=False).view(np.uint8), offsets)
@@ -352,10 +390,10 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
                                minlength=layout.positions.size).astype(np.int64)
             split("head_ids", values.get("head_ids", np.zeros(0, np.int64)), rest, "u1")
         if spec.encoding.logprobs == "q8":
-            codes, qmin = values["head_logprobs"].reshape(-1, spec.k), values["head_qmin"]
-            if codes.size and np.any(codes.max(axis=1) > 255 - qmin.astype(np.int64)):
+            diffs = values["head_logprobs"].astype(np.uint8, copy=False).reshape(-1, spec.k)  # values <= 255 (_limits)
+            codes = diffs + values["head_qmin"].astype(np.uint8, copy=False)[:, None]  # uint8: a sum past 255 wraps
+            if np.any(codes < diffs):
                 raise CorruptShardError("entropy column decodes head_logprobs codes above 255 (a position's smallest "
                                         "code plus a difference); at most 255 is possible")
-            split("head_logprobs", (codes.astype(np.uint8, copy=False) + qmin.astype(np.uint8)[:, None]).ravel(),
-                  layout.positions * spec.k, "u1")
+            split("head_logprobs", codes.ravel(), layout.positions * spec.k, "u1")
     return out

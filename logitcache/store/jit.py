@@ -7,17 +7,20 @@ vLLM capture once the store imported numba at load time.
 
 Every function decorated with :func:`njit_on_first_use` is replaced in its module by a numba dispatcher
 (``cache=True, nogil=True``) the first time any of them is called — all of them at once, so kernels that
-call each other (also across modules, ``rans.decode_symbol`` from ``entropy``) find compiled callees.
+call each other (also across modules, ``rans.decode_step`` from ``entropy``) find compiled callees.
+:func:`bind_on_first_use` names a global that a module only gets then (a numba intrinsic, whose module imports numba).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 import threading
 from typing import Callable
 
 _PENDING: list[Callable] = []
+_LATE: list[tuple[str, str, str]] = []  # (module, name, provider module)
 _LOCK = threading.Lock()
 
 
@@ -35,9 +38,17 @@ def njit_on_first_use(fn: Callable) -> Callable:
     return first_call
 
 
+def bind_on_first_use(module: str, name: str, provider: str) -> None:
+    """Set ``module.name`` to ``provider.name`` (``provider`` imported then) just before the kernels compile."""
+    _LATE.append((module, name, provider))
+
+
 def _compile_pending() -> None:
     from numba import njit
 
+    while _LATE:
+        module, name, provider = _LATE.pop()
+        setattr(sys.modules[module], name, getattr(importlib.import_module(provider), name))
     while _PENDING:
         fn = _PENDING.pop()
         setattr(sys.modules[fn.__module__], fn.__name__, njit(cache=True, nogil=True)(fn))

@@ -16,7 +16,9 @@ length), which is what skewed, correlated streams such as sample counts need.
   every word read: a cheap integrity check on top of the container's checksums.
 
 The encode and decode loops are compiled by numba (``cache=True``: compiled once per machine and
-kept in ``__pycache__``); tables, their packing and every check on them stay in numpy.
+kept in ``__pycache__``); tables, their packing and every check on them stay in numpy. A decode step
+runs 16 lanes at once (:mod:`logitcache.store.rans_lanes`: gathers from the slot tables, the
+refill as an expand load), so a step of ``K`` lanes is ``K / 16`` vector steps.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from functools import cached_property
 import numpy as np
 
 
-from .jit import njit_on_first_use
+from .jit import bind_on_first_use, njit_on_first_use
 from ..errors import CorruptShardError
+
+step16 = None  # rans_lanes.step16, bound when the kernels compile (that module imports numba)
+bind_on_first_use(__name__, "step16", "logitcache.store.rans_lanes")
 
 PRECISION = 12
 M = 1 << PRECISION
 LOW = 1 << 16  # lower bound of a lane's state
+VECTOR = 16  # lanes per vector step (rans_lanes.WIDTH); the decoder pads the words by as many
 # weight of table byte b >= 1: 2 ** ((b - 1) / 8), in integers (mantissas round(256 * 2 ** (i / 8)))
 _MANT = np.array([256, 279, 304, 332, 362, 395, 431, 470], dtype=np.int64)
 _B = np.arange(256, dtype=np.int64)
@@ -109,11 +115,11 @@ class Tables:
         if self.alphabet > M:  # every coded stream has fewer values (entropy._limits): a damaged table
             raise CorruptShardError(f"an entropy table has {self.alphabet} symbols; at most {M} are possible")
         used = self.freq.sum(axis=1) == M  # normalize gives a context M or nothing
-        rows = np.full(self.contexts, -1, dtype=np.int64)
+        rows = np.full(self.contexts, -1, dtype=np.int32)
         rows[used] = np.arange(int(used.sum()))
         freq = self.freq[used]
         fc = ((freq << PRECISION) | self.cum[used]).astype(np.int32)
-        slots = np.empty(freq.shape[0] * M, dtype=self.symbol_dtype())
+        slots = np.zeros(freq.shape[0] * M + 4, dtype=self.symbol_dtype())  # + what a 4-byte gather reads past the end
         _slot_symbols(freq, slots)
         return Lookup(rows, slots, fc)
 
@@ -126,8 +132,9 @@ class Tables:
 class Lookup:
     """What a decode step reads, for the used contexts only (a unit's tables leave many unused):
 
-    - ``rows int64[C]``: a context's row among the used ones, ``-1`` for an unused context;
-    - ``slots uint8|uint16[U * M]``: per (row, slot) the symbol whose range holds the slot;
+    - ``rows int32[C]``: a context's row among the used ones, ``-1`` for an unused context;
+    - ``slots uint8|uint16[U * M + 4]``: per (row, slot) the symbol whose range holds the slot (the
+      vector step reads 4 bytes at each, hence the padding);
     - ``fc int32[U, A]``: per (row, symbol) ``freq << PRECISION | cum``, one load for both."""
 
     rows: np.ndarray
@@ -183,41 +190,35 @@ def encode(streams: list[tuple[np.ndarray, np.ndarray, Tables]], lanes: int) -> 
     return x.astype(np.uint32), words[:emitted][::-1].copy()
 
 
-ENDS_EARLY, EMPTY_CONTEXT = -1, -2  # what decode_stream returns instead of a word position
+ENDS_EARLY, EMPTY_CONTEXT, OUTSIDE_TABLES = -1, -2, -3  # what decode_stream returns instead of a word position
 
 
 @njit_on_first_use
-def decode_symbol(x, lane, words, pos, row, slots, fc):
-    """Decode one symbol from lane ``lane`` under the used context ``row`` (``>= 0``); returns
-    ``(symbol, pos)``, ``pos`` past the word a refill read.
-
-    ``words`` ends with one padding word past the coded ones, so a state reads its next word
-    without a branch (a branch the next symbol's word position would wait on); the caller checks
-    that ``pos`` stayed within the coded words."""
-    xs = x[lane]
-    slot = xs & (M - 1)
-    s = slots[row * M + slot]
-    e = fc[row, s]
-    xs = (e >> PRECISION) * (xs >> PRECISION) + slot - (e & (M - 1))
-    refill = xs < LOW
-    word = words[min(pos, words.size - 1)]
-    x[lane] = (xs << 16) | word if refill else xs
-    return s, pos + refill
+def decode_step(x, contexts, c0, rows, slots, fc, words, pos, size, out, o0, n):
+    """Decode one step of ``n <= lanes`` symbols, symbol ``j`` from lane ``j`` under context
+    ``contexts[c0 + j]`` into ``out[o0 + j]``, refilling from ``words[pos:]`` (lanes in order). Returns
+    the new ``pos``, ``EMPTY_CONTEXT``, ``OUTSIDE_TABLES`` (a context not in ``[0, rows.size)``), or
+    ``ENDS_EARLY`` once it passes the ``size`` coded words (``words`` holds ``VECTOR`` padding words
+    past them, so a vector step never reads outside it)."""
+    for lane in range(0, n, VECTOR):
+        pos = step16(x, lane, contexts, c0 + lane, rows, slots, fc, words, pos, out, o0 + lane, min(VECTOR, n - lane))
+        if pos < 0:
+            return pos
+        if pos > size:
+            return ENDS_EARLY
+    return pos
 
 
 @njit_on_first_use
-def decode_stream(x, words, pos, contexts, rows, slots, fc, out):
-    """Decode ``out.size`` symbols, first to last (symbol ``i`` from lane ``i % lanes``), from lane
-    states ``x`` and ``words[pos:]``. Returns the new ``pos``, ``ENDS_EARLY`` if that ran past the
-    coded words, or ``EMPTY_CONTEXT``. ``contexts`` must lie in ``[0, C)``: nothing here checks an index."""
-    lanes, lane = x.size, 0
-    for i in range(out.size):
-        row = rows[contexts[i]]
-        if row < 0:
-            return EMPTY_CONTEXT
-        out[i], pos = decode_symbol(x, lane, words, pos, row, slots, fc)
-        lane = lane + 1 if lane + 1 < lanes else 0
-    return pos if pos < words.size else ENDS_EARLY
+def decode_stream(x, words, pos, size, contexts, rows, slots, fc, out):
+    """Decode ``out.size`` symbols, first to last (symbol ``i`` from lane ``i % lanes``, under context
+    ``contexts[i]``); returns what :func:`decode_step` does."""
+    lanes = x.size
+    for i in range(0, out.size, lanes):
+        pos = decode_step(x, contexts, i, rows, slots, fc, words, pos, size, out, i, min(lanes, out.size - i))
+        if pos < 0:
+            break
+    return pos
 
 
 class Decoder:
@@ -226,9 +227,10 @@ class Decoder:
     def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
         if states.size == 0:
             raise CorruptShardError("entropy-coded data has no lanes; at least 1 expected")
-        self.x = states.astype(np.int64)  # states < 2**32 and every product below fits in int64
-        self.words = np.append(np.asarray(words, dtype=np.uint16), np.uint16(0))  # + the padding word
-        self.size = self.words.size - 1
+        self.x = states.astype(np.uint32)  # a decode step never raises a state (x' <= x), a refill stays < 2**32
+        self.size = int(np.asarray(words).size)
+        self.words = np.zeros(self.size + VECTOR, dtype=np.uint16)  # + the padding a vector step may read
+        self.words[:self.size] = words
         self.pos = 0
 
     def check(self, contexts: int, tables: Tables) -> None:
@@ -242,18 +244,17 @@ class Decoder:
             raise CorruptShardError("entropy-coded stream ends early")
         if pos == EMPTY_CONTEXT:
             raise CorruptShardError("entropy-coded stream uses a context with an empty table")
+        if pos == OUTSIDE_TABLES:
+            raise CorruptShardError("entropy-coded stream names a context outside its tables")
         self.pos = pos
 
     def decode(self, contexts: np.ndarray, tables: Tables) -> np.ndarray:
         """The next stream's symbols (in :meth:`Tables.symbol_dtype`) under ``contexts`` (any integer dtype)."""
         c = np.asarray(contexts)
         out = np.empty(c.size, dtype=tables.symbol_dtype())
-        if c.size == 0:
-            return out
-        if c.min() < 0 or c.max() >= tables.contexts:
-            raise CorruptShardError("entropy-coded stream names a context outside its tables")
-        t = tables.lookup
-        self.advance(decode_stream(self.x, self.words, self.pos, c, t.rows, t.slots, t.fc, out))
+        if c.size:
+            t = tables.lookup
+            self.advance(decode_stream(self.x, self.words, self.pos, self.size, c, t.rows, t.slots, t.fc, out))
         return out
 
     def finish(self) -> None:

@@ -179,3 +179,21 @@ def test_q8_codes_past_255_are_refused(monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CorruptShardError, match="head_logprobs codes above 255"):
         unpack_unit(spec, unit)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int64])
+def test_contexts_outside_the_tables_are_refused_by_the_vector_step(dtype):
+    """The vector decode step maps contexts to table rows itself: a negative context (also a narrow
+    signed one) or one past the tables is refused, never read as another row."""
+    sym, ctx = np.zeros(40, np.int64), np.zeros(40, np.int64)
+    tables = rans.Tables.fit(sym, ctx, 3, 1)
+    states, words = rans.encode([(sym, ctx, tables)], 16)
+    for bad in (-1, 3):
+        if bad < 0 and not np.issubdtype(dtype, np.signedinteger):
+            continue
+        contexts = np.zeros(40, dtype)
+        contexts[37] = bad
+        with pytest.raises(CorruptShardError, match="context outside its tables"):
+            rans.Decoder(states, words).decode(contexts, tables)
+    with pytest.raises(CorruptShardError, match="context with an empty table"):
+        rans.Decoder(states, words).decode(np.full(40, 2, dtype), tables)
