@@ -194,7 +194,7 @@ def seed_rows(teacher, seed: int, args, held: tuple) -> list[dict]:
 
 
 def run_all(args) -> list[dict]:
-    started = time.perf_counter()
+    started, at_start = time.perf_counter(), provenance()  # the commit and time the run started at
     teacher = load_cached_teacher(cache_dir=args.work / "teacher-body", keep_logits=True)
     windows = heldout(teacher, args)
     train = corpus_plan_head(teacher, args)
@@ -203,7 +203,7 @@ def run_all(args) -> list[dict]:
     reference = teacher_reference(windows, teacher_logits)
     rows = [r for seed in args.seeds for r in seed_rows(teacher, seed, args, (windows, teacher_logits))]
     about = open_corpus(args.corpus).about
-    meta = {**provenance(), "wall_s": round(time.perf_counter() - started, 1), "load": machine_load(),
+    meta = {**at_start, "wall_s": round(time.perf_counter() - started, 1), "load": machine_load(),
             "corpus": args.corpus, "python": about.get("python", ""), "files_sha256": about.get("files_sha256", ""),
             "student": f"random-init llama d={args.d_model} layers={args.layers}", "train_windows": args.train_windows,
             "epochs": args.epochs, "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
