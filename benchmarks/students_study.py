@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from common import PROVENANCE, ResultsFile, csv_argument, machine_load, provenance, pyplot, save_figure, single_thread
 from kd_common import command_line, corpus_plan, heldout_windows, load_cached_teacher, markdown_table, update_results_md
-from students import Run, evaluate, gap_closed, mean_sd, store_size, summarise, teacher_reference, train_student
+from students import (Run, evaluate, gap_closed, mean_sd, plot_reliability, store_size, summarise, teacher_reference,
+                      train_student)
 
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig, CorpusConfig, SparsifyConfig, StoreConfig, TeacherConfig
@@ -160,18 +161,23 @@ def heldout(teacher, args) -> torch.Tensor:
     return torch.from_numpy(np.load(path)).long()
 
 
-def train_and_evaluate(run: Run, store: Path, teacher, seed: int, args, held: tuple) -> tuple[dict, str]:
+def train_and_evaluate(run: Run, store: Path, teacher, seed: int, args, held: tuple, pooled: dict) -> tuple[dict, str]:
+    """One student trained and evaluated: its CSV row and data order; its per-position top-1 confidence and
+    correctness are added to ``pooled[method]`` (the reliability diagrams pool the seeds)."""
     windows, teacher_logits = held
     model, info = train_student(run, store, teacher, seed, args, build=lambda: random_student(teacher.vocab_size, args))
+    per_pos = evaluate(model, windows, teacher_logits)
+    for key in ("conf", "correct"):
+        pooled.setdefault(run.name, {"conf": [], "correct": []})[key].append(per_pos[key])
     row = {"method": run.name, "seed": seed, "loss_kind": run.kind,
-           **{k: round(v, 5) for k, v in summarise(evaluate(model, windows, teacher_logits)).items()},
+           **{k: round(v, 5) for k, v in summarise(per_pos).items()},
            "train_seconds": round(info["seconds"], 1), "train_tokens_per_s": round(info["tokens"] / info["seconds"], 1)}
     print(f"seed {seed} {run.name:>28}: ce {row['ce']:.4f} kl {row['kl']:.4f} top1 {row['top1_agreement']:.4f} "
           f"ece {row['ece']:.4f} [{info['seconds']:.0f} s, {row['train_tokens_per_s']:.0f} tok/s]", flush=True)
     return row, info["order"]
 
 
-def seed_rows(teacher, seed: int, args, held: tuple) -> list[dict]:
+def seed_rows(teacher, seed: int, args, held: tuple, pooled: dict) -> list[dict]:
     """Every run of one seed: CE only and full KD once, the cached methods per budget."""
     rows, orders = [], set()
     for b, budget in enumerate(args.budgets):
@@ -179,7 +185,7 @@ def seed_rows(teacher, seed: int, args, held: tuple) -> list[dict]:
         stores = {key: capture_store(teacher, key, cfg, seed, args) for key, cfg in configs.items()}
         online = [Run("CE only", f"topk{budget.topk}", "ce"), Run("full KD (online)", f"topk{budget.topk}", "full")]
         for run in (online if b == 0 else []) + budget_runs(budget, args.methods):
-            row, order = train_and_evaluate(run, stores[run.store], teacher, seed, args, held)
+            row, order = train_and_evaluate(run, stores[run.store], teacher, seed, args, held, pooled)
             size = (float("nan"), float("nan")) if run.kind in ("ce", "full") else store_size(stores[run.store])
             rows.append({"budget": "—" if run.kind in ("ce", "full") else budget.name,
                          "bytes_per_position": round(size[0], 2), "ids_per_position": round(size[1], 2), **row})
@@ -193,7 +199,9 @@ def seed_rows(teacher, seed: int, args, held: tuple) -> list[dict]:
     return rows
 
 
-def run_all(args) -> list[dict]:
+def run_all(args) -> tuple[list[dict], dict, dict]:
+    """Every seed's rows (with the run's settings and provenance), the pooled per-position calibration data
+    per method, and the teacher's reference metrics."""
     started, at_start = time.perf_counter(), provenance()  # the commit and time the run started at
     teacher = load_cached_teacher(cache_dir=args.work / "teacher-body", keep_logits=True)
     windows = heldout(teacher, args)
@@ -201,7 +209,8 @@ def run_all(args) -> list[dict]:
     teacher.precompute(np.concatenate([train, windows.numpy()]), label="teacher body (train + held-out)")
     teacher_logits = teacher.logits(windows[:, :-1])
     reference = teacher_reference(windows, teacher_logits)
-    rows = [r for seed in args.seeds for r in seed_rows(teacher, seed, args, (windows, teacher_logits))]
+    pooled: dict = {}
+    rows = [r for seed in args.seeds for r in seed_rows(teacher, seed, args, (windows, teacher_logits), pooled)]
     about = open_corpus(args.corpus).about
     meta = {**at_start, "wall_s": round(time.perf_counter() - started, 1), "load": machine_load(),
             "corpus": args.corpus, "python": about.get("python", ""), "files_sha256": about.get("files_sha256", ""),
@@ -209,7 +218,7 @@ def run_all(args) -> list[dict]:
             "epochs": args.epochs, "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
             "eval_positions": args.eval_windows * args.seq_len, "quick": args.quick,
             "teacher_ce": round(reference["ce"], 5), "teacher_ece": round(reference["ece"], 5)}
-    return [{**meta, **r} for r in rows]
+    return [{**meta, **r} for r in rows], pooled, reference
 
 
 def corpus_plan_head(teacher, args) -> np.ndarray:
@@ -318,7 +327,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-windows", type=int, default=8)
     csv_argument(ap, "students_study.csv")
-    ap.add_argument("--png", type=Path, default=None, help="write the gap-closed vs bytes figure here")
+    ap.add_argument("--png", type=Path, default=None,
+                    help="write the gap-closed vs bytes figure here, and (after a run) <stem>_reliability.png")
     ap.add_argument("--results-md", action="store_true", help="replace the students-study section of docs/results.md")
     ap.add_argument("--summarize", type=Path, default=None,
                     help="no training: the table and figure from this CSV's rows with the settings of its last row "
@@ -357,8 +367,10 @@ def main() -> None:
     if args.summarize:
         rows = read_rows(args.summarize)
     else:
-        rows = run_all(args)
+        rows, pooled, reference = run_all(args)
         out.append(rows)
+        if args.png:  # <png stem>_reliability.png: per method, seeds pooled (needs the run: not in the CSV)
+            plot_reliability(pooled, reference, args.png.with_suffix(""))
     shown = [{**r, "kind_online": r["loss_kind"] in ("ce", "full")} for r in rows]
     section = results_section(shown, command_line())
     if args.png:
