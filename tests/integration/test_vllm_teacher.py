@@ -41,6 +41,11 @@ def config_for(backend: str, out: str = "unused", method: str = "hybrid") -> Cap
 
 @pytest.fixture(scope="module")
 def teachers(engine_env):
+    # numba compiled something first, as the store's decoders do in a process that also read a store: vLLM's
+    # engine start once failed on llvmlite's library proxy (vllm._llvmlite_readable_by_vllm)
+    from numba import njit
+
+    assert njit(lambda x: x + 1)(1) == 2 and "llvmlite.binding.ffi" in sys.modules
     yield from hf_and_vllm_teachers(config_for)
 
 

