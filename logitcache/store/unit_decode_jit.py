@@ -1,11 +1,15 @@
 """The sampled entries of a unit decoded by one compiled pass (numba, :mod:`logitcache.store.jit`): what
 :func:`logitcache.store.unit_decode` gives for a unit's ``sample_*`` columns, in one loop over its rows.
 
-Row by row, :func:`sample_entries` reads the row's id stream (rank-delta: gamma symbols and mantissas, gaps →
-ranks → ids; packed: ``id_width``-bit ids) with a bit buffer, lays each position's entries out label first
-(its count the position's ``N`` minus the others'), then sorts them by id, stable as ``decode_row``'s argsort:
-an insertion sort for a few entries, else a two-level bitmap of the vocabulary (set each id's bit, read the set
-bits back in order; a position whose ids repeat, which only a damaged row gives, goes to the insertion sort).
+Row by row, :func:`sample_entries` checks that the row's id stream holds the bits its entries need (one pass
+over its gamma symbols), then reads each field from the two big-endian 64-bit words it starts in (no bit buffer,
+no branch per byte: the field's bit offset is the only value carried from entry to entry; rank-delta: gamma
+symbols and mantissas, gaps → ranks → ids; packed: ``id_width``-bit ids), lays each position's entries out label
+first (its count the position's ``N`` minus the others'), then sorts them by id, stable as ``decode_row``'s
+argsort: an insertion sort for a few entries, else a two-level bitmap of the vocabulary (set each id's bit, read
+the set bits back in order; a position whose ids repeat, which only a damaged row gives, goes to the insertion
+sort). A position's ranks ascend, so one check of its last rank (or largest packed id) against the vocabulary
+covers all of them (a rank past it is read as the last id until then).
 Damage is returned, not raised (numba code cannot build the message): ``status`` holds an ``ERRORS`` code,
 the row and two numbers for the message, which :mod:`logitcache.store.unit_decode` raises.
 """
@@ -31,25 +35,27 @@ def sample_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: n
                    pos_off: np.ndarray, rest_len: np.ndarray, flags: np.ndarray, labels: np.ndarray,
                    stored_counts: np.ndarray, num_samples: int, unrank: np.ndarray,
                    vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids int32[E], counts int32[E], source int64[E], status int64[4])``: each position's entries sorted by
+    """``(ids int32[E], counts int32[E], source int32[E], status int64[4])``: each position's entries sorted by
     id (positions end to end), their counts, and where each stood in the label-first stored order (what
     ``sample_weights`` is stored in). ``symbols``: the gamma symbols (rank-delta; else empty); ``bits``,
     ``bits_off``: the id bit stream and each row's byte offsets in it; ``stored_counts``: ``count - 1`` of the
     entries after the label."""
     total = int(rest_len.sum()) + int(flags.sum())
-    ids, counts = np.empty(total, np.int32), np.empty(total, np.int32)
-    source, status = np.empty(total, np.int64), np.zeros(4, np.int64)
-    words = np.zeros((vocab + 63) // 64, np.int64)
-    scratch = (words, np.zeros((words.size + 63) // 64, np.int64), np.empty(vocab, np.int64), np.empty(vocab, np.int32))
-    _decode_rows(rank_delta, id_width, symbols, bits, bits_off.astype(np.int64), pos_off.astype(np.int64),
-                 rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64), stored_counts,
-                 num_samples, unrank.astype(np.int64), vocab, ids, counts, source, status, *scratch)
+    ids, counts, source = np.empty(total, np.int32), np.empty(total, np.int32), np.empty(total, np.int32)
+    status = np.zeros(4, np.int64)
+    padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)  # a word past the last field's first word
+    padded[:bits.size] = bits
+    bitmap = np.zeros((vocab + 63) // 64, np.int64)
+    scratch = (bitmap, np.zeros((bitmap.size + 63) // 64, np.int64), np.empty(vocab, np.int64))
+    _decode_rows(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
+                 pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
+                 stored_counts, num_samples, unrank.astype(np.int64), vocab, ids, counts, source, status, *scratch)
     return ids, counts, source, status
 
 
 @njit_on_first_use
-def _decode_rows(rank_delta, id_width, symbols, bits, bits_off, pos_off, rest_len, flags, labels, stored_counts,
-                 num_samples, unrank, vocab, ids, counts, source, status, words, summary, slot, held):
+def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len, flags, labels, stored_counts,
+                 num_samples, unrank, vocab, ids, counts, source, status, bitmap, summary, slot):
     """Every row into ``ids``/``counts``/``source``; stops at the first damaged row (``status``)."""
     e, out = 0, 0  # the next stored entry (after labels), the next output entry
     for r in range(pos_off.size - 1):
@@ -57,65 +63,87 @@ def _decode_rows(rank_delta, id_width, symbols, bits, bits_off, pos_off, rest_le
         e1 = e
         for p in range(p0, p1):
             e1 += rest_len[p]
-        need = _row_bits(rank_delta, id_width, symbols, e, e1, r, status)
-        if status[0]:
+        if not _row_fits(rank_delta, id_width, symbols, bits_off, e, e1, r, status):
             return
-        b0, b1 = bits_off[r], bits_off[r + 1]
-        if b1 - b0 != (need + 7) // 8:
-            _fail(status, 2, r, b1 - b0, (need + 7) // 8)
-            return
-        acc, have, at = 0, 0, b0  # the bit buffer: `have` bits of `acc`, next byte `at`
+        q = bits_off[r] * 8  # the next field's first bit
         for p in range(p0, p1):
-            o, rank, left = out, 0, num_samples
-            if flags[p]:
-                ids[o], source[o] = labels[p], o
-                o += 1
-            for _ in range(rest_len[p]):
-                while have <= 55:
-                    acc = (acc << 8) | (bits[at] if at < b1 else 0)
-                    at, have = at + 1, have + 8
-                if rank_delta:
-                    s = np.int64(symbols[e])
-                    w = max(s - 1, 0)
-                    have -= w
-                    rank += (min(s, 1) << w) | ((acc >> have) & ((1 << w) - 1))  # gap: lead bit (none for 0), mantissa
-                    if rank >= vocab:
-                        _fail(status, 3, r, rank, vocab)
-                        return
-                    ids[o] = unrank[rank]
-                else:
-                    have -= id_width
-                    v = (acc >> have) & ((1 << id_width) - 1)
-                    if v >= vocab:
-                        _fail(status, 4, r, v, vocab)
-                        return
-                    ids[o] = v
-                acc &= (1 << have) - 1
-                counts[o], source[o] = stored_counts[e] + 1, o
-                left -= stored_counts[e] + 1
-                e, o = e + 1, o + 1
+            o0, o = out, out + flags[p]
+            n = rest_len[p]
+            if rank_delta:
+                q, top = _gamma_ids(symbols, words, unrank, vocab, e, n, q, ids, o)
+            else:
+                q, top = _packed_ids(words, id_width, n, q, ids, o)
+            if top >= vocab:
+                _fail(status, 3 if rank_delta else 4, r, top, vocab)
+                return
+            left = num_samples
+            for j in range(n):
+                c = np.int64(stored_counts[e + j]) + 1
+                counts[o + j], source[o + j] = c, o + j
+                left -= c
             if flags[p]:
                 if left < 1:
                     _fail(status, 5, r, left, 1)
                     return
-                counts[out] = left
-            _sort_position(ids, counts, source, out, o, words, summary, slot, held)
-            out = o
+                ids[o0], counts[o0], source[o0] = labels[p], left, o0
+            e, out = e + n, o + n
+            _sort_position(ids, counts, source, o0, out, bitmap, summary, slot)
 
 
 @njit_on_first_use
-def _row_bits(rank_delta, id_width, symbols, e0, e1, r, status):
-    """Bits the row's id stream holds for its entries ``e0:e1`` (a gamma symbol above MAX_BITS: ``status``)."""
-    if not rank_delta:
-        return (e1 - e0) * id_width
-    need = 0
-    for e in range(e0, e1):
-        s = symbols[e]
-        if s > MAX_BITS:
-            _fail(status, 1, r, s, MAX_BITS)
-            return 0
-        need += s - 1 if s > 1 else 0
-    return need
+def _row_fits(rank_delta, id_width, symbols, bits_off, e0, e1, r, status):
+    """Whether row ``r``'s id stream holds the bytes its entries ``e0:e1`` need, its gamma symbols at most
+    MAX_BITS (else ``status``); a branch-free loop over the symbols."""
+    need = (e1 - e0) * id_width
+    if rank_delta:
+        need, top = 0, 0
+        for e in range(e0, e1):
+            s = np.int64(symbols[e])
+            need += max(s - 1, 0)
+            top = max(top, s)
+        if top > MAX_BITS:
+            _fail(status, 1, r, top, MAX_BITS)
+            return False
+    size = bits_off[r + 1] - bits_off[r]
+    if size != (need + 7) // 8:
+        _fail(status, 2, r, size, (need + 7) // 8)
+        return False
+    return True
+
+
+@njit_on_first_use
+def _field(words, q, w):
+    """The ``w`` bits (0 to 32) at bit ``q`` of the stream held as big-endian ``words``: the 64 bits from ``q``
+    on (a word and the next), then their top ``w`` (two shifts each, so that 0 bits shift by 64 nowhere)."""
+    i, off = q >> 6, np.uint64(q & 63)
+    hi = (words[i] << off) | ((words[i + 1] >> np.uint64(1)) >> (np.uint64(63) - off))
+    return np.int64((hi >> np.uint64(1)) >> np.uint64(63 - w))
+
+
+@njit_on_first_use
+def _gamma_ids(symbols, words, unrank, vocab, e, n, q, ids, o):
+    """A position's ``n`` rank-delta ids (symbols from ``e``, mantissas from bit ``q``) into ``ids[o:o + n]``:
+    ``(the next bit, its last rank)``; a rank past the vocabulary is read as the last id (the caller refuses it)."""
+    rank = np.int64(0)
+    for j in range(n):
+        s = np.int64(symbols[e + j])
+        w = max(s - 1, 0)
+        rank += (min(s, 1) << w) | _field(words, q, w)
+        q += w
+        ids[o + j] = unrank[min(rank, vocab - 1)]
+    return q, rank
+
+
+@njit_on_first_use
+def _packed_ids(words, id_width, n, q, ids, o):
+    """A position's ``n`` packed ids (from bit ``q``) into ``ids[o:o + n]``: ``(the next bit, the largest id)``."""
+    top = np.int64(0)
+    for j in range(n):
+        v = _field(words, q, id_width)
+        q += id_width
+        top = max(top, v)
+        ids[o + j] = v
+    return q, top
 
 
 @njit_on_first_use
@@ -124,9 +152,9 @@ def _fail(status, code, row, found, expected):
 
 
 @njit_on_first_use
-def _sort_position(ids, counts, source, o0, o1, words, summary, slot, held):
+def _sort_position(ids, counts, source, o0, o1, bitmap, summary, slot):
     """``o0:o1`` sorted by id, ties in place (stable)."""
-    if o1 - o0 <= INSERTION_MAX or not _bitmap_sort(ids, counts, source, o0, o1, words, summary, slot, held):
+    if o1 - o0 <= INSERTION_MAX or not _bitmap_sort(ids, counts, source, o0, o1, bitmap, summary, slot):
         _insertion_sort(ids, counts, source, o0, o1)
 
 
@@ -142,21 +170,22 @@ def _insertion_sort(ids, counts, source, o0, o1):
 
 
 @njit_on_first_use
-def _bitmap_sort(ids, counts, source, o0, o1, words, summary, slot, held):
-    """Sort distinct ids by their bits in ``words`` (``summary``: which words are set; ``slot``, ``held``: each
-    id's entry and count); False (bitmap left clear, entries untouched) when an id repeats."""
+def _bitmap_sort(ids, counts, source, o0, o1, bitmap, summary, slot):
+    """Sort distinct ids by their bits in ``bitmap`` (``summary``: which of its words are set; ``slot``: each
+    id's count and place, ``count << 32 | place``); False (bitmap left clear, entries untouched) when an id
+    repeats."""
     lo, hi = summary.size, -1
     for i in range(o0, o1):
-        v = ids[i]
+        v = np.int64(ids[i])
         w = v >> 6
         bit = np.int64(1) << (v & 63)
-        if words[w] & bit:
+        if bitmap[w] & bit:
             for j in range(o0, i):
-                words[ids[j] >> 6], summary[ids[j] >> 12] = 0, 0
+                bitmap[ids[j] >> 6], summary[ids[j] >> 12] = 0, 0
             return False
-        words[w] |= bit
+        bitmap[w] |= bit
         summary[w >> 6] |= np.int64(1) << (w & 63)
-        slot[v], held[v] = i, counts[i]
+        slot[v] = (np.int64(counts[i]) << 32) | (i - o0)
         lo, hi = min(lo, w >> 6), max(hi, w >> 6)
     o = o0
     for sw in range(lo, hi + 1):
@@ -165,12 +194,13 @@ def _bitmap_sort(ids, counts, source, o0, o1, words, summary, slot, held):
         while s:
             w = sw * 64 + _trailing_zeros(s)
             s &= s - 1
-            x = words[w]
-            words[w] = 0
+            x = bitmap[w]
+            bitmap[w] = 0
             while x:
                 v = w * 64 + _trailing_zeros(x)
                 x &= x - 1
-                ids[o], counts[o], source[o] = v, held[v], slot[v]
+                k = slot[v]
+                ids[o], counts[o], source[o] = v, k >> 32, o0 + (k & 0xFFFFFFFF)
                 o += 1
     return True
 
