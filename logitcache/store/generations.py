@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CorruptShardError, StoreError
 from .encoding import row_mask
-from .finish import finish_code, row_finish
+from .finish import FINISH_CODES, finish_code, row_finish
 from .records import GenerationCounts, ShardRecord
 from .spec import ShardSpec
 from .units import UnitRows
@@ -84,28 +84,29 @@ def read_counts(rows: Iterable[GeneratedRow]) -> GenerationCounts:
 def recorded_counts(record: ShardRecord, stop_strings: int) -> GenerationCounts | None:
     """``record.generation`` (None in a store written before it), refused when it counts responses ended by a
     stop string the settings do not list."""
-    counts = record.generation
-    named = [] if counts is None else [c for c, n in enumerate(counts.finish_codes) if n and c >= 2 + stop_strings]
+    counts, first = record.generation, FINISH_CODES["stop-string"]
+    named = [] if counts is None else [c for c, n in enumerate(counts.finish_codes) if n and c >= first + stop_strings]
     if named:
         raise CorruptShardError(f"shard {record.index}: its record counts {counts.finish_codes[named[0]]} responses "
-                                f"with finish code {named[0]} (stop string {named[0] - 2}); the store's settings "
-                                f"list {stop_strings} (codes 0 .. {1 + stop_strings} expected)")
+                                f"with finish code {named[0]} (stop string {named[0] - first}); the store's settings "
+                                f"list {stop_strings} (codes 0 .. {first - 1 + stop_strings} expected)")
     return counts
 
 
 def summarize(settings: dict[str, Any], units: Iterable[GenerationCounts]) -> dict[str, Any]:
     """``inspect``'s generation section: the settings, and over the ``units`` the number of responses, their mean
     and max length in tokens, the finish reasons and the hits per stop string (0: the string never ended one)."""
-    units = list(units)
-    codes = np.zeros(max([2 + len(settings.get("stop", [])), *(len(u.finish_codes) for u in units)]), np.int64)
+    units, first = list(units), FINISH_CODES["stop-string"]
+    codes = np.zeros(max([first + len(settings.get("stop", [])), *(len(u.finish_codes) for u in units)]), np.int64)
     for u in units:
         codes[:len(u.finish_codes)] += u.finish_codes
     responses, tokens = int(codes.sum()), sum(u.response_tokens for u in units)
     return {"settings": settings, "responses": responses,
             "mean_response_tokens": tokens / responses if responses else 0.0,
             "max_response_tokens": max((u.max_response_tokens for u in units), default=0),
-            "finish_reasons": {"stop": int(codes[0]), "length": int(codes[1]), "stop-string": int(codes[2:].sum())},
-            "stop_string_hits": {s: int(codes[2 + i]) for i, s in enumerate(settings.get("stop", []))}}
+            "finish_reasons": {reason: int(codes[c:].sum() if c == first else codes[c])  # every stop string's
+                               for reason, c in FINISH_CODES.items()},
+            "stop_string_hits": {s: int(codes[first + i]) for i, s in enumerate(settings.get("stop", []))}}
 
 
 def inspect_section(spec: ShardSpec, settings: dict[str, Any] | None, records: Iterable[ShardRecord],

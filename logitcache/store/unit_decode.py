@@ -34,7 +34,7 @@ from .encoding import Encoding, _decode_logprobs, _with_label_first, decode_row,
 from .planes import LABEL_COLUMN, unsplit
 from .spec import ShardSpec
 from .totals import count_dtype
-from .unit_decode_jit import sample_entries
+from . import unit_decode_jit as kernel
 from .units import UnitRows
 
 __all__ = ["DecodedUnit", "Row", "RowsByRow", "decode_unit", "handles", "unit_rows"]
@@ -360,13 +360,14 @@ def _compiled_entries(enc: Encoding, cols: _Columns, n: int, flags: np.ndarray, 
     symbols = cols.bytes("sample_ids", _segment_sums(rest_len, pos_off))[0] if rank_delta else np.zeros(0, np.uint8)
     bits, bits_off = cols.bytes("sample_id_bits")
     unrank = enc._unrank if rank_delta else np.zeros(0, np.int64)
-    ids, counts, source, status = sample_entries(rank_delta, enc.id_width, symbols, bits, bits_off, pos_off, rest_len,
-                                                 flags, labels, stored_counts, n, unrank, enc.vocab_size)
+    ids, counts, source, status = kernel.sample_entries(rank_delta, enc.id_width, symbols, bits, bits_off, pos_off,
+                                                        rest_len, flags, labels, stored_counts, n, unrank,
+                                                        enc.vocab_size)
     if status[0]:
         code, row, found, expected = (int(v) for v in status)
-        cols.fail(row, {1: GAMMA_SYMBOL.format(bits=MAX_BITS, part="sample"),
-                        2: f"column sample_id_bits holds {found} bytes; {expected} expected",
-                        3: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column="sample_ids"),
-                        4: OUTSIDE.format(what="id", vocab=enc.vocab_size, column="sample_id_bits"),
-                        5: COUNT_BELOW_1}[code])
+        cols.fail(row, {kernel.BAD_GAMMA: GAMMA_SYMBOL.format(bits=MAX_BITS, part="sample"),
+                        kernel.BAD_SIZE: f"column sample_id_bits holds {found} bytes; {expected} expected",
+                        kernel.BAD_RANK: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column="sample_ids"),
+                        kernel.BAD_ID: OUTSIDE.format(what="id", vocab=enc.vocab_size, column="sample_id_bits"),
+                        kernel.BAD_COUNT: COUNT_BELOW_1}[code])
     return ids, counts, source

@@ -10,7 +10,7 @@ argsort: an insertion sort for a few entries, else a two-level bitmap of the voc
 the set bits back in order; a position whose ids repeat, which only a damaged row gives, goes to the insertion
 sort). A position's ranks ascend, so one check of its last rank (or largest packed id) against the vocabulary
 covers all of them (a rank past it is read as the last id until then).
-Damage is returned, not raised (numba code cannot build the message): ``status`` holds an ``ERRORS`` code,
+Damage is returned, not raised (numba code cannot build the message): ``status`` holds a ``BAD_*`` code,
 the row and two numbers for the message, which :mod:`logitcache.store.unit_decode` raises.
 """
 
@@ -21,10 +21,10 @@ import numpy as np
 from .bits import MAX_BITS
 from .jit import njit_on_first_use
 
-__all__ = ["ERRORS", "sample_entries"]
+__all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "sample_entries"]
 
-# status codes of sample_entries (status[0]); status[1] is the row, status[2:4] what the message needs
-ERRORS = {1: "gamma_symbol", 2: "bits_size", 3: "rank", 4: "id", 5: "count"}
+# status codes of sample_entries (status[0]; 0: none); status[1] is the row, status[2:4] what the message needs
+BAD_GAMMA, BAD_SIZE, BAD_RANK, BAD_ID, BAD_COUNT = 1, 2, 3, 4, 5
 INSERTION_MAX = 16  # positions of at most this many entries are insertion-sorted, larger ones by the bitmap
 _DE_BRUIJN = 0x03F79D71B4CB0A89
 _DE_BRUIJN_INDEX = np.zeros(64, np.int64)
@@ -74,7 +74,7 @@ def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_l
             else:
                 q, top = _packed_ids(words, id_width, n, q, ids, o)
             if top >= vocab:
-                _fail(status, 3 if rank_delta else 4, r, top, vocab)
+                _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
                 return
             left = num_samples
             for j in range(n):
@@ -83,7 +83,7 @@ def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_l
                 left -= c
             if flags[p]:
                 if left < 1:
-                    _fail(status, 5, r, left, 1)
+                    _fail(status, BAD_COUNT, r, left, 1)
                     return
                 ids[o0], counts[o0], source[o0] = labels[p], left, o0
             e, out = e + n, o + n
@@ -102,11 +102,11 @@ def _row_fits(rank_delta, id_width, symbols, bits_off, e0, e1, r, status):
             need += max(s - 1, 0)
             top = max(top, s)
         if top > MAX_BITS:
-            _fail(status, 1, r, top, MAX_BITS)
+            _fail(status, BAD_GAMMA, r, top, MAX_BITS)
             return False
     size = bits_off[r + 1] - bits_off[r]
     if size != (need + 7) // 8:
-        _fail(status, 2, r, size, (need + 7) // 8)
+        _fail(status, BAD_SIZE, r, size, (need + 7) // 8)
         return False
     return True
 

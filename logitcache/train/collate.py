@@ -143,7 +143,7 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
 
     The items' targets are joined end to end first, so :meth:`SparseTargets.estimate` runs once for the
     batch (elementwise, so the same values as item by item); the entries of the cell ``c`` with ``n``
-    of them fill ``[c, :n]``, which a ``[B·T, U]`` mask (``arange(U) < n``) says in row-major order.
+    of them fill ``[c, :n]`` (one compiled pass, :func:`~logitcache.train.layout_jit.lay_out`).
     """
     method, head_size, num_samples = _batch_target_params(targets)
     if cells.numel() > 1 and not bool((cells[1:] > cells[:-1]).all()):
