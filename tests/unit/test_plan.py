@@ -383,7 +383,7 @@ def memory_bound(tokens: int) -> int:
 
 
 @pytest.mark.parametrize(("layout", "size", "max_tokens"), [("multi-line", 200 << 20, 2000), ("single-line", 50 << 20, 2000),
-                                                            ("multi-line", 50 << 20, None)])
+                                                            ("multi-line", 16 << 20, None)])
 def test_planning_a_large_document_stays_within_the_memory_bound(tiny_teacher, tiny_tokenizer, tmp_path, layout,
                                                                   size, max_tokens):
     import hashlib
