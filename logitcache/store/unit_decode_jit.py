@@ -19,16 +19,16 @@ from __future__ import annotations
 import numpy as np
 
 from .bits import MAX_BITS
-from .jit import njit_on_first_use
+from .jit import bind_on_first_use, njit_on_first_use
+
+bind_on_first_use(__name__, "trailing_zeros", "numba.cpython.unsafe.numbers")  # llvm.cttz, numba's intrinsic
 
 __all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "sample_entries"]
 
 # status codes of sample_entries (status[0]; 0: none); status[1] is the row, status[2:4] what the message needs
 BAD_GAMMA, BAD_SIZE, BAD_RANK, BAD_ID, BAD_COUNT = 1, 2, 3, 4, 5
 INSERTION_MAX = 16  # positions of at most this many entries are insertion-sorted, larger ones by the bitmap
-_DE_BRUIJN = 0x03F79D71B4CB0A89
-_DE_BRUIJN_INDEX = np.zeros(64, np.int64)
-_DE_BRUIJN_INDEX[((_DE_BRUIJN << np.arange(64, dtype=np.uint64)) >> np.uint64(58)).astype(np.int64)] = np.arange(64)
+trailing_zeros = None  # the index of the lowest set bit: numba's intrinsic, bound when the kernels compile
 
 
 def sample_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: np.ndarray, bits_off: np.ndarray,
@@ -192,20 +192,15 @@ def _bitmap_sort(ids, counts, source, o0, o1, bitmap, summary, slot):
         s = summary[sw]
         summary[sw] = 0
         while s:
-            w = sw * 64 + _trailing_zeros(s)
+            w = sw * 64 + trailing_zeros(s)
             s &= s - 1
             x = bitmap[w]
             bitmap[w] = 0
             while x:
-                v = w * 64 + _trailing_zeros(x)
+                v = w * 64 + trailing_zeros(x)
                 x &= x - 1
                 k = slot[v]
                 ids[o], counts[o], source[o] = v, k >> 32, o0 + (k & 0xFFFFFFFF)
                 o += 1
     return True
 
-
-@njit_on_first_use
-def _trailing_zeros(x):
-    """The index of the lowest set bit of ``x`` (not 0): its isolated bit times a de Bruijn sequence, top 6 bits."""
-    return _DE_BRUIJN_INDEX[(((x & -x) * _DE_BRUIJN) >> 58) & 63]
