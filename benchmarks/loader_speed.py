@@ -18,7 +18,11 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
   are timed in the same rounds.
 
 ``--profile`` prints the top cProfile entries (by own time) of one ``loader`` and one ``loader-rows`` pass
-(and one ``baseline`` pass).
+(and one ``baseline`` pass). ``--stages`` also times each stage of a pass by itself in process CPU time (the fastest
+of ``--repeats``; rows ``cpu:<stage>``): ``read`` (every unit's bytes, checksums and container), ``decode`` (every
+read unit decoded), ``items`` (every item of the epoch from the decoded units), ``collate`` (the loader's batches of
+those items) and ``pass`` (a whole ``loader`` pass), so what dominates is a number rather than a profile's share.
+``--store DIR`` reads a store captured before (e.g. by a previous run with ``--keep DIR``) instead of capturing.
 
 Everything runs on one thread (``torch.set_num_threads(1)``, ``pyarrow.set_cpu_count(1)``).
 
@@ -36,6 +40,7 @@ import shutil
 import sys
 import statistics
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -47,7 +52,8 @@ from torch.utils.data import DataLoader
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
 from logitcache.store import read_manifest
-from logitcache.store.unit_decode import RowsByRow
+from logitcache.store.reader import read_unit
+from logitcache.store.unit_decode import RowsByRow, unit_rows
 from logitcache.train import dataset
 from logitcache.train.dataset import CacheDataset
 
@@ -99,6 +105,32 @@ def baseline_dataset(checkout: Path, workdir: Path):
     return importlib.import_module("logitcache_baseline.train.dataset").CacheDataset
 
 
+def stage_times(store: Path, batch_size: int, repeats: int) -> dict[str, float]:
+    """Process CPU seconds of each stage of a shuffled loader pass, the fastest of ``repeats`` (module docstring)."""
+    ds = CacheDataset(store, shuffle=True, seed=0, verify=True, batch_size=batch_size, cache_shards=10**6)
+    st = ds._store  # the read side the dataset's items come from
+    order = [int(i) for i in ds.indices()]
+    units = [read_unit(st.fs, st.spec, r, check=True) for r in st.records]
+    items = [st.item(i) for i in order]  # every unit decoded into the reader's cache
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    stages = {
+        "read": lambda: [read_unit(st.fs, st.spec, r, check=True) for r in st.records],
+        "decode": lambda: [unit_rows(st.spec, u, r.index) for u, r in zip(units, st.records)],
+        "items": lambda: [st.item(i) for i in order],
+        "collate": lambda: [ds.collate(b) for b in batches],
+        "pass": lambda: loader_read(store, batch_size),
+    }
+    best = {}
+    for name, fn in stages.items():
+        seconds = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            seconds.append(time.process_time() - start)
+        best[name] = min(seconds)
+    return best
+
+
 def print_profile(name: str, fn, store: Path, top: int) -> None:
     profile = cProfile.Profile()
     profile.runcall(fn, store)
@@ -118,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
                     "embedded:smollm2-135m-instruct")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its loader is timed too")
+    ap.add_argument("--stages", action="store_true", help="also time each stage by itself (CPU time)")
+    ap.add_argument("--store", type=Path, help="read this store instead of capturing one")
+    ap.add_argument("--keep", type=Path, help="copy the captured store here (for a later --store)")
     csv_argument(ap, "loader_speed.csv")
     return ap
 
@@ -138,25 +173,36 @@ def main() -> None:
         cases["baseline"] = partial(loader_read, batch_size=args.batch_size,
                                     dataset_class=baseline_dataset(args.baseline, workdir))
     try:
-        store = workdir / "store"
-        make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard, args.teacher)
+        store = args.store or workdir / "store"
+        if args.store is None:
+            make_store(store, args.seq_len, args.sequences, args.samples, args.sequences_per_shard, args.teacher)
+            if args.keep:
+                shutil.copytree(store, args.keep)
         positions = {name: fn(store) for name, fn in cases.items()}  # warm-up: page cache, imports
         times = interleave({name: partial(timed, fn, store) for name, fn in cases.items()}, args.repeats,
                            warmup=False)
+        stages = stage_times(store, args.batch_size, args.repeats) if args.stages else {}
         for name in [c for c in ("loader", "loader-rows", "baseline") if c in cases] if args.profile else ():
             print_profile(name, cases[name], store, args.profile)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = dict(provenance(), threads=1)
-    print(f"teacher {args.teacher or 'tiny'}; machine load {machine_load()}")
+    # the store's teacher (or, read with --store, the store) after each case name; none: the tiny teacher
+    label = f"@{args.store.name}" if args.store else "" if args.teacher is None else f"@{args.teacher.rpartition(':')[2]}"
+    print(f"store {args.store or args.teacher or 'tiny'}; machine load {machine_load()}")
     rows = []
     for name in cases:
         seconds = statistics.median(times[name])
-        case = name if args.teacher is None else f"{name}@{args.teacher.rpartition(':')[2]}"  # the store's teacher
+        case = name + label
         rows.append({**meta, "case": case, "positions": positions[name],
                      "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
         print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
               f"positions/s={positions[name] / seconds:,.0f}", flush=True)
+    for name, seconds in stages.items():
+        case, count = f"cpu:{name}{label}", positions["loader"]
+        rows.append({**meta, "case": case, "positions": count, "seconds": round(seconds, 5),
+                     "positions_per_s": round(count / seconds, 1)})
+        print(f"{'cpu:' + name:16s} positions={count} cpu seconds={seconds:.4f} positions/s={count / seconds:,.0f}")
     out.append(rows)
 
 
