@@ -21,6 +21,7 @@ from dataclasses import fields
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import TargetsError
 from ..targets import SparseTargets
@@ -66,15 +67,10 @@ def collate(
                for row, item in enumerate(items)]
     b, t = len(items), max(layout.length for layout in layouts)
 
-    input_ids = torch.full((b, t), pad_id, dtype=torch.int64)
-    labels = torch.full((b, t), ignore_index, dtype=torch.int64)
-    attention_mask = torch.zeros((b, t), dtype=torch.int64)
-    for row, layout in enumerate(layouts):
-        n = layout.length
-        input_ids[row, :n] = layout.input_ids
-        labels[row, :n] = layout.labels
-        attention_mask[row, :n] = 1
-
+    input_ids = pad_sequence([layout.input_ids for layout in layouts], batch_first=True, padding_value=pad_id)
+    labels = pad_sequence([layout.labels for layout in layouts], batch_first=True, padding_value=ignore_index)
+    lengths = torch.tensor([layout.length for layout in layouts])
+    attention_mask = (torch.arange(t) < lengths[:, None]).to(torch.int64)
     cells = torch.cat([layout.positions + row * t for row, layout in enumerate(layouts)])
     batch = {
         "input_ids": input_ids,
@@ -90,8 +86,7 @@ def collate(
 
 def item_layout(item: dict[str, Any], where: str, ignore_index: int) -> ItemLayout:
     """The :class:`ItemLayout` of a dataset item, or a :class:`TargetsError` that starts with ``where``."""
-    input_ids = torch.as_tensor(item["input_ids"]).to(torch.int64)
-    labels = torch.as_tensor(item["labels"]).to(torch.int64)
+    input_ids, labels = _int64(item["input_ids"]), _int64(item["labels"])
     n = int(input_ids.shape[0]) if input_ids.dim() == 1 else -1
     if n < 1 or labels.shape != input_ids.shape:
         raise TargetsError(f"{where}: input_ids has shape {tuple(input_ids.shape)} and labels "
@@ -107,6 +102,13 @@ def item_layout(item: dict[str, Any], where: str, ignore_index: int) -> ItemLayo
         raise TargetsError(f"{where}: targets cover {num_targets} positions; expected {n} (every position){also}")
     labels = labels if trained is None else torch.where(trained, labels, ignore_index)
     return ItemLayout(n, input_ids, labels, positions)
+
+
+def _int64(values: Any) -> torch.Tensor:
+    """``values`` as an int64 tensor (the dataset's items already are one: returned as they are)."""
+    if isinstance(values, torch.Tensor) and values.dtype == torch.int64:
+        return values
+    return torch.as_tensor(values).to(torch.int64)
 
 
 def _loss_mask(item: dict[str, Any], n: int, where: str) -> torch.Tensor | None:
@@ -172,11 +174,14 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     }
 
 
+_TENSOR_FIELDS = [f for f in fields(SparseTargets) if f.name not in ("method", "num_samples")]
+
+
 def _joined(targets: list[SparseTargets]) -> SparseTargets:
     """The batch's targets as one :class:`SparseTargets` over every item's positions, end to end. A field
     only some items carry is left out, except ``sample_weights``, which is 1 (exact) where an item has none."""
     first, parts = targets[0], {}
-    for f in fields(SparseTargets):
+    for f in _TENSOR_FIELDS:
         values = [getattr(tg, f.name) for tg in targets]
         if f.name == "sample_weights" and any(v is not None for v in values):
             values = [torch.ones(tg.sample_ids.shape, dtype=torch.float32) if v is None else v
