@@ -6,9 +6,10 @@ over its gamma symbols), then reads each field from the two big-endian 64-bit wo
 no branch per byte: the field's bit offset is the only value carried from entry to entry; rank-delta: gamma
 symbols and mantissas, gaps → ranks → ids; packed: ``id_width``-bit ids), lays each position's entries out label
 first (its count the position's ``N`` minus the others'), then sorts them by id, stable as ``decode_row``'s
-argsort: an insertion sort for a few entries, else a two-level bitmap of the vocabulary (set each id's bit, read
-the set bits back in order; a position whose ids repeat, which only a damaged row gives, goes to the insertion
-sort). A position's ranks ascend, so one check of its last rank (or largest packed id) against the vocabulary
+argsort: up to RANK_MAX entries by counting each entry's rank among them (branch-free compares of ``id · 2^16 +
+place`` keys, so a repeated id keeps its stored order), more through a two-level bitmap of the vocabulary (set each
+id's bit, read the set bits back in order; a position whose ids repeat, which only a damaged row gives, goes to an
+insertion sort). A position's ranks ascend, so one check of its last rank (or largest packed id) against the vocabulary
 covers all of them (a rank past it is read as the last id until then).
 Damage is returned, not raised (numba code cannot build the message): ``status`` holds a ``BAD_*`` code,
 the row and two numbers for the message, which :mod:`logitcache.store.unit_decode` raises.
@@ -27,7 +28,7 @@ __all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "sample_e
 
 # status codes of sample_entries (status[0]; 0: none); status[1] is the row, status[2:4] what the message needs
 BAD_GAMMA, BAD_SIZE, BAD_RANK, BAD_ID, BAD_COUNT = 1, 2, 3, 4, 5
-INSERTION_MAX = 16  # positions of at most this many entries are insertion-sorted, larger ones by the bitmap
+RANK_MAX = 32  # positions of at most this many entries are sorted by rank counts, larger ones by the bitmap
 trailing_zeros = None  # the index of the lowest set bit: numba's intrinsic, bound when the kernels compile
 
 
@@ -46,7 +47,8 @@ def sample_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: n
     padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)  # a word past the last field's first word
     padded[:bits.size] = bits
     bitmap = np.zeros((vocab + 63) // 64, np.int64)
-    scratch = (bitmap, np.zeros((bitmap.size + 63) // 64, np.int64), np.empty(vocab, np.int64))
+    scratch = (bitmap, np.zeros((bitmap.size + 63) // 64, np.int64), np.empty(vocab, np.int64),
+               np.empty(RANK_MAX, np.int64), np.empty(RANK_MAX, np.int64))
     _decode_rows(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
                  pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
                  stored_counts, num_samples, unrank.astype(np.int64), vocab, ids, counts, source, status, *scratch)
@@ -55,7 +57,7 @@ def sample_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: n
 
 @njit_on_first_use
 def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len, flags, labels, stored_counts,
-                 num_samples, unrank, vocab, ids, counts, source, status, bitmap, summary, slot):
+                 num_samples, unrank, vocab, ids, counts, source, status, bitmap, summary, slot, keys, held):
     """Every row into ``ids``/``counts``/``source``; stops at the first damaged row (``status``)."""
     e, out = 0, 0  # the next stored entry (after labels), the next output entry
     for r in range(pos_off.size - 1):
@@ -87,7 +89,7 @@ def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_l
                     return
                 ids[o0], counts[o0], source[o0] = labels[p], left, o0
             e, out = e + n, o + n
-            _sort_position(ids, counts, source, o0, out, bitmap, summary, slot)
+            _sort_position(ids, counts, source, o0, out, bitmap, summary, slot, keys, held)
 
 
 @njit_on_first_use
@@ -152,10 +154,28 @@ def _fail(status, code, row, found, expected):
 
 
 @njit_on_first_use
-def _sort_position(ids, counts, source, o0, o1, bitmap, summary, slot):
+def _sort_position(ids, counts, source, o0, o1, bitmap, summary, slot, keys, held):
     """``o0:o1`` sorted by id, ties in place (stable)."""
-    if o1 - o0 <= INSERTION_MAX or not _bitmap_sort(ids, counts, source, o0, o1, bitmap, summary, slot):
+    if o1 - o0 <= RANK_MAX:
+        _rank_sort(ids, counts, source, o0, o1, keys, held)
+    elif not _bitmap_sort(ids, counts, source, o0, o1, bitmap, summary, slot):
         _insertion_sort(ids, counts, source, o0, o1)
+
+
+@njit_on_first_use
+def _rank_sort(ids, counts, source, o0, o1, keys, held):
+    """``o0:o1`` (at most RANK_MAX entries) sorted by id: each entry goes to the number of keys below its own
+    (``id · 2^16 + place``: distinct, so ties keep their place); ``keys``/``held`` hold the entries meanwhile."""
+    n = o1 - o0
+    for i in range(n):
+        keys[i] = (np.int64(ids[o0 + i]) << 16) | i
+        held[i] = (np.int64(counts[o0 + i]) << 32) | source[o0 + i]
+    for i in range(n):
+        k, below = keys[i], 0
+        for j in range(n):
+            below += keys[j] < k
+        h = held[i]
+        ids[o0 + below], counts[o0 + below], source[o0 + below] = k >> 16, h >> 32, h & 0xFFFFFFFF
 
 
 @njit_on_first_use

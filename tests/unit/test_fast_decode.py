@@ -20,6 +20,7 @@ from logitcache.store.fs import StoreFS
 from logitcache.store.reader import read_unit
 from logitcache.store.spec import spec_from_manifest
 from logitcache.store.unit_decode import DecodedUnit, RowsByRow, decode_unit, unit_rows
+from logitcache.store.unit_decode_jit import RANK_MAX
 from logitcache.store.encoding import Encoding, encode_row
 from logitcache.store.units import UnitRows, from_blobs
 from logitcache.testing.store_conformance import VOCAB, make_header, make_rows, write_store
@@ -112,7 +113,7 @@ def test_the_unit_decoder_equals_decode_row(tmp_path, name):
 @pytest.mark.parametrize("ids", ["rank-delta", "packed"])
 def test_the_compiled_kernel_sorts_the_ids_of_a_large_vocabulary(tmp_path, ids):
     """V = 70,000 (the kernel's bitmap spans many summary words) and ~50 distinct ids a position (bitmap sort),
-    a few positions of 1 or 2 (insertion sort); the kernel, the numpy passes and decode_row agree."""
+    a few positions of 1 or 2 (the rank sort); the kernel, the numpy passes and decode_row agree."""
     spec, _ = units(packed_store(tmp_path / "s", "sample", sequences=1, per_shard=1))
     vocab, rng, gen = 70_000, np.random.default_rng(5), torch.Generator().manual_seed(5)
     order = tuple(rng.permutation(vocab)[:9000].tolist()) if ids == "rank-delta" else ()
@@ -142,12 +143,14 @@ def _label_and_another(spec, rows_of_units):
                     yield rows, r, p, int(mine[mine != tokens[p + 1]][0])
 
 
-@pytest.mark.parametrize("n", [8, 50])  # few entries a position (insertion sort), many (the bitmap's fallback)
+@pytest.mark.parametrize("n", [8, 300])  # few entries a position (the rank sort), many (the bitmap's fallback)
 def test_an_id_that_repeats_keeps_its_stored_order_like_decode_row(tmp_path, n):
     """A label that a damaged tokens column makes equal to another of its position's ids: decode_row's stable sort
     puts the label's entry first; the kernel must too."""
     spec, rows_of_units = units(packed_store(tmp_path / "s", "sample", n=n, sequences=12))
     rows, r, p, other = next(_label_and_another(spec, rows_of_units))
+    off = RowsByRow(spec, rows).row(r)[3].sample_offsets()
+    assert (int(off[p + 1] - off[p]) > RANK_MAX) == (n == 300)  # the path the case is for
     values, col_off = rows.columns["tokens"]
     damaged = values.copy()
     damaged[col_off[r] + 4 * (p + 1):col_off[r] + 4 * (p + 2)] = np.frombuffer(np.int32(other).tobytes(), np.uint8)
