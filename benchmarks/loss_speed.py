@@ -197,7 +197,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", case, "--vocab", str(v), "--seq", str(args.seq),
                    "--samples", str(args.samples), "--hidden", str(args.hidden), "--chunk", str(args.chunk),
                    "--repeats", str(args.repeats), "--device", args.device]
-            stdout = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            # the worker's stderr goes to ours: a case that crashes shows why
+            stdout = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True).stdout
             result = json.loads(stdout.strip().splitlines()[-1])
             if result is not None:  # None: the case cannot run here (head_liger without liger_kernel)
                 results[case] = result
