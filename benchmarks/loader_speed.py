@@ -11,7 +11,9 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
 * ``loader-rows``: the same with every row decoded by itself (``decode_row``, the path units of a newer
   format take: ``RowsByRow``);
 * ``loader-noverify``: ``loader`` with ``verify=False``;
-* ``iterate-only``: ``CacheDataset`` items without collation.
+* ``iterate-only``: ``CacheDataset`` items without collation;
+* ``loader-wN`` (with ``--workers N,...``): ``loader`` read by ``N`` DataLoader worker processes (persistent, started
+  before the timing), for how the loader scales past one process.
 
 * ``baseline`` (with ``--baseline DIR``): ``loader`` with the ``logitcache`` package of another checkout
   ``DIR`` (e.g. ``git archive <commit> | tar -x -C DIR``), imported under another name, so before and after
@@ -97,6 +99,21 @@ def loader_read(store: Path, batch_size: int, *, verify: bool = True, collate: b
         dataset.unit_rows = unit_rows
 
 
+class WorkersPass:
+    """A shuffled ``loader`` pass through ``DataLoader(num_workers=workers, persistent_workers=True)``, the loader
+    made on the first call, so the workers' start is not timed (each pass re-iterates the dataset in them)."""
+
+    def __init__(self, batch_size: int, workers: int) -> None:
+        self.batch_size, self.workers, self.loader = batch_size, workers, None
+
+    def __call__(self, store: Path) -> int:
+        if self.loader is None:
+            ds = CacheDataset(store, shuffle=True, seed=0, verify=True, batch_size=self.batch_size)
+            self.loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers, collate_fn=ds.collate,
+                                     persistent_workers=True)
+        return sum(int(batch["attention_mask"].sum()) for batch in self.loader)
+
+
 def baseline_dataset(checkout: Path, workdir: Path):
     """``CacheDataset`` of the ``logitcache`` package in ``checkout``, imported as ``logitcache_baseline`` (its
     imports of itself are relative)."""
@@ -150,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
                     "embedded:smollm2-135m-instruct")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N cProfile entries")
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its loader is timed too")
+    ap.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")], default=[],
+                    help="also time the loader with these DataLoader worker counts, e.g. 1,2 (cases loader-wN)")
     ap.add_argument("--stages", action="store_true", help="also time each stage by itself (CPU time)")
     ap.add_argument("--store", type=Path, help="read this store instead of capturing one")
     ap.add_argument("--keep", type=Path, help="copy the captured store here (for a later --store)")
@@ -168,6 +187,8 @@ def main() -> None:
         "loader-noverify": lambda s: loader_read(s, args.batch_size, verify=False),
         "iterate-only": lambda s: loader_read(s, args.batch_size, collate=False),
     }
+    for workers in args.workers:
+        cases[f"loader-w{workers}"] = WorkersPass(args.batch_size, workers)
     workdir = Path(tempfile.mkdtemp(prefix="lc-loader-bench-"))
     if args.baseline:
         cases["baseline"] = partial(loader_read, batch_size=args.batch_size,

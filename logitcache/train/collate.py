@@ -17,17 +17,18 @@ probability 0 and ``target_mask`` False.
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ..errors import TargetsError
 from ..targets import SparseTargets
 from .layout_jit import lay_out
 
-__all__ = ["ItemLayout", "collate", "dense_targets", "item_layout"]
+__all__ = ["ItemLayout", "collate", "dense_targets", "item_layout", "one_buffer"]
 
 
 class ItemLayout(NamedTuple):
@@ -67,16 +68,21 @@ def collate(
                for row, item in enumerate(items)]
     b, t = len(items), max(layout.length for layout in layouts)
 
-    input_ids = pad_sequence([layout.input_ids for layout in layouts], batch_first=True, padding_value=pad_id)
-    labels = pad_sequence([layout.labels for layout in layouts], batch_first=True, padding_value=ignore_index)
-    lengths = torch.tensor([layout.length for layout in layouts])
-    attention_mask = (torch.arange(t) < lengths[:, None]).to(torch.int64)
+    input_ids, labels, attention_mask, seq_ids = one_buffer([((b, t), torch.int64)] * 3 + [((b,), torch.int64)])
+    ids_np, labels_np = input_ids.numpy(), labels.numpy()
+    ids_np.fill(pad_id)
+    labels_np.fill(ignore_index)
+    for row, layout in enumerate(layouts):
+        ids_np[row, :layout.length] = layout.input_ids.numpy()
+        labels_np[row, :layout.length] = layout.labels.numpy()
+    attention_mask.numpy()[:] = np.arange(t) < np.array([layout.length for layout in layouts])[:, None]
+    seq_ids.numpy()[:] = [int(item["seq_id"]) for item in items]
     cells = torch.cat([layout.positions + row * t for row, layout in enumerate(layouts)])
     batch = {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "seq_ids": torch.tensor([int(item["seq_id"]) for item in items], dtype=torch.int64),
+        "seq_ids": seq_ids,
         **dense_targets([item["targets"] for item in items], cells, (b, t)),
     }
     if pin_memory and torch.cuda.is_available():
@@ -158,15 +164,17 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     if cells.numel() != counts.numel() or (cells.numel() and not 0 <= int(cells[0]) <= int(cells[-1]) < size):
         raise TargetsError(f"dense_targets takes one cell in [0, {size}) per stored position ({counts.numel()}); "
                            f"found {cells.numel()} cells")
-    tail_mass = torch.zeros(size, dtype=torch.float32)
+    target_ids, target_probs, target_mask, tail_mass = one_buffer(
+        [((size, u), torch.int64), ((size, u), torch.float32), ((size, u), torch.bool), ((size,), torch.float32)])
+    tail_mass.zero_()
     if method in ("topk", "hybrid"):
         tail_mass[cells] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32)
-    laid_out = lay_out(offsets.numpy(), ids.numpy(), probs.numpy(), cells.numpy(), size, u)
-    target_ids, target_probs, target_mask = (torch.from_numpy(a).view(*shape, u) for a in laid_out)
+    lay_out(offsets.numpy(), ids.numpy(), probs.numpy(), cells.numpy(), target_ids.numpy(), target_probs.numpy(),
+            target_mask.numpy())
     return {
-        "target_ids": target_ids,
-        "target_probs": target_probs,
-        "target_mask": target_mask,
+        "target_ids": target_ids.view(*shape, u),
+        "target_probs": target_probs.view(*shape, u),
+        "target_mask": target_mask.view(*shape, u),
         "target_tail_mass": tail_mass.view(shape),
         "target_head_size": head_size,
         "target_method": method,
@@ -175,6 +183,23 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
 
 
 _TENSOR_FIELDS = [f for f in fields(SparseTargets) if f.name not in ("method", "num_samples")]
+
+
+def one_buffer(parts: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """New tensors of these ``(shape, dtype)``, uninitialised, the parts of one dtype views of one buffer (each
+    64-byte aligned): a batch made of them leaves a DataLoader worker as one shared-memory segment per dtype, which
+    the training process maps once, instead of one segment (a socket round trip for its file descriptor) per tensor.
+    One dtype per buffer, as ``torch.save`` refuses a storage viewed as two. Keeping one part keeps its buffer."""
+    out: list[torch.Tensor | None] = [None] * len(parts)
+    for dtype in dict.fromkeys(dtype for _, dtype in parts):
+        mine = [i for i, (_, d) in enumerate(parts) if d == dtype]
+        sizes = [math.prod(parts[i][0]) for i in mine]
+        align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+        starts = np.concatenate([[0], np.cumsum([-(-n // align) * align for n in sizes])])
+        buffer = torch.empty(int(starts[-1]), dtype=dtype)
+        for i, s, n in zip(mine, starts, sizes):
+            out[i] = buffer[int(s):int(s) + n].view(parts[i][0])
+    return out
 
 
 def _joined(targets: list[SparseTargets]) -> SparseTargets:

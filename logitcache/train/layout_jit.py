@@ -15,14 +15,12 @@ from ..store.jit import njit_on_first_use
 __all__ = ["lay_out"]
 
 
-def lay_out(offsets: np.ndarray, ids: np.ndarray, probs: np.ndarray, cells: np.ndarray, size: int,
-            u: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ids int64[size, u], probs float32[size, u], mask bool[size, u])``: stored position ``i``'s entries
-    ``offsets[i]:offsets[i + 1]`` of ``ids``/``probs`` at cell ``cells[i]`` (ascending, in ``[0, size)``)."""
-    out_ids, out_probs = np.empty((size, u), np.int64), np.empty((size, u), np.float32)
-    out_mask = np.empty((size, u), np.bool_)
+def lay_out(offsets: np.ndarray, ids: np.ndarray, probs: np.ndarray, cells: np.ndarray, out_ids: np.ndarray,
+            out_probs: np.ndarray, out_mask: np.ndarray) -> None:
+    """Fill ``out_ids`` int64[size, u], ``out_probs`` float32[size, u] and ``out_mask`` bool[size, u]: stored position
+    ``i``'s entries ``offsets[i]:offsets[i + 1]`` of ``ids``/``probs`` at cell ``cells[i]`` (ascending, in
+    ``[0, size)``); every cell written."""
     _lay_out(offsets, ids, probs, cells, out_ids, out_probs, out_mask)
-    return out_ids, out_probs, out_mask
 
 
 @njit_on_first_use

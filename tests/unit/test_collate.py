@@ -3,12 +3,15 @@ loss mask and compact targets (a ``documents`` store) against a reference built 
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from helpers import make_items
 
 from logitcache.errors import TargetsError
 from logitcache.testing.targets import build, build_sample
+import logitcache.train.collate as collate_module
 from logitcache.train.collate import collate
 from logitcache.targets import SparseTargets
 
@@ -202,3 +205,31 @@ def test_masked_items_with_wrong_target_counts_are_refused() -> None:
         collate([items[0], wrong])
     with pytest.raises(TargetsError, match=r"item 0 \(seq_id 301\): loss_mask has shape \(6,\)"):
         collate([{**items[1], "loss_mask": torch.ones(6, dtype=torch.bool)}])
+
+
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid", "full"])
+def test_collate_writes_every_element_of_its_buffers_and_uses_two(monkeypatch, method: str) -> None:
+    """``one_buffer`` hands out uninitialised memory: here every byte starts as 0x5A, and the batch must still equal
+    the one collated from fresh memory, in four buffers (a worker's batch crosses as four shared-memory segments, not
+    eight), which torch.save takes."""
+    items = make_items(_teacher(1), LENGTHS, method, k=4, n=20)
+    want = collate(items)
+    real = collate_module.one_buffer
+
+    def dirty(parts):
+        tensors = real(parts)
+        for tensor in tensors:
+            tensor.view(torch.uint8).fill_(0x5A)
+        return tensors
+
+    monkeypatch.setattr(collate_module, "one_buffer", dirty)
+    got = collate(items)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+    storages = {v.untyped_storage().data_ptr() for v in got.values() if isinstance(v, torch.Tensor)}
+    assert len(storages) == 4
+    buffer = io.BytesIO()
+    torch.save(got, buffer)
+    buffer.seek(0)
+    assert all(torch.equal(v, got[k]) for k, v in torch.load(buffer).items() if isinstance(v, torch.Tensor))
