@@ -5,7 +5,9 @@ pydoc positions once; the decoded targets are then written as two Arrow stores t
 in ``encoding.entropy`` (``zstd``, ``ans``) by the real encoder and commit path, and read back
 through ``iter_sequences`` (sha256 of every object, container decode, the ``ans`` unit decode,
 row decode). Writes and reads of all four stores are interleaved over ``--repeats`` rounds on one
-thread (median reported); ``vs_zstd`` is a case's positions/s over the zstd store's in the same run.
+thread (median reported), each ``ans`` case right after its zstd twin; ``vs_zstd`` is the median over
+rounds of a case's speed over its twin's in the same round (so a burst of load elsewhere, which spans
+neighbouring cases, mostly cancels out of the ratio).
 ``--clock cpu`` times each case by the process's CPU time instead of the wall clock: on a machine
 where other jobs take the cores (a ``nice``d run is preempted mid-read) the wall clock charges their
 time to whichever case was running.
@@ -98,11 +100,10 @@ def main() -> None:
             shutil.rmtree(work / name / entropy, ignore_errors=True)
             rewrite(work / name / "captured", work / name / entropy, rows[name], "arrow", "rank-delta",
                     METHODS[name][1], entropy, 9)
-        cases = {}
-        for name, entropy in ((n, e) for n in METHODS for e in ENTROPY):
-            cases[name, entropy, "read"] = partial(timed if args.clock == "wall" else cpu_timed, read_all,
-                                                   work / name / entropy)
-            cases[name, entropy, "write"] = partial(write_case, work, name, entropy, rows[name], args.clock)
+        read = timed if args.clock == "wall" else cpu_timed
+        cases = {(n, e, op): partial(read, read_all, work / n / e) if op == "read" else  # ans right after zstd
+                 partial(write_case, work, n, e, rows[n], args.clock)
+                 for n in METHODS for op in ("read", "write") for e in ENTROPY}
         times = interleave(cases, args.repeats)
     finally:
         if args.keep is None:
@@ -111,11 +112,11 @@ def main() -> None:
     speed = {key: sum(r[2].num_positions for r in rows[key[0]]) / statistics.median(s) for key, s in times.items()}
     results = []
     for (name, entropy, op), seconds in times.items():
-        positions = sum(r[2].num_positions for r in rows[name])
+        positions, twin = sum(r[2].num_positions for r in rows[name]), times[name, "zstd", op]
         results.append({**meta, "method": name, "logprobs": METHODS[name][1], "entropy": entropy, "op": op,
                         "positions": positions, "seconds": round(statistics.median(seconds), 5),
                         "positions_per_s": round(speed[name, entropy, op]),
-                        "vs_zstd": round(speed[name, entropy, op] / speed[name, "zstd", op], 3)})
+                        "vs_zstd": round(statistics.median(z / t for z, t in zip(twin, seconds)), 3)})
         print_row(results[-1])
     out.append(results)
 

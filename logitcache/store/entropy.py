@@ -18,29 +18,27 @@ streams before it):
    the bit length of that smallest code and whether the entry is the flagged label.
 
 Id mantissa bits, tokens, flags, tail mass and float logprobs stay in the rows (zstd). The waves
-(which positions have an entry ``w``, their contexts, the decode) run in numba-compiled loops, like
-the coder's; everything else here is numpy.
+(:mod:`logitcache.store.waves`), the per-entry contexts of counts and q8 codes and the restore of the q8
+codes run in numba-compiled loops, like the coder's; the rest is numpy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigError, CorruptShardError
 from . import rans
-from .jit import njit_on_first_use
 from .bits import bit_length
 from .encoding import row_mask
+from .jit import njit_on_first_use
 from .totals import count_dtype
 from .units import UnitRows
+from .waves import Waves
 
 COLUMN = "entropy"
 IDX_CAP = 15  # counts: gap-length contexts 0..15
-PREV_CAP = 17  # gap lengths: previous gap length 0..17, 18 for a position's first entry
 SAMPLE_IDX_BUCKETS = 5  # index 0, 1, 2-3, 4-7, 8+
 HEAD_IDX_BUCKETS = 8  # index // 8, up to 7
 
@@ -51,135 +49,6 @@ def _sample_idx_bucket(idx: np.ndarray) -> np.ndarray:
 
 def _head_idx_bucket(idx: np.ndarray) -> np.ndarray:
     return np.minimum(idx // 8, HEAD_IDX_BUCKETS - 1)
-
-
-@dataclass(frozen=True)
-class _Waves:
-    """A stream of gap lengths coded in *waves*: wave ``w`` holds entry ``w`` of every position
-    that has one (positions ascending), and each wave is a segment of its own (its first symbol in
-    lane 0). An entry's context: the same position's previous gap length (up to ``PREV_CAP``;
-    ``PREV_CAP + 1`` for a position's first entry), times ``num_buckets``, plus ``buckets[w]``."""
-
-    lengths: np.ndarray  # int64 [positions]: entries per position
-    buckets: np.ndarray  # int64 [waves]: the bucket of entry index w
-    num_buckets: int
-
-    @classmethod
-    def of(cls, lengths: np.ndarray, bucket_of: Callable[[np.ndarray], np.ndarray], num_buckets: int) -> _Waves:
-        waves = np.arange(int(lengths.max(initial=0)), dtype=np.int64)
-        return cls(lengths.astype(np.int64), bucket_of(waves).astype(np.int64), num_buckets)
-
-    @property
-    def num_contexts(self) -> int:
-        return (PREV_CAP + 2) * self.num_buckets
-
-    def segments(self, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Encoder side: ``(symbols, contexts)`` of every wave, from the whole stream ``values``."""
-        symbols, contexts, bounds = _wave_order(self.lengths, self.buckets, self.num_buckets, values)
-        return [(symbols[lo:hi], contexts[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
-
-    def decode(self, decoder: rans.Decoder, tables: rans.Tables) -> np.ndarray:
-        """The stream's values in stream order (in ``tables.symbol_dtype()``)."""
-        decoder.check(self.num_contexts, tables)
-        values = np.zeros(int(self.lengths.sum()), dtype=tables.symbol_dtype())
-        t = tables.lookup
-        decoder.advance(_decode_waves(decoder.x, decoder.words, decoder.pos, decoder.size, self.lengths,
-                                      self.buckets, self.num_buckets, t.rows, t.slots, t.fc, values))
-        return values
-
-
-@njit_on_first_use
-def _next_wave(active, count, lengths, w):
-    """Keep, in order, those of the first ``count`` positions in ``active`` with an entry ``w``;
-    returns how many were kept."""
-    kept = 0
-    for j in range(count):
-        if lengths[active[j]] > w:
-            active[kept] = active[j]
-            kept += 1
-    return kept
-
-
-@njit_on_first_use
-def _wave_context(values, at, w, bucket, num_buckets):
-    """The context of entry ``w`` of a position, which stands at ``values[at]`` (stream order): the
-    entry before it (``values[at - 1]``) is the same position's previous gap length."""
-    prev = PREV_CAP + 1 if w == 0 else min(values[at - 1], PREV_CAP)
-    return prev * num_buckets + bucket
-
-
-@njit_on_first_use
-def _wave_order(lengths, buckets, num_buckets, values):
-    """Encoder side: the symbols of ``values`` in wave order, their contexts, where each wave starts."""
-    starts, active = np.cumsum(lengths) - lengths, np.arange(lengths.size)
-    symbols, contexts = np.empty(values.size, np.int64), np.empty(values.size, np.int64)
-    bounds, count = np.zeros(buckets.size + 1, np.int64), lengths.size
-    for w in range(buckets.size):
-        count = _next_wave(active, count, lengths, w)
-        lo = bounds[w]
-        for j in range(count):
-            at = starts[active[j]] + w
-            symbols[lo + j] = values[at]
-            contexts[lo + j] = _wave_context(values, at, w, buckets[w], num_buckets)
-        bounds[w + 1] = lo + count
-    return symbols, contexts, bounds
-
-
-WAVE_PAD = 64  # bytes between waves in the decoder's wave-order buffer: waves do not share cache sets
-
-
-@njit_on_first_use
-def _decode_waves(x, words, pos, size, lengths, buckets, num_buckets, rows, slots, fc, values):
-    """Decode the waves into ``values`` (stream order; each wave's first symbol from lane 0); returns
-    what :func:`rans.decode_stream` does.
-
-    Per wave: the positions that have an entry ``w`` (kept in order only once some position ends) and
-    each one's context (``ctx``, from the entry before it); the wave is decoded into its own region of
-    a wave-order buffer, and one pass at the end puts every entry in its place (:func:`_wave_to_stream`:
-    sequential, where writing each wave straight to stream order would sweep all of ``values`` per wave)."""
-    ctx = np.full(lengths.size, (PREV_CAP + 1) * num_buckets + (buckets[0] if buckets.size else 0), np.int32)
-    active = np.arange(lengths.size)
-    region = np.zeros(buckets.size + 1, np.int64)  # where each wave starts in ``waves``
-    waves = np.empty(values.size + WAVE_PAD * buckets.size, values.dtype)
-    count, lanes, shortest = lengths.size, x.size, lengths.min() if lengths.size else 0
-    for w in range(buckets.size):
-        if w >= shortest:
-            count, shortest = _keep_longer(active, ctx, count, lengths, w)
-        lo = region[w]
-        for j in range(0, count, lanes):
-            pos = rans.decode_step(x, ctx, j, rows, slots, fc, words, pos, size, waves, lo + j, min(lanes, count - j))
-            if pos < 0:
-                return pos
-        bucket = buckets[min(w + 1, buckets.size - 1)]
-        for j in range(count):
-            ctx[j] = min(waves[lo + j], PREV_CAP) * num_buckets + bucket
-        region[w + 1] = lo + count + WAVE_PAD
-    _wave_to_stream(waves, region, lengths, values)
-    return pos
-
-
-@njit_on_first_use
-def _keep_longer(active, ctx, count, lengths, w):
-    """Keep, in order, those of the first ``count`` positions (with their ``ctx``) that have an entry
-    ``w``; returns how many and the fewest entries among them."""
-    kept, shortest = 0, np.iinfo(np.int64).max
-    for j in range(count):
-        if lengths[active[j]] > w:
-            active[kept], ctx[kept] = active[j], ctx[j]
-            shortest = min(shortest, lengths[active[j]])
-            kept += 1
-    return kept, shortest
-
-
-@njit_on_first_use
-def _wave_to_stream(waves, region, lengths, values):
-    """Entry ``w`` of each position, in position order, is the next unread one of wave ``w``'s region."""
-    cursor, out = region[:-1].copy(), 0
-    for p in range(lengths.size):
-        for w in range(lengths[p]):
-            values[out] = waves[cursor[w]]
-            cursor[w] += 1
-            out += 1
 
 
 def _gapped(spec) -> bool:
@@ -213,7 +82,7 @@ class _Layout:
 
 def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
     """Yield ``(stream name, source, number of contexts)`` in decode order; ``source`` is the
-    context of each symbol, or the :class:`_Waves` of a gap-length stream.
+    context of each symbol, or the :class:`Waves` of a gap-length stream.
 
     ``values`` holds the decoded streams so far (all of them when encoding); a generator so the
     decoder can fill ``values[name]`` before the next contexts are computed. A gap-length stream
@@ -221,25 +90,72 @@ def _streams(spec, layout: _Layout, values: dict[str, np.ndarray]):
     nb = max(1, int(bit_length(np.array([max(spec.max_samples, 1)]))[0]) + 1)
     if spec.has_samples:
         n = int(layout.positions.sum())
-        yield "sample_lengths", np.zeros(n, np.int64), 1
+        yield "sample_lengths", np.zeros(n, np.uint8), 1
         lengths = values["sample_lengths"]
-        gaps = np.zeros(int(lengths.sum()), np.int64)  # packed ids: no gap lengths to code or to condition on
-        if _gapped(spec) and gaps.size:
-            waves = _Waves.of(lengths, _sample_idx_bucket, SAMPLE_IDX_BUCKETS)
+        entries = int(lengths.sum())
+        if _gapped(spec) and entries:
+            waves = Waves.of(lengths, _sample_idx_bucket, SAMPLE_IDX_BUCKETS)
             yield "sample_ids", waves, waves.num_contexts
-            gaps = values["sample_ids"]
-        yield "sample_counts", np.minimum(gaps, IDX_CAP).astype(np.uint16) * np.uint16(nb) + \
-            np.repeat(bit_length(lengths).astype(np.uint16), lengths), (IDX_CAP + 1) * nb  # < 2**16: nb <= 13
+        gaps = values["sample_ids"] if _gapped(spec) and entries else np.zeros(entries, np.uint8)  # packed: none
+        yield "sample_counts", _count_contexts(gaps, lengths, nb), (IDX_CAP + 1) * nb
     if spec.has_head:
         if _gapped(spec) and np.any(spec.k - layout.head_flags):
-            waves = _Waves.of(spec.k - layout.head_flags, _head_idx_bucket, HEAD_IDX_BUCKETS)
+            waves = Waves.of(spec.k - layout.head_flags, _head_idx_bucket, HEAD_IDX_BUCKETS)
             yield "head_ids", waves, waves.num_contexts
         if spec.encoding.logprobs == "q8":
             n = int(layout.positions.sum())
-            yield "head_qmin", np.zeros(n, np.int64), 1
-            ctx = np.repeat((bit_length(values["head_qmin"]) * 2).astype(np.uint8), spec.k)  # contexts below 18
-            ctx[::spec.k] += layout.head_flags.astype(np.uint8)
-            yield "head_logprobs", ctx, 2 * 9
+            yield "head_qmin", np.zeros(n, np.uint8), 1
+            yield "head_logprobs", _code_contexts(values["head_qmin"], layout.head_flags, spec.k), 2 * 9
+
+
+@njit_on_first_use
+def _bits(v):
+    """The bit length of ``v >= 0`` (0 for 0), as :func:`bits.bit_length`."""
+    n = 0
+    while v:
+        v >>= 1
+        n += 1
+    return n
+
+
+@njit_on_first_use
+def _count_contexts(gaps, lengths, nb):
+    """``sample_counts`` contexts (``uint16``: ``nb <= 13``): ``min(gap, IDX_CAP) * nb`` plus the bit length of
+    the entry's position's length."""
+    out, at, cap, step = np.empty(gaps.size, np.uint16), 0, np.uint16(IDX_CAP), np.uint16(nb)
+    for p in range(lengths.size):
+        n = int(lengths[p])
+        mine, bits = out[at: at + n], np.uint16(_bits(n))
+        for e in range(n):  # uint16 lanes
+            mine[e] = min(np.uint16(gaps[at + e]), cap) * step + bits
+        at += n
+    return out
+
+
+@njit_on_first_use
+def _code_contexts(qmin, flags, k):
+    """q8 code contexts (``uint8``, below 18): twice the bit length of the position's smallest code, plus 1 for
+    the position's first entry if it is the flagged label."""
+    out = np.empty(qmin.size * k, np.uint8)
+    for p in range(qmin.size):
+        c = 2 * _bits(qmin[p])
+        out[p * k: p * k + k] = c
+        out[p * k] = c + flags[p]
+    return out
+
+
+@njit_on_first_use
+def _restore_codes(diffs, qmin, k):
+    """q8 codes in place from ``diffs`` (uint8: code minus its position's smallest, ``k`` per position); returns
+    whether a code went past 255 (a corrupt unit)."""
+    wrapped = False
+    for p in range(qmin.size):
+        row, top = diffs[p * k: p * k + k], np.uint8(0)
+        for e in range(k):  # uint8 lanes: vectorised
+            top = max(top, row[e])
+            row[e] += qmin[p]
+        wrapped |= int(top) + int(qmin[p]) > 255
+    return wrapped
 
 
 def _row_values(spec, rows: list[dict], layout: _Layout) -> dict[str, np.ndarray]:
@@ -303,7 +219,7 @@ def fit_unit(spec, rows: list[dict[str, bytes]]) -> tuple[list[tuple[str, np.nda
     segments: list[tuple[str, np.ndarray, np.ndarray]] = []
     tables: dict[str, rans.Tables] = {}
     for name, source, num_ctx in _streams(spec, layout, values):
-        mine = source.segments(values[name]) if isinstance(source, _Waves) else [(values[name], source)]
+        mine = source.segments(values[name]) if isinstance(source, Waves) else [(values[name], source)]
         sym = np.concatenate([m[0] for m in mine])
         tables[name] = rans.Tables.fit(sym, np.concatenate([m[1] for m in mine]), num_ctx,
                                        int(sym.max()) + 1 if sym.size else 1)
@@ -342,14 +258,15 @@ def unpack_unit(spec, unit: UnitRows) -> UnitRows:
         raise CorruptShardError(f"entropy column of {len(blob)} bytes does not fit {lanes} lanes and "
                                 f"{tlen} bytes of tables")
     tables = rans.unpack_tables(blob[8:end_tables].tobytes())
-    decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"))
+    decoder = rans.Decoder(np.frombuffer(blob[end_tables:end_states], "<u4"), np.frombuffer(blob[end_states:], "<u2"),
+                           reuse=True)
     layout = _Layout(spec, rows)
     values: dict[str, np.ndarray] = {}
     for name, source, _ in _streams(spec, layout, values):
         if len(values) >= len(tables):
             raise CorruptShardError(f"entropy column has {len(tables)} tables; more streams expected")
         table = tables[len(values)]
-        decoded = source.decode(decoder, table) if isinstance(source, _Waves) else decoder.decode(source, table)
+        decoded = source.decode(decoder, table) if isinstance(source, Waves) else decoder.decode(source, table)
         if decoded.size and decoded.max() > _limits(spec)[name]:
             raise CorruptShardError(f"entropy column decodes a {name} value of {int(decoded.max())}; "
                                     f"at most {_limits(spec)[name]} is possible")
@@ -390,10 +307,9 @@ def _split_rows(spec, layout: _Layout, values: dict[str, np.ndarray]) -> dict[st
                                minlength=layout.positions.size).astype(np.int64)
             split("head_ids", values.get("head_ids", np.zeros(0, np.int64)), rest, "u1")
         if spec.encoding.logprobs == "q8":
-            diffs = values["head_logprobs"].astype(np.uint8, copy=False).reshape(-1, spec.k)  # values <= 255 (_limits)
-            codes = diffs + values["head_qmin"].astype(np.uint8, copy=False)[:, None]  # uint8: a sum past 255 wraps
-            if np.any(codes < diffs):
+            codes = values["head_logprobs"].astype(np.uint8, copy=False)  # values <= 255 (_limits); restored in place
+            if _restore_codes(codes, values["head_qmin"], spec.k):
                 raise CorruptShardError("entropy column decodes head_logprobs codes above 255 (a position's smallest "
                                         "code plus a difference); at most 255 is possible")
-            split("head_logprobs", codes.ravel(), layout.positions * spec.k, "u1")
+            split("head_logprobs", codes, layout.positions * spec.k, "u1")
     return out

@@ -9,7 +9,7 @@ was loaded first: ``capture.teachers.vllm._llvmlite_readable_by_vllm``).
 
 Every function decorated with :func:`njit_on_first_use` is replaced in its module by a numba dispatcher
 (``cache=True, nogil=True``) the first time any of them is called — all of them at once, so kernels that
-call each other (also across modules, ``rans.decode_step`` from ``entropy``) find compiled callees.
+call each other (also across modules, ``rans.decode_step`` from ``waves``) find compiled callees.
 :func:`bind_on_first_use` names a global that a module only gets then (a numba intrinsic, whose module imports numba).
 """
 

@@ -15,14 +15,16 @@ length), which is what skewed, correlated streams such as sample counts need.
   first so they decode first to last. The decoder must end with every lane back at ``2**16`` and
   every word read: a cheap integrity check on top of the container's checksums.
 
-The encode and decode loops are compiled by numba (``cache=True``: compiled once per machine and
-kept in ``__pycache__``); tables, their packing and every check on them stay in numpy. A decode step
+The encode and decode loops, the tables' integer frequencies and the decoder's lookup arrays are
+compiled by numba (``cache=True``: compiled once per machine and kept in ``__pycache__``); the tables'
+packing and the checks on them stay in numpy. A decode step
 runs 16 lanes at once (:mod:`logitcache.store.rans_lanes`: gathers from the slot tables, the
 refill as an expand load), so a step of ``K`` lanes is ``K / 16`` vector steps.
 """
 
 from __future__ import annotations
 
+import threading
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,6 +48,19 @@ _B = np.arange(256, dtype=np.int64)
 WEIGHTS = np.where(_B > 0, _MANT[(_B - 1) % 8] << ((_B - 1) // 8), 0)
 
 
+_SCRATCH = threading.local()  # per thread: the buffers a decode needs only while it runs
+
+
+def scratch(name: str, size: int, dtype: type | np.dtype) -> np.ndarray:
+    """``size`` items of this thread's reusable buffer ``name`` (contents undefined, valid until the next
+    call for ``name`` on this thread), for what one unit's decode needs only while it runs: a fresh buffer
+    would touch new pages for every unit (~2.5 us per 4 KiB page on the benchmark VM, ~1 ms per top-64 unit pair)."""
+    buffers, need = _SCRATCH.__dict__, size * np.dtype(dtype).itemsize
+    if name not in buffers or buffers[name].size < need:
+        buffers[name] = np.empty(need, dtype=np.uint8)
+    return buffers[name][:need].view(dtype)
+
+
 def quantize_counts(counts: np.ndarray) -> np.ndarray:
     """Counts → table bytes (``0`` for zero counts), encoder side only."""
     c = np.asarray(counts, dtype=np.float64)
@@ -60,36 +75,46 @@ def normalize(table_bytes: np.ndarray) -> np.ndarray:
 
     Every cell with a nonzero byte gets at least 1; a context with no used cell stays all zero.
     The largest cell absorbs the rounding (and gives up what the floors of 1 took)."""
-    w = WEIGHTS[table_bytes.astype(np.int64)]
-    total = w.sum(axis=1, keepdims=True)
-    used = total[:, 0] > 0
-    f = np.zeros_like(w)
-    f[used] = np.maximum((w[used] * M) // total[used], (w[used] > 0).astype(np.int64))
-    if np.any((table_bytes > 0).sum(axis=1) > M):
+    f = np.empty(table_bytes.shape, dtype=np.int64)
+    if _normalize_rows(np.ascontiguousarray(table_bytes, dtype=np.uint8), WEIGHTS, f):
         # encoders fit tables within M symbols (entropy.MAX_SAMPLES): only a damaged shard's tables get here
         raise CorruptShardError(f"a context uses more than {M} symbols; the coder's precision cannot give each one")
-    _absorb_rounding(f, used)
     return f
 
 
 @njit_on_first_use
-def _absorb_rounding(f, used):
-    """Bring each used row of ``f`` to sum ``M``: the largest cell (the first of equals) takes the
-    difference, or gives up all but 1 and passes the rest of it on to the next largest."""
-    for c in range(f.shape[0]):
-        if not used[c]:
-            continue
-        row = f[c]
-        excess = row.sum() - M
-        while excess:
-            top = np.argmax(row)
-            if excess < 0 or row[top] - excess >= 1:
-                row[top] -= excess
-                excess = 0
-            else:
-                take = row[top] - 1
-                row[top] = 1
-                excess -= take
+def _normalize_rows(table_bytes, weights, f):
+    """Fill ``f`` with each row's frequencies (``f = max(w * M // sum w, 1)`` for used cells, then
+    :func:`_absorb_rounding`); returns whether a row uses more than ``M`` cells (``f`` is then not to be used)."""
+    for c in range(table_bytes.shape[0]):
+        total, cells = 0, 0
+        for s in range(table_bytes.shape[1]):
+            total += weights[table_bytes[c, s]]
+            cells += table_bytes[c, s] > 0
+        if cells > M:
+            return True
+        for s in range(table_bytes.shape[1]):
+            w = weights[table_bytes[c, s]]
+            f[c, s] = max((w * M) // total, 1) if w else 0
+        if total:
+            _absorb_rounding(f[c])
+    return False
+
+
+@njit_on_first_use
+def _absorb_rounding(row):
+    """Bring a used row to sum ``M``: the largest cell (the first of equals) takes the difference, or
+    gives up all but 1 and passes the rest of it on to the next largest."""
+    excess = row.sum() - M
+    while excess:
+        top = np.argmax(row)
+        if excess < 0 or row[top] - excess >= 1:
+            row[top] -= excess
+            excess = 0
+        else:
+            take = row[top] - 1
+            row[top] = 1
+            excess -= take
 
 
 @dataclass
@@ -100,8 +125,12 @@ class Tables:
 
     def __post_init__(self) -> None:
         self.freq = normalize(self.table_bytes)
-        self.cum = np.cumsum(self.freq, axis=1) - self.freq
         self.contexts, self.alphabet = self.freq.shape
+
+    @cached_property
+    def cum(self) -> np.ndarray:
+        """``cum[C, A]``: each symbol's start, the prefix sums of its context's frequencies (encoder side)."""
+        return np.cumsum(self.freq, axis=1) - self.freq
 
     @classmethod
     def fit(cls, symbols: np.ndarray, contexts: np.ndarray, num_contexts: int, alphabet: int) -> Tables:
@@ -114,13 +143,11 @@ class Tables:
         """The decoder's view of the tables (:class:`Lookup`), built on first use."""
         if self.alphabet > M:  # every coded stream has fewer values (entropy._limits): a damaged table
             raise CorruptShardError(f"an entropy table has {self.alphabet} symbols; at most {M} are possible")
-        used = self.freq.sum(axis=1) == M  # normalize gives a context M or nothing
-        rows = np.full(self.contexts, -1, dtype=np.int32)
-        rows[used] = np.arange(int(used.sum()))
-        freq = self.freq[used]
-        fc = ((freq << PRECISION) | self.cum[used]).astype(np.int32)
-        slots = np.zeros(freq.shape[0] * M + 4, dtype=self.symbol_dtype())  # + what a 4-byte gather reads past the end
-        _slot_symbols(freq, slots)
+        used = int(np.count_nonzero(self.freq.sum(axis=1) == M))  # normalize gives a context M or nothing
+        rows, fc = np.empty(self.contexts, dtype=np.int32), np.empty((used, self.alphabet), dtype=np.int32)
+        slots = np.empty(used * M + 4, dtype=self.symbol_dtype())  # + what a 4-byte gather reads past the end
+        slots[used * M:] = 0
+        _fill_lookup(self.freq, rows, fc, slots)
         return Lookup(rows, slots, fc)
 
     def symbol_dtype(self) -> type:
@@ -143,12 +170,19 @@ class Lookup:
 
 
 @njit_on_first_use
-def _slot_symbols(freq, slots):
-    for r in range(freq.shape[0]):
-        pos = r * M
+def _fill_lookup(freq, rows, fc, slots):
+    """:class:`Lookup`'s arrays from the frequencies: the used contexts (those summing to ``M``) in order."""
+    used = 0
+    for c in range(freq.shape[0]):
+        if freq[c].sum() != M:
+            rows[c] = -1
+            continue
+        rows[c], start = used, 0
         for s in range(freq.shape[1]):
-            slots[pos:pos + freq[r, s]] = s
-            pos += freq[r, s]
+            fc[used, s] = (freq[c, s] << PRECISION) | start
+            slots[used * M + start: used * M + start + freq[c, s]] = s
+            start += freq[c, s]
+        used += 1
 
 
 @njit_on_first_use
@@ -222,15 +256,17 @@ def decode_stream(x, words, pos, size, contexts, rows, slots, fc, out):
 
 
 class Decoder:
-    """Decodes the streams of :func:`encode` one at a time, in order."""
+    """Decodes the streams of :func:`encode` one at a time, in order. With ``reuse`` the words are held in
+    this thread's :func:`scratch` buffer: one such decoder per thread at a time (``entropy.unpack_unit``'s)."""
 
-    def __init__(self, states: np.ndarray, words: np.ndarray) -> None:
+    def __init__(self, states: np.ndarray, words: np.ndarray, reuse: bool = False) -> None:
         if states.size == 0:
             raise CorruptShardError("entropy-coded data has no lanes; at least 1 expected")
         self.x = states.astype(np.uint32)  # a decode step never raises a state (x' <= x), a refill stays < 2**32
         self.size = int(np.asarray(words).size)
-        self.words = np.zeros(self.size + VECTOR, dtype=np.uint16)  # + the padding a vector step may read
-        self.words[:self.size] = words
+        padded = self.size + VECTOR  # + the padding a vector step may read
+        self.words = scratch("words", padded, np.uint16) if reuse else np.empty(padded, dtype=np.uint16)
+        self.words[:self.size], self.words[self.size:] = words, 0
         self.pos = 0
 
     def check(self, contexts: int, tables: Tables) -> None:

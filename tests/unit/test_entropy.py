@@ -160,23 +160,30 @@ def test_too_many_draws_for_the_ans_tables_is_a_config_error():
         pack_unit(_spec("sample", "rank-delta", "float32", n=5000), [])
 
 
-def test_q8_codes_past_255_are_refused(monkeypatch):
+@pytest.mark.parametrize("largest", [255, 256, 255 + 255])
+def test_q8_codes_past_255_are_refused(monkeypatch, largest):
     """A well-formed stream can still decode a position's smallest code plus a difference above 255
-    (a damaged or forged unit): refused, not wrapped around into another code."""
+    (a damaged or forged unit): refused, not wrapped around into another code; a largest code of
+    exactly 255 is a code like any other."""
     from logitcache.store import entropy
 
     rows = [random_row("topk", 30, 300, seed, k=5) for seed in range(2)]
     spec = _spec("topk", "rank-delta", "q8")
     true_values = entropy._row_values
 
-    def shifted(*args):
+    def shifted(*args):  # each position's smallest code set so its largest code is ``largest`` (at most)
         values = true_values(*args)
-        values["head_qmin"] = np.full_like(values["head_qmin"], 255)  # every delta > 0 now overflows
+        spread = values["head_logprobs"].reshape(-1, spec.k).max(axis=1)
+        values["head_qmin"] = np.clip(largest - spread, 0, 255)
         return values
 
     monkeypatch.setattr(entropy, "_row_values", shifted)
     _, _, unit = _unit(spec, rows)
     monkeypatch.undo()
+    if largest <= 255:
+        codes = unpack_unit(spec, unit).columns["head_logprobs"][0]
+        assert codes.max() == 255
+        return
     with pytest.raises(CorruptShardError, match="head_logprobs codes above 255"):
         unpack_unit(spec, unit)
 

@@ -18,6 +18,7 @@ from logitcache.capture import capture
 from logitcache.errors import CorruptShardError
 from logitcache.store import read_manifest, rans
 from logitcache.store import entropy as ent
+from logitcache.store import waves
 from logitcache.store.bits import bit_length
 from logitcache.store.containers import get_container
 from logitcache.store.encoding import Encoding, encode_row
@@ -114,9 +115,9 @@ def ref_waves(name, idx, buckets, num_buckets, values):
     bounds = np.searchsorted(idx[order], np.arange(int(idx.max(initial=-1)) + 2))
     for w in range(bounds.size - 1):
         entries = order[bounds[w]:bounds[w + 1]]
-        prev = np.full(entries.size, ent.PREV_CAP + 1) if w == 0 else np.minimum(values[name][entries - 1],
-                                                                                 ent.PREV_CAP)
-        yield name, entries, prev * num_buckets + buckets[entries], (ent.PREV_CAP + 2) * num_buckets
+        prev = np.full(entries.size, waves.PREV_CAP + 1) if w == 0 else np.minimum(values[name][entries - 1],
+                                                                                 waves.PREV_CAP)
+        yield name, entries, prev * num_buckets + buckets[entries], (waves.PREV_CAP + 2) * num_buckets
 
 
 def ref_within(lengths):
@@ -228,6 +229,27 @@ def test_table_frequencies_match_the_numpy_rounding(seed, contexts, alphabet, us
     assert np.array_equal(rans.normalize(table.astype(np.uint8)), ref_normalize(table.astype(np.uint8)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10**6), positions=st.integers(1, 3000), longest=st.integers(1, 70),
+       lanes=st.sampled_from([1, 16, 37, 128, 1024]), empty=st.sampled_from([0.0, 0.1, 0.6]))
+def test_waves_decode_what_the_numpy_reference_coded(seed, positions, longest, lanes, empty):
+    """Gap lengths in waves, with positions ending at every wave and some with no entry at all, coded
+    by the reference (its wave order and contexts, its coder), decode to the same values in stream order."""
+    rng = np.random.default_rng(seed)
+    lengths = np.where(rng.random(positions) < empty, 0, rng.integers(1, longest + 1, positions))
+    lengths[rng.integers(0, positions)] = longest  # at least one entry, and the longest position
+    values = np.minimum(rng.geometric(0.3, int(lengths.sum())) - 1, 32)  # gap lengths 0..32
+    _, idx = ref_within(lengths)
+    parts = [(values[entries], ctx) for _, entries, ctx, _ in
+             ref_waves("gaps", idx, np.minimum(idx // 8, 7), ent.HEAD_IDX_BUCKETS, {"gaps": values})]
+    tables = rans.Tables.fit(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                             (waves.PREV_CAP + 2) * ent.HEAD_IDX_BUCKETS, 33)
+    decoder = rans.Decoder(*ref_encode([(sym, ctx, tables) for sym, ctx in parts], lanes))
+    coded = waves.Waves.of(lengths, ent._head_idx_bucket, ent.HEAD_IDX_BUCKETS)
+    assert np.array_equal(coded.decode(decoder, tables), values)
+    decoder.finish()
+
+
 # ---------------------------------------------------------------- whole units
 def _spec(method, ids, logprobs, k, vocab):
     enc = Encoding(ids=ids, logprobs=logprobs, vocab_size=vocab, order=tuple(range(vocab)) if ids == "rank-delta"
@@ -299,9 +321,9 @@ def test_tables_with_too_few_contexts_for_a_wave_stream_are_refused(captured_uni
     streams = ent._streams(spec, layout, values)
     _, lengths_ctx, _ = next(streams)
     values["sample_lengths"] = decoder.decode(lengths_ctx, tables[0])
-    _, waves, _ = next(streams)
+    _, sample_waves, _ = next(streams)
     with pytest.raises(CorruptShardError, match="3 contexts; the stream uses up to 95"):
-        waves.decode(decoder, tables[1])
+        sample_waves.decode(decoder, tables[1])
 
 
 def test_tables_wider_than_the_coder_precision_are_refused():
