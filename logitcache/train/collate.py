@@ -57,10 +57,11 @@ def collate(
         (exact mass outside the head for topk/hybrid, 0 for sample/full and where nothing is stored),
         ``target_head_size`` int (``k``; 0 for sample), ``target_method`` str and ``target_num_samples`` int.
 
-    Items with and without ``loss_mask`` may share a batch. ``pin_memory=True`` pins the tensors when
-    CUDA is available and is a no-op otherwise. Raises :class:`~logitcache.errors.TargetsError` naming
-    the item when items disagree on method, head size or number of samples, or when an item's
-    targets cover neither all its ``T`` positions nor exactly its trained ones.
+    The tensors are views of one buffer per dtype (:func:`one_buffer`: four buffers, so a batch from a DataLoader
+    worker crosses as four shared-memory segments). Items with and without ``loss_mask`` may share a batch.
+    ``pin_memory=True`` pins the tensors when CUDA is available and is a no-op otherwise. Raises
+    :class:`~logitcache.errors.TargetsError` naming the item when items disagree on method, head size or number
+    of samples, or when an item's targets cover neither all its ``T`` positions nor exactly its trained ones.
     """
     if not items:
         raise TargetsError("collate needs at least one item; found an empty list")
