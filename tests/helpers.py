@@ -187,16 +187,16 @@ def train_counting_decodes(trainer, *, resume: bool) -> int:
     """``trainer.train()`` (from its last checkpoint when ``resume``); returns how many items the store decoded."""
     import pytest
 
-    from logitcache.train import dataset as dataset_mod
+    from logitcache.train.store_reads import Store
 
-    decoded, real_item = [0], dataset_mod._Store.item
+    decoded, real_item = [0], Store.item
 
     def counting_item(self, index):
         decoded[0] += 1
         return real_item(self, index)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dataset_mod._Store, "item", counting_item)
+        mp.setattr(Store, "item", counting_item)
         trainer.train(resume_from_checkpoint=True if resume else None)
     return decoded[0]
 

@@ -42,10 +42,7 @@ in the state until :meth:`CacheDataset.set_epoch` moves to another epoch.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
@@ -53,112 +50,17 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from .collate import collate as _collate
-from ..choices import ON_CORRUPT
-from ..errors import ConfigError, CorruptShardError, StoreError
-from .packed_order import DEFAULT_PACK_WINDOW, RowPlan, one_row, packing_sizes, plan_rows, rank_rows, record_lengths
+from ..errors import ConfigError
+from .packed_order import DEFAULT_PACK_WINDOW, RowPlan, one_row, packing_sizes, plan_rows, rank_rows
 from .packing import pack
 from .partition import default_window, epoch_order, partition, rank_count, worker_share
 from .resume_state import READ_BY_WORKERS, Pass, validate_state, worker_offset
-from ..store.fs import StoreFS
-from ..store.commit import ShardRecord, read_manifest
-from ..store.reader import read_unit
-from ..store.spec import ShardSpec, spec_from_manifest
-from ..store.unit_decode import UnitReader, unit_rows
+from .store_reads import Store
 from .world import World, detect_world
 
 __all__ = ["CacheDataset", "CacheView", "STATE_VERSION"]
 
 STATE_VERSION = 1
-IGNORE_INDEX = -100  # labels of untrained positions (those a documents store's train mask leaves out)
-log = logging.getLogger("logitcache")
-
-
-class _Store:
-    """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
-
-    def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | None,
-                 cache_shards: int = 4, on_corrupt: str = "raise") -> None:
-        if on_corrupt not in ON_CORRUPT:
-            raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}; found {on_corrupt!r}")
-        self.root = str(path)
-        self.fs = StoreFS(path)
-        manifest = read_manifest(self.fs)
-        self.spec: ShardSpec = spec_from_manifest(manifest.header)
-        self.records: list[ShardRecord] = list(manifest.shards)
-        self.verify = verify
-        self.cache_shards = max(1, cache_shards)
-        found = manifest.header.tokenizer.fingerprint
-        if tokenizer_fingerprint is not None and tokenizer_fingerprint != found:
-            raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
-                             f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
-                             "Train with the teacher's tokenizer, or capture a store with this one.")
-        self.skipped: list[str] = []  # one line per unit left out (on_corrupt="skip")
-        if on_corrupt == "skip":
-            self.records, self.skipped = self._sound_records()
-        self.sizes = [r.sequences for r in self.records]
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-        self.num_sequences = int(self.starts[-1])
-        self.lengths = record_lengths(self.records, manifest.header.seq_len, self.spec.masked)  # None: unknown
-        self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
-        self._open: OrderedDict[int, UnitReader] = OrderedDict()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_open"] = OrderedDict()  # mapped buffers stay in the process that opened them
-        return state
-
-    def _sound_records(self) -> tuple[list[ShardRecord], list[str]]:
-        """Every unit checked now (checksums, rows): the sound ones, and one line per bad one."""
-        sound, problems = [], []
-        for record in self.records:
-            try:
-                read_unit(self.fs, self.spec, record, check=True)
-                sound.append(record)
-            except StoreError as exc:
-                problems.append(str(exc))
-                log.warning("skipping corrupt unit (on_corrupt='skip'): %s", exc)
-        if problems:
-            log.warning("skipped %d of %d units of %s", len(problems), len(self.records), self.root)
-        return sound, problems
-
-    def _shard(self, s: int) -> UnitReader:
-        """Unit ``s`` read (checksums first, with ``verify``), its rows decoded (:func:`unit_rows`)."""
-        shard = self._open.get(s)
-        if shard is not None:
-            self._open.move_to_end(s)
-            return shard
-        record = self.records[s]
-        shard = self._open[s] = unit_rows(self.spec, read_unit(self.fs, self.spec, record, check=self.verify),
-                                          record.index)
-        while len(self._open) > self.cache_shards:
-            self._open.popitem(last=False)
-        return shard
-
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(position in records, row)`` of global sequence ``index``."""
-        if not 0 <= index < self.num_sequences:
-            raise IndexError(f"sequence index {index} out of range [0, {self.num_sequences})")
-        s = int(np.searchsorted(self.starts, index, side="right")) - 1
-        return s, int(index - self.starts[s])
-
-    def where(self, index: int) -> str:
-        s, row = self.locate(index)
-        return f"sequence {index} of {self.root} (shard {self.records[s].index}, row {row})"
-
-    def item(self, index: int) -> dict[str, Any]:
-        """The item of global sequence ``index`` (manifest shard order, as ``iter_sequences``)."""
-        s, row = self.locate(index)
-        seq_id, tokens, mask, targets = self._shard(s).row(row)
-        if self.lengths is not None and tokens.size != self.lengths[index]:  # what packing planned by
-            raise CorruptShardError(f"shard {self.records[s].index} row {row} (seq_id {seq_id}) holds {tokens.size} "
-                                    f"tokens; the manifest records {self.lengths[index]}. Run `logitcache verify` "
-                                    f"on {self.root}.")
-        tokens = torch.from_numpy(tokens.astype(np.int64))
-        if mask is None:
-            return {"seq_id": seq_id, "input_ids": tokens[:-1], "labels": tokens[1:], "targets": targets}
-        loss_mask = torch.from_numpy(mask)
-        return {"seq_id": seq_id, "input_ids": tokens[:-1], "labels": torch.where(loss_mask, tokens[1:], IGNORE_INDEX),
-                "loss_mask": loss_mask, "targets": targets}
 
 
 class CacheDataset(IterableDataset):
@@ -195,7 +97,7 @@ class CacheDataset(IterableDataset):
                  shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise",
                  pack_tokens: int | None = None, pack_window: int = DEFAULT_PACK_WINDOW) -> None:
         super().__init__()
-        self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
+        self._store = Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
                              cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
         self.shuffle, self.seed, self.drop_uneven = bool(shuffle), int(seed), bool(drop_uneven)
@@ -392,7 +294,7 @@ class CacheView(Dataset):
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = True, tokenizer_fingerprint: str | None = None,
                  cache_shards: int = 4, on_corrupt: str = "raise") -> None:
-        self._store = _Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
+        self._store = Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
                              cache_shards=cache_shards, on_corrupt=on_corrupt)
         self.path = str(path)
 

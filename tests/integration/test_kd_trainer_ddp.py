@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
     def train(spec):
         import torch.distributed as dist
         from transformers import TrainerCallback, TrainingArguments
-        import logitcache.train.dataset as dataset_mod
+        from logitcache.train.store_reads import Store
         from logitcache.train.dataset import CacheDataset
         from logitcache.train.hf_trainer import KDTrainer, training_args_defaults
         from logitcache.train.loop import make_student
@@ -68,17 +68,17 @@ SCRIPT = textwrap.dedent("""
         collate = ds.collate_rows if spec["pack_tokens"] else ds.collate
         trainer = Recording(model=make_student(spec["student"]), args=args, train_dataset=ds, data_collator=collate,
                             kd_alpha=0.5, callbacks=[Stop()])
-        real_item = dataset_mod._Store.item
+        real_item = Store.item
 
         def counting_item(self, index):
             decoded[0] += 1
             return real_item(self, index)
 
-        dataset_mod._Store.item = counting_item
+        Store.item = counting_item
         try:
             trainer.train(resume_from_checkpoint=True if spec["resume"] else None)
         finally:
-            dataset_mod._Store.item = real_item
+            Store.item = real_item
         dist.barrier()  # rank 0's checkpoint is complete before any rank resumes from it
         return {"seen": seen, "ends": ends, "decoded": decoded[0], "global_step": trainer.state.global_step,
                 "world": [ds.world.rank, ds.world.world_size]}

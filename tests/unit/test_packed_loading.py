@@ -176,12 +176,12 @@ def _without_lengths(store: str, tmp_path, change) -> str:
 
 
 def test_rows_are_planned_from_the_manifest_lengths_alone(store, tmp_path, monkeypatch):
-    import logitcache.train.dataset as dataset_mod
+    import logitcache.train.store_reads as store_reads
 
     def no_reads(*args, **kwargs):
         raise AssertionError("a shard was read to plan the rows")
 
-    monkeypatch.setattr(dataset_mod, "read_unit", no_reads)
+    monkeypatch.setattr(store_reads, "read_unit", no_reads)
     ds = dataset(store)  # the plan, len, the rows of every rank: no shard read
     assert len(ds) == len(ds.rows()) and sum(r.size for r in ds.rows()) == SEQUENCES
     monkeypatch.undo()
