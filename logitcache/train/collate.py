@@ -195,7 +195,7 @@ def one_buffer(parts: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.T
     for dtype in dict.fromkeys(dtype for _, dtype in parts):
         mine = [i for i, (_, d) in enumerate(parts) if d == dtype]
         sizes = [math.prod(parts[i][0]) for i in mine]
-        align = max(1, 64 // torch.empty((), dtype=dtype).element_size())
+        align = max(1, 64 // dtype.itemsize)
         starts = np.concatenate([[0], np.cumsum([-(-n // align) * align for n in sizes])])
         buffer = torch.empty(int(starts[-1]), dtype=dtype)
         for i, s, n in zip(mine, starts, sizes):
