@@ -56,7 +56,7 @@ from logitcache.capture.config import CaptureConfig
 from logitcache.store import read_manifest
 from logitcache.store.reader import read_unit
 from logitcache.store.unit_decode import RowsByRow, unit_rows
-from logitcache.train import dataset
+from logitcache.train import store_reads
 from logitcache.train.dataset import CacheDataset
 
 COLUMNS = PROVENANCE + ("threads", "case", "positions", "seconds", "positions_per_s")
@@ -87,8 +87,8 @@ def raw_read(store: Path) -> int:
 def loader_read(store: Path, batch_size: int, *, verify: bool = True, collate: bool = True, rows: bool = False,
                 dataset_class=CacheDataset) -> int:
     """Positions read by a shuffled pass; ``rows``: every row decoded by ``decode_row`` (``RowsByRow``)."""
-    unit_rows = dataset.unit_rows
-    dataset.unit_rows = (lambda spec, unit, index: RowsByRow(spec, unit)) if rows else unit_rows
+    unit_rows = store_reads.unit_rows
+    store_reads.unit_rows = (lambda spec, unit, index: RowsByRow(spec, unit)) if rows else unit_rows
     try:
         ds = dataset_class(store, shuffle=True, seed=0, verify=verify, batch_size=batch_size)
         if not collate:
@@ -96,7 +96,7 @@ def loader_read(store: Path, batch_size: int, *, verify: bool = True, collate: b
         loader = DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=ds.collate)
         return sum(int(batch["attention_mask"].sum()) for batch in loader)
     finally:
-        dataset.unit_rows = unit_rows
+        store_reads.unit_rows = unit_rows
 
 
 class WorkersPass:
