@@ -70,15 +70,15 @@ def collate(
     b, t = len(items), max(layout.length for layout in layouts)
 
     input_ids, labels, attention_mask, seq_ids = one_buffer([((b, t), torch.int64)] * 3 + [((b,), torch.int64)])
-    ids_np, labels_np = input_ids.numpy(), labels.numpy()
+    ids_np, labels_np, valid = input_ids.numpy(), labels.numpy(), attention_mask.numpy()
+    np.less(np.arange(t), np.array([layout.length for layout in layouts])[:, None], out=valid, casting="unsafe")
+    real = valid.astype(bool)
     ids_np.fill(pad_id)
     labels_np.fill(ignore_index)
-    for row, layout in enumerate(layouts):
-        ids_np[row, :layout.length] = layout.input_ids.numpy()
-        labels_np[row, :layout.length] = layout.labels.numpy()
-    attention_mask.numpy()[:] = np.arange(t) < np.array([layout.length for layout in layouts])[:, None]
+    ids_np[real] = np.concatenate([layout.input_ids.numpy() for layout in layouts])
+    labels_np[real] = np.concatenate([layout.labels.numpy() for layout in layouts])
     seq_ids.numpy()[:] = [int(item["seq_id"]) for item in items]
-    cells = torch.cat([layout.positions + row * t for row, layout in enumerate(layouts)])
+    cells = torch.from_numpy(np.concatenate([layout.positions.numpy() + row * t for row, layout in enumerate(layouts)]))
     batch = {
         "input_ids": input_ids,
         "labels": labels,
@@ -155,23 +155,24 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     of them fill ``[c, :n]`` (one compiled pass, :func:`~logitcache.train.layout_jit.lay_out`).
     """
     method, head_size, num_samples = _batch_target_params(targets)
-    if cells.numel() > 1 and not bool((cells[1:] > cells[:-1]).all()):
+    at = cells.numpy()
+    if at.size > 1 and not (at[1:] > at[:-1]).all():
         raise TargetsError("dense_targets takes the stored positions' cells in ascending order (item by item, "
                            "positions ascending); found them out of order")
-    offsets, ids, probs = _joined(targets).estimate()
-    counts = offsets[1:] - offsets[:-1]  # per stored position
-    u = int(counts.max()) if counts.numel() else 0
+    offsets, ids, probs = (v.numpy() for v in _joined(targets).estimate())
+    counts = np.diff(offsets)  # per stored position
+    u = int(counts.max()) if counts.size else 0
     size = shape[0] * shape[1]
-    if cells.numel() != counts.numel() or (cells.numel() and not 0 <= int(cells[0]) <= int(cells[-1]) < size):
-        raise TargetsError(f"dense_targets takes one cell in [0, {size}) per stored position ({counts.numel()}); "
-                           f"found {cells.numel()} cells")
+    if at.size != counts.size or (at.size and not 0 <= int(at[0]) <= int(at[-1]) < size):
+        raise TargetsError(f"dense_targets takes one cell in [0, {size}) per stored position ({counts.size}); "
+                           f"found {at.size} cells")
     target_ids, target_probs, target_mask, tail_mass = one_buffer(
         [((size, u), torch.int64), ((size, u), torch.float32), ((size, u), torch.bool), ((size,), torch.float32)])
-    tail_mass.zero_()
+    tail_np = tail_mass.numpy()
+    tail_np.fill(0)
     if method in ("topk", "hybrid"):
-        tail_mass[cells] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32)
-    lay_out(offsets.numpy(), ids.numpy(), probs.numpy(), cells.numpy(), target_ids.numpy(), target_probs.numpy(),
-            target_mask.numpy())
+        tail_np[at] = np.concatenate([tg.tail_mass.numpy() for tg in targets])
+    lay_out(offsets, ids, probs, at, target_ids.numpy(), target_probs.numpy(), target_mask.numpy())
     return {
         "target_ids": target_ids.view(*shape, u),
         "target_probs": target_probs.view(*shape, u),
@@ -193,13 +194,15 @@ def one_buffer(parts: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.T
     One dtype per buffer, as ``torch.save`` refuses a storage viewed as two. Keeping one part keeps its buffer."""
     out: list[torch.Tensor | None] = [None] * len(parts)
     for dtype in dict.fromkeys(dtype for _, dtype in parts):
-        mine = [i for i, (_, d) in enumerate(parts) if d == dtype]
-        sizes = [math.prod(parts[i][0]) for i in mine]
-        align = max(1, 64 // dtype.itemsize)
-        starts = np.concatenate([[0], np.cumsum([-(-n // align) * align for n in sizes])])
-        buffer = torch.empty(int(starts[-1]), dtype=dtype)
-        for i, s, n in zip(mine, starts, sizes):
-            out[i] = buffer[int(s):int(s) + n].view(parts[i][0])
+        align, places, end = max(1, 64 // dtype.itemsize), [], 0
+        for i, (shape, d) in enumerate(parts):
+            if d == dtype:
+                n = math.prod(shape)
+                places.append((i, end, n))
+                end += -(-n // align) * align
+        buffer = torch.empty(end, dtype=dtype)
+        for i, start, n in places:
+            out[i] = buffer[start:start + n].view(parts[i][0])
     return out
 
 
