@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import ConfigError, CorruptShardError
 from . import rans
 from .bits import bit_length
-from .encoding import row_mask
+from .row_decode import row_mask
 from .jit import njit_on_first_use
 from .totals import count_dtype
 from .units import UnitRows

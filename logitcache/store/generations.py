@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptShardError, StoreError
-from .encoding import row_mask
+from .row_decode import row_mask
 from .finish import FINISH_CODES, finish_code, row_finish
 from .records import GenerationCounts, ShardRecord
 from .spec import ShardSpec

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import CorruptShardError, StoreError
 from ..targets import SparseTargets
-from .encoding import decode_row, row_mask
+from .row_decode import decode_row, row_mask
 from .entropy import unpack_unit
 from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes

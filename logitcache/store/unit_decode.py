@@ -1,4 +1,4 @@
-"""A unit's rows decoded all at once: the values :func:`~logitcache.store.encoding.decode_row` gives row by
+"""A unit's rows decoded all at once: the values :func:`~logitcache.store.row_decode.decode_row` gives row by
 row (docs/format.md, "Encoding"), from vectorised passes over the unit's concatenated byte columns.
 
 A container hands a unit over as one byte array per column plus row offsets (:class:`UnitRows`), so each
@@ -30,7 +30,8 @@ import torch
 from ..errors import CorruptShardError
 from ..targets import SparseTargets
 from .bits import MAX_BITS
-from .encoding import Encoding, _decode_logprobs, _with_label_first, decode_row, row_mask
+from .encoding import Encoding, _decode_logprobs
+from .row_decode import _with_label_first, decode_row, row_mask
 from .planes import LABEL_COLUMN, unsplit
 from .spec import ShardSpec
 from .totals import count_dtype

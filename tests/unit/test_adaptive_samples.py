@@ -23,7 +23,8 @@ from logitcache.capture.sparsify import hybrid, sample
 from logitcache.cli import main
 from logitcache.errors import ConfigError, CorruptShardError, StoreError, StoreMismatchError, TargetsError
 from logitcache.store import inspect_store, iter_sequences, read_manifest, verify_store
-from logitcache.store.encoding import Encoding, decode_row, encode_row
+from logitcache.store.encoding import Encoding, encode_row
+from logitcache.store.row_decode import decode_row
 from logitcache.store.manifest import Manifest
 from logitcache.testing.crash import tree_bytes
 from logitcache.testing.targets import assert_equal, build_hybrid, build_sample

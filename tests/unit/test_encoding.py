@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from logitcache.errors import CorruptShardError, TargetsError
 from logitcache.store.bits import bit_length, gamma_split, pack_fixed, unpack_fixed, unpack_gamma_split
-from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode_row, q8_bound
+from logitcache.store.encoding import Encoding, corpus_order, encode_row, q8_bound
+from logitcache.store.row_decode import decode_row
 from logitcache.targets import SparseTargets
 from logitcache.testing.targets import assert_equal, canonical, random_row
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from logitcache.errors import ConfigError, CorruptShardError
 from logitcache.store import rans
-from logitcache.store.encoding import Encoding, decode_row, encode_row
+from logitcache.store.encoding import Encoding, encode_row
+from logitcache.store.row_decode import decode_row
 from logitcache.store.entropy import COLUMN, coded_columns, pack_unit, unpack_unit
 from logitcache.store.spec import ShardSpec
 from logitcache.store.units import from_blobs

@@ -19,7 +19,8 @@ from logitcache.capture.sparsify import label_logprobs
 from logitcache.errors import CorruptShardError, StoreMismatchError, TargetsError
 from logitcache.store import inspect_store, read_manifest, verify_store
 from logitcache.store.convert import convert
-from logitcache.store.encoding import Encoding, decode_row, encode_row
+from logitcache.store.encoding import Encoding, encode_row
+from logitcache.store.row_decode import decode_row
 from logitcache.store.reader import iter_sequences
 from logitcache.testing.crash import job_args, run_with_fault, tree_bytes
 from logitcache.testing.store_conformance import VOCAB, make_header, make_rows, write_store

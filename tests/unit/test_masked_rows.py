@@ -19,7 +19,8 @@ from logitcache.store import inspect_store, iter_sequences, open_hf_dataset, rea
 from logitcache.store.commit import begin_store, commit_unit, finalize_store
 from logitcache.store.containers import get_container
 from logitcache.store.convert import convert
-from logitcache.store.encoding import Encoding, corpus_order, decode_row, encode_row, row_mask
+from logitcache.store.encoding import Encoding, corpus_order, encode_row
+from logitcache.store.row_decode import decode_row, row_mask
 from logitcache.store.entropy import pack_unit, unpack_unit
 from logitcache.store.fs import StoreFS
 from logitcache.store.manifest import HEADER_DIGEST, Manifest, ShardRecord, header_digest
