@@ -303,6 +303,12 @@ def _check_shards(records: tuple[ShardRecord, ...], header: ManifestHeader, wher
                  f"sequences × seq_len = {record.sequences} × {seq_len}")
         if record.lengths is not None:
             _check_lengths(record, header, where, name)
+        if record.generation is not None and generation_settings(header) is None:
+            fail(where, f"{name}.generation", as_json(record.generation), "absent in a store that is not of "
+                 "teacher-generated responses (no corpus.layout.generate in a documents store's header)")
+        if record.sample_totals is not None and not header.store.encoding.sample_totals:
+            fail(where, f"{name}.sample_totals", list(record.sample_totals), "absent in a store of a fixed sample "
+                 "budget (store.encoding.sample_totals is false)")
     total = sum(r.sequences for r in records)
     if total > header.plan.sequences:
         fail(where, "sum of shards[].sequences", total, f"at most plan.sequences = {header.plan.sequences}")
@@ -321,6 +327,12 @@ def _check_lengths(record: ShardRecord, header: ManifestHeader, where: str, name
     if record.positions > inputs:
         fail(where, f"{name}.positions", record.positions,
              f"at most the unit's input positions, sum(lengths) − sequences = {inputs}")
+
+
+def generation_settings(header: ManifestHeader) -> dict | None:
+    """The generation settings of a store of teacher-generated responses (``corpus.layout.generate``), else None."""
+    layout = header.corpus.get("layout") if header.masked else None
+    return layout.get("generate") if isinstance(layout, dict) else None
 
 
 def header_digest(manifest: dict) -> str:

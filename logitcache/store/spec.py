@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .encoding import Encoding, row_columns
-from .manifest import HEADER_DIGEST, ManifestHeader
+from .manifest import HEADER_DIGEST, ManifestHeader, generation_settings  # noqa: F401  (re-exported)
 from .totals import adaptive_cap
 
 
@@ -51,12 +51,6 @@ class ShardSpec:
             coded = set(coded_columns(self))
             cols = [c for c in cols if c not in coded] + [COLUMN]
         return cols
-
-
-def generation_settings(header: ManifestHeader) -> dict | None:
-    """The generation settings of a store of teacher-generated responses (``corpus.layout.generate``), else None."""
-    layout = header.corpus.get("layout") if header.masked else None
-    return layout.get("generate") if isinstance(layout, dict) else None
 
 
 def spec_from_manifest(header: ManifestHeader) -> ShardSpec:

@@ -198,6 +198,21 @@ def test_row_lengths_in_a_packed_store_are_refused(stores):
         Manifest.from_dict(manifest)
 
 
+@pytest.mark.parametrize("method, field, value, expected", [
+    ("topk", "generation", {"response_tokens": 3, "max_response_tokens": 1, "finish_codes": [3]},
+     "expected absent in a store that is not of teacher-generated responses"),
+    ("sample", "sample_totals", [48], "expected absent in a store of a fixed sample budget"),
+])
+def test_a_field_of_another_kind_of_store_is_refused(stores, method, field, value, expected):
+    """A unit's generation counts belong to a generated store and its draws histogram to an adaptive one; read
+    from any other store's record they would be ignored, so they are refused by name."""
+    manifest = on_disk(stores[method][0])
+    assert Manifest.from_dict(manifest)  # as written
+    manifest["shards"][1][field] = value
+    with pytest.raises(StoreError, match=rf"shards\[1\]\.{field} is .*; {expected}"):
+        Manifest.from_dict(manifest)
+
+
 def test_verify_finds_a_recorded_length_that_is_not_the_rows(documents, tmp_path):
     store = shutil.copytree(documents, tmp_path / "s")
     manifest = on_disk(store)
