@@ -13,7 +13,10 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
 * ``loader-noverify``: ``loader`` with ``verify=False``;
 * ``iterate-only``: ``CacheDataset`` items without collation;
 * ``loader-wN`` (with ``--workers N,...``): ``loader`` read by ``N`` DataLoader worker processes (persistent, started
-  before the timing), for how the loader scales past one process.
+  before the timing), for how the loader scales past one process; with ``--file-system`` also ``loader-wN-fs``, the
+  workers sending batches by the ``file_system`` sharing strategy instead of the default ``file_descriptor``. Rows
+  ``cpu:loader-wN[-fs]``: the training process's CPU time per pass (the fastest of ``--repeats``), what receiving
+  the batches costs it.
 
 * ``baseline`` (with ``--baseline DIR``): ``loader`` with the ``logitcache`` package of another checkout
   ``DIR`` (e.g. ``git archive <commit> | tar -x -C DIR``), imported under another name, so before and after
@@ -49,6 +52,7 @@ from pathlib import Path
 from common import PROVENANCE, ResultsFile, csv_argument, interleave, machine_load, provenance, single_thread, timed
 
 import pyarrow as pa
+import torch
 from torch.utils.data import DataLoader
 
 from logitcache.capture import capture
@@ -101,17 +105,33 @@ def loader_read(store: Path, batch_size: int, *, verify: bool = True, collate: b
 
 class WorkersPass:
     """A shuffled ``loader`` pass through ``DataLoader(num_workers=workers, persistent_workers=True)``, the loader
-    made on the first call, so the workers' start is not timed (each pass re-iterates the dataset in them)."""
+    made on the first call, so the workers' start is not timed (each pass re-iterates the dataset in them).
 
-    def __init__(self, batch_size: int, workers: int) -> None:
-        self.batch_size, self.workers, self.loader = batch_size, workers, None
+    ``sharing``: the ``torch.multiprocessing`` sharing strategy the workers send batches with (set while they are
+    forked, then put back: a worker keeps the one it was forked with). ``cpu`` collects this (the training)
+    process's CPU seconds per pass: what receiving the batches costs it."""
+
+    def __init__(self, batch_size: int, workers: int, sharing: str | None = None) -> None:
+        self.batch_size, self.workers, self.sharing, self.loader = batch_size, workers, sharing, None
+        self.cpu: list[float] = []
 
     def __call__(self, store: Path) -> int:
+        start = time.process_time()
         if self.loader is None:
             ds = CacheDataset(store, shuffle=True, seed=0, verify=True, batch_size=self.batch_size)
             self.loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers, collate_fn=ds.collate,
                                      persistent_workers=True)
-        return sum(int(batch["attention_mask"].sum()) for batch in self.loader)
+            before = torch.multiprocessing.get_sharing_strategy()
+            torch.multiprocessing.set_sharing_strategy(self.sharing or before)
+            try:
+                batches = iter(self.loader)  # forks the workers
+            finally:
+                torch.multiprocessing.set_sharing_strategy(before)
+        else:
+            batches = iter(self.loader)
+        positions = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        self.cpu.append(time.process_time() - start)
+        return positions
 
 
 def baseline_dataset(checkout: Path, workdir: Path):
@@ -169,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline", type=Path, help="a checkout of another commit: its loader is timed too")
     ap.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")], default=[],
                     help="also time the loader with these DataLoader worker counts, e.g. 1,2 (cases loader-wN)")
+    ap.add_argument("--file-system", action="store_true", help="with --workers, also time workers that send batches "
+                    "by the file_system sharing strategy (cases loader-wN-fs)")
     ap.add_argument("--stages", action="store_true", help="also time each stage by itself (CPU time)")
     ap.add_argument("--store", type=Path, help="read this store instead of capturing one")
     ap.add_argument("--keep", type=Path, help="copy the captured store here (for a later --store)")
@@ -189,6 +211,8 @@ def main() -> None:
     }
     for workers in args.workers:
         cases[f"loader-w{workers}"] = WorkersPass(args.batch_size, workers)
+        if args.file_system:
+            cases[f"loader-w{workers}-fs"] = WorkersPass(args.batch_size, workers, "file_system")
     workdir = Path(tempfile.mkdtemp(prefix="lc-loader-bench-"))
     if args.baseline:
         cases["baseline"] = partial(loader_read, batch_size=args.batch_size,
@@ -219,6 +243,9 @@ def main() -> None:
                      "seconds": round(seconds, 5), "positions_per_s": round(positions[name] / seconds, 1)})
         print(f"{name:16s} positions={positions[name]} seconds={seconds:.4f} "
               f"positions/s={positions[name] / seconds:,.0f}", flush=True)
+    for name, case in cases.items():  # the training process's CPU per pass where workers read
+        if isinstance(case, WorkersPass):
+            stages[name] = min(case.cpu[1:])  # the first call (the warm-up) forked the workers
     for name, seconds in stages.items():
         case, count = f"cpu:{name}{label}", positions["loader"]
         rows.append({**meta, "case": case, "positions": count, "seconds": round(seconds, 5),

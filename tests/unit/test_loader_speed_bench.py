@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from logitcache.store import unit_decode
 from logitcache.train import store_reads
@@ -43,6 +44,10 @@ def test_every_case_reads_every_position(bench, store):
     assert bench.loader_read(store, 4, verify=False) == positions
     assert bench.loader_read(store, 4, collate=False) == positions
     assert bench.WorkersPass(4, 1)(store) == positions
+    before = torch.multiprocessing.get_sharing_strategy()
+    by_name = bench.WorkersPass(4, 1, "file_system")
+    assert by_name(store) == positions and by_name(store) == positions and len(by_name.cpu) == 2
+    assert torch.multiprocessing.get_sharing_strategy() == before  # put back once the workers are forked
 
 
 def test_rows_case_decodes_row_by_row_and_restores_the_unit_decoder(bench, store, monkeypatch):
