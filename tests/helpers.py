@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,6 +31,23 @@ def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     path = env.get("PYTHONPATH")
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextmanager
+def benchmarks_importable() -> Iterator[Path]:
+    """``benchmarks/`` on ``sys.path`` (the scripts import their helpers as top-level ``common``); the modules
+    imported from it are dropped afterwards (``common``, ``storage``: names too generic to leave behind)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        yield BENCHMARKS
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name, module in list(sys.modules.items()):
+            if Path(getattr(module, "__file__", None) or "/").parent == BENCHMARKS:
+                del sys.modules[name]
 
 
 def free_port() -> int:

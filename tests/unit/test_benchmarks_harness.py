@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import csv
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import benchmarks_importable
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 RESULTS = BENCHMARKS / "results"
@@ -22,17 +23,8 @@ RESULT_FILES = sorted(RESULTS.glob("*.csv"))
 
 @pytest.fixture(scope="module")
 def importable():
-    """``benchmarks/`` on ``sys.path`` (the scripts import their helpers as top-level ``common``);
-    the modules imported from it are dropped afterwards (``common``, ``storage``: names too generic
-    to leave behind)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
+    with benchmarks_importable():
         yield
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        for name, module in list(sys.modules.items()):
-            if Path(getattr(module, "__file__", None) or "/").parent == BENCHMARKS:
-                del sys.modules[name]
 
 
 @pytest.fixture(scope="module")

@@ -5,29 +5,21 @@ every stage. (Its patch point moved once with the package's layout and the scrip
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from logitcache.store import unit_decode
 from logitcache.train import store_reads
+from helpers import benchmarks_importable
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SEQ_LEN, SEQUENCES = 16, 24
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
+    with benchmarks_importable():
         yield importlib.import_module("loader_speed")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-        for name, module in list(sys.modules.items()):
-            if Path(getattr(module, "__file__", None) or "/").parent == BENCHMARKS:
-                del sys.modules[name]
 
 
 @pytest.fixture(scope="module")
