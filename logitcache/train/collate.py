@@ -171,7 +171,7 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     tail_np = tail_mass.numpy()
     tail_np.fill(0)
     if method in ("topk", "hybrid"):
-        tail_np[at] = np.concatenate([tg.tail_mass.numpy() for tg in targets])
+        tail_np[at] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32).numpy()  # any float dtype
     lay_out(offsets, ids, probs, at, target_ids.numpy(), target_probs.numpy(), target_mask.numpy())
     return {
         "target_ids": target_ids.view(*shape, u),

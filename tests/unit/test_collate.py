@@ -3,6 +3,7 @@ loss mask and compact targets (a ``documents`` store) against a reference built 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -70,6 +71,18 @@ def test_collate_matches_estimate(method: str) -> None:
             # entries beyond a position's own count are padding
             assert not batch["target_mask"][row, pos, hi - lo :].any()
             assert (batch["target_probs"][row, pos, hi - lo :] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_tail_mass_of_a_half_float_dtype_is_laid_out_as_float32(dtype) -> None:
+    """The batch's tail mass is float32 whatever float dtype the items' targets carry (numpy has no bfloat16)."""
+    items = make_items(_teacher(), LENGTHS, "hybrid", k=4, n=20)
+    for item in items:
+        item["targets"] = dataclasses.replace(item["targets"], tail_mass=item["targets"].tail_mass.to(dtype))
+    batch = collate(items)
+    assert batch["target_tail_mass"].dtype == torch.float32
+    for row, (item, n) in enumerate(zip(items, LENGTHS)):
+        assert torch.equal(batch["target_tail_mass"][row, :n], item["targets"].tail_mass.float())
 
 
 def test_collate_weighted_sample_and_int32_inputs() -> None:
