@@ -28,7 +28,7 @@ from ..errors import TargetsError
 from ..targets import SparseTargets
 from .layout_jit import lay_out
 
-__all__ = ["ItemLayout", "collate", "dense_targets", "item_layout", "one_buffer"]
+__all__ = ["ItemLayout", "collate", "dense_targets", "item_layout", "one_buffer", "send_batches_by_name"]
 
 
 class ItemLayout(NamedTuple):
@@ -204,6 +204,14 @@ def one_buffer(parts: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.T
         for i, start, n in places:
             out[i] = buffer[start:start + n].view(parts[i][0])
     return out
+
+
+def send_batches_by_name(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker sends its batches by the ``file_system`` sharing strategy (a name
+    per buffer instead of a file descriptor over a socket), which halves what receiving a batch costs the training
+    process (docs/benchmarks.md, "What a training process fed by workers pays"). It is set in the worker only: the
+    sender's strategy is what counts, and the training process's own is left as it is."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def _joined(targets: list[SparseTargets]) -> SparseTargets:

@@ -78,6 +78,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..choices import LOSS_IMPLS
 from ..errors import ConfigError
+from .collate import send_batches_by_name
 from .cross_tokenizer import CrossTokenizerTransform
 from .dataset import CacheDataset
 from .losses import kd_loss, resolve_kind
@@ -148,7 +149,8 @@ class KDTrainer(transformers.Trainer):
                             pin_memory=args.dataloader_pin_memory,
                             persistent_workers=args.dataloader_persistent_workers,
                             prefetch_factor=args.dataloader_prefetch_factor,
-                            multiprocessing_context=context)
+                            multiprocessing_context=context,
+                            worker_init_fn=send_batches_by_name if args.dataloader_num_workers else None)
         return prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0,
                                    put_on_device=accelerator.device_placement, rng_types=list(accelerator.rng_types),
                                    dispatch_batches=False, non_blocking=accelerator.non_blocking,

@@ -31,7 +31,7 @@ from ..jobfile import from_mapping
 from ..errors import ConfigError
 from .loop_checkpoint import OPTIMIZER_FILE, evaluate, load_state, save_checkpoint
 
-__all__ = ["TrainConfig", "evaluate", "make_student", "send_batches_by_name", "train"]
+__all__ = ["TrainConfig", "evaluate", "make_student", "train"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -268,17 +268,11 @@ def _step(model, optimizer, batch: dict[str, Any], config: TrainConfig) -> float
     return float(loss.detach())
 
 
-def send_batches_by_name(worker_id: int) -> None:
-    """``worker_init_fn`` of the loop's DataLoader workers: they send batches by the ``file_system`` sharing strategy
-    (a name per buffer instead of a file descriptor over a socket), which halves what receiving a batch costs the
-    training process (docs/benchmarks.md, "What a training process fed by workers pays"). Set in the worker only;
-    the training process's own strategy is left as it is."""
-    torch.multiprocessing.set_sharing_strategy("file_system")
-
-
 def _batches(ds, collate, config: TrainConfig, run: _Run):
     """Batches forever, epoch after epoch (``run.batches`` reset at each new epoch)."""
     from torch.utils.data import DataLoader
+
+    from .collate import send_batches_by_name
 
     while True:
         loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate,

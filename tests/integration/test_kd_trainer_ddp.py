@@ -213,6 +213,20 @@ def trainer_over(ds: CacheDataset, teacher: str, out, **over):
     return KDTrainer(model=make_student(f"init:{teacher}:1"), args=args, train_dataset=ds, data_collator=ds.collate)
 
 
+def test_the_training_loaders_workers_send_batches_by_name(padded_store, tiny_teacher, tmp_path):
+    """With DataLoader workers, KDTrainer's loader (through Accelerate's wrapper) keeps the worker_init_fn that has
+    them send batches by the file_system strategy, and yields the batches of a loader without workers."""
+    from logitcache.train.collate import send_batches_by_name
+
+    def loader(workers: int):
+        return trainer_over(CacheDataset(padded_store, shuffle=True, seed=SEED), tiny_teacher, tmp_path,
+                            dataloader_num_workers=workers).get_train_dataloader()
+
+    here, there = loader(0), loader(1)
+    assert here.worker_init_fn is None and there.worker_init_fn is send_batches_by_name
+    assert [b["seq_ids"].tolist() for b in there] == [b["seq_ids"].tolist() for b in here]
+
+
 def test_a_dataset_of_another_world_or_dispatched_batches_are_refused(padded_store, tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match=r"CacheDataset world: found rank 1 of 2, expected rank 0 of 1"):
         trainer_over(CacheDataset(padded_store, world=World(1, RANKS)), tiny_teacher, tmp_path)
