@@ -327,7 +327,10 @@ def _wait_stopped(proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_interrupt_says_what_is_committed_and_how_to_resume(tiny_teacher, tmp_path, sig, code):
     config = make_config(tiny_teacher, tmp_path / "s", **{"store.sequences_per_shard": 2, "batch_tokens": 33})
     env = dict(os.environ, LOGITCACHE_FAULT="after_commit:1:stop")
-    proc = subprocess.Popen(cli_command(cli_args(config)), env=env, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and Python then installs no handler (the capture would run to its end)
+    proc = subprocess.Popen(cli_command(cli_args(config)), env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_stopped(proc)
     proc.send_signal(sig)
     proc.send_signal(signal.SIGCONT)
