@@ -121,14 +121,12 @@ class WorkersPass:
             ds = CacheDataset(store, shuffle=True, seed=0, verify=True, batch_size=self.batch_size)
             self.loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.workers, collate_fn=ds.collate,
                                      persistent_workers=True)
-            before = torch.multiprocessing.get_sharing_strategy()
-            torch.multiprocessing.set_sharing_strategy(self.sharing or before)
-            try:
-                batches = iter(self.loader)  # forks the workers
-            finally:
-                torch.multiprocessing.set_sharing_strategy(before)
-        else:
-            batches = iter(self.loader)
+        before = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy(self.sharing or before)
+        try:
+            batches = iter(self.loader)  # the first pass forks the workers
+        finally:
+            torch.multiprocessing.set_sharing_strategy(before)
         positions = sum(int(batch["attention_mask"].sum()) for batch in batches)
         self.cpu.append(time.process_time() - start)
         return positions

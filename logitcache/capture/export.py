@@ -31,7 +31,8 @@ from ..models.tokenizers import tokenizer_fingerprint
 from ..store.commit import as_fs, read_manifest
 from ..store.generations import GeneratedRow, unit_rows
 from ..store.reader import read_unit
-from ..store.spec import generation_settings, spec_from_manifest
+from ..store.manifest import generation_settings
+from ..store.spec import spec_from_manifest
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from .fs import StoreFS
 from .commit import MANIFEST, ShardRecord, as_fs, read_manifest, sha256_bytes
 from .finish import row_finish
 from .generations import check_counts, inspect_section
-from .spec import ShardSpec, generation_settings, spec_from_manifest
+from .manifest import generation_settings
+from .spec import ShardSpec, spec_from_manifest
 from .totals import draws_summary
 from .containers import get_container
 from .units import UnitRows

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .encoding import Encoding, row_columns
-from .manifest import HEADER_DIGEST, ManifestHeader, generation_settings  # noqa: F401  (re-exported)
+from .manifest import HEADER_DIGEST, ManifestHeader, generation_settings
 from .totals import adaptive_cap
 
 

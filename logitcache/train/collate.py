@@ -70,9 +70,9 @@ def collate(
     b, t = len(items), max(layout.length for layout in layouts)
 
     input_ids, labels, attention_mask, seq_ids = one_buffer([((b, t), torch.int64)] * 3 + [((b,), torch.int64)])
-    ids_np, labels_np, valid = input_ids.numpy(), labels.numpy(), attention_mask.numpy()
-    np.less(np.arange(t), np.array([layout.length for layout in layouts])[:, None], out=valid, casting="unsafe")
-    real = valid.astype(bool)
+    ids_np, labels_np = input_ids.numpy(), labels.numpy()
+    real = np.arange(t) < np.array([layout.length for layout in layouts])[:, None]
+    attention_mask.numpy()[:] = real
     ids_np.fill(pad_id)
     labels_np.fill(ignore_index)
     ids_np[real] = np.concatenate([layout.input_ids.numpy() for layout in layouts])

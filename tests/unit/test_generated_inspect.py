@@ -19,7 +19,8 @@ from logitcache.capture.pipeline import capture_local
 from logitcache.errors import StoreError
 from logitcache.store import inspect_store, read_manifest, verify_store
 from logitcache.store.generations import inspect_section
-from logitcache.store.spec import generation_settings, spec_from_manifest
+from logitcache.store.manifest import generation_settings
+from logitcache.store.spec import spec_from_manifest
 
 STOPS = ["e", "never-there"]
 
