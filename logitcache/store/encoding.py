@@ -76,6 +76,7 @@ class Encoding:
     sample_totals: bool = False  # rows carry sample_totals: each position's own number of draws (adaptive budget)
     _rank: np.ndarray = field(default=None, repr=False, compare=False)
     _unrank: np.ndarray = field(default=None, repr=False, compare=False)
+    _order_text: str | None = field(default=None, init=False, repr=False, compare=False)  # see order_text()
 
     def __post_init__(self) -> None:
         if self.ids not in ID_CODECS:
@@ -107,11 +108,20 @@ class Encoding:
     def id_width(self) -> int:
         return max(1, (self.vocab_size - 1).bit_length())
 
+    def order_text(self) -> str:
+        """``order`` as the manifest's ``vocab_order`` holds it (base64 of the zlib-9 of its ``<u4`` bytes), kept
+        as it was read, or as first written. Another zlib build (zlib-ng, another version) writes other, equally
+        valid bytes for the same order, and the header digest that binds every unit covers this text: a store
+        re-serialised with the reader's own zlib would not match its units."""
+        if self._order_text is None:
+            blob = np.asarray(self.order, dtype="<u4").tobytes()
+            object.__setattr__(self, "_order_text", base64.b64encode(zlib.compress(blob, 9)).decode())
+        return self._order_text
+
     def to_manifest(self) -> dict[str, Any]:
-        blob = np.asarray(self.order, dtype="<u4").tobytes()
         out = {"version": _version(self.entropy, self.label_logprobs, self.sample_totals), "ids": self.ids,
                "logprobs": self.logprobs, "vocab_size": self.vocab_size,
-               "vocab_order": base64.b64encode(zlib.compress(blob, 9)).decode() if self.ids == "rank-delta" else None}
+               "vocab_order": self.order_text() if self.ids == "rank-delta" else None}
         out = out if self.entropy == "zstd" else {**out, "entropy": self.entropy}
         out = {**out, "label_logprobs": True} if self.label_logprobs else out
         return {**out, TOTALS_COLUMN: True} if self.sample_totals else out
@@ -128,8 +138,11 @@ class Encoding:
         order: tuple[int, ...] = ()
         if d["ids"] == "rank-delta":
             order = tuple(np.frombuffer(zlib.decompress(base64.b64decode(d["vocab_order"])), dtype="<u4").tolist())
-        return cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy,
-                   label_logprobs=labels, sample_totals=totals)
+        enc = cls(ids=d["ids"], logprobs=d["logprobs"], vocab_size=int(d["vocab_size"]), order=order, entropy=entropy,
+                  label_logprobs=labels, sample_totals=totals)
+        if d["ids"] == "rank-delta":
+            object.__setattr__(enc, "_order_text", d["vocab_order"])  # the text read, not this machine's zlib's
+        return enc
 
 
 def _version(entropy: str, labels: bool, totals: bool) -> int:

@@ -179,8 +179,11 @@ class ManifestHeader:
         return None
 
     def same_but_for_display(self, other: ManifestHeader) -> bool:
-        """Whether ``other`` equals this header once the display-only fields are left out of both."""
-        return _without_display(as_json(self)) == _without_display(as_json(other))
+        """Whether ``other`` equals this header once the display-only fields are left out of both. The ``store``
+        sections are compared as typed values: the rank order as ids, not as the compressed text another
+        zlib build writes differently (:meth:`Encoding.order_text`)."""
+        mine, theirs = (_without_display(as_json(dataclasses.replace(h, store=None))) for h in (self, other))
+        return self.store == other.store and mine == theirs
 
     def identity_difference(self, identity: dict[str, Any]) -> str | None:
         """:meth:`first_difference` for the ``identity`` section alone (a run's config, before it plans)."""

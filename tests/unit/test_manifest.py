@@ -4,20 +4,26 @@ the dataset print (tests/unit/test_corruption.py)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
 import shutil
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from logitcache.capture import capture
 from logitcache.errors import CorruptShardError, StoreError
 from logitcache.store import read_manifest, verify_store
 from logitcache.store.commit import dump_json
+from logitcache.store.encoding import Encoding
 from logitcache.store.manifest import (HEADER_DIGEST, Manifest, ManifestHeader, ShardRecord, StoreSection,
                                       header_digest)
+from logitcache.store.reader import iter_sequences
+from logitcache.testing.crash import tree_bytes
 from helpers import HOSTILE_FIELDS, make_config
 
 SHAPE = {"corpus.seq_len": 16, "corpus.max_tokens": 16 * 3 * 4, "store.sequences_per_shard": 3}  # HOSTILE_FIELDS'
@@ -225,3 +231,58 @@ def test_verify_finds_a_recorded_length_that_is_not_the_rows(documents, tmp_path
     seq_id, tokens, _ = list(iter_sequences(documents))[3 + row]  # shard 1 (three rows per shard)
     assert verify_store(store).problems == [f"shard 1 row {row} (seq_id {seq_id}) holds {tokens.size} tokens; the "
                                             f"manifest records lengths[{row}] = {tokens.size + 1}"]
+
+
+# -- a store read or resumed where zlib writes other bytes (zlib-ng, another version) -------------------------
+class _OtherZlib:
+    """zlib as another build has it: every stream it is given decodes as before, but what it writes for the
+    same data differs (fixed Huffman codes here; zlib-ng's and other versions' level-9 output differs too)."""
+
+    def __getattr__(self, name):
+        return getattr(zlib, name)
+
+    @staticmethod
+    def compress(data, level=-1):
+        packer = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_FIXED)
+        return packer.compress(data) + packer.flush()
+
+
+@pytest.fixture
+def other_zlib(monkeypatch):
+    from logitcache.store import encoding
+
+    monkeypatch.setattr(encoding, "zlib", _OtherZlib())
+
+
+def written_here(encoding: Encoding) -> str:
+    """``vocab_order`` as this (patched) zlib writes the same rank order."""
+    from logitcache.store import encoding as module
+
+    return base64.b64encode(module.zlib.compress(np.asarray(encoding.order, "<u4").tobytes(), 9)).decode()
+
+
+@pytest.mark.parametrize("method", ["topk", "sample", "hybrid"])  # the rank-delta stores (arrow and zarr, both stages)
+def test_a_store_reads_where_zlib_writes_other_bytes(stores, method, other_zlib):
+    store, _ = stores[method]
+    manifest = read_manifest(store)
+    assert written_here(manifest.header.store.encoding) != on_disk(store)["store"]["encoding"]["vocab_order"]
+    assert dump_json(manifest.to_dict()) == (store / "manifest.json").read_bytes()  # the text as read, not redone
+    assert verify_store(store).ok
+    assert len(list(iter_sequences(store))) == manifest.header.plan.sequences
+
+
+def test_a_resume_where_zlib_writes_other_bytes_keeps_the_committed_units(stores, tiny_teacher, tmp_path,
+                                                                            other_zlib):
+    reference = stores["topk"][0]
+    store = shutil.copytree(reference, tmp_path / "s")
+    final = read_manifest(store)
+    (store / "commits").mkdir()
+    for record in final.shards[:2]:  # two units committed, the rest never written
+        (store / "commits" / f"{record.index:05d}.json").write_bytes(dump_json(record.to_dict()))
+    for record in final.shards[2:]:
+        for obj in record.objects:
+            shutil.rmtree(store / obj.path) if (store / obj.path).is_dir() else (store / obj.path).unlink()
+    (store / "manifest.json").write_bytes(dump_json(Manifest(final.header).to_dict()))
+    summary = capture(make_config(tiny_teacher, store, "topk", **SHAPE), progress=False)
+    assert (summary.units_skipped, summary.units_written) == (2, 2)  # not recaptured under a new digest
+    assert tree_bytes(store) == tree_bytes(reference)
