@@ -240,3 +240,23 @@ def hf_and_vllm_teachers(config_for):
     yield hf, vl
     vl.close()
     hf.close()
+
+
+def as_interrupted(store: Path, committed: int) -> None:
+    """Turn a complete store into what a capture killed after committing its first ``committed`` units leaves:
+    their commit records, a manifest without unit entries, the other units' objects never written."""
+    import shutil
+
+    from logitcache.store import read_manifest
+    from logitcache.store.commit import dump_json
+    from logitcache.store.manifest import Manifest
+
+    final = read_manifest(store)
+    (store / "commits").mkdir()
+    for record in final.shards[:committed]:
+        (store / "commits" / f"{record.index:05d}.json").write_bytes(dump_json(record.to_dict()))
+    for record in final.shards[committed:]:
+        for obj in record.objects:
+            path = store / obj.path
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (store / "manifest.json").write_bytes(dump_json(Manifest(final.header).to_dict()))

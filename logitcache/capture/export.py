@@ -27,7 +27,7 @@ from .chat import read_chat_template, template_sha256
 from .corpus import open_corpus
 from .generate import Prompt, PromptReader
 from ..errors import ConfigError, CorpusError
-from ..models.tokenizers import tokenizer_fingerprint
+from ..models.tokenizers import tokenizer_fingerprints
 from ..store.commit import as_fs, read_manifest
 from ..store.generations import GeneratedRow, unit_rows
 from ..store.reader import read_unit
@@ -97,9 +97,9 @@ def _tokenizer(name: str, fingerprint: str):
     from ..models.embedded import resolve_teacher_path
 
     tok = AutoTokenizer.from_pretrained(resolve_teacher_path(name), local_files_only=True)
-    if tokenizer_fingerprint(tok) != fingerprint:
+    if fingerprint not in tokenizer_fingerprints(tok):
         raise ConfigError(f"the tokenizer of {name} is not the one the store was captured with (fingerprint "
-                          f"{tokenizer_fingerprint(tok)[:12]}…, the store's {fingerprint[:12]}…); pass the teacher's "
+                          f"{tokenizer_fingerprints(tok)[0][:12]}…, the store's {fingerprint[:12]}…); pass the teacher's "
                           "with --tokenizer DIR")
     return tok
 

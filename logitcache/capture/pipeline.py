@@ -31,7 +31,8 @@ from .generate import GenerationPlan, build_generation_plan, generate_unit
 from ..errors import ConfigError, StoreError
 from ..faults import fault_point
 from ..store.manifest import Manifest, ManifestHeader, PlanSection, ShardRecord, StoreSection, TokenizerSection
-from .plan import Plan, PlanSlice, Unit, build_plan, plan_units, tokenizer_fingerprint
+from ..models.tokenizers import tokenizer_fingerprint, tokenizer_fingerprints
+from .plan import Plan, PlanSlice, Unit, build_plan, plan_units
 from .limits import check_teacher_limits, plan_warnings
 from .budget import DrawnChunk, sequence_targets
 from .sparsify import draw_uniforms, label_logprobs, sparsify
@@ -344,7 +345,7 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
     fs = StoreFS(config.store.path)
     started = time.perf_counter()
     with StoreLock(fs):
-        header, spec = _resumed_header(fs, header, spec, overwrite)
+        header, spec = _resumed_header(fs, header, spec, overwrite, tokenizer_fingerprints(teacher.tokenizer))
         committed = begin_store(fs, header, get_container(spec.format).static_objects(spec), overwrite=overwrite)
         done = {r.index for r in committed}
         todo = [u for u in units if u.index not in done]
@@ -363,14 +364,19 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
                           seconds=time.perf_counter() - started, manifest=manifest)
 
 
-def _resumed_header(fs: StoreFS, header: ManifestHeader, spec: ShardSpec,
-                    overwrite: bool) -> tuple[ManifestHeader, ShardSpec]:
+def _resumed_header(fs: StoreFS, header: ManifestHeader, spec: ShardSpec, overwrite: bool,
+                    fingerprints: tuple[str, ...]) -> tuple[ManifestHeader, ShardSpec]:
     """The store's own header (and its spec) when this run resumes it and the two differ in display-only fields
     alone (the corpus read from another path): committed units stay bound to it and the manifest keeps it, so
-    the store ends as the uninterrupted run left it. Otherwise this run's ``header`` and ``spec``."""
+    the store ends as the uninterrupted run left it. Otherwise this run's ``header`` and ``spec``. The store's
+    form of the tokenizer's fingerprint, if one of ``fingerprints``, is kept (see ``tokenizer_fingerprints``)."""
     if overwrite or not fs.exists(MANIFEST):
         return header, spec
     existing = read_manifest(fs).header
+    recorded = existing.tokenizer.fingerprint
+    if recorded != header.tokenizer.fingerprint and recorded in fingerprints:
+        header = replace(header, tokenizer=replace(header.tokenizer, fingerprint=recorded))
+        spec = spec_from_manifest(header)
     if not existing.same_but_for_display(header):
         return header, spec
     return existing, spec_from_manifest(existing)

@@ -22,7 +22,7 @@ tokenizer, aligns the two (:func:`logitcache.train.align.align`) and gives every
   Teacher entries without a student id with their bytes go, sorted by probability, to the ULD term
   (``uld_probs``). One : many and many : many groups get no KD target (counted).
 
-Use it explicitly: ``CacheDataset(path, tokenizer_fingerprint=tokenizer_fingerprint(teacher_tokenizer))``
+Use it explicitly: ``CacheDataset(path, tokenizer_fingerprint=tokenizer_fingerprints(teacher_tokenizer))``
 checks the store's tokenizer, and ``DataLoader(ds, batch_size=B, collate_fn=transform.collate)`` batches in
 the student's tokens (docs/cross_tokenizer.md). :meth:`CrossTokenizerTransform.for_store` builds one from
 tokenizer paths, finding the teacher's tokenizer through the store's manifest (``logitcache train
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, LogitCacheError, StoreError
-from ..models.tokenizers import tokenizer_fingerprint
+from ..models.tokenizers import tokenizer_fingerprints
 from ..store.commit import read_manifest
 from ..store.fs import StoreFS
 from ..targets import SparseTargets
@@ -131,7 +131,8 @@ class CrossTokenizerTransform:
         self.student_bytes = token_bytes_table(student_tokenizer)
         self.map: VocabMap = vocab_map(teacher_tokenizer, student_tokenizer, cache=cache)
         self.pad_id = pad_id if pad_id is not None else (student_tokenizer.pad_token_id or 0)
-        self.teacher_fingerprint = tokenizer_fingerprint(teacher_tokenizer)
+        self.teacher_fingerprints = tokenizer_fingerprints(teacher_tokenizer)  # every form a store may record
+        self.teacher_fingerprint = self.teacher_fingerprints[0]
         if store is not None:
             self.check_store(store)
 
@@ -150,7 +151,7 @@ class CrossTokenizerTransform:
     def check_store(self, path: str) -> None:
         """:class:`StoreError` unless the store at ``path`` was captured with this transform's teacher tokenizer."""
         found = read_manifest(StoreFS(path)).header.tokenizer.fingerprint
-        if found != self.teacher_fingerprint:
+        if found not in self.teacher_fingerprints:
             raise StoreError(f"tokenizer mismatch: the store {path} was captured with tokenizer fingerprint {found}; "
                              f"the teacher tokenizer given to CrossTokenizerTransform has {self.teacher_fingerprint}. "
                              "Pass the tokenizer the store was captured with as teacher_tokenizer.")
@@ -290,7 +291,7 @@ def evaluate_cross_tokenizer(model, store: str, transform: CrossTokenizerTransfo
     from .dataset import CacheView
     from .losses_xtok import cross_tokenizer_terms
 
-    view = CacheView(store, tokenizer_fingerprint=transform.teacher_fingerprint)
+    view = CacheView(store, tokenizer_fingerprint=transform.teacher_fingerprints)
     was_training = model.training
     model.eval()
     sums, tokens, kd_tokens = {"ce": 0.0, "kl": 0.0, "uld": 0.0}, 0, 0
@@ -339,7 +340,7 @@ def _manifest_teacher_tokenizer(store: str):
     except (LogitCacheError, OSError, ValueError) as exc:
         raise ConfigError(f"store {store}: the teacher its manifest names ({name!r}) has no tokenizer here ({exc}); "
                           f"{hint}") from exc
-    if tokenizer_fingerprint(tokenizer) != header.tokenizer.fingerprint:
+    if header.tokenizer.fingerprint not in tokenizer_fingerprints(tokenizer):
         raise ConfigError(f"store {store}: the tokenizer of the teacher its manifest names ({name!r}) has fingerprint "
-                          f"{tokenizer_fingerprint(tokenizer)}, the store {header.tokenizer.fingerprint}; {hint}")
+                          f"{tokenizer_fingerprints(tokenizer)[0]}, the store {header.tokenizer.fingerprint}; {hint}")
     return tokenizer

@@ -43,6 +43,7 @@ in the state until :meth:`CacheDataset.set_epoch` moves to another epoch.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from typing import Any, Iterator
 
 import numpy as np
@@ -74,7 +75,8 @@ class CacheDataset(IterableDataset):
             DataLoader workers are always taken from ``get_worker_info()`` when iterating inside one.
         drop_uneven: drop the ``n mod world_size`` remainder instead of padding by repetition.
         verify: check each shard's sha256 the first time this process opens it.
-        tokenizer_fingerprint: the student tokenizer's fingerprint; refused unless equal to the store's.
+        tokenizer_fingerprint: the student tokenizer's fingerprint, or the forms
+            :func:`~logitcache.models.tokenizers.tokenizer_fingerprints` gives; refused unless the store's is one.
         batch_size: the DataLoader's batch size; needed for mid-epoch state with ``num_workers > 1``.
         shuffle_window: window of the in-window shuffle (default twice the largest shard).
         cache_shards: shards kept open per reader (with ``pack_tokens``, at least those one window spans).
@@ -93,7 +95,7 @@ class CacheDataset(IterableDataset):
 
     def __init__(self, path: str | os.PathLike, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
                  world: World | None = None, drop_uneven: bool = False, verify: bool = True,
-                 tokenizer_fingerprint: str | None = None, batch_size: int | None = None,
+                 tokenizer_fingerprint: str | Collection[str] | None = None, batch_size: int | None = None,
                  shuffle_window: int | None = None, cache_shards: int = 4, on_corrupt: str = "raise",
                  pack_tokens: int | None = None, pack_window: int = DEFAULT_PACK_WINDOW) -> None:
         super().__init__()
@@ -292,7 +294,8 @@ class CacheView(Dataset):
     collate = staticmethod(_collate)
     collate_packed = staticmethod(pack)
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True, tokenizer_fingerprint: str | None = None,
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True,
+                 tokenizer_fingerprint: str | Collection[str] | None = None,
                  cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         self._store = Store(path, verify=verify, tokenizer_fingerprint=tokenizer_fingerprint,
                              cache_shards=cache_shards, on_corrupt=on_corrupt)

@@ -19,7 +19,7 @@ then counts rows.
 Cross-tokenizer (a student with another tokenizer than the store's, docs/cross_tokenizer.md)::
 
     ds = CacheDataset("cache/", shuffle=True, seed=0, batch_size=8,
-                      tokenizer_fingerprint=tokenizer_fingerprint(teacher_tokenizer))
+                      tokenizer_fingerprint=tokenizer_fingerprints(teacher_tokenizer))
     transform = CrossTokenizerTransform(teacher_tokenizer, student_tokenizer, store="cache/")
     trainer = KDTrainer(model=student, args=args, train_dataset=ds, cross_tokenizer=transform, kd_alpha=0.5)
 

@@ -189,14 +189,15 @@ def _student_source(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def _student_fingerprint(spec: str) -> str | None:
-    """Fingerprint of the student's tokenizer, or None when the student ships none."""
-    from ..models.tokenizers import tokenizer_fingerprint
+def _student_fingerprints(spec: str) -> tuple[str, ...] | None:
+    """The forms of the student tokenizer's fingerprint (:func:`~logitcache.models.tokenizers.tokenizer_fingerprints`),
+    or None when the student ships none."""
+    from ..models.tokenizers import tokenizer_fingerprints
 
     try:
         from transformers import AutoTokenizer
 
-        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(_student_source(spec)))
+        return tokenizer_fingerprints(AutoTokenizer.from_pretrained(_student_source(spec)))
     except (OSError, ValueError):
         return None
 
@@ -224,8 +225,8 @@ def _setup(config: TrainConfig, state: dict[str, Any] | None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     transform = _transform(config)
     ds = CacheDataset(config.store, shuffle=True, seed=config.seed, batch_size=config.batch_size,
-                      tokenizer_fingerprint=transform.teacher_fingerprint if transform is not None
-                      else _student_fingerprint(config.student))
+                      tokenizer_fingerprint=transform.teacher_fingerprints if transform is not None
+                      else _student_fingerprints(config.student))
     if state:
         optimizer.load_state_dict(torch.load(Path(config.out) / OPTIMIZER_FILE, weights_only=True))
         ds.load_state_dict(state["dataset"])
@@ -241,9 +242,9 @@ def _transform(config: TrainConfig):
     from .cross_tokenizer import CrossTokenizerTransform
 
     transform = CrossTokenizerTransform.for_store(config.store, config.student_tokenizer, config.teacher_tokenizer)
-    shipped, given = _student_fingerprint(config.student), tokenizer_fingerprint(transform.student_tokenizer)
-    if shipped not in (None, given):
-        raise ConfigError(f"student {config.student!r} ships a tokenizer with fingerprint {shipped}; student_tokenizer "
+    shipped, given = _student_fingerprints(config.student), tokenizer_fingerprint(transform.student_tokenizer)
+    if shipped is not None and shipped[0] != given:
+        raise ConfigError(f"student {config.student!r} ships a tokenizer with fingerprint {shipped[0]}; student_tokenizer "
                           f"{config.student_tokenizer} has {given}. Pass the tokenizer the student was built for.")
     return transform
 

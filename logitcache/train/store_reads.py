@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ log = logging.getLogger("logitcache")
 class Store:
     """The read side shared by both datasets: manifest, global index → (shard, row), lazy open and verify."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | None,
+    def __init__(self, path: str | os.PathLike, *, verify: bool, tokenizer_fingerprint: str | Collection[str] | None,
                  cache_shards: int = 4, on_corrupt: str = "raise") -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ConfigError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}; found {on_corrupt!r}")
@@ -45,10 +46,13 @@ class Store:
         self.verify = verify
         self.cache_shards = max(1, cache_shards)
         found = manifest.header.tokenizer.fingerprint
-        if tokenizer_fingerprint is not None and tokenizer_fingerprint != found:
+        given = (tokenizer_fingerprint,) if isinstance(tokenizer_fingerprint, str) else tuple(tokenizer_fingerprint or ())
+        if tokenizer_fingerprint is not None and found not in given:
             raise StoreError(f"tokenizer mismatch: the store {self.root} was captured with tokenizer fingerprint "
-                             f"{found}; the student's tokenizer has fingerprint {tokenizer_fingerprint}. "
-                             "Train with the teacher's tokenizer, or capture a store with this one.")
+                             f"{found}; the student's tokenizer has fingerprint {' or '.join(given) or 'none given'}. "
+                             "Train with the teacher's tokenizer, or capture a store with this one. (A store captured "
+                             "under transformers 4.x by an earlier logitcache may record another form of the same "
+                             "tokenizer's fingerprint: pass tokenizer_fingerprints(tokenizer), which accepts it.)")
         self.skipped: list[str] = []  # one line per unit left out (on_corrupt="skip")
         if on_corrupt == "skip":
             self.records, self.skipped = self._sound_records()

@@ -24,7 +24,7 @@ from logitcache.store.manifest import (HEADER_DIGEST, Manifest, ManifestHeader, 
                                       header_digest)
 from logitcache.store.reader import iter_sequences
 from logitcache.testing.crash import tree_bytes
-from helpers import HOSTILE_FIELDS, make_config
+from helpers import HOSTILE_FIELDS, as_interrupted, make_config
 
 SHAPE = {"corpus.seq_len": 16, "corpus.max_tokens": 16 * 3 * 4, "store.sequences_per_shard": 3}  # HOSTILE_FIELDS'
 VARIANTS = {  # every method, each container, both entropy stages, both id codes, lossy and weighted rows
@@ -275,14 +275,7 @@ def test_a_resume_where_zlib_writes_other_bytes_keeps_the_committed_units(stores
                                                                             other_zlib):
     reference = stores["topk"][0]
     store = shutil.copytree(reference, tmp_path / "s")
-    final = read_manifest(store)
-    (store / "commits").mkdir()
-    for record in final.shards[:2]:  # two units committed, the rest never written
-        (store / "commits" / f"{record.index:05d}.json").write_bytes(dump_json(record.to_dict()))
-    for record in final.shards[2:]:
-        for obj in record.objects:
-            shutil.rmtree(store / obj.path) if (store / obj.path).is_dir() else (store / obj.path).unlink()
-    (store / "manifest.json").write_bytes(dump_json(Manifest(final.header).to_dict()))
+    as_interrupted(store, committed=2)
     summary = capture(make_config(tiny_teacher, store, "topk", **SHAPE), progress=False)
     assert (summary.units_skipped, summary.units_written) == (2, 2)  # not recaptured under a new digest
     assert tree_bytes(store) == tree_bytes(reference)
