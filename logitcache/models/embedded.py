@@ -182,6 +182,7 @@ def _convert(gguf: Path, dest: Path) -> dict[str, Any]:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    agree_with_model(tokenizer, model.config)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     del model
@@ -190,6 +191,18 @@ def _convert(gguf: Path, dest: Path) -> dict[str, Any]:
         "torch": torch.__version__,
         "gguf": version("gguf"),
     }
+
+
+def agree_with_model(tokenizer, config) -> None:
+    """Give ``tokenizer`` the bos, eos, pad and unk tokens the model's ``config`` names by id, where they differ.
+    transformers 4.x's GGUF conversion of SmolLM2 names eos ``<|im_start|>`` and no pad; the model's eos is id 2,
+    ``<|im_end|>``, which ends every ChatML turn (5.x's conversion agrees with the model: nothing changes)."""
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(config, f"{role}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if getattr(tokenizer, f"{role}_token") != token:
+                setattr(tokenizer, f"{role}_token", token)
 
 
 def _write_marker(staged: Path, versions: dict[str, Any]) -> None:

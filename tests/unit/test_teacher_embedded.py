@@ -145,3 +145,22 @@ def test_a_conversion_by_a_newer_transformers_major_is_refused_saying_what_to_do
     with pytest.raises(TeacherError, match=r"converted by transformers 99\.0\.0; this environment has .*LOGITCACHE_HOME"):
         ensure_embedded_teacher(home=tmp_path / "home", progress=False)
     assert is_complete(path)  # nothing removed
+
+
+def test_the_converted_tokenizer_gets_the_special_tokens_the_model_names(tiny_teacher, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from logitcache.models.embedded import agree_with_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)  # eos <|endoftext|> (id 0), pad <|pad|> (id 1)
+    tok.save_pretrained(tmp_path / "before")
+    agree_with_model(tok, SimpleNamespace(bos_token_id=None, eos_token_id=0, pad_token_id=1, unk_token_id=10 ** 6))
+    tok.save_pretrained(tmp_path / "after")  # they agree already (and an id beyond the vocabulary is no token)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "after").iterdir()} == \
+        {p.name: p.read_bytes() for p in (tmp_path / "before").iterdir()}
+    agree_with_model(tok, SimpleNamespace(bos_token_id=0, eos_token_id=1, pad_token_id=0))  # another model's ids
+    tok.save_pretrained(tmp_path / "changed")
+    for t in (tok, AutoTokenizer.from_pretrained(tmp_path / "changed")):
+        assert (t.bos_token, t.eos_token, t.eos_token_id, t.pad_token) == ("<|endoftext|>", "<|pad|>", 1, "<|endoftext|>")

@@ -36,14 +36,18 @@ def recorded_earlier(tok) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-class As4x:
-    """A tokenizer as transformers 4.x shows it: its additional special tokens listed in ``special_tokens_map``
-    and as ``additional_special_tokens``; 5.x keeps them as ``extra_special_tokens`` and out of the map."""
+class View:
+    """A tokenizer as one transformers major version shows it: 4.x lists the additional special tokens in
+    ``special_tokens_map`` (and as ``additional_special_tokens``), 5.x keeps them out of the map (as
+    ``extra_special_tokens``); both count them in ``all_special_tokens``. Built from whichever version loaded it."""
 
-    def __init__(self, tok) -> None:
+    def __init__(self, tok, major: int) -> None:
         self.tok = tok
-        self.additional_special_tokens = list(tok.extra_special_tokens)
-        self.special_tokens_map = {**tok.special_tokens_map, "additional_special_tokens": self.additional_special_tokens}
+        extra = [str(t) for t in (getattr(tok, "additional_special_tokens", None) or tok.extra_special_tokens)]
+        roles = {k: v for k, v in tok.special_tokens_map.items() if not k.endswith("special_tokens")}
+        self.special_tokens_map = {**roles, "additional_special_tokens": extra} if major == 4 else roles
+        self.additional_special_tokens = extra if major == 4 else None
+        self.extra_special_tokens = extra if major == 5 else {}
         self.all_special_tokens = tok.all_special_tokens
 
     def get_vocab(self):
@@ -62,18 +66,19 @@ def teacher(tiny_teacher, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tok(teacher):
     loaded = AutoTokenizer.from_pretrained(teacher)
-    assert list(loaded.extra_special_tokens) == EXTRA and "additional_special_tokens" not in loaded.special_tokens_map
+    assert View(loaded, 4).special_tokens_map["additional_special_tokens"] == EXTRA
     return loaded
 
 
 def test_the_fingerprint_is_what_earlier_releases_recorded_under_5x_and_the_same_under_4x(tok, tiny_tokenizer):
-    assert tokenizer_fingerprint(tok) == recorded_earlier(tok)  # stores captured under 5.x keep theirs
+    as4, as5 = View(tok, 4), View(tok, 5)
+    assert tokenizer_fingerprint(tok) == recorded_earlier(as5)  # stores captured under 5.x keep theirs
     assert tokenizer_fingerprint(tiny_tokenizer) == recorded_earlier(tiny_tokenizer)
     assert tokenizer_fingerprints(tiny_tokenizer) == (tokenizer_fingerprint(tiny_tokenizer),)  # no extra tokens
-    assert tokenizer_fingerprint(As4x(tok)) == tokenizer_fingerprint(tok)  # transformers 4.x gives the same now
-    earlier_4x = recorded_earlier(As4x(tok))
+    assert tokenizer_fingerprint(as4) == tokenizer_fingerprint(as5) == tokenizer_fingerprint(tok)  # 4.x gives it too
+    earlier_4x = recorded_earlier(as4)
     assert earlier_4x != tokenizer_fingerprint(tok)  # what made a 4.x store refuse a 5.x student
-    assert tokenizer_fingerprints(tok) == tokenizer_fingerprints(As4x(tok)) == (tokenizer_fingerprint(tok), earlier_4x)
+    assert tokenizer_fingerprints(as4) == tokenizer_fingerprints(as5) == (tokenizer_fingerprint(tok), earlier_4x)
 
 
 def test_an_extra_special_token_still_counts(tok, teacher, tmp_path):
@@ -90,13 +95,13 @@ def test_an_extra_special_token_still_counts(tok, teacher, tmp_path):
 def store_4x(teacher, tok, tmp_path_factory):
     """A store as an earlier logitcache captured it under transformers 4.x: the 4.x form of the fingerprint."""
     monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(pipeline, "tokenizer_fingerprint", lambda t: recorded_earlier(As4x(t)))
+    monkeypatch.setattr(pipeline, "tokenizer_fingerprint", lambda t: recorded_earlier(View(t, 4)))
     try:
         path = tmp_path_factory.mktemp("store_4x") / "store"
         capture(make_config(teacher, path, "sample", **SHAPE), progress=False)
     finally:
         monkeypatch.undo()
-    assert read_manifest(path).header.tokenizer.fingerprint == recorded_earlier(As4x(tok))
+    assert read_manifest(path).header.tokenizer.fingerprint == recorded_earlier(View(tok, 4))
     return path
 
 
