@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TeacherError
+from .compat import newer_transformers
 from .hashing import hash_files as _sha256_files
 from .hashing import weight_files
 from .home import logitcache_home
@@ -60,7 +61,10 @@ def ensure_embedded_teacher(
     root = Path(home) if home is not None else logitcache_home()
     target = root / "teachers" / _DIRNAME[name]
     if is_complete(target):
-        _check_readable_here(target)
+        why = newer_transformers(target)
+        if why:
+            raise TeacherError(f"the embedded teacher: {why}; or point LOGITCACHE_HOME at a directory for this "
+                               "environment (the teacher is converted there once)")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -87,26 +91,6 @@ def is_complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(marker, dict) and marker.get("wheel_sha256") == WHEEL_SHA256
-
-
-def _check_readable_here(path: Path) -> None:
-    """A conversion is read as written only by the transformers major version that wrote it or a later one:
-    4.x reads 5.x's ``config.json`` with its own defaults (``rope_parameters`` unseen: rope_theta 10000 for
-    100000, another model) and knows no ``TokenizersBackend``. Refuse that pairing, saying what to do."""
-    import transformers
-
-    written = json.loads((path / MARKER).read_text()).get("versions", {}).get("transformers", "")
-    if _major(written) > _major(transformers.__version__):
-        raise TeacherError(f"the embedded teacher at {path} was converted by transformers {written}; this environment "
-                           f"has transformers {transformers.__version__}, which reads those files as another model "
-                           "(config.json's rope_parameters unseen) or not at all. Point LOGITCACHE_HOME at a directory "
-                           f"for this environment (the teacher is converted there once), or install transformers "
-                           f">= {_major(written)}.")
-
-
-def _major(version: str) -> int:
-    head = version.split(".")[0]
-    return int(head) if head.isdigit() else 0
 
 
 def _say(progress: bool, message: str) -> None:

@@ -160,10 +160,14 @@ def make_student(spec: str, dtype: str | torch.dtype = "float32"):
     layers (weights copied; embeddings, final norm and LM head kept)."""
     from transformers import AutoModelForCausalLM
 
+    from ..models.compat import newer_transformers
     from ..models.embedded import resolve_teacher_path
 
     dtype = _torch_dtype(dtype)
     if not spec.startswith("init:"):
+        why = newer_transformers(Path(spec).expanduser())
+        if why:
+            raise ConfigError(f"student {spec!r}: {why}")
         return AutoModelForCausalLM.from_pretrained(Path(spec).expanduser(), dtype=dtype)
     teacher, layers = _split_init_spec(spec)
     model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)

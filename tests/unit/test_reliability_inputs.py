@@ -18,7 +18,7 @@ import torch
 
 from logitcache.capture import capture
 from logitcache.capture.corpus import open_corpus, read_documents
-from logitcache.errors import CorpusError, StoreLockedError, StoreMismatchError, TeacherError
+from logitcache.errors import ConfigError, CorpusError, StoreLockedError, StoreMismatchError, TeacherError
 from logitcache.store import inspect_store, iter_sequences, read_manifest, verify_store
 from logitcache.store.lock import StoreLock
 from logitcache.store.manifest import with_header_digest
@@ -286,6 +286,23 @@ def test_teacher_without_a_tokenizer_says_so(tiny_teacher, tmp_path):
     message = str(info.value)
     assert f"{bare} holds no tokenizer (found config.json, model.safetensors; expected tokenizer.json" in message
     assert "sentencepiece" not in message and "tokenizer.save_pretrained" in message
+
+
+def test_a_model_saved_by_a_later_transformers_major_is_refused_naming_both(tiny_teacher, tmp_path):
+    from logitcache.capture.config import TeacherConfig
+    from logitcache.capture.teachers import load_teacher
+    from logitcache.train.loop import make_student
+
+    later = Path(shutil.copytree(tiny_teacher, tmp_path / "later"))
+    config = json.loads((later / "config.json").read_text())
+    (later / "config.json").write_text(json.dumps({**config, "transformers_version": "99.1.0"}))
+    expected = (rf"{later / 'config.json'} was written by transformers 99\.1\.0; this environment has transformers "
+                r"\S+, which reads a later major version's config as another model .* Install transformers >= 99 here")
+    with pytest.raises(TeacherError, match=f"teacher '{later}': {expected}"):
+        load_teacher(TeacherConfig(model=str(later), dtype="float32"))
+    with pytest.raises(ConfigError, match=f"student '{later}': {expected}"):
+        make_student(str(later))
+    assert make_student(tiny_teacher).config.vocab_size == config["vocab_size"]  # this version's own files load
 
 
 @pytest.mark.parametrize("content, found", [(b"", "is empty"), (b"[1, 2]", "holds b'[1, 2]'"),

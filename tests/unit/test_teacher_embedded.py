@@ -136,13 +136,18 @@ def test_unknown_embedded_name_and_local_paths(tmp_path):
 @pytest.mark.parametrize(("written", "refused"), [("99.0.0", True), ("4.57.1", False), ("test", False)])
 def test_a_conversion_by_a_newer_transformers_major_is_refused_saying_what_to_do(tmp_path, monkeypatch, written,
                                                                                 refused):
+    def convert(gguf: Path, dest: Path) -> dict:
+        versions = _fake_convert(gguf, dest)
+        (dest / "config.json").write_text(json.dumps({"transformers_version": written}))
+        return versions
+
     wheel = _fake_wheel(tmp_path / "w.whl", monkeypatch)
-    monkeypatch.setattr(embedded, "_convert", lambda gguf, dest: {**_fake_convert(gguf, dest), "transformers": written})
+    monkeypatch.setattr(embedded, "_convert", convert)
     path = ensure_embedded_teacher(home=tmp_path / "home", progress=False, wheel=wheel)  # converted just now
     if not refused:  # an older major's files (or no version recorded) read as written
         assert ensure_embedded_teacher(home=tmp_path / "home", progress=False) == path
         return
-    with pytest.raises(TeacherError, match=r"converted by transformers 99\.0\.0; this environment has .*LOGITCACHE_HOME"):
+    with pytest.raises(TeacherError, match=r"written by transformers 99\.0\.0; this environment has .*LOGITCACHE_HOME"):
         ensure_embedded_teacher(home=tmp_path / "home", progress=False)
     assert is_complete(path)  # nothing removed
 

@@ -27,6 +27,7 @@ from ...choices import DTYPES
 from ...errors import TeacherError
 from .base import Generation, bucket_groups, check_input_ids, check_sequences, right_padded
 from ...faults import fault_point
+from ...models.compat import newer_transformers
 from ...models.hashing import weights_sha256
 from .head import HeadPost, head_chunks
 from .sampling import StopRule, sample_token
@@ -261,6 +262,9 @@ def _check_model_dir(path: Path, config: TeacherConfig) -> None:
             f"teacher {config.model!r} needs its own Python code (config.json has auto_map); it runs only "
             f"with --trust-remote-code (TeacherConfig.trust_remote_code=True), and only if you trust its source"
         )
+    why = newer_transformers(path)
+    if why:
+        raise TeacherError(f"teacher {config.model!r}: {why}")
     if not config.trust_remote_code and not any(_is_tokenizer_file(p.name) for p in path.iterdir()):
         found = ", ".join(sorted(p.name for p in path.iterdir())[:12])
         raise TeacherError(
