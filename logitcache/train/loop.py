@@ -164,13 +164,14 @@ def make_student(spec: str, dtype: str | torch.dtype = "float32"):
     from ..models.embedded import resolve_teacher_path
 
     dtype = _torch_dtype(dtype)
-    if not spec.startswith("init:"):
-        why = newer_transformers(Path(spec).expanduser())
-        if why:
-            raise ConfigError(f"student {spec!r}: {why}")
-        return AutoModelForCausalLM.from_pretrained(Path(spec).expanduser(), dtype=dtype)
-    teacher, layers = _split_init_spec(spec)
-    model = AutoModelForCausalLM.from_pretrained(resolve_teacher_path(teacher), dtype=dtype)
+    teacher, layers = _split_init_spec(spec) if spec.startswith("init:") else (None, None)
+    source = Path(spec).expanduser() if teacher is None else resolve_teacher_path(teacher)
+    why = newer_transformers(source)
+    if why:
+        raise ConfigError(f"student {spec!r}: {why}")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if teacher is None:
+        return model
     decoder = model.get_decoder()
     blocks = getattr(decoder, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList):

@@ -300,8 +300,9 @@ def test_a_model_saved_by_a_later_transformers_major_is_refused_naming_both(tiny
                 r"\S+, which reads a later major version's config as another model .* Install transformers >= 99 here")
     with pytest.raises(TeacherError, match=f"teacher '{later}': {expected}"):
         load_teacher(TeacherConfig(model=str(later), dtype="float32"))
-    with pytest.raises(ConfigError, match=f"student '{later}': {expected}"):
-        make_student(str(later))
+    for student in (str(later), f"init:{later}:1"):
+        with pytest.raises(ConfigError, match=f"student '{student}': {expected}"):
+            make_student(student)
     assert make_student(tiny_teacher).config.vocab_size == config["vocab_size"]  # this version's own files load
 
 
