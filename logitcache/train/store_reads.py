@@ -62,6 +62,10 @@ class Store:
         self.lengths = record_lengths(self.records, manifest.header.seq_len, self.spec.masked)  # None: unknown
         self.fingerprint = hashlib.sha256("\n".join(r.sha256 for r in self.records).encode()).hexdigest()
         self._open: OrderedDict[int, UnitReader] = OrderedDict()
+        if not manifest.complete:  # readers see the committed units only (docs/reliability.md)
+            log.warning("store %s is incomplete: %d of its %d sequences are committed (a capture still running, or "
+                        "stopped: rerun the same capture command to finish it); reading the committed ones",
+                        self.root, self.num_sequences, manifest.header.plan.sequences)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import as_interrupted
 from torch.utils.data import DataLoader
 
 import logitcache
@@ -235,3 +236,17 @@ def test_collated_batch_matches_estimates(store, reference):
     sums = batch["target_probs"].sum(-1)
     assert torch.allclose(sums, torch.ones_like(sums))  # sample with tau=1 sums to exactly 1
     assert np.array_equal(batch["input_ids"][1].numpy(), reference[1][1][:-1])
+
+
+def test_an_incomplete_store_reads_its_committed_units_and_says_so(store, tmp_path, caplog):
+    partial = shutil.copytree(store, tmp_path / "partial")
+    as_interrupted(partial, committed=2)
+    committed = sum(r.sequences for r in read_manifest(partial).shards)
+    with caplog.at_level("WARNING", logger="logitcache"):
+        ds = CacheDataset(str(partial))
+    assert len(ds) == committed < NUM_SEQUENCES
+    assert f"store {partial} is incomplete: {committed} of its {NUM_SEQUENCES} sequences are committed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="logitcache"):
+        assert len(CacheDataset(store)) == NUM_SEQUENCES
+    assert "incomplete" not in caplog.text
