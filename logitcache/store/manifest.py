@@ -40,8 +40,11 @@ _HEADER_KEYS = ("method", "params", "head_size", "identity", "teacher", "tokeniz
                 "store")
 _RESUME_KEYS = ("identity", "teacher", "tokenizer", "corpus", "plan")  # what a resumed capture must match
 # ... except these: where the corpus was read from and what the reader listed (the content is compared through
-# corpus.fingerprint and corpus.stats); identity.corpus.source is held by stores written before that rule
-_DISPLAY_ONLY = ("identity.corpus.source", "corpus.source", "corpus.input")
+# corpus.fingerprint and corpus.stats; identity.corpus.source is held by stores written before that rule), where
+# the teacher was loaded from (its weights are compared through teacher.weights_sha256), and which logitcache
+# wrote the header: a resume on another machine, or after an upgrade, keeps the committed units
+_DISPLAY_ONLY = ("identity.corpus.source", "corpus.source", "corpus.input", "identity.teacher.model", "teacher.name",
+                 "written_by")
 
 
 @dataclass(frozen=True)

@@ -279,3 +279,34 @@ def test_a_resume_where_zlib_writes_other_bytes_keeps_the_committed_units(stores
     summary = capture(make_config(tiny_teacher, store, "topk", **SHAPE), progress=False)
     assert (summary.units_skipped, summary.units_written) == (2, 2)  # not recaptured under a new digest
     assert tree_bytes(store) == tree_bytes(reference)
+
+
+def test_a_resume_with_the_teacher_moved_and_another_logitcache_keeps_the_committed_units(stores, tiny_teacher,
+                                                                                         tmp_path, monkeypatch):
+    from logitcache.capture import pipeline
+
+    reference = stores["topk"][0]
+    store = shutil.copytree(reference, tmp_path / "s")
+    as_interrupted(store, committed=2)
+    moved = shutil.copytree(tiny_teacher, tmp_path / "elsewhere")  # the same weights at another path
+    monkeypatch.setattr(pipeline, "__version__", "9.9.9")  # and an upgraded logitcache
+    summary = capture(make_config(str(moved), store, "topk", **SHAPE), progress=False)
+    assert (summary.units_skipped, summary.units_written) == (2, 2)
+    assert tree_bytes(store) == tree_bytes(reference)  # the manifest keeps the path and version it started with
+
+
+def test_a_resume_with_other_teacher_weights_is_refused_naming_them(stores, tiny_teacher, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from logitcache.errors import StoreMismatchError
+
+    store = shutil.copytree(stores["topk"][0], tmp_path / "s")
+    as_interrupted(store, committed=2)
+    before = tree_bytes(store)
+    other = shutil.copytree(tiny_teacher, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 1e-3}, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(StoreMismatchError, match=r"teacher\.weights_sha256: store has '[0-9a-f]{64}', this run has"):
+        capture(make_config(str(other), store, "topk", **SHAPE), progress=False)
+    assert tree_bytes(store) == before  # nothing written
