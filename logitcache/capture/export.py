@@ -97,9 +97,10 @@ def _tokenizer(name: str, fingerprint: str):
     from ..models.embedded import resolve_teacher_path
 
     tok = AutoTokenizer.from_pretrained(resolve_teacher_path(name), local_files_only=True)
-    if fingerprint not in tokenizer_fingerprints(tok):
+    forms = tokenizer_fingerprints(tok)
+    if fingerprint not in forms:
         raise ConfigError(f"the tokenizer of {name} is not the one the store was captured with (fingerprint "
-                          f"{tokenizer_fingerprints(tok)[0][:12]}…, the store's {fingerprint[:12]}…); pass the teacher's "
+                          f"{forms[0][:12]}…, the store's {fingerprint[:12]}…); pass the teacher's "
                           "with --tokenizer DIR")
     return tok
 

@@ -25,8 +25,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def tokenizer_fingerprints(tokenizer) -> tuple[str, ...]:
     """Every form a store may record for this tokenizer: :func:`tokenizer_fingerprint`, then, for a tokenizer
-    with additional special tokens, the form logitcache 0.1.0 recorded under transformers 4.x (their list
-    inside the special tokens' map). Pass these to ``CacheDataset(tokenizer_fingerprint=...)`` to accept a
+    with additional special tokens, the form logitcache recorded under transformers 4.x until 2026-12 (their
+    list inside the special tokens' map). Pass these to ``CacheDataset(tokenizer_fingerprint=...)`` to accept a
     store captured that way."""
     vocab = sorted(tokenizer.get_vocab().items())
     mapping = getattr(tokenizer, "special_tokens_map", None) or {}

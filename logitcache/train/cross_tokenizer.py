@@ -340,7 +340,8 @@ def _manifest_teacher_tokenizer(store: str):
     except (LogitCacheError, OSError, ValueError) as exc:
         raise ConfigError(f"store {store}: the teacher its manifest names ({name!r}) has no tokenizer here ({exc}); "
                           f"{hint}") from exc
-    if header.tokenizer.fingerprint not in tokenizer_fingerprints(tokenizer):
+    forms = tokenizer_fingerprints(tokenizer)
+    if header.tokenizer.fingerprint not in forms:
         raise ConfigError(f"store {store}: the tokenizer of the teacher its manifest names ({name!r}) has fingerprint "
-                          f"{tokenizer_fingerprints(tokenizer)[0]}, the store {header.tokenizer.fingerprint}; {hint}")
+                          f"{forms[0]}, the store {header.tokenizer.fingerprint}; {hint}")
     return tokenizer
