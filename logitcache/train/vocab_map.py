@@ -8,8 +8,10 @@ is the image. :func:`mass_coverage` says how much of the stored teacher probabil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +71,40 @@ def vocab_map(teacher_tokenizer, student_tokenizer, *, cache: bool = True) -> Vo
     """The :class:`VocabMap` of a tokenizer pair, read from the per-user cache when it holds it."""
     teacher, student = token_bytes_table(teacher_tokenizer), token_bytes_table(student_tokenizer)
     path = _cache_path(teacher_tokenizer, student_tokenizer, teacher, student) if cache else None
-    if path is not None and path.exists():
-        with np.load(path) as saved:
-            mapping, matched = saved["teacher_to_student"], saved["student_matched"]
-        if mapping.shape == (len(teacher),) and matched.shape == (len(student),):
-            return VocabMap(mapping.astype(np.int64), matched.astype(bool))
+    saved = _read_cached(path, len(teacher), len(student)) if path is not None else None
+    if saved is not None:
+        return saved
     result = match_tables(teacher, student)
     if path is not None:
+        _write_cached(path, result)
+    return result
+
+
+def _read_cached(path: Path, teacher_size: int, student_size: int) -> VocabMap | None:
+    """The cached map at ``path``, or None when there is none or it cannot be the pair's (damaged, other shapes):
+    the cache only saves the matching, which is then done again."""
+    try:
+        with np.load(path) as saved:
+            mapping, matched = saved["teacher_to_student"], saved["student_matched"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+    if mapping.shape != (teacher_size,) or matched.shape != (student_size,) or mapping.dtype.kind not in "iu":
+        return None
+    if mapping.size and not -1 <= int(mapping.min()) <= int(mapping.max()) < student_size:
+        return None
+    return VocabMap(mapping.astype(np.int64), matched.astype(bool))
+
+
+def _write_cached(path: Path, result: VocabMap) -> None:
+    """Best effort, as the weights-hash cache: an unwritable or full ``$LOGITCACHE_HOME`` costs a re-match next time."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, teacher_to_student=result.teacher_to_student, student_matched=result.student_matched)
         os.replace(tmp, path)  # readers see the whole file or none
-    return result
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def mass_coverage(targets: SparseTargets, mapping: VocabMap) -> tuple[float, float]:

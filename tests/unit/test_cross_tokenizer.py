@@ -267,3 +267,23 @@ def test_chunked_refuses_bad_arguments(tiny_tokenizer, unigram):
         chunked_cross_tokenizer_kd_loss(hidden, weight, batch, unmatched_weight=-1.0)
     with pytest.raises(ConfigError, match="the student's logits have 100 entries; its tokenizer has 1256 ids"):
         chunked_cross_tokenizer_kd_loss(hidden, weight[:100], batch)
+
+
+def test_vocab_map_cache_damaged_or_unwritable_is_matched_again(tiny_tokenizer, unigram, tmp_path, monkeypatch):
+    reference = vocab_map(tiny_tokenizer, unigram, cache=False)
+    monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "home"))
+    vocab_map(tiny_tokenizer, unigram)
+    (cached,) = (tmp_path / "home" / "vocab_maps").glob("*.npz")
+    good = cached.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not a zip", None):
+        if damaged is None:  # a readable file of the right shapes but ids beyond the student's vocabulary
+            np.savez(cached, teacher_to_student=np.full(len(reference.teacher_to_student), 10 ** 6),
+                     student_matched=reference.student_matched)
+        else:
+            cached.write_bytes(damaged)
+        again = vocab_map(tiny_tokenizer, unigram)
+        assert np.array_equal(again.teacher_to_student, reference.teacher_to_student)
+        assert cached.read_bytes() == good  # rewritten whole
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("LOGITCACHE_HOME", str(tmp_path / "file" / "home"))  # no cache can be written there
+    assert np.array_equal(vocab_map(tiny_tokenizer, unigram).teacher_to_student, reference.teacher_to_student)
