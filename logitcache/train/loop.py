@@ -166,10 +166,14 @@ def make_student(spec: str, dtype: str | torch.dtype = "float32"):
     dtype = _torch_dtype(dtype)
     teacher, layers = _split_init_spec(spec) if spec.startswith("init:") else (None, None)
     source = Path(spec).expanduser() if teacher is None else resolve_teacher_path(teacher)
+    _check_student_dir(spec, source)
     why = newer_transformers(source)
     if why:
         raise ConfigError(f"student {spec!r}: {why}")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"student {spec!r}: cannot load {source} as a causal LM: {exc}") from exc
     if teacher is None:
         return model
     decoder = model.get_decoder()
@@ -192,6 +196,17 @@ def _student_source(spec: str) -> Path:
 
         return resolve_teacher_path(_split_init_spec(spec)[0])
     return Path(spec).expanduser()
+
+
+def _check_student_dir(spec: str, source: Path) -> None:
+    """Refuse a student that is no local model directory, saying what was found (transformers would try the hub)."""
+    expected = ("expected a local Hugging Face model directory (config.json and weights, as save_pretrained writes "
+                "them) or init:<teacher>:<layers>; models are not downloaded: download it first and pass its directory")
+    if not source.is_dir():
+        raise ConfigError(f"student {spec!r}: {source} {'is a file' if source.exists() else 'does not exist'}; {expected}")
+    if not (source / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in source.iterdir())[:12]) or "nothing"
+        raise ConfigError(f"student {spec!r}: {source} holds no config.json (found {found}); {expected}")
 
 
 def _student_fingerprints(spec: str) -> tuple[str, ...] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -304,6 +305,24 @@ def test_a_model_saved_by_a_later_transformers_major_is_refused_naming_both(tiny
         with pytest.raises(ConfigError, match=f"student '{student}': {expected}"):
             make_student(student)
     assert make_student(tiny_teacher).config.vocab_size == config["vocab_size"]  # this version's own files load
+
+
+def test_a_student_that_is_no_model_directory_says_what_was_found(tiny_teacher, tmp_path):
+    from logitcache.train.loop import make_student
+
+    (tmp_path / "notes.txt").write_text("x")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(Path(tiny_teacher) / "config.json", no_weights / "config.json")
+    expected = "expected a local Hugging Face model directory .* models are not downloaded"
+    cases = {"org/model": "org/model does not exist", str(tmp_path / "notes.txt"): "notes.txt is a file",
+             str(tmp_path): f"{tmp_path} holds no config.json \\(found no_weights, notes.txt\\)",
+             f"init:{tmp_path / 'gone'}:1": "gone does not exist"}
+    for spec, found in cases.items():  # before: transformers tried the hub, or a traceback
+        with pytest.raises(ConfigError, match=f"student '{re.escape(spec)}': .*{found}; {expected}"):
+            make_student(spec)
+    with pytest.raises(ConfigError, match=f"student '{re.escape(str(no_weights))}': cannot load .* as a causal LM"):
+        make_student(str(no_weights))
 
 
 @pytest.mark.parametrize("content, found", [(b"", "is empty"), (b"[1, 2]", "holds b'[1, 2]'"),
