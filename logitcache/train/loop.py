@@ -161,11 +161,9 @@ def make_student(spec: str, dtype: str | torch.dtype = "float32"):
     from transformers import AutoModelForCausalLM
 
     from ..models.compat import newer_transformers
-    from ..models.embedded import resolve_teacher_path
 
     dtype = _torch_dtype(dtype)
-    teacher, layers = _split_init_spec(spec) if spec.startswith("init:") else (None, None)
-    source = Path(spec).expanduser() if teacher is None else resolve_teacher_path(teacher)
+    source = _student_source(spec)
     _check_student_dir(spec, source)
     why = newer_transformers(source)
     if why:
@@ -174,8 +172,9 @@ def make_student(spec: str, dtype: str | torch.dtype = "float32"):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"student {spec!r}: cannot load {source} as a causal LM: {exc}") from exc
-    if teacher is None:
+    if not spec.startswith("init:"):
         return model
+    layers = _split_init_spec(spec)[1]
     decoder = model.get_decoder()
     blocks = getattr(decoder, "layers", None)
     if not isinstance(blocks, torch.nn.ModuleList):
