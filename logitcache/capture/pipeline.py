@@ -366,10 +366,9 @@ def run_capture(config: CaptureConfig, teacher: Teacher, execute: Executor, *, o
 
 def _resumed_header(fs: StoreFS, header: ManifestHeader, spec: ShardSpec, overwrite: bool,
                     fingerprints: tuple[str, ...]) -> tuple[ManifestHeader, ShardSpec]:
-    """The store's own header (and its spec) when this run resumes it and the two differ in display-only fields
-    alone (the corpus read from another path): committed units stay bound to it and the manifest keeps it, so
-    the store ends as the uninterrupted run left it. Otherwise this run's ``header`` and ``spec``. The store's
-    form of the tokenizer's fingerprint, if one of ``fingerprints``, is kept (see ``tokenizer_fingerprints``)."""
+    """The store's own header and spec when this run resumes it and they differ in display-only fields alone
+    (committed units stay bound to it: the store ends as an uninterrupted run leaves it), else this run's; the
+    store's form of the tokenizer fingerprint, if one of ``fingerprints``, is kept."""
     if overwrite or not fs.exists(MANIFEST):
         return header, spec
     existing = read_manifest(fs).header

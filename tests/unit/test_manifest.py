@@ -79,10 +79,7 @@ def test_the_typed_fields_are_the_recorded_ones(stores):
 def test_an_in_progress_store_reads_back_from_its_commit_records(stores, tmp_path):
     store = shutil.copytree(stores["topk"][0], tmp_path / "s")
     final = read_manifest(store)
-    (store / "commits").mkdir()
-    for record in final.shards[:3]:
-        (store / "commits" / f"{record.index:05d}.json").write_bytes(dump_json(record.to_dict()))
-    (store / "manifest.json").write_bytes(dump_json(Manifest(final.header).to_dict()))
+    as_interrupted(store, committed=3)
     partial = read_manifest(store)
     assert not partial.complete and partial.header == final.header and partial.shards == final.shards[:3]
 
