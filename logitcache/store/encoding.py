@@ -207,9 +207,16 @@ def _decode_logprobs(enc: Encoding, data: np.ndarray, count: int) -> np.ndarray:
         return _unsplit(data, "<f4", count).astype(np.float32)
     if enc.logprobs == "float16":
         return _unsplit(data, "<f2", count).astype(np.float32)
-    q = _view(data, "u1", count).astype(np.float64)
-    p = np.where(q > 0, (q / Q8_LEVELS) ** 2, Q8_ZERO)
-    return np.log(p).astype(np.float32)
+    return Q8_LOGPROBS[_view(data, "u1", count)]
+
+
+def _q8_logprobs() -> np.ndarray:
+    """The log-probability of each q8 code (float32[256]): ``log((q / 255)^2)``, code 0 ``log(Q8_ZERO)``."""
+    q = np.arange(Q8_LEVELS + 1, dtype=np.float64)
+    return np.log(np.where(q > 0, (q / Q8_LEVELS) ** 2, Q8_ZERO)).astype(np.float32)
+
+
+Q8_LOGPROBS = _q8_logprobs()  # decoding a code is one lookup
 
 
 # ---------------------------------------------------------------- rows

@@ -5,10 +5,11 @@ A container hands a unit over as one byte array per column plus row offsets (:cl
 stream of every row is decoded in one numpy pass over the whole unit: every bit field (mantissas, packed ids)
 is read from the 64-bit window at its first byte (its offset: one cumulative sum), gaps become ranks by one
 cumulative sum, byte planes are gathered per row. The sampled entries (ids, counts, the label first, the sort
-by id) are decoded by one compiled pass over the unit (:mod:`logitcache.store.unit_decode_jit`, numba, loaded on
-the first decode); ``decode_unit(..., compiled=False)`` takes the numpy passes instead, the reference the kernel
-is tested against: a position's entries laid out as a row of a ``[positions, longest]`` matrix of
-``id · longest + column`` keys and sorted row by row (stable, as the row path's argsort).
+by id) and the heads (ids, the label first, the sort by log-probability then id) are decoded by compiled passes
+over the unit (:mod:`logitcache.store.unit_decode_jit`, numba, loaded on the first decode);
+``decode_unit(..., compiled=False)`` takes the numpy passes instead, the reference the kernels are tested against:
+a position's entries laid out as a row of a ``[positions, longest]`` matrix of ``id · longest + column`` keys and
+sorted row by row (stable, as the row path's argsort), a head matrix sorted by the row path's lexsort.
 
 :func:`decode_unit` takes the columns it :func:`handles` (every encoding, method, layout and
 ``label_logprob``); a unit with another column (a newer format) is decoded row by row through
@@ -270,7 +271,7 @@ def _label_first_by_id(flags: np.ndarray, lengths: np.ndarray, vocab: int, label
 
 def decode_unit(spec: ShardSpec, rows: UnitRows, *, compiled: bool = True) -> DecodedUnit:
     """Every row of ``rows`` decoded (the columns must be ones :func:`handles`); ``compiled``: the sampled entries
-    by the compiled kernel (:mod:`logitcache.store.unit_decode_jit`), else by numpy passes (the reference)."""
+    and the heads by the compiled kernels (:mod:`logitcache.store.unit_decode_jit`), else by numpy passes."""
     cols = _Columns(rows)
     data, off = cols.bytes("tokens")
     cols.check(np.diff(off) % 4 != 0, lambda r: "tokens column holds a partial int32")
@@ -289,7 +290,7 @@ def decode_unit(spec: ShardSpec, rows: UnitRows, *, compiled: bool = True) -> De
     fields: dict[str, np.ndarray] = {}
     entry_off = None
     if "head_ids" in rows.columns:
-        fields.update(_head(spec, cols, labels, positions, pos_off))
+        fields.update(_head(spec, cols, labels, positions, pos_off, compiled))
     if "sample_ids" in rows.columns:
         sample, entry_off = _sample(spec, cols, labels, positions, pos_off, compiled)
         fields.update(sample)
@@ -303,20 +304,41 @@ def decode_unit(spec: ShardSpec, rows: UnitRows, *, compiled: bool = True) -> De
                        mask, pos_off, entry_off, fields)
 
 
-def _head(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.ndarray,
-          pos_off: np.ndarray) -> dict[str, np.ndarray]:
+def _head(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.ndarray, pos_off: np.ndarray,
+          compiled: bool) -> dict[str, np.ndarray]:
     enc, k, count = spec.encoding, spec.k, int(positions.sum())
     flags = cols.bits("head_label", positions)
     _flagged_labels(cols, flags, labels, pos_off, enc.vocab_size, "head")
     rest_len = k - flags.astype(np.int64)
-    rest_ids = _ids(enc, cols, "head", rest_len, pos_off)
     size = {"float32": 4, "float16": 2, "q8": 1}[enc.logprobs]
     lp = _decode_logprobs(enc, cols.plane_bytes("head_logprobs", positions * k, size), count * k).reshape(count, k)
-    ids = _with_label_first(flags, labels, rest_ids, rest_len).reshape(count, k)
-    order = np.lexsort((ids, -lp), axis=1)
-    return {"head_ids": np.take_along_axis(ids, order, 1).astype(np.int32),
-            "head_logprobs": np.take_along_axis(lp, order, 1),
+    entries = _compiled_head if compiled else _numpy_head  # the one place the kernel is chosen
+    ids, lp = entries(enc, cols, flags, labels, rest_len, pos_off, lp)
+    return {"head_ids": ids, "head_logprobs": lp,
             "tail_mass": cols.planes("tail_mass", positions, enc.tail_dtype).astype(np.float32)}
+
+
+def _numpy_head(enc: Encoding, cols: _Columns, flags: np.ndarray, labels: np.ndarray, rest_len: np.ndarray,
+                pos_off: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32[P, k], logprobs [P, k])``: each position's head sorted as ``decode_row`` sorts it (numpy)."""
+    rest_ids = _ids(enc, cols, "head", rest_len, pos_off)
+    ids = _with_label_first(flags, labels, rest_ids, rest_len).reshape(lp.shape)
+    order = np.lexsort((ids, -lp), axis=1)
+    return np.take_along_axis(ids, order, 1).astype(np.int32), np.take_along_axis(lp, order, 1)
+
+
+def _compiled_head(enc: Encoding, cols: _Columns, flags: np.ndarray, labels: np.ndarray, rest_len: np.ndarray,
+                   pos_off: np.ndarray, lp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_numpy_head` by the compiled kernel (:func:`~logitcache.store.unit_decode_jit.head_entries`); a damaged
+    row raises as there."""
+    rank_delta = enc.ids == "rank-delta"
+    symbols = cols.bytes("head_ids", _segment_sums(rest_len, pos_off))[0] if rank_delta else np.zeros(0, np.uint8)
+    bits, bits_off = cols.bytes("head_id_bits")
+    unrank = enc._unrank if rank_delta else np.zeros(0, np.int64)
+    ids, out, status = kernel.head_entries(rank_delta, enc.id_width, symbols, bits, bits_off, pos_off, rest_len,
+                                           flags, labels, lp, unrank, enc.vocab_size)
+    _raise_status(enc, cols, status, "head")
+    return ids, out
 
 
 def _sample(spec: ShardSpec, cols: _Columns, labels: np.ndarray, positions: np.ndarray, pos_off: np.ndarray,
@@ -364,11 +386,16 @@ def _compiled_entries(enc: Encoding, cols: _Columns, n: int, flags: np.ndarray, 
     ids, counts, source, status = kernel.sample_entries(rank_delta, enc.id_width, symbols, bits, bits_off, pos_off,
                                                         rest_len, flags, labels, stored_counts, n, unrank,
                                                         enc.vocab_size)
+    _raise_status(enc, cols, status, "sample")
+    return ids, counts, source
+
+
+def _raise_status(enc: Encoding, cols: _Columns, status: np.ndarray, part: str) -> None:
+    """Raise the damage a kernel returned in ``status`` (nothing where ``status[0]`` is 0), naming its row."""
     if status[0]:
         code, row, found, expected = (int(v) for v in status)
-        cols.fail(row, {kernel.BAD_GAMMA: GAMMA_SYMBOL.format(bits=MAX_BITS, part="sample"),
-                        kernel.BAD_SIZE: f"column sample_id_bits holds {found} bytes; {expected} expected",
-                        kernel.BAD_RANK: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column="sample_ids"),
-                        kernel.BAD_ID: OUTSIDE.format(what="id", vocab=enc.vocab_size, column="sample_id_bits"),
+        cols.fail(row, {kernel.BAD_GAMMA: GAMMA_SYMBOL.format(bits=MAX_BITS, part=part),
+                        kernel.BAD_SIZE: f"column {part}_id_bits holds {found} bytes; {expected} expected",
+                        kernel.BAD_RANK: OUTSIDE.format(what="rank", vocab=enc.vocab_size, column=f"{part}_ids"),
+                        kernel.BAD_ID: OUTSIDE.format(what="id", vocab=enc.vocab_size, column=f"{part}_id_bits"),
                         kernel.BAD_COUNT: COUNT_BELOW_1}[code])
-    return ids, counts, source

@@ -1,5 +1,5 @@
-"""The sampled entries of a unit decoded by one compiled pass (numba, :mod:`logitcache.store.jit`): what
-:func:`logitcache.store.unit_decode` gives for a unit's ``sample_*`` columns, in one loop over its rows.
+"""The sampled entries and the heads of a unit decoded by compiled passes (numba, :mod:`logitcache.store.jit`): what
+:func:`logitcache.store.unit_decode` gives for a unit's ``sample_*`` and ``head_*`` columns, one loop over its rows.
 
 Row by row, :func:`sample_entries` checks that the row's id stream holds the bits its entries need (one pass
 over its gamma symbols), then reads each field from the two big-endian 64-bit words it starts in (no bit buffer,
@@ -11,6 +11,8 @@ place`` keys, so a repeated id keeps its stored order), more through a two-level
 id's bit, read the set bits back in order; a position whose ids repeat, which only a damaged row gives, goes to an
 insertion sort). A position's ranks ascend, so one check of its last rank (or largest packed id) against the vocabulary
 covers all of them (a rank past it is read as the last id until then).
+:func:`head_entries` does the same for a unit's heads (``head_*`` columns): the ids as above, the label first, then
+each position's ``k`` entries sorted by a ``(log-probability descending, id)`` key, NaN last as numpy sorts it.
 Damage is returned, not raised (numba code cannot build the message): ``status`` holds a ``BAD_*`` code,
 the row and two numbers for the message, which :mod:`logitcache.store.unit_decode` raises.
 """
@@ -24,11 +26,12 @@ from .jit import bind_on_first_use, njit_on_first_use
 
 bind_on_first_use(__name__, "trailing_zeros", "numba.cpython.unsafe.numbers")  # llvm.cttz, numba's intrinsic
 
-__all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "sample_entries"]
+__all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "head_entries", "sample_entries"]
 
 # status codes of sample_entries (status[0]; 0: none); status[1] is the row, status[2:4] what the message needs
 BAD_GAMMA, BAD_SIZE, BAD_RANK, BAD_ID, BAD_COUNT = 1, 2, 3, 4, 5
 RANK_MAX = 32  # positions of at most this many entries are sorted by rank counts, larger ones by the bitmap
+HEAD_RANK_MAX = 128  # heads of at most this many entries (7 bits of a key) are sorted by rank counts, larger by a merge sort
 trailing_zeros = None  # the index of the lowest set bit: numba's intrinsic, bound when the kernels compile
 
 
@@ -90,6 +93,88 @@ def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_l
                 ids[o0], counts[o0], source[o0] = labels[p], left, o0
             e, out = e + n, o + n
             _sort_position(ids, counts, source, o0, out, bitmap, summary, slot, keys, held)
+
+
+def head_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: np.ndarray, bits_off: np.ndarray,
+                 pos_off: np.ndarray, rest_len: np.ndarray, flags: np.ndarray, labels: np.ndarray, lp: np.ndarray,
+                 unrank: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ids int32[P, k], logprobs float32[P, k], status int64[4])``: each position's head (its label first where
+    flagged, then its ``rest_len`` stored ids) sorted by log-probability, largest first, ties by id — ``decode_row``'s
+    ``lexsort((ids, -lp))``, NaN last and ``-0.0`` equal to ``0.0``, stable. ``lp``: float32 ``[P, k]`` in stored
+    order; the other arguments as :func:`sample_entries`'."""
+    count, k = lp.shape
+    ids, out_lp, status = np.empty((count, k), np.int32), np.empty((count, k), np.float32), np.zeros(4, np.int64)
+    padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)
+    padded[:bits.size] = bits
+    lp32 = np.ascontiguousarray(lp, dtype=np.float32)
+    _decode_heads(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
+                  pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
+                  lp32, lp32.view(np.uint32), unrank.astype(np.int64), vocab, ids, out_lp, status,
+                  np.empty(k, np.int64), np.empty(k, np.uint64), np.empty(k, np.int64))
+    return ids, out_lp, status
+
+
+@njit_on_first_use
+def _decode_heads(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len, flags, labels, lp, lp_bits,
+                  unrank, vocab, ids, out_lp, status, row_ids, keys, place):
+    """Every row's heads into ``ids``/``out_lp``; stops at the first damaged row (``status``)."""
+    e, k = 0, lp.shape[1]
+    ranked = k <= HEAD_RANK_MAX and vocab <= 1 << 25
+    shift = np.uint64(7 if ranked else 0)
+    for r in range(pos_off.size - 1):
+        p0, p1 = pos_off[r], pos_off[r + 1]
+        e1 = e
+        for p in range(p0, p1):
+            e1 += rest_len[p]
+        if not _row_fits(rank_delta, id_width, symbols, bits_off, e, e1, r, status):
+            return
+        q = bits_off[r] * 8
+        for p in range(p0, p1):
+            f, n = np.int64(flags[p]), rest_len[p]  # n + f == k
+            if f:
+                row_ids[0] = labels[p]
+            if rank_delta:
+                q, top = _gamma_ids(symbols, words, unrank, vocab, e, n, q, row_ids, f)
+            else:
+                q, top = _packed_ids(words, id_width, n, q, row_ids, f)
+            if top >= vocab:
+                _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
+                return
+            e += n
+            for j in range(k):  # ranked: the column in the low bits makes the keys distinct (ids below 2^25)
+                keys[j] = (np.uint64(_descending(lp_bits[p, j])) << np.uint64(32)) | \
+                    (np.uint64(row_ids[j]) << shift) | np.uint64(j if ranked else 0)
+            _head_places(keys, place, k, ranked)
+            for j in range(k):
+                ids[p, place[j]], out_lp[p, place[j]] = row_ids[j], lp[p, j]
+
+
+@njit_on_first_use
+def _descending(b):
+    """A key of the float32 with bits ``b`` that ascends as the value descends: ``-0.0`` as ``0.0``, NaN last."""
+    b = np.uint32(b)
+    if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN
+        return np.uint32(0xFFFFFFFF)
+    if (b & np.uint32(0x7FFFFFFF)) == 0:  # -0.0
+        b = np.uint32(0)
+    ascending = b ^ np.uint32(0x80000000) if b < np.uint32(0x80000000) else ~b
+    return ~ascending
+
+
+@njit_on_first_use
+def _head_places(keys, place, k, ranked):
+    """``place[j]``: where entry ``j`` goes when ``keys[:k]`` are sorted, ties in stored order (stable): by each
+    key's count of smaller ones where ``ranked`` (keys distinct), else by a merge sort."""
+    if ranked:
+        for i in range(k):
+            key, below = keys[i], 0
+            for j in range(k):
+                below += keys[j] < key
+            place[i] = below
+    else:
+        order = np.argsort(keys[:k], kind="mergesort")
+        for j in range(k):
+            place[order[j]] = j
 
 
 @njit_on_first_use
