@@ -22,6 +22,7 @@ from .spec import ShardSpec, spec_from_manifest
 from .totals import draws_summary
 from .containers import get_container
 from .units import UnitRows
+from .unit_decode import decode_unit, handles
 
 __all__ = ["decode_rows", "inspect_store", "iter_sequences", "open_hf_dataset", "read_unit", "spec_from_manifest",
            "verify_store"]
@@ -96,7 +97,17 @@ MaskedRow = tuple[int, np.ndarray, np.ndarray | None, SparseTargets]  # ... with
 
 def decode_rows(spec: ShardSpec, rows: UnitRows, with_mask: bool = False) -> Iterator[Row | MaskedRow]:
     """``(seq_id, tokens, targets)`` per row, or with ``with_mask`` ``(seq_id, tokens, mask, targets)``
-    (``mask`` bool[L - 1], None for a packed row; a masked row's targets cover its trained positions)."""
+    (``mask`` bool[L - 1], None for a packed row; a masked row's targets cover its trained positions).
+
+    The unit is decoded at once (:func:`~logitcache.store.unit_decode.decode_unit`, which checks every row before
+    the first is given; its rows' arrays are views of the unit's) where it handles the columns, else row by row
+    (``decode_row``); a damaged row raises :class:`CorruptShardError` naming it either way."""
+    if handles(rows.columns):
+        decoded = decode_unit(spec, rows)
+        for r in range(len(decoded)):
+            seq_id, tokens, mask, targets = decoded.row(r)
+            yield (seq_id, tokens, mask, targets) if with_mask else (seq_id, tokens, targets)
+        return
     for r in range(len(rows)):
         columns, seq_id = rows.row(r), int(rows.seq_ids[r])
         try:
