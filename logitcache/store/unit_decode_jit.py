@@ -23,6 +23,7 @@ import numpy as np
 
 from .bits import MAX_BITS
 from .jit import bind_on_first_use, njit_on_first_use
+from .rans import scratch
 
 bind_on_first_use(__name__, "trailing_zeros", "numba.cpython.unsafe.numbers")  # llvm.cttz, numba's intrinsic
 
@@ -31,7 +32,8 @@ __all__ = ["BAD_COUNT", "BAD_GAMMA", "BAD_ID", "BAD_RANK", "BAD_SIZE", "head_ent
 # status codes of sample_entries (status[0]; 0: none); status[1] is the row, status[2:4] what the message needs
 BAD_GAMMA, BAD_SIZE, BAD_RANK, BAD_ID, BAD_COUNT = 1, 2, 3, 4, 5
 RANK_MAX = 32  # positions of at most this many entries are sorted by rank counts, larger ones by the bitmap
-HEAD_RANK_MAX = 128  # heads of at most this many entries (7 bits of a key) are sorted by rank counts, larger by a merge sort
+SCRATCH_KEYS = 1 << 21  # head keys up to this many (16 MiB) go to this thread's reused buffer
+HEAD_KEYED = 128  # heads of at most this many entries (7 bits of a key) are sorted by distinct keys, larger merged
 trailing_zeros = None  # the index of the lowest set bit: numba's intrinsic, bound when the kernels compile
 
 
@@ -101,26 +103,36 @@ def head_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: np.
     """``(ids int32[P, k], logprobs float32[P, k], status int64[4])``: each position's head (its label first where
     flagged, then its ``rest_len`` stored ids) sorted by log-probability, largest first, ties by id — ``decode_row``'s
     ``lexsort((ids, -lp))``, NaN last and ``-0.0`` equal to ``0.0``, stable. ``lp``: float32 ``[P, k]`` in stored
-    order; the other arguments as :func:`sample_entries`'."""
+    order; the other arguments as :func:`sample_entries`'.
+
+    Each entry gets a 64-bit key, :func:`_descending` of its log-probability above its id; up to HEAD_KEYED
+    entries of ids below 2^25 the id sits above the entry's column (7 bits), so keys are distinct and numpy's
+    (vectorised) sort of the ``[P, k]`` keys orders every head at once; else each head is merge-sorted (stable)."""
     count, k = lp.shape
     ids, out_lp, status = np.empty((count, k), np.int32), np.empty((count, k), np.float32), np.zeros(4, np.int64)
     padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)
     padded[:bits.size] = bits
     lp32 = np.ascontiguousarray(lp, dtype=np.float32)
-    _decode_heads(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
-                  pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
-                  lp32, lp32.view(np.uint32), unrank.astype(np.int64), vocab, ids, out_lp, status,
-                  np.empty(k, np.int64), np.empty(k, np.uint64), np.empty(k, np.int64))
+    keyed = k <= HEAD_KEYED and vocab <= 1 << 25
+    keys = (scratch("head_keys", count * k, np.uint64) if count * k <= SCRATCH_KEYS  # reused: no fresh pages
+            else np.empty(count * k, np.uint64)).reshape(count, k)
+    _head_keys(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
+               pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
+               lp32.view(np.uint32), unrank.astype(np.int64), vocab, keyed, keys, status, np.empty(k, np.int64))
+    if not status[0]:
+        if keyed:
+            keys.sort(axis=1)
+        _unkey(keys, lp32, keyed, ids, out_lp)
     return ids, out_lp, status
 
 
 @njit_on_first_use
-def _decode_heads(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len, flags, labels, lp, lp_bits,
-                  unrank, vocab, ids, out_lp, status, row_ids, keys, place):
-    """Every row's heads into ``ids``/``out_lp``; stops at the first damaged row (``status``)."""
-    e, k = 0, lp.shape[1]
-    ranked = k <= HEAD_RANK_MAX and vocab <= 1 << 25
-    shift = np.uint64(7 if ranked else 0)
+def _head_keys(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len, flags, labels, lp_bits, unrank,
+               vocab, keyed, keys, status, row_ids):
+    """Every head's keys in stored order (``keyed``: ``descending lp << 32 | id << 7 | column``; else
+    ``descending lp << 32 | id``); stops at the first damaged row (``status``)."""
+    e, k = 0, lp_bits.shape[1]
+    shift = np.uint64(7 if keyed else 0)
     for r in range(pos_off.size - 1):
         p0, p1 = pos_off[r], pos_off[r + 1]
         e1 = e
@@ -141,12 +153,24 @@ def _decode_heads(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_
                 _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
                 return
             e += n
-            for j in range(k):  # ranked: the column in the low bits makes the keys distinct (ids below 2^25)
-                keys[j] = (np.uint64(_descending(lp_bits[p, j])) << np.uint64(32)) | \
-                    (np.uint64(row_ids[j]) << shift) | np.uint64(j if ranked else 0)
-            _head_places(keys, place, k, ranked)
             for j in range(k):
-                ids[p, place[j]], out_lp[p, place[j]] = row_ids[j], lp[p, j]
+                keys[p, j] = (np.uint64(_descending(lp_bits[p, j])) << np.uint64(32)) | \
+                    (np.uint64(row_ids[j]) << shift) | np.uint64(j if keyed else 0)
+
+
+@njit_on_first_use
+def _unkey(keys, lp, keyed, ids, out_lp):
+    """Sorted keys (``keyed``; else stored-order keys, merge-sorted here per head) → ids and their log-probabilities."""
+    k = keys.shape[1]
+    for p in range(keys.shape[0]):
+        if keyed:
+            for j in range(k):
+                key = keys[p, j]
+                ids[p, j], out_lp[p, j] = np.int32((key & np.uint64(0xFFFFFFFF)) >> np.uint64(7)), lp[p, key & 127]
+        else:
+            order = np.argsort(keys[p], kind="mergesort")
+            for j in range(k):
+                ids[p, j], out_lp[p, j] = np.int32(keys[p, order[j]] & np.uint64(0xFFFFFFFF)), lp[p, order[j]]
 
 
 @njit_on_first_use
@@ -159,22 +183,6 @@ def _descending(b):
         b = np.uint32(0)
     ascending = b ^ np.uint32(0x80000000) if b < np.uint32(0x80000000) else ~b
     return ~ascending
-
-
-@njit_on_first_use
-def _head_places(keys, place, k, ranked):
-    """``place[j]``: where entry ``j`` goes when ``keys[:k]`` are sorted, ties in stored order (stable): by each
-    key's count of smaller ones where ``ranked`` (keys distinct), else by a merge sort."""
-    if ranked:
-        for i in range(k):
-            key, below = keys[i], 0
-            for j in range(k):
-                below += keys[j] < key
-            place[i] = below
-    else:
-        order = np.argsort(keys[:k], kind="mergesort")
-        for j in range(k):
-            place[order[j]] = j
 
 
 @njit_on_first_use

@@ -1,6 +1,6 @@
 """The compiled head decode (unit_decode_jit.head_entries) orders each position's head as decode_row's
 ``np.lexsort((ids, -lp))`` does, bit for bit: log-probabilities largest first, ties by id, NaN last, ``-0.0`` equal
-to ``0.0``, repeated ids (a damaged row) in stored order — on the rank-count path (up to HEAD_RANK_MAX entries, ids
+to ``0.0``, repeated ids (a damaged row) in stored order — on the keyed path (up to HEAD_KEYED entries, ids
 below 2^25) and the merge-sort path (more entries, or a larger vocabulary)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logitcache.store.bits import pack_fixed
-from logitcache.store.unit_decode_jit import BAD_ID, HEAD_RANK_MAX, head_entries
+from logitcache.store.unit_decode_jit import BAD_ID, HEAD_KEYED, head_entries
 
 # values that tie, signed zeros, infinities, NaNs of both signs, the smallest subnormal
 LOGPROBS = np.array([0.0, -0.0, -1.5, -1.5, -2.0, -np.inf, np.inf, np.nan, -np.nan, -1e-45, -3.25],
@@ -41,7 +41,7 @@ def _decode(flags, labels, rest, lp, vocab):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(k=st.sampled_from([1, 2, 7, 64, HEAD_RANK_MAX, HEAD_RANK_MAX + 1, 300]),
+@given(k=st.sampled_from([1, 2, 7, 64, HEAD_KEYED, HEAD_KEYED + 1, 300]),
        vocab=st.sampled_from([3, 97, 50_000, (1 << 25) + 5]), positions=st.integers(1, 6), seed=st.integers(0, 2**32))
 def test_heads_sort_as_decode_rows_lexsort(k, vocab, positions, seed):
     rng = np.random.default_rng(seed)
@@ -59,7 +59,7 @@ def test_heads_sort_as_decode_rows_lexsort(k, vocab, positions, seed):
     assert out.dtype == np.float32 and np.array_equal(out.view(np.uint32), want_lp.view(np.uint32))  # bits: -0.0, NaN
 
 
-@pytest.mark.parametrize("k", [5, HEAD_RANK_MAX + 3])
+@pytest.mark.parametrize("k", [5, HEAD_KEYED + 3])
 def test_an_equal_value_and_an_equal_id_keep_stored_order(k):
     """Two entries with one id and one value (a damaged row) come out as lexsort leaves them: in stored order —
     seen by the signed zeros, which compare equal and keep their bits."""
