@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 
 from .choices import METHODS  # noqa: F401  (re-exported: logitcache.targets.METHODS)
@@ -164,20 +165,33 @@ class SparseTargets:
         s_probs = self.sample_estimate()
         if self.head_ids is None:
             return offsets, s_ids, s_probs
-        # interleave: head block of position i, then its sample entries
-        k = self.head_ids.shape[1]
-        pos_of_sample = torch.repeat_interleave(torch.arange(t), self.sample_lengths.to(torch.int64))
-        s_off = self.sample_offsets()
-        rank_in_pos = torch.arange(s_ids.numel()) - s_off[pos_of_sample]
-        ids = torch.empty(int(offsets[-1]), dtype=torch.int64)
-        probs = torch.empty(int(offsets[-1]), dtype=torch.float32)
-        head_dst = (offsets[:-1, None] + torch.arange(k)[None, :]).reshape(-1)
-        ids[head_dst] = parts_ids[0].reshape(-1)
-        probs[head_dst] = parts_probs[0].reshape(-1)
-        sample_dst = offsets[pos_of_sample] + k + rank_in_pos
-        ids[sample_dst] = s_ids
-        probs[sample_dst] = s_probs
+        # interleave: the head block of position i, then its sample entries
+        ids, probs = _interleave(offsets, lengths, self.head_ids.shape[1], [(parts_ids[0], s_ids),
+                                                                            (parts_probs[0], s_probs)])
         return offsets, ids, probs
+
+
+def _interleave(offsets: torch.Tensor, lengths: torch.Tensor, k: int, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                *, by_numpy: bool | None = None) -> list[torch.Tensor]:
+    """Per ``(head [T, k], rest [E - T·k])`` pair: the flat entries of each position (``offsets``, ``lengths``), its
+    ``k`` head entries first, then its share of ``rest`` in order. ``by_numpy`` (default: on the CPU) through
+    numpy, where torch's elementwise and masked ops on these sizes are ~2× slower; else by torch ops."""
+    if offsets.device.type == "cpu" if by_numpy is None else by_numpy:
+        off = offsets.numpy()
+        is_head = np.arange(int(off[-1])) - np.repeat(off[:-1], lengths.numpy()) < k
+        out = []
+        for head, rest in pairs:
+            flat = np.empty(is_head.size, dtype=rest.numpy().dtype)
+            flat[is_head], flat[~is_head] = head.reshape(-1).numpy(), rest.numpy()
+            out.append(torch.from_numpy(flat))
+        return out
+    is_head = torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths) < k
+    out = []
+    for head, rest in pairs:
+        flat = torch.empty(is_head.numel(), dtype=rest.dtype, device=rest.device)
+        flat[is_head], flat[~is_head] = head.reshape(-1), rest
+        out.append(flat)
+    return out
 
 
 def concat_targets(parts: list[SparseTargets]) -> SparseTargets:
