@@ -154,15 +154,15 @@ class SparseTargets:
             k = self.head_ids.shape[1]
             parts_ids.append(self.head_ids.to(torch.int64))
             parts_probs.append(self.head_logprobs.to(torch.float32).exp())
-            parts_len.append(torch.full((t,), k, dtype=torch.int64))
+            parts_len.append(torch.full((t,), k, dtype=torch.int64, device=self.head_ids.device))
         if self.sample_ids is not None:
             parts_len.append(self.sample_lengths.to(torch.int64))
         lengths = sum(parts_len) if parts_len else torch.zeros(t, dtype=torch.int64)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=lengths.device), torch.cumsum(lengths, 0)])
         if self.sample_ids is None:
             return offsets, parts_ids[0].reshape(-1), parts_probs[0].reshape(-1)
         s_ids = self.sample_ids.to(torch.int64)
-        s_probs = self.sample_estimate()
+        s_probs = self.sample_estimate().to(torch.float32)
         if self.head_ids is None:
             return offsets, s_ids, s_probs
         # interleave: the head block of position i, then its sample entries

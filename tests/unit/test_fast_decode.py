@@ -187,6 +187,33 @@ def test_the_kernel_and_the_numpy_passes_name_the_damaged_row(tmp_path, compiled
         decode_unit(spec, damaged, compiled=compiled)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("damage, message", [
+    ("symbol", r"^row 1 \(seq_id \d+\): gamma symbol above 32 in head_ids$"),
+    ("mantissa", r"^row 2 \(seq_id \d+\): column head_id_bits holds \d+ bytes; \d+ expected$"),
+    ("rank", r"^row 0 \(seq_id \d+\): decoded rank outside the vocabulary of 97 in head_ids$"),
+    ("id", r"^row 1 \(seq_id \d+\): decoded id outside the vocabulary of 97 in head_id_bits$")])
+def test_a_damaged_head_names_its_row_in_the_kernel_and_the_numpy_passes(tmp_path, compiled, damage, message):
+    spec, (rows, *_) = units(packed_store(tmp_path / "h", "topk", ids="packed" if damage == "id" else "rank-delta"))
+    column = {"symbol": "head_ids", "mantissa": "head_id_bits", "rank": "head_ids", "id": "head_id_bits"}[damage]
+    values, off = rows.columns[column]
+    values = values.copy()
+    if damage == "mantissa":  # one byte fewer in row 2
+        values, off = np.delete(values, off[2]), off - (np.arange(off.size) > 2)
+    elif damage == "rank":  # row 0's gaps all 7-bit (64 and more) with as many mantissa bits: ranks past V = 97
+        width = int(np.maximum(values[off[0]:off[1]].astype(np.int64) - 1, 0).sum())
+        symbols = np.zeros(off[1] - off[0], np.uint8)
+        symbols[:width // 6], symbols[width // 6] = 7, width % 6 + 1
+        values[off[0]:off[1]] = symbols
+    else:  # a symbol of 40 in row 1; row 1's first packed id all ones (127 >= 97)
+        values[off[1]] = {"symbol": 40, "id": 255}[damage]
+    damaged = UnitRows(rows.seq_ids, {**rows.columns, column: (values, off)})
+    with pytest.raises(CorruptShardError):  # the row path refuses the same row (in words of its own)
+        RowsByRow(spec, damaged).row({"symbol": 1, "mantissa": 2, "rank": 0, "id": 1}[damage])
+    with pytest.raises(CorruptShardError, match=message):
+        decode_unit(spec, damaged, compiled=compiled)
+
+
 def positionwise(items: list[dict]) -> dict[str, torch.Tensor]:
     """The dense target arrays of ``items`` built position by position from each item's own estimate."""
     b, t = len(items), max(int(item["input_ids"].numel()) for item in items)
