@@ -67,21 +67,14 @@ def _decode_rows(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_l
     e, out = 0, 0  # the next stored entry (after labels), the next output entry
     for r in range(pos_off.size - 1):
         p0, p1 = pos_off[r], pos_off[r + 1]
-        e1 = e
-        for p in range(p0, p1):
-            e1 += rest_len[p]
-        if not _row_fits(rank_delta, id_width, symbols, bits_off, e, e1, r, status):
+        q = _row_start(rank_delta, id_width, symbols, bits_off, rest_len, p0, p1, e, r, status)  # the next field's bit
+        if q < 0:
             return
-        q = bits_off[r] * 8  # the next field's first bit
         for p in range(p0, p1):
             o0, o = out, out + flags[p]
             n = rest_len[p]
-            if rank_delta:
-                q, top = _gamma_ids(symbols, words, unrank, vocab, e, n, q, ids, o)
-            else:
-                q, top = _packed_ids(words, id_width, n, q, ids, o)
-            if top >= vocab:
-                _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
+            q = _position_ids(rank_delta, id_width, symbols, words, unrank, vocab, e, n, q, ids, o, r, status)
+            if q < 0:
                 return
             left = num_samples
             for j in range(n):
@@ -135,22 +128,15 @@ def _head_keys(rank_delta, id_width, symbols, words, bits_off, pos_off, rest_len
     shift = np.uint64(7 if keyed else 0)
     for r in range(pos_off.size - 1):
         p0, p1 = pos_off[r], pos_off[r + 1]
-        e1 = e
-        for p in range(p0, p1):
-            e1 += rest_len[p]
-        if not _row_fits(rank_delta, id_width, symbols, bits_off, e, e1, r, status):
+        q = _row_start(rank_delta, id_width, symbols, bits_off, rest_len, p0, p1, e, r, status)
+        if q < 0:
             return
-        q = bits_off[r] * 8
         for p in range(p0, p1):
             f, n = np.int64(flags[p]), rest_len[p]  # n + f == k
             if f:
                 row_ids[0] = labels[p]
-            if rank_delta:
-                q, top = _gamma_ids(symbols, words, unrank, vocab, e, n, q, row_ids, f)
-            else:
-                q, top = _packed_ids(words, id_width, n, q, row_ids, f)
-            if top >= vocab:
-                _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
+            q = _position_ids(rank_delta, id_width, symbols, words, unrank, vocab, e, n, q, row_ids, f, r, status)
+            if q < 0:
                 return
             e += n
             for j in range(k):
@@ -183,6 +169,30 @@ def _descending(b):
         b = np.uint32(0)
     ascending = b ^ np.uint32(0x80000000) if b < np.uint32(0x80000000) else ~b
     return ~ascending
+
+
+@njit_on_first_use
+def _row_start(rank_delta, id_width, symbols, bits_off, rest_len, p0, p1, e, r, status):
+    """The first bit of row ``r``'s id stream (positions ``p0:p1``, its stored entries from ``e``), or -1 where the
+    stream does not hold what they need (``status`` set)."""
+    e1 = e
+    for p in range(p0, p1):
+        e1 += rest_len[p]
+    return bits_off[r] * 8 if _row_fits(rank_delta, id_width, symbols, bits_off, e, e1, r, status) else -1
+
+
+@njit_on_first_use
+def _position_ids(rank_delta, id_width, symbols, words, unrank, vocab, e, n, q, ids, o, r, status):
+    """A position's ``n`` stored ids (entries from ``e``, bits from ``q``) into ``ids[o:o + n]``: the next bit, or -1
+    where a rank or id is past the vocabulary (``status`` set, naming row ``r``)."""
+    if rank_delta:
+        q, top = _gamma_ids(symbols, words, unrank, vocab, e, n, q, ids, o)
+    else:
+        q, top = _packed_ids(words, id_width, n, q, ids, o)
+    if top >= vocab:
+        _fail(status, BAD_RANK if rank_delta else BAD_ID, r, top, vocab)
+        return -1
+    return q
 
 
 @njit_on_first_use

@@ -160,15 +160,17 @@ def test_an_id_that_repeats_keeps_its_stored_order_like_decode_row(tmp_path, n):
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-@pytest.mark.parametrize("damage, message", [
-    ("symbol", r"^row 1 \(seq_id \d+\): gamma symbol above 32 in sample_ids$"),
-    ("mantissa", r"^row 2 \(seq_id \d+\): column sample_id_bits holds \d+ bytes; \d+ expected$"),
-    ("rank", r"^row 0 \(seq_id \d+\): decoded rank outside the vocabulary of 97 in sample_ids$"),
-    ("id", r"^row 1 \(seq_id \d+\): decoded id outside the vocabulary of 97 in sample_id_bits$"),
-    ("count", r"^row 1 \(seq_id \d+\): decoded a sample count below 1$")])
-def test_the_kernel_and_the_numpy_passes_name_the_damaged_row(tmp_path, compiled, damage, message):
-    spec, (rows, *_) = units(packed_store(tmp_path / "s", "sample", ids="packed" if damage == "id" else "rank-delta"))
-    column = {"symbol": "sample_ids", "mantissa": "sample_id_bits", "rank": "sample_ids", "id": "sample_id_bits",
+@pytest.mark.parametrize("part, damage, message", [
+    (part, damage, message.format(part=part)) for part in ("sample", "head") for damage, message in [
+        ("symbol", r"^row 1 \(seq_id \d+\): gamma symbol above 32 in {part}_ids$"),
+        ("mantissa", r"^row 2 \(seq_id \d+\): column {part}_id_bits holds \d+ bytes; \d+ expected$"),
+        ("rank", r"^row 0 \(seq_id \d+\): decoded rank outside the vocabulary of 97 in {part}_ids$"),
+        ("id", r"^row 1 \(seq_id \d+\): decoded id outside the vocabulary of 97 in {part}_id_bits$"),
+        ("count", r"^row 1 \(seq_id \d+\): decoded a sample count below 1$")] if (part, damage) != ("head", "count")])
+def test_the_kernel_and_the_numpy_passes_name_the_damaged_row(tmp_path, compiled, part, damage, message):
+    method = {"sample": "sample", "head": "topk"}[part]
+    spec, (rows, *_) = units(packed_store(tmp_path / "s", method, ids="packed" if damage == "id" else "rank-delta"))
+    column = {"symbol": f"{part}_ids", "mantissa": f"{part}_id_bits", "rank": f"{part}_ids", "id": f"{part}_id_bits",
               "count": "sample_counts"}[damage]
     values, off = rows.columns[column]
     values, row = values.copy(), {"symbol": 1, "mantissa": 2, "rank": 0, "id": 1, "count": 1}[damage]
@@ -183,33 +185,8 @@ def test_the_kernel_and_the_numpy_passes_name_the_damaged_row(tmp_path, compiled
         at = slice(off[row], off[row] + 1) if damage != "count" else slice(off[row], off[row + 1])
         values[at] = {"symbol": 40, "id": 255, "count": 255}[damage]
     damaged = UnitRows(rows.seq_ids, {**rows.columns, column: (values, off)})
-    with pytest.raises(CorruptShardError, match=message):
-        decode_unit(spec, damaged, compiled=compiled)
-
-
-@pytest.mark.parametrize("compiled", [True, False])
-@pytest.mark.parametrize("damage, message", [
-    ("symbol", r"^row 1 \(seq_id \d+\): gamma symbol above 32 in head_ids$"),
-    ("mantissa", r"^row 2 \(seq_id \d+\): column head_id_bits holds \d+ bytes; \d+ expected$"),
-    ("rank", r"^row 0 \(seq_id \d+\): decoded rank outside the vocabulary of 97 in head_ids$"),
-    ("id", r"^row 1 \(seq_id \d+\): decoded id outside the vocabulary of 97 in head_id_bits$")])
-def test_a_damaged_head_names_its_row_in_the_kernel_and_the_numpy_passes(tmp_path, compiled, damage, message):
-    spec, (rows, *_) = units(packed_store(tmp_path / "h", "topk", ids="packed" if damage == "id" else "rank-delta"))
-    column = {"symbol": "head_ids", "mantissa": "head_id_bits", "rank": "head_ids", "id": "head_id_bits"}[damage]
-    values, off = rows.columns[column]
-    values = values.copy()
-    if damage == "mantissa":  # one byte fewer in row 2
-        values, off = np.delete(values, off[2]), off - (np.arange(off.size) > 2)
-    elif damage == "rank":  # row 0's gaps all 7-bit (64 and more) with as many mantissa bits: ranks past V = 97
-        width = int(np.maximum(values[off[0]:off[1]].astype(np.int64) - 1, 0).sum())
-        symbols = np.zeros(off[1] - off[0], np.uint8)
-        symbols[:width // 6], symbols[width // 6] = 7, width % 6 + 1
-        values[off[0]:off[1]] = symbols
-    else:  # a symbol of 40 in row 1; row 1's first packed id all ones (127 >= 97)
-        values[off[1]] = {"symbol": 40, "id": 255}[damage]
-    damaged = UnitRows(rows.seq_ids, {**rows.columns, column: (values, off)})
     with pytest.raises(CorruptShardError):  # the row path refuses the same row (in words of its own)
-        RowsByRow(spec, damaged).row({"symbol": 1, "mantissa": 2, "rank": 0, "id": 1}[damage])
+        RowsByRow(spec, damaged).row(row)
     with pytest.raises(CorruptShardError, match=message):
         decode_unit(spec, damaged, compiled=compiled)
 
