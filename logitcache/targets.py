@@ -176,7 +176,9 @@ def _interleave(offsets: torch.Tensor, lengths: torch.Tensor, k: int, pairs: lis
     """Per ``(head [T, k], rest [E - T·k])`` pair: the flat entries of each position (``offsets``, ``lengths``), its
     ``k`` head entries first, then its share of ``rest`` in order. ``by_numpy`` (default: on the CPU) through
     numpy, where torch's elementwise and masked ops on these sizes are ~2× slower; else by torch ops."""
-    if offsets.device.type == "cpu" if by_numpy is None else by_numpy:
+    if by_numpy is None:
+        by_numpy = offsets.device.type == "cpu"
+    if by_numpy:
         off = offsets.numpy()
         is_head = np.arange(int(off[-1])) - np.repeat(off[:-1], lengths.numpy()) < k
         out = []
