@@ -49,15 +49,20 @@ def sample_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: n
     total = int(rest_len.sum()) + int(flags.sum())
     ids, counts, source = np.empty(total, np.int32), np.empty(total, np.int32), np.empty(total, np.int32)
     status = np.zeros(4, np.int64)
-    padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)  # a word past the last field's first word
-    padded[:bits.size] = bits
     bitmap = np.zeros((vocab + 63) // 64, np.int64)
-    scratch = (bitmap, np.zeros((bitmap.size + 63) // 64, np.int64), np.empty(vocab, np.int64),
+    buffers = (bitmap, np.zeros((bitmap.size + 63) // 64, np.int64), np.empty(vocab, np.int64),
                np.empty(RANK_MAX, np.int64), np.empty(RANK_MAX, np.int64))
-    _decode_rows(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
+    _decode_rows(rank_delta, id_width, symbols, _words(bits), bits_off.astype(np.int64),
                  pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
-                 stored_counts, num_samples, unrank.astype(np.int64), vocab, ids, counts, source, status, *scratch)
+                 stored_counts, num_samples, unrank.astype(np.int64), vocab, ids, counts, source, status, *buffers)
     return ids, counts, source, status
+
+
+def _words(bits: np.ndarray) -> np.ndarray:
+    """The id bit stream as big-endian 64-bit words, with a word past the last field's first word."""
+    padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)
+    padded[:bits.size] = bits
+    return padded.view(">u8").astype(np.uint64)
 
 
 @njit_on_first_use
@@ -103,13 +108,11 @@ def head_entries(rank_delta: bool, id_width: int, symbols: np.ndarray, bits: np.
     (vectorised) sort of the ``[P, k]`` keys orders every head at once; else each head is merge-sorted (stable)."""
     count, k = lp.shape
     ids, out_lp, status = np.empty((count, k), np.int32), np.empty((count, k), np.float32), np.zeros(4, np.int64)
-    padded = np.zeros(bits.size // 8 * 8 + 16, np.uint8)
-    padded[:bits.size] = bits
     lp32 = np.ascontiguousarray(lp, dtype=np.float32)
     keyed = k <= HEAD_KEYED and vocab <= 1 << 25
     keys = (scratch("head_keys", count * k, np.uint64) if count * k <= SCRATCH_KEYS  # reused: no fresh pages
             else np.empty(count * k, np.uint64)).reshape(count, k)
-    _head_keys(rank_delta, id_width, symbols, padded.view(">u8").astype(np.uint64), bits_off.astype(np.int64),
+    _head_keys(rank_delta, id_width, symbols, _words(bits), bits_off.astype(np.int64),
                pos_off.astype(np.int64), rest_len.astype(np.int64), flags.view(np.uint8), labels.astype(np.int64),
                lp32.view(np.uint32), unrank.astype(np.int64), vocab, keyed, keys, status, np.empty(k, np.int64))
     if not status[0]:
