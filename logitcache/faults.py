@@ -2,7 +2,8 @@
 
 ``LOGITCACHE_FAULT="<point>:<n>[:stop]"``: the n-th time (1-based) the process reaches ``<point>``
 it kills itself with SIGKILL (or, with ``:stop``, stops itself with SIGSTOP so a test can look at
-the paused capture and continue it with SIGCONT).
+the paused capture and continue it with SIGCONT). The signal is sent to the thread that reached the point,
+so that thread runs no further line (an encode-pool thread mid-write stops inside the write).
 
 ``LOGITCACHE_FAULT_TRACE=<path>`` (``-`` for stderr): append one line ``fault-trace <point> <n>
 <detail>`` each time a point is reached, so a test can list every point of a run and pick some.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 TRACE_PREFIX = "fault-trace"
 _hits: dict[str, int] = {}
@@ -48,7 +50,9 @@ def fault_point(point: str, detail: str = "") -> None:
     if spec:
         name, n, action = (spec.split(":") + ["1", "kill"])[:3]
         if name == point and hit == int(n or 1) and _first_to_fail():
-            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+            # to this thread, not the process: a process-directed signal wakes whichever thread the kernel
+            # picks, and under load this one could run on (finish a write, commit a unit) before it stops
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
 
 
 def _write_trace(target: str, line: str) -> None:
