@@ -272,6 +272,30 @@ def test_damaged_columns_raise_corrupt_shard_error_like_the_row_path(tmp_path, n
     check()
 
 
+@pytest.mark.parametrize("name, column", [("sample-weighted", "sample_weights"), ("hybrid-arrow", "head_logprobs")])
+def test_a_float_damaged_into_nan_decodes_alike_and_compares_equal(tmp_path, name, column):
+    """A float32 value whose sign and exponent byte is damaged into NaN decodes as it is by both decoders, and the
+    comparison counts a NaN in the same place as equal (torch.equal does not: the case the hypothesis test above met
+    by chance) but not a NaN in another place."""
+    spec, (rows, *_) = units(packed_store(tmp_path / name, **STORES[name]))
+    values, off = rows.columns[column]
+    n = int(off[1] - off[0]) // 4  # row 0's floats, stored as 4 byte planes of n bytes (docs/format.md)
+
+    def nan_at(i: int) -> np.ndarray:  # float i of row 0 with its top two bytes 0xFF: a NaN of any mantissa
+        out = values.copy()
+        out[off[0] + 3 * n + i] = out[off[0] + 2 * n + i] = 0xFF
+        return out
+
+    bad = UnitRows(rows.seq_ids, {**rows.columns, column: (nan_at(0), off)})
+    fast, reference = decode_unit(spec, bad), _Listed([RowsByRow(spec, bad).row(r) for r in range(len(bad))])
+    assert torch.isnan(getattr(fast.row(0)[3], column)).any()
+    assert_same_rows(fast, reference)
+    moved = nan_at(1)  # the NaN one value further on
+    other = UnitRows(rows.seq_ids, {**rows.columns, column: (moved, off)})
+    with pytest.raises(AssertionError):  # (a head sorts a NaN last: its ids differ first)
+        assert_same_rows(fast, _Listed([RowsByRow(spec, other).row(r) for r in range(len(other))]))
+
+
 class _Listed:
     def __init__(self, rows):
         self.rows = rows
