@@ -145,30 +145,38 @@ class SparseTargets:
     def estimate(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Flat ``(offsets int64[T+1], ids int64[E], probs float32[E])`` of ``t̂`` per position.
 
-        Head entries come first at each position, then sampled entries. Head and sample ids
-        are disjoint for ``hybrid`` by construction.
+        Head entries come first at each position, then sampled entries (:meth:`estimate_parts`, interleaved).
+        Head and sample ids are disjoint for ``hybrid`` by construction.
         """
-        t = self.num_positions
-        parts_ids, parts_probs, parts_len = [], [], []
-        if self.head_ids is not None:
-            k = self.head_ids.shape[1]
-            parts_ids.append(self.head_ids.to(torch.int64))
-            parts_probs.append(self.head_logprobs.to(torch.float32).exp())
-            parts_len.append(torch.full((t,), k, dtype=torch.int64, device=self.head_ids.device))
-        if self.sample_ids is not None:
-            parts_len.append(self.sample_lengths.to(torch.int64))
-        lengths = sum(parts_len) if parts_len else torch.zeros(t, dtype=torch.int64)
-        offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=lengths.device), torch.cumsum(lengths, 0)])
+        head_ids, head_probs, offsets, ids, probs = self.estimate_parts()
+        if head_ids is None:
+            return offsets, ids, probs
+        k = head_ids.shape[1]
+        lengths = offsets[1:] - offsets[:-1] + k
+        offsets = torch.cat([offsets.new_zeros(1), torch.cumsum(lengths, 0)])
         if self.sample_ids is None:
-            return offsets, parts_ids[0].reshape(-1), parts_probs[0].reshape(-1)
-        s_ids = self.sample_ids.to(torch.int64)
-        s_probs = self.sample_estimate().to(torch.float32)
-        if self.head_ids is None:
-            return offsets, s_ids, s_probs
-        # interleave: the head block of position i, then its sample entries
-        ids, probs = _interleave(offsets, lengths, self.head_ids.shape[1], [(parts_ids[0], s_ids),
-                                                                            (parts_probs[0], s_probs)])
+            return offsets, head_ids.reshape(-1), head_probs.reshape(-1)
+        ids, probs = _interleave(offsets, lengths, k, [(head_ids, ids), (head_probs, probs)])
         return offsets, ids, probs
+
+    def estimate_parts(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor,
+                                      torch.Tensor]:
+        """``t̂`` in its two parts, not interleaved: the head ``ids int64[T, k]``, ``probs float32[T, k]`` (``None,
+        None`` without a head), then the sampled entries as flat ``offsets int64[T+1]``, ``ids int64[P]``, ``probs
+        float32[P]`` (no entries without a sample part). :meth:`estimate` puts each position's head block before
+        its sampled entries; a consumer that writes per position (the batch layout) can take the parts as
+        they are."""
+        head_ids = head_probs = None
+        some = self.head_ids if self.head_ids is not None else self.sample_lengths
+        device = some.device if some is not None else None
+        if self.head_ids is not None:
+            head_ids, head_probs = self.head_ids.to(torch.int64), self.head_logprobs.to(torch.float32).exp()
+        if self.sample_ids is None:
+            none = torch.zeros(0, dtype=torch.int64, device=device)
+            return (head_ids, head_probs, torch.zeros(self.num_positions + 1, dtype=torch.int64, device=device), none,
+                    none.to(torch.float32))
+        return (head_ids, head_probs, self.sample_offsets(), self.sample_ids.to(torch.int64),
+                self.sample_estimate().to(torch.float32))
 
 
 def _interleave(offsets: torch.Tensor, lengths: torch.Tensor, k: int, pairs: list[tuple[torch.Tensor, torch.Tensor]],

@@ -150,17 +150,19 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     ``[B, T, U]``, ``target_tail_mass`` ``[B, T]`` and the shared ``target_head_size``,
     ``target_method`` and ``target_num_samples``; cells without a stored position are empty.
 
-    The items' targets are joined end to end first, so :meth:`SparseTargets.estimate` runs once for the
+    The items' targets are joined end to end first, so :meth:`SparseTargets.estimate_parts` runs once for the
     batch (elementwise, so the same values as item by item); the entries of the cell ``c`` with ``n``
-    of them fill ``[c, :n]`` (one compiled pass, :func:`~logitcache.train.layout_jit.lay_out`).
+    of them fill ``[c, :n]``, its head first, then its sampled entries, as the estimate orders them (one
+    compiled pass from the estimate's two parts, :func:`~logitcache.train.layout_jit.lay_out`).
     """
     method, head_size, num_samples = _batch_target_params(targets)
     at = cells.numpy()
     if at.size > 1 and not (at[1:] > at[:-1]).all():
         raise TargetsError("dense_targets takes the stored positions' cells in ascending order (item by item, "
                            "positions ascending); found them out of order")
-    offsets, ids, probs = (v.numpy() for v in _joined(targets).estimate())
-    counts = np.diff(offsets)  # per stored position
+    head_ids, head_probs, offsets, ids, probs = (None if v is None else v.numpy()
+                                                 for v in _joined(targets).estimate_parts())
+    counts = np.diff(offsets) + (0 if head_ids is None else head_ids.shape[1])  # per stored position
     u = int(counts.max()) if counts.size else 0
     size = shape[0] * shape[1]
     if at.size != counts.size or (at.size and not 0 <= int(at[0]) <= int(at[-1]) < size):
@@ -172,7 +174,8 @@ def dense_targets(targets: list[SparseTargets], cells: torch.Tensor, shape: tupl
     tail_np.fill(0)
     if method in ("topk", "hybrid"):
         tail_np[at] = torch.cat([tg.tail_mass for tg in targets]).to(torch.float32).numpy()  # any float dtype
-    lay_out(offsets, ids, probs, at, target_ids.numpy(), target_probs.numpy(), target_mask.numpy())
+    lay_out(head_ids, head_probs, offsets, ids, probs, at, target_ids.numpy(), target_probs.numpy(),
+            target_mask.numpy())
     return {
         "target_ids": target_ids.view(*shape, u),
         "target_probs": target_probs.view(*shape, u),

@@ -1,6 +1,7 @@
 """SparseTargets.estimate lays each position's entries out head first, then its sampled entries, against a
 position-by-position reference — for hybrid targets (positions with no sampled entry included, weights,
-adaptive totals) by the numpy path the CPU takes and by the torch path other devices take."""
+adaptive totals) by the numpy path the CPU takes and by the torch path other devices take; so do its two
+parts (estimate_parts) and a batch laid out from them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from logitcache.targets import SparseTargets, _interleave
+from logitcache.train.collate import dense_targets
 
 
 def _hybrid(seed: int, positions: int = 11, k: int = 3, weighted: bool = False, adaptive: bool = False):
@@ -60,3 +62,32 @@ def test_the_numpy_and_the_torch_interleave_agree(seed):
     for a, b in zip(by_numpy, by_torch):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert torch.equal(by_torch[0], _reference(t)[1])
+
+
+@pytest.mark.parametrize("weighted, adaptive", [(False, False), (True, True)])
+@pytest.mark.parametrize("seed", [4, 5])
+def test_estimate_parts_are_the_head_and_the_samples_and_lay_out_as_the_estimate(seed, weighted, adaptive):
+    """The two parts against the position-by-position reference, and a batch laid out from them (cells with gaps
+    between them, positions without a sampled entry) holds at every cell exactly that position's entries, in order."""
+    t = _hybrid(seed, positions=13, k=4, weighted=weighted, adaptive=adaptive)
+    head_ids, head_probs, offsets, ids, probs = t.estimate_parts()
+    assert head_ids.dtype == torch.int64 and torch.equal(head_ids, t.head_ids.to(torch.int64))
+    assert head_probs.dtype == torch.float32 and torch.equal(head_probs, t.head_logprobs.exp())
+    assert torch.equal(offsets, t.sample_offsets()) and torch.equal(ids, t.sample_ids.to(torch.int64))
+    assert probs.dtype == torch.float32 and torch.equal(probs, t.sample_estimate())
+    want_off, want_ids, want_probs = _reference(t)
+    cells = torch.arange(t.num_positions) * 3 + 1  # cells 0, 2, 3, 5, ... hold nothing
+    size, u = int(cells[-1]) + 2, int((want_off[1:] - want_off[:-1]).max())
+    batch = dense_targets([t], cells, (1, size))
+    assert batch["target_ids"].shape == (1, size, u)
+    for cell in range(size):
+        got_ids, got_probs, mask = (batch[k][0, cell] for k in ("target_ids", "target_probs", "target_mask"))
+        if cell in cells.tolist():
+            p = cells.tolist().index(cell)
+            lo, hi = int(want_off[p]), int(want_off[p + 1])
+            assert mask.tolist() == [True] * (hi - lo) + [False] * (u - hi + lo)
+            assert torch.equal(got_ids[:hi - lo], want_ids[lo:hi])
+            assert torch.equal(got_probs[:hi - lo], want_probs[lo:hi])
+            assert not got_ids[hi - lo:].any() and not got_probs[hi - lo:].any()
+        else:
+            assert not mask.any() and not got_ids.any() and not got_probs.any()
