@@ -167,11 +167,10 @@ class SparseTargets:
         its sampled entries; a consumer that writes per position (the batch layout) can take the parts as
         they are."""
         head_ids = head_probs = None
-        some = self.head_ids if self.head_ids is not None else self.sample_lengths
-        device = some.device if some is not None else None
         if self.head_ids is not None:
             head_ids, head_probs = self.head_ids.to(torch.int64), self.head_logprobs.to(torch.float32).exp()
         if self.sample_ids is None:
+            device = None if head_ids is None else head_ids.device
             none = torch.zeros(0, dtype=torch.int64, device=device)
             return (head_ids, head_probs, torch.zeros(self.num_positions + 1, dtype=torch.int64, device=device), none,
                     none.to(torch.float32))

@@ -131,11 +131,4 @@ def assert_equal(a: SparseTargets, b: SparseTargets) -> None:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
         if x is not None:
-            assert _same(x.to(y.dtype), y), name
-
-
-def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
-    if x.shape != y.shape or not y.is_floating_point():
-        return torch.equal(x, y)
-    nan = torch.isnan(y)
-    return torch.equal(torch.isnan(x), nan) and torch.equal(x[~nan], y[~nan])
+            torch.testing.assert_close(x.to(y.dtype), y, rtol=0, atol=0, equal_nan=True, msg=name)
