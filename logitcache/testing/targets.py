@@ -93,7 +93,7 @@ def build(method: str, t: torch.Tensor, gen: torch.Generator, *, k: int = 5, n: 
 
 
 def canonical(t: SparseTargets) -> SparseTargets:
-    """Head by (−logp, id), samples by id: the order decode_row promises."""
+    """Head by (−logp, id), samples by id: the order decode_row promises (per-position fields as they are)."""
     head = {}
     if t.head_ids is not None:
         ids, lp = t.head_ids.numpy(), t.head_logprobs.numpy()
@@ -104,7 +104,7 @@ def canonical(t: SparseTargets) -> SparseTargets:
     if t.sample_ids is not None:
         sample = dict(sample_lengths=t.sample_lengths, sample_ids=t.sample_ids, sample_counts=t.sample_counts,
                       sample_weights=t.sample_weights, sample_totals=t.sample_totals)
-    return SparseTargets(method=t.method, num_samples=t.num_samples, **head, **sample)
+    return SparseTargets(method=t.method, num_samples=t.num_samples, label_logprobs=t.label_logprobs, **head, **sample)
 
 
 def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 5, n: int = 50,
@@ -112,7 +112,9 @@ def random_row(method: str, num_positions: int, vocab: int, seed: int, k: int = 
     """``(tokens int32[T + 1], targets)`` for ``T = num_positions``: labels drawn from a random teacher,
     targets built from it by ``method`` (random importance weights when ``weighted``)."""
     gen = torch.Generator().manual_seed(seed)
-    t = torch.distributions.Dirichlet(torch.full((vocab,), 0.3)).sample((num_positions,))
+    # the teacher from ``seed`` too (torch's Dirichlet draws from the global generator, which made a row depend on
+    # the tests run before it)
+    t = torch.from_numpy(np.random.default_rng(seed).dirichlet(np.full(vocab, 0.3), num_positions)).float()
     t = (t + 1e-9) / (t + 1e-9).sum(-1, keepdim=True)
     labels = torch.multinomial(t, 1, generator=gen)[:, 0]
     tokens = np.concatenate([[int(torch.randint(0, vocab, (1,), generator=gen))], labels.numpy()]).astype(np.int32)
