@@ -19,6 +19,11 @@ from ..units import UnitRows
 from .base import Objects
 
 
+# A unit's buffers (~25) are decompressed on the calling thread: Arrow's thread pool costs more CPU to hand them out
+# than it saves, and on the benchmark VM more wall time too, on most units (docs/benchmarks.md, "Arrow's thread pool").
+READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
+
+
 def shard_path(index: int) -> str:
     return f"shards/{index:05d}.arrow"
 
@@ -57,7 +62,7 @@ class ArrowContainer:
                     objects: Mapping[str, bytes | memoryview]) -> UnitRows:
         path = shard_path(index)
         try:
-            table = pa.ipc.open_stream(pa.py_buffer(objects[path])).read_all()
+            table = pa.ipc.open_stream(pa.py_buffer(objects[path]), options=READ_OPTIONS).read_all()
         except (pa.ArrowInvalid, OSError) as exc:
             raise CorruptShardError(f"shard {index} ({path}) is not a readable Arrow IPC stream ({exc})") from exc
         if not table.schema.equals(schema(spec)):
