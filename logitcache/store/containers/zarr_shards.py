@@ -1,0 +1,108 @@
+"""A unit's Zarr shards read on the calling thread: the ``sharding_indexed`` layout taken apart here, each inner
+chunk decompressed as zarr's codecs do it (zstd through a reused context, blosc by numcodecs).
+
+zarr-python reads a shard through its asyncio pipeline and hands every inner chunk's decompression to a thread
+(``asyncio.to_thread``): with one row per inner chunk that is ~110 thread round trips per unit, and a unit read
+~40 ms, 15–20× the Arrow container's (docs/benchmarks.md, "Zarr units read without zarr's pipeline"). The bytes
+are what the store's metadata (:mod:`~logitcache.store.containers.zarr`) promises, and nothing else is accepted:
+
+- a shard is its inner chunks' bytes, then the index: per inner chunk ``(offset, nbytes)`` as little-endian
+  uint64 (``2**64 - 1`` twice: an empty chunk, read as the array's fill value), then the crc32c of the index
+  (little-endian uint32), the Zarr v3 sharding codec with ``index_location = "end"``;
+- an inner chunk is its compressor's frame (``zstd`` or ``blosc`` lz4; none) around, for a byte column, one
+  row's ``vlen-bytes`` item (numcodecs ``VLenBytes``: item count 1, the length, the bytes), for ``seq_id`` the
+  shard's ids (``bytes``, little-endian).
+
+The tests read every unit both ways, through zarr and through this module, and compare.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import google_crc32c
+import numpy as np
+import zstandard
+from numcodecs import Blosc, Zstd
+
+from ...errors import CorruptShardError
+
+__all__ = ["byte_rows", "inner_chunks", "seq_ids"]
+
+MISSING = 2**64 - 1  # an index entry's offset and size for a chunk that was not written
+_NUMCODECS = {"zstd": Zstd(), "lz4": Blosc()}  # spec.compression -> the inner chunks' codec, as zarr decodes them
+_LOCAL = threading.local()  # this thread's zstd decompressor (a zstandard one is not shared across threads)
+
+
+def inner_chunks(data: bytes | memoryview, chunks: int, where: str) -> list[memoryview | None]:
+    """The ``chunks`` inner chunks of one shard (None: empty), their index checked (size, crc32c, bounds).
+    ``where`` names the shard in the errors."""
+    data = memoryview(data).cast("B")
+    index_size = 16 * chunks + 4
+    if len(data) < index_size:
+        raise CorruptShardError(f"{where} holds {len(data)} bytes; its shard index alone takes {index_size}")
+    body, index, crc = len(data) - index_size, data[-index_size:-4], data[-4:]
+    if google_crc32c.value(bytes(index)) != int.from_bytes(crc, "little"):
+        raise CorruptShardError(f"{where}: its shard index fails its crc32c checksum")
+    out: list[memoryview | None] = []
+    for i, (offset, nbytes) in enumerate(np.frombuffer(index, dtype="<u8").reshape(chunks, 2).tolist()):
+        if offset == nbytes == MISSING:
+            out.append(None)
+        elif offset + nbytes > body:
+            raise CorruptShardError(f"{where}: inner chunk {i} spans bytes {offset}..{offset + nbytes}; the chunks "
+                                    f"end at byte {body}")
+        else:
+            out.append(data[offset:offset + nbytes])
+    return out
+
+
+def _decompressed(chunk: memoryview, compression: str, where: str, i: int) -> bytes | memoryview:
+    """An inner chunk's bytes. zstd frames go through this thread's reused decompression context (numcodecs makes one
+    per call, which costs ~4x the decompression of a row's frame); a frame that does not record its size, which
+    zstandard's one-shot call refuses, goes to numcodecs as zarr would."""
+    if compression == "none":
+        return chunk
+    if compression == "zstd":
+        decompressor = getattr(_LOCAL, "zstd", None) or _LOCAL.__dict__.setdefault("zstd", zstandard.ZstdDecompressor())
+        try:
+            return decompressor.decompress(chunk)
+        except zstandard.ZstdError:
+            pass  # numcodecs decodes a frame without its size, and words the error on a damaged one
+    try:
+        return _NUMCODECS[compression].decode(chunk)
+    except (RuntimeError, ValueError) as exc:  # numcodecs' errors on a damaged frame
+        raise CorruptShardError(f"{where}: inner chunk {i} does not decompress ({compression}: {exc})") from None
+
+
+def _vlen_item(raw: bytes | memoryview, where: str, i: int) -> bytes:
+    """The one item of a ``vlen-bytes`` chunk: uint32 item count (1), uint32 length, the bytes (little-endian)."""
+    raw = memoryview(raw).cast("B")
+    count = int.from_bytes(raw[:4], "little") if len(raw) >= 4 else -1
+    size = int.from_bytes(raw[4:8], "little") if len(raw) >= 8 else -1
+    if count != 1 or 8 + size != len(raw):
+        raise CorruptShardError(f"{where}: inner chunk {i} is not one vlen-bytes item ({len(raw)} bytes, "
+                                f"header {bytes(raw[:8]).hex()}: 1 item of {len(raw) - 8} bytes expected)")
+    return bytes(raw[8:])
+
+
+def byte_rows(data: bytes | memoryview, rows: int, chunks: int, compression: str, where: str) -> list[bytes]:
+    """The first ``rows`` rows of a byte column's shard of ``chunks`` one-row inner chunks (empty: ``b""``)."""
+    out = []
+    for i, chunk in enumerate(inner_chunks(data, chunks, where)[:rows]):
+        if chunk is None:
+            out.append(b"")
+            continue
+        out.append(_vlen_item(_decompressed(chunk, compression, where, i), where, i))
+    return out
+
+
+def seq_ids(data: bytes | memoryview, rows: int, shard_rows: int, compression: str, where: str) -> np.ndarray:
+    """``uint64[rows]``: the first ``rows`` ids of the ``seq_id`` shard (one inner chunk of ``shard_rows``)."""
+    (chunk,) = inner_chunks(data, 1, where)
+    if chunk is None:
+        return np.zeros(rows, dtype=np.uint64)  # the array's fill value
+    raw = _decompressed(chunk, compression, where, 0)
+    if len(raw) != 8 * shard_rows:
+        raise CorruptShardError(f"{where}: its ids take {len(raw)} bytes; {8 * shard_rows} expected "
+                                f"({shard_rows} uint64)")
+    return np.frombuffer(raw, dtype="<u8", count=rows).astype(np.uint64)
