@@ -4,7 +4,8 @@ Captures a store with the tiny offline teacher (default: seq_len 128, 200 sequen
 in a temporary directory, then times, interleaved over ``--repeats`` rounds (median reported):
 
 * ``raw``: ``pyarrow`` memory-map + ``read_all`` (zstd decompression) of every shard's columns —
-  the floor for reading these bytes, without decoding the compact row encoding;
+  the floor for reading these bytes, without decoding the compact row encoding (a Zarr store: every array read
+  whole by zarr itself, what plain zarr gives);
 * ``loader``: iterate ``CacheDataset`` (shuffle, ``verify=True``: each shard's sha256 checked when
   it is read; each unit's rows decoded at once, :mod:`logitcache.store.unit_decode`) through
   ``DataLoader(num_workers=0, batch_size, collate_fn=ds.collate)``;
@@ -78,8 +79,16 @@ def make_store(path: Path, seq_len: int, sequences: int, samples: int, per_shard
 
 
 def raw_read(store: Path) -> int:
+    manifest = read_manifest(store)
+    if manifest.header.store.format == "zarr":  # zarr's own read of every array (its asyncio pipeline)
+        import zarr
+
+        group = zarr.open_group(str(store / "data.zarr"), mode="r")
+        for name in group.array_keys():
+            group[name][:]
+        return sum(record.positions for record in manifest.shards)
     positions = 0
-    for record in read_manifest(store).shards:
+    for record in manifest.shards:
         with pa.memory_map(str(store / record.objects[0].path)) as source:
             table = pa.ipc.open_stream(source).read_all()  # decompresses every column
         for name in table.schema.names:

@@ -44,10 +44,10 @@ def read_unit(fs: StoreFS, spec: ShardSpec, record: ShardRecord, *, check: bool 
     listed = sorted(o.path for o in record.objects)
     if listed != sorted(expected):
         raise CorruptShardError(f"shard {record.index} lists objects {listed}; a {spec.format} unit has {expected}")
-    objects = {}
+    objects, root = {}, None if fs.remote else fs.root.resolve()
     for obj in record.objects:
         rel = object_path(record, obj.path)
-        if not fs.remote and not fs.local_path(rel).resolve().is_relative_to(fs.root.resolve()):  # a symlink out
+        if root is not None and not fs.local_path(rel).resolve().is_relative_to(root):  # a symlink out
             raise StoreError(f"manifest entry {record.index} points outside the store: {rel!r} resolves to "
                              f"{fs.local_path(rel).resolve()}; expected a path under shards/ or data.zarr/")
         try:
