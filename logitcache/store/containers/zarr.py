@@ -9,7 +9,8 @@ of one row (zstd or blosc-lz4 inside), so a unit is exactly one object per array
 (``data.zarr/<column>/c/<unit>``) and one row can be fetched with a ranged read. The array
 metadata is written when the store is created. Shard objects are produced by zarr itself
 (into memory) and then written and checksummed through the store's exactly-once commit path,
-so ``zarr.open_group(STORE/data.zarr)`` reads a finished store with plain zarr.
+so ``zarr.open_group(STORE/data.zarr)`` reads a finished store with plain zarr. Reading a unit takes its shards
+apart without zarr's pipeline (:mod:`~logitcache.store.containers.zarr_shards`, much faster on one-row chunks).
 
 Note: zarr-python marks the variable-length bytes data type as not yet in the Zarr v3 spec
 (its representation may change between zarr versions); the manifest records the zarr version.
