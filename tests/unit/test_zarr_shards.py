@@ -77,6 +77,24 @@ def test_units_read_as_zarr_reads_them(compression):
                 == [row[c] for row in rows], c
 
 
+@pytest.mark.parametrize("compression, level", [("zstd", 3), ("zstd", 9), ("zstd", 19), ("none", 0), ("lz4", 0)])
+@pytest.mark.parametrize("per_shard, sequences, planned", [(5, 12, 12), (5, 12, 15), (4, 3, 3), (1, 2, 2)])
+def test_units_are_written_byte_for_byte_as_zarr_writes_them(compression, level, per_shard, sequences, planned):
+    """Full units, a partial last one, rows fewer than the plan's (chunks left unwritten), empty and long rows."""
+    from dataclasses import replace
+
+    from logitcache.store.containers import get_container
+    from logitcache.store.containers.zarr import encode_by_zarr
+
+    sp = replace(spec(compression, per_shard, planned), compression_level=level)
+    for index in range(-(-sequences // per_shard)):
+        ids, rows = unit_rows(replace(sp, num_sequences=sequences), index, seed=10 * index + level)
+        first = index * per_shard
+        got = get_container("zarr").encode_unit(sp, index, first, ids, rows)
+        assert got == encode_by_zarr(sp, first, ids, rows)
+        assert decoded(sp, index, len(ids), dict(got)).seq_ids.tolist() == ids
+
+
 def shard(chunks: list[bytes | None], longer: int = 0) -> bytes:
     """A sharding_indexed shard built by hand (index at the end, its crc32c after it): the layout the spec gives.
     ``longer``: the last chunk's index entry claims that many bytes more than it has."""

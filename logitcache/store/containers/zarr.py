@@ -68,6 +68,22 @@ def _in_memory(spec: ShardSpec, objects: dict[str, Buffer]) -> dict[str, zarr.Ar
     return arrays
 
 
+def encode_by_zarr(spec: ShardSpec, first_row: int, seq_ids: list[int], rows: list[dict[str, bytes]]) -> Objects:
+    """A unit's shard objects as zarr writes them (rows ``first_row`` on of every array, in memory): the blosc units,
+    and the tests' reference for the shards :mod:`~logitcache.store.containers.zarr_shards` writes."""
+    objects: dict[str, Buffer] = {}
+    arrays = _in_memory(spec, objects)
+    stop = first_row + len(seq_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arrays["seq_id"][first_row:stop] = np.asarray(seq_ids, dtype=np.uint64)
+        for name in spec.columns():
+            values = np.empty(len(rows), dtype=object)
+            values[:] = [r[name] for r in rows]
+            arrays[name][first_row:stop] = values
+    return _as_objects(objects, metadata=False)
+
+
 def _as_objects(objects: dict[str, Buffer], metadata: bool) -> Objects:
     return [(f"{GROUP}/{key}", buf.to_bytes()) for key, buf in sorted(objects.items())
             if key.endswith("zarr.json") == metadata]
@@ -125,17 +141,17 @@ class ZarrContainer:
 
     def encode_unit(self, spec: ShardSpec, index: int, first_row: int, seq_ids: list[int],
                     rows: list[dict[str, bytes]]) -> Objects:
-        objects: dict[str, Buffer] = {}
-        arrays = _in_memory(spec, objects)
-        stop = first_row + len(seq_ids)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arrays["seq_id"][first_row:stop] = np.asarray(seq_ids, dtype=np.uint64)
-            for name in spec.columns():
-                values = np.empty(len(rows), dtype=object)
-                values[:] = [r[name] for r in rows]
-                arrays[name][first_row:stop] = values
-        return _as_objects(objects, metadata=False)
+        """The unit's shard of every array: put together by :mod:`~logitcache.store.containers.zarr_shards` (the bytes
+        zarr writes) where it writes the compression, else by zarr."""
+        if shards.writes(spec.compression):
+            level, per = spec.compression_level, spec.sequences_per_shard
+            objects = [(f"{GROUP}/seq_id/c/{index}",
+                        shards.seq_ids_shard(np.asarray(seq_ids, dtype=np.uint64), per, spec.compression, level))]
+            objects += [(f"{GROUP}/{name}/c/{index}",
+                         shards.byte_rows_shard([r[name] for r in rows], per, spec.compression, level))
+                        for name in spec.columns()]
+            return sorted(objects)
+        return encode_by_zarr(spec, first_row, seq_ids, rows)
 
     def unit_paths(self, spec: ShardSpec, index: int) -> list[str]:
         return sorted(f"{GROUP}/{name}/c/{index}" for name in ["seq_id", *spec.columns()])

@@ -1,10 +1,12 @@
-"""A unit's Zarr shards read on the calling thread: the ``sharding_indexed`` layout taken apart here, each inner
-chunk decompressed as zarr's codecs do it (zstd through a reused context, blosc by numcodecs).
+"""A unit's Zarr shards read and written on the calling thread: the ``sharding_indexed`` layout put together and
+taken apart here, each inner chunk (de)compressed by the numcodecs codec zarr's own codec calls (zstd reads through
+a reused context; blosc writes stay with zarr, see :func:`writes`).
 
-zarr-python reads a shard through its asyncio pipeline and hands every inner chunk's decompression to a thread
+zarr-python runs a shard through its asyncio pipeline and hands every inner chunk's (de)compression to a thread
 (``asyncio.to_thread``): with one row per inner chunk that is ~110 thread round trips per unit, and a unit read
 ~40 ms, 15–20× the Arrow container's (docs/benchmarks.md, "Zarr units read without zarr's pipeline"). The bytes
-are what the store's metadata (:mod:`~logitcache.store.containers.zarr`) promises, and nothing else is accepted:
+are what the store's metadata (:mod:`~logitcache.store.containers.zarr`) promises, the same bytes zarr writes
+(the tests compare every object), and nothing else is accepted:
 
 - a shard is its inner chunks' bytes, then the index: per inner chunk ``(offset, nbytes)`` as little-endian
   uint64 (``2**64 - 1`` twice: an empty chunk, read as the array's fill value), then the crc32c of the index
@@ -13,11 +15,12 @@ are what the store's metadata (:mod:`~logitcache.store.containers.zarr`) promise
   row's ``vlen-bytes`` item (numcodecs ``VLenBytes``: item count 1, the length, the bytes), for ``seq_id`` the
   shard's ids (``bytes``, little-endian).
 
-The tests read every unit both ways, through zarr and through this module, and compare.
+The tests read and write every unit both ways, through zarr and through this module, and compare.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import google_crc32c
@@ -27,10 +30,11 @@ from numcodecs import Blosc, Zstd
 
 from ...errors import CorruptShardError
 
-__all__ = ["byte_rows", "inner_chunks", "seq_ids"]
+__all__ = ["byte_rows", "byte_rows_shard", "inner_chunks", "seq_ids", "seq_ids_shard", "writes"]
 
 MISSING = 2**64 - 1  # an index entry's offset and size for a chunk that was not written
 _NUMCODECS = {"zstd": Zstd(), "lz4": Blosc()}  # spec.compression -> the inner chunks' codec, as zarr decodes them
+_VLEN_ONE = (1).to_bytes(4, "little")  # a vlen-bytes chunk's item count: one row
 _LOCAL = threading.local()  # this thread's zstd decompressor (a zstandard one is not shared across threads)
 
 
@@ -106,3 +110,44 @@ def seq_ids(data: bytes | memoryview, rows: int, shard_rows: int, compression: s
         raise CorruptShardError(f"{where}: its ids take {len(raw)} bytes; {8 * shard_rows} expected "
                                 f"({shard_rows} uint64)")
     return np.frombuffer(raw, dtype="<u8", count=rows).astype(np.uint64)
+
+
+def writes(compression: str) -> bool:
+    """Whether :func:`byte_rows_shard` and :func:`seq_ids_shard` write this compression's shards (zstd, none): zarr's
+    blosc codec tunes its parameters to each array's dtype, so blosc shards are left to zarr to write."""
+    return compression in ("zstd", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def _zstd(level: int) -> Zstd:
+    return Zstd(level=level, checksum=False)  # what zarr's ZstdCodec(level) builds (its checksum defaults to False)
+
+
+def _compressed(raw: bytes, compression: str, level: int) -> bytes:
+    """An inner chunk's bytes as zarr's codec writes them: numcodecs ``Zstd(level, checksum=False)``, or raw."""
+    return raw if compression == "none" else _zstd(level).encode(raw)
+
+
+def _shard(chunks: list[bytes | None]) -> bytes:
+    """Inner chunks (None: not written) in order, then the index and its crc32c (zarr's ``_encode_shard_dict``)."""
+    index = np.full((len(chunks), 2), MISSING, dtype="<u8")
+    start = 0
+    for i, chunk in enumerate(chunks):
+        if chunk:
+            index[i] = start, len(chunk)
+            start += len(chunk)
+    table = index.tobytes()
+    return b"".join(c for c in chunks if c) + table + np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+
+
+def byte_rows_shard(rows: list[bytes], chunks: int, compression: str, level: int) -> bytes:
+    """A byte column's shard of ``chunks`` one-row inner chunks holding ``rows`` (the rest not written)."""
+    encoded = [_compressed(_VLEN_ONE + len(row).to_bytes(4, "little") + row, compression, level) for row in rows]
+    return _shard(encoded + [None] * (chunks - len(rows)))
+
+
+def seq_ids_shard(ids: np.ndarray, shard_rows: int, compression: str, level: int) -> bytes:
+    """The ``seq_id`` shard: one inner chunk of ``shard_rows`` little-endian uint64, 0 (the fill value) past ``ids``."""
+    raw = np.zeros(shard_rows, dtype="<u8")
+    raw[:len(ids)] = ids
+    return _shard([_compressed(raw.tobytes(), compression, level)])
