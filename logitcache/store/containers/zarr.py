@@ -7,10 +7,11 @@
 Every array uses the sharding codec with shard shape ``(sequences_per_shard,)`` and inner chunks
 of one row (zstd or blosc-lz4 inside), so a unit is exactly one object per array
 (``data.zarr/<column>/c/<unit>``) and one row can be fetched with a ranged read. The array
-metadata is written when the store is created. Shard objects are produced by zarr itself
-(into memory) and then written and checksummed through the store's exactly-once commit path,
-so ``zarr.open_group(STORE/data.zarr)`` reads a finished store with plain zarr. Reading a unit takes its shards
-apart without zarr's pipeline (:mod:`~logitcache.store.containers.zarr_shards`, much faster on one-row chunks).
+metadata is written when the store is created. A unit's shard objects are put together in memory
+(:mod:`~logitcache.store.containers.zarr_shards`, the bytes zarr writes, without zarr's asyncio pipeline, which
+is slow on one-row chunks; blosc shards by zarr itself), then written and checksummed through the store's
+exactly-once commit path, so ``zarr.open_group(STORE/data.zarr)`` reads a finished store with plain zarr. A unit is
+read back by ``zarr_shards`` too.
 
 Note: zarr-python marks the variable-length bytes data type as not yet in the Zarr v3 spec
 (its representation may change between zarr versions); the manifest records the zarr version.
@@ -27,7 +28,6 @@ from collections.abc import Mapping
 import numpy as np
 import zarr
 from zarr.abc.buffer import Buffer
-from zarr.buffer import default_buffer_prototype
 from zarr.core.group import GroupMetadata
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.dtype import VariableLengthBytes
