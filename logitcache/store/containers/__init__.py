@@ -42,10 +42,14 @@ def _arrow() -> Container:
 
 
 def _zarr() -> Container:
-    try:
-        import zarr  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("store format 'zarr' needs the zarr package: pip install 'logitcache[zarr]'") from exc
+    import importlib
+
+    for module, package in (("zarr", "zarr"), ("zstandard", "zstandard"), ("google_crc32c", "google-crc32c")):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"store format 'zarr' needs the {package} package: pip install 'logitcache[zarr]'") \
+                from exc
     from .zarr import ZarrContainer
 
     return ZarrContainer()
