@@ -190,3 +190,11 @@ def test_threads_reading_at_once_read_alike():
     assert not errors and len(results) == 80
     for got in results:
         assert all(np.array_equal(got[c][0], want[c][0]) and np.array_equal(got[c][1], want[c][1]) for c in want)
+
+
+def test_a_claim_of_more_rows_than_a_shard_holds_gives_the_rows_it_holds():
+    """read_unit then refuses the unit by its row count ("holds 5 sequences; the manifest records 7")."""
+    sp = spec("zstd")
+    ids, rows, objects = encoded(sp, 0, seed=2)
+    got = decoded(sp, 0, 7, objects)
+    assert got.seq_ids.tolist() == ids and len(got) == 5 and all(off.size == 6 for _, off in got.columns.values())

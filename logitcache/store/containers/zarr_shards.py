@@ -102,6 +102,7 @@ def byte_rows(data: bytes | memoryview, rows: int, chunks: int, compression: str
 
 def seq_ids(data: bytes | memoryview, rows: int, shard_rows: int, compression: str, where: str) -> np.ndarray:
     """``uint64[rows]``: the first ``rows`` ids of the ``seq_id`` shard (one inner chunk of ``shard_rows``)."""
+    rows = min(rows, shard_rows)  # a record claiming more rows than a shard holds is refused by the caller
     (chunk,) = inner_chunks(data, 1, where)
     if chunk is None:
         return np.zeros(rows, dtype=np.uint64)  # the array's fill value
