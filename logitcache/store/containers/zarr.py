@@ -68,6 +68,11 @@ def _in_memory(spec: ShardSpec, objects: dict[str, Buffer]) -> dict[str, zarr.Ar
     return arrays
 
 
+def shard_path(name: str, index: int) -> str:
+    """Array ``name``'s shard of unit ``index`` (the store-relative object path)."""
+    return f"{GROUP}/{name}/c/{index}"
+
+
 def encode_by_zarr(spec: ShardSpec, first_row: int, seq_ids: list[int], rows: list[dict[str, bytes]]) -> Objects:
     """A unit's shard objects as zarr writes them (rows ``first_row`` on of every array, in memory): the blosc units,
     and the tests' reference for the shards :mod:`~logitcache.store.containers.zarr_shards` writes."""
@@ -145,29 +150,26 @@ class ZarrContainer:
         zarr writes) where it writes the compression, else by zarr."""
         if shards.writes(spec.compression):
             level, per = spec.compression_level, spec.sequences_per_shard
-            objects = [(f"{GROUP}/seq_id/c/{index}",
+            objects = [(shard_path("seq_id", index),
                         shards.seq_ids_shard(np.asarray(seq_ids, dtype=np.uint64), per, spec.compression, level))]
-            objects += [(f"{GROUP}/{name}/c/{index}",
+            objects += [(shard_path(name, index),
                          shards.byte_rows_shard([r[name] for r in rows], per, spec.compression, level))
                         for name in spec.columns()]
             return sorted(objects)
         return encode_by_zarr(spec, first_row, seq_ids, rows)
 
     def unit_paths(self, spec: ShardSpec, index: int) -> list[str]:
-        return sorted(f"{GROUP}/{name}/c/{index}" for name in ["seq_id", *spec.columns()])
+        return sorted(shard_path(name, index) for name in ["seq_id", *spec.columns()])
 
     def decode_unit(self, spec: ShardSpec, index: int, first_row: int, num_rows: int,
                     objects: Mapping[str, bytes | memoryview]) -> UnitRows:
         """The unit's rows from its shards, read by :mod:`~logitcache.store.containers.zarr_shards` (the layout the
         metadata promises, the numcodecs codecs zarr uses) rather than through zarr's asyncio pipeline."""
         shard_rows = spec.sequences_per_shard
-
-        def where(name: str) -> str:
-            return f"shard {index} ({GROUP}/{name}/c/{index})"
-
-        seq_ids = shards.seq_ids(objects[f"{GROUP}/seq_id/c/{index}"], num_rows, shard_rows, spec.compression,
-                                 where("seq_id"))
-        blobs = {name: shards.byte_rows(objects[f"{GROUP}/{name}/c/{index}"], num_rows, shard_rows, spec.compression,
-                                        where(name))
+        path = {name: shard_path(name, index) for name in ["seq_id", *spec.columns()]}
+        seq_ids = shards.seq_ids(objects[path["seq_id"]], num_rows, shard_rows, spec.compression,
+                                 f"shard {index} ({path['seq_id']})")
+        blobs = {name: shards.byte_rows(objects[path[name]], num_rows, shard_rows, spec.compression,
+                                        f"shard {index} ({path[name]})")
                  for name in spec.columns()}
         return from_blobs(seq_ids, blobs)

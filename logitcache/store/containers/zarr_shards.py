@@ -67,9 +67,10 @@ def _decompressed(chunk: memoryview, compression: str, where: str, i: int) -> by
     if compression == "none":
         return chunk
     if compression == "zstd":
-        decompressor = getattr(_LOCAL, "zstd", None) or _LOCAL.__dict__.setdefault("zstd", zstandard.ZstdDecompressor())
+        if not hasattr(_LOCAL, "zstd"):
+            _LOCAL.zstd = zstandard.ZstdDecompressor()
         try:
-            return decompressor.decompress(chunk)
+            return _LOCAL.zstd.decompress(chunk)
         except zstandard.ZstdError:
             pass  # numcodecs decodes a frame without its size, and words the error on a damaged one
     try:
@@ -91,13 +92,8 @@ def _vlen_item(raw: bytes | memoryview, where: str, i: int) -> bytes:
 
 def byte_rows(data: bytes | memoryview, rows: int, chunks: int, compression: str, where: str) -> list[bytes]:
     """The first ``rows`` rows of a byte column's shard of ``chunks`` one-row inner chunks (empty: ``b""``)."""
-    out = []
-    for i, chunk in enumerate(inner_chunks(data, chunks, where)[:rows]):
-        if chunk is None:
-            out.append(b"")
-            continue
-        out.append(_vlen_item(_decompressed(chunk, compression, where, i), where, i))
-    return out
+    return [b"" if chunk is None else _vlen_item(_decompressed(chunk, compression, where, i), where, i)
+            for i, chunk in enumerate(inner_chunks(data, chunks, where)[:rows])]
 
 
 def seq_ids(data: bytes | memoryview, rows: int, shard_rows: int, compression: str, where: str) -> np.ndarray:
