@@ -44,7 +44,7 @@ def _arrow() -> Container:
 def _zarr() -> Container:
     import importlib
 
-    for module, package in (("zarr", "zarr"), ("zstandard", "zstandard"), ("google_crc32c", "google-crc32c")):
+    for module, package in (("zarr", "zarr"), ("google_crc32c", "google-crc32c")):  # zstandard: a dependency
         try:
             importlib.import_module(module)
         except ImportError as exc:

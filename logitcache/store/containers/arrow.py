@@ -8,6 +8,7 @@ configured level. Any Arrow reader can open a shard; decoding the byte columns n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 from ...errors import CorruptShardError
 from ..spec import ShardSpec
 from ..units import UnitRows
+from .arrow_ipc import unit_columns
 from .base import Objects
 
 
@@ -29,7 +31,18 @@ def shard_path(index: int) -> str:
 
 
 def schema(spec: ShardSpec) -> pa.Schema:
-    return pa.schema([("seq_id", pa.uint64())] + [(c, pa.binary()) for c in spec.columns()])
+    return _schema(tuple(spec.columns()))
+
+
+@functools.lru_cache(maxsize=64)
+def _schema(columns: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([("seq_id", pa.uint64())] + [(c, pa.binary()) for c in columns])
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_message(columns: tuple[str, ...]) -> bytes:
+    """The schema message a unit's stream starts with (what the stream writer writes for these columns)."""
+    return _schema(columns).serialize().to_pybytes()
 
 
 class ArrowContainer:
@@ -61,7 +74,11 @@ class ArrowContainer:
     def decode_unit(self, spec: ShardSpec, index: int, first_row: int, num_rows: int,
                     objects: Mapping[str, bytes | memoryview]) -> UnitRows:
         path = shard_path(index)
-        try:
+        names = tuple(spec.columns())
+        direct = unit_columns(objects[path], _schema_message(names), list(names))  # the layout written here
+        if direct is not None:
+            return UnitRows(*direct)
+        try:  # anything else (another codec, a damaged stream): pyarrow reads it or says what is wrong
             table = pa.ipc.open_stream(pa.py_buffer(objects[path]), options=READ_OPTIONS).read_all()
         except (pa.ArrowInvalid, OSError) as exc:
             raise CorruptShardError(f"shard {index} ({path}) is not a readable Arrow IPC stream ({exc})") from exc

@@ -21,7 +21,6 @@ The tests read and write every unit both ways, through zarr and through this mod
 from __future__ import annotations
 
 import functools
-import threading
 
 import google_crc32c
 import numpy as np
@@ -29,13 +28,13 @@ import zstandard
 from numcodecs import Blosc, Zstd
 
 from ...errors import CorruptShardError
+from .zstd_context import decompressor
 
 __all__ = ["byte_rows", "byte_rows_shard", "inner_chunks", "seq_ids", "seq_ids_shard", "writes"]
 
 MISSING = 2**64 - 1  # an index entry's offset and size for a chunk that was not written
 _NUMCODECS = {"zstd": Zstd(), "lz4": Blosc()}  # spec.compression -> the inner chunks' codec, as zarr decodes them
 _VLEN_ONE = (1).to_bytes(4, "little")  # a vlen-bytes chunk's item count: one row
-_LOCAL = threading.local()  # this thread's zstd decompressor (a zstandard one is not shared across threads)
 
 
 def inner_chunks(data: bytes | memoryview, chunks: int, where: str) -> list[memoryview | None]:
@@ -67,10 +66,8 @@ def _decompressed(chunk: memoryview, compression: str, where: str, i: int) -> by
     if compression == "none":
         return chunk
     if compression == "zstd":
-        if not hasattr(_LOCAL, "zstd"):
-            _LOCAL.zstd = zstandard.ZstdDecompressor()
         try:
-            return _LOCAL.zstd.decompress(chunk)
+            return decompressor().decompress(chunk)
         except zstandard.ZstdError:
             pass  # numcodecs decodes a frame without its size, and words the error on a damaged one
     try:
