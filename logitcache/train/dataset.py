@@ -215,9 +215,12 @@ class CacheDataset(IterableDataset):
 
     def _read(self, elements: Any, progress: Pass) -> Iterator[dict[str, Any]]:
         """Items of global sequence indices, or (``pack_tokens``) packed rows of index arrays."""
-        for element in elements:
+        done = self._store.last_uses(elements)  # the units each element is the last to read: dropped after it
+        for p, element in enumerate(elements):
             out = self._store.item(int(element)) if np.ndim(element) == 0 else pack(
                 [self._store.item(int(i)) for i in element])
+            for s in done.get(p, ()):
+                self._store.release(s)
             progress.yielded += 1
             yield out
 

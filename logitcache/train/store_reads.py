@@ -99,6 +99,29 @@ class Store:
             self._open.popitem(last=False)
         return shard
 
+    def last_uses(self, elements: Any) -> dict[int, list[int]]:
+        """``{p: units}``: the units whose last item among ``elements`` (global sequence indices, or arrays of them:
+        packed rows) is element ``p``, so that a pass drops each unit from the cache once it is done with it
+        (:meth:`release`). Without that, the least recently used unit goes first, which can be one the next window
+        still reads: a window spans up to three units, two windows five, and a unit left out read twice."""
+        if isinstance(elements, np.ndarray):  # sequence indices
+            flat, where = elements.astype(np.int64, copy=False), np.arange(elements.size)
+        else:  # packed rows
+            sizes = [int(np.size(e)) for e in elements]
+            flat = np.concatenate([np.zeros(0, np.int64)] + [np.asarray(e, np.int64).reshape(-1) for e in elements])
+            where = np.repeat(np.arange(len(sizes)), sizes)
+        units = np.searchsorted(self.starts, flat, side="right") - 1
+        last = np.full(len(self.records), -1, np.int64)
+        np.maximum.at(last, units, where)
+        out: dict[int, list[int]] = {}
+        for s in np.flatnonzero(last >= 0).tolist():
+            out.setdefault(int(last[s]), []).append(s)
+        return out
+
+    def release(self, s: int) -> None:
+        """Drop unit ``s`` (a position in ``records``) from the cache, if there; items already made keep their data."""
+        self._open.pop(s, None)
+
     def locate(self, index: int) -> tuple[int, int]:
         """``(position in records, row)`` of global sequence ``index``."""
         if not 0 <= index < self.num_sequences:

@@ -250,3 +250,32 @@ def test_an_incomplete_store_reads_its_committed_units_and_says_so(store, tmp_pa
     with caplog.at_level("WARNING", logger="logitcache"):
         assert len(CacheDataset(store)) == NUM_SEQUENCES
     assert "incomplete" not in caplog.text
+
+
+@pytest.mark.parametrize("pack", [None, 6])
+def test_a_shuffled_pass_reads_each_unit_once(tmp_path, monkeypatch, pack):
+    """Units of 4 sequences and a short last one: shuffle windows (8 sequences) straddle units, and two windows span
+    up to five units, one more than the 4 kept open. The pass drops a unit once it has read its last item, so no
+    unit is read twice however the windows fall (a pass that kept the least recently used would, for some seeds)."""
+    import logitcache.train.store_reads as store_reads
+    from logitcache.testing.store_conformance import make_header, make_rows, write_store
+
+    root, units = str(tmp_path / "s"), 20
+    write_store(root, make_header("sample", "arrow", sequences=4 * 19 + 2, per_shard=4, seq_len=3),
+                make_rows("sample", 78, 3, seed=2))
+    reads: list[int] = []
+    unit_rows = store_reads.unit_rows
+    monkeypatch.setattr(store_reads, "unit_rows", lambda spec, unit, index: reads.append(index) or
+                        unit_rows(spec, unit, index))
+    twice = 0
+    for seed in range(20):
+        reads.clear()
+        ds = CacheDataset(root, shuffle=True, seed=seed, pack_tokens=pack)
+        seen = sorted(int(s) for item in ds for s in np.atleast_1d(item["seq_id" if pack is None else "seq_ids"]))
+        assert len(seen) == 78 and sorted(reads) == list(range(units)), (seed, reads)
+        ds._store.release = lambda s: None  # the least recently used unit goes first, as before
+        reads.clear()
+        list(ds)
+        twice += len(reads) > units
+    if pack is None:
+        assert twice, "for some seeds, a pass that only evicts the least recently used unit reads one twice"
