@@ -8,6 +8,10 @@ row decode). Writes and reads of all four stores are interleaved over ``--repeat
 thread (median reported), each ``ans`` case right after its zstd twin; ``vs_zstd`` is the median over
 rounds of a case's speed over its twin's in the same round (so a burst of load elsewhere, which spans
 neighbouring cases, mostly cancels out of the ratio).
+Op ``stage`` times the entropy stage by itself on the same units: ``ans`` undoes the stage of every unit
+(``entropy.unpack_unit`` on the container's columns), ``zstd`` decompresses the bytes of the same streams as the zstd
+store holds them (one zstd-9 frame per stream per unit, through one reused context), what zstd spends on them inside
+the container's read. An ``ans`` read can only match a zstd read where this stage costs about what zstd's does.
 ``--clock cpu`` times each case by the process's CPU time instead of the wall clock: on a machine
 where other jobs take the cores (a ``nice``d run is preempted mid-read) the wall clock charges their
 time to whichever case was running.
@@ -34,7 +38,13 @@ from storage import rewrite
 
 from logitcache.capture import capture
 from logitcache.capture.config import CaptureConfig
-from logitcache.store.reader import iter_sequences
+from logitcache.store import read_manifest
+from logitcache.store.containers import get_container
+from logitcache.store.containers.zstd_context import decompressor
+from logitcache.store.entropy import coded_columns, unpack_unit
+from logitcache.store.fs import StoreFS
+from logitcache.store.reader import iter_sequences, read_unit
+from logitcache.store.spec import spec_from_manifest
 
 METHODS = {  # name: (sparsify overrides, logprob code)
     "sample-50": ({"method": "sample", "samples": 50}, "float32"),
@@ -77,6 +87,25 @@ def read_all(store: Path) -> int:
     return sum(targets.num_positions for _, _, targets in iter_sequences(store))
 
 
+def stage_case(store: Path, entropy: str):
+    """What the entropy stage alone decodes in every unit of ``store`` (module docstring, op ``stage``), as a
+    function that decodes it all."""
+    fs = StoreFS(store)
+    manifest = read_manifest(fs)
+    spec = spec_from_manifest(manifest.header)
+    if entropy == "ans":
+        container = get_container(spec.format)
+        units = [container.decode_unit(spec, r.index, 0, r.sequences, {o.path: fs.read(o.path) for o in r.objects})
+                 for r in manifest.shards]
+        return lambda: [unpack_unit(spec, unit) for unit in units]
+    import zstandard
+
+    level = zstandard.ZstdCompressor(level=9)
+    frames = [level.compress(read_unit(fs, spec, r).columns[name][0].tobytes())
+              for r in manifest.shards for name in coded_columns(spec)]
+    return lambda: [decompressor().decompress(frame) for frame in frames]
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192, help="positions captured per method")
@@ -104,6 +133,7 @@ def main() -> None:
         cases = {(n, e, op): partial(read, read_all, work / n / e) if op == "read" else  # ans right after zstd
                  partial(write_case, work, n, e, rows[n], args.clock)
                  for n in METHODS for op in ("read", "write") for e in ENTROPY}
+        cases |= {(n, e, "stage"): partial(read, stage_case(work / n / e, e)) for n in METHODS for e in ENTROPY}
         times = interleave(cases, args.repeats)
     finally:
         if args.keep is None:

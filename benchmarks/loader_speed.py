@@ -21,7 +21,10 @@ in a temporary directory, then times, interleaved over ``--repeats`` rounds (med
 
 * ``baseline`` (with ``--baseline DIR``): ``loader`` with the ``logitcache`` package of another checkout
   ``DIR`` (e.g. ``git archive <commit> | tar -x -C DIR``), imported under another name, so before and after
-  are timed in the same rounds.
+  are timed in the same rounds. Also paired by CPU time: ``2 · --repeats + 1`` rounds of one ``loader`` and one
+  ``baseline`` pass, which goes first alternating (rows ``cpu:loader-paired``, ``cpu:baseline-paired``, the medians;
+  printed, the median over rounds of baseline ÷ loader time), which a shared machine's steal disturbs less than
+  the wall clock.
 
 ``--profile`` prints the top cProfile entries (by own time) of one ``loader`` and one ``loader-rows`` pass
 (and one ``baseline`` pass). ``--stages`` also times each stage of a pass by itself in process CPU time (the fastest
@@ -175,6 +178,19 @@ def stage_times(store: Path, batch_size: int, repeats: int) -> dict[str, float]:
     return best
 
 
+def paired_cpu(new, old, store: Path, repeats: int) -> tuple[float, float, float]:
+    """Process CPU seconds of ``new``'s and ``old``'s passes (medians) and the median over rounds of old ÷ new:
+    one pass each per round, which goes first alternating, so drift and order hit both alike."""
+    times: dict[str, list[float]] = {"new": [], "old": []}
+    for round_ in range(repeats):
+        for name in ("new", "old") if round_ % 2 else ("old", "new"):
+            start = time.process_time()
+            (new if name == "new" else old)(store)
+            times[name].append(time.process_time() - start)
+    ratio = statistics.median(o / n for n, o in zip(times["new"], times["old"]))
+    return statistics.median(times["new"]), statistics.median(times["old"]), ratio
+
+
 def print_profile(name: str, fn, store: Path, top: int) -> None:
     profile = cProfile.Profile()
     profile.runcall(fn, store)
@@ -234,6 +250,7 @@ def main() -> None:
         times = interleave({name: partial(timed, fn, store) for name, fn in cases.items()}, args.repeats,
                            warmup=False)
         stages = stage_times(store, args.batch_size, args.repeats) if args.stages else {}
+        paired = paired_cpu(cases["loader"], cases["baseline"], store, 2 * args.repeats + 1) if args.baseline else None
         for name in [c for c in ("loader", "loader-rows", "baseline") if c in cases] if args.profile else ():
             print_profile(name, cases[name], store, args.profile)
     finally:
@@ -258,6 +275,14 @@ def main() -> None:
         rows.append({**meta, "case": case, "positions": count, "seconds": round(seconds, 5),
                      "positions_per_s": round(count / seconds, 1)})
         print(f"{'cpu:' + name:16s} positions={count} cpu seconds={seconds:.4f} positions/s={count / seconds:,.0f}")
+    if paired:
+        new, old, ratio = paired
+        for name, seconds in (("cpu:loader-paired", new), ("cpu:baseline-paired", old)):
+            count = positions["loader"]
+            rows.append({**meta, "case": name + label, "positions": count, "seconds": round(seconds, 5),
+                         "positions_per_s": round(count / seconds, 1)})
+            print(f"{name:20s} positions={count} cpu seconds={seconds:.4f} positions/s={count / seconds:,.0f}")
+        print(f"loader ÷ baseline, paired CPU time: {ratio:.3f}")
     out.append(rows)
 
 
