@@ -123,9 +123,10 @@ def _buffer(body: memoryview, offset: int, length: int, zstd: bool) -> bytes | m
     size = _u(region, "<q", 0)
     if size == -1:
         return region[8:]
-    if size < 0:
-        raise _Other
-    out = decompressor().decompress(region[8:], max_output_size=size)
+    frame = region[8:]
+    if size < 0 or zstandard.frame_content_size(frame) not in (size, -1):  # -1: a frame that does not record it
+        raise _Other  # (a damaged length is not allocated here)
+    out = decompressor().decompress(frame, max_output_size=size)
     if len(out) != size:
         raise _Other
     return out
