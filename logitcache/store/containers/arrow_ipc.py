@@ -1,9 +1,9 @@
 """An Arrow unit's columns read straight from its IPC stream, each zstd buffer through this thread's reused context.
 
 pyarrow decompresses every buffer of a stream with a one-shot ``ZSTD_decompress``, which sets up a fresh
-decompression context per buffer. A unit has ``2 + 3 · columns`` buffers (~20), and on the benchmark VM a 2048-position
-unit took 0.25 ms to read that way against 0.10 ms through one reused context (docs/benchmarks.md, "Arrow units read
-through one zstd context"). This module reads the one layout the container writes — the schema message, one record
+decompression context per buffer. A unit has ``2 + 3 · columns`` buffers (13 for RS-KD), and on the benchmark VM a
+2048-position unit took 0.24 ms to read that way, where its frames decompress in 0.10 ms through one reused context
+(docs/benchmarks.md, "Arrow units read through one zstd context"). This module reads the one layout the container writes — the schema message, one record
 batch of non-null columns (``seq_id uint64``, then ``binary`` columns), the end-of-stream marker — as the Arrow
 columnar format specifies it (``Message.fbs``, ``Schema.fbs``; "Compression" in the IPC format), from the messages'
 flatbuffers:
