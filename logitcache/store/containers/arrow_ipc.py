@@ -57,7 +57,8 @@ def unit_columns(data: bytes | memoryview, schema_message: bytes, names: list[st
 
 
 def _message(view: memoryview, at: int) -> tuple[int, memoryview, int]:
-    """The record batch message at ``at``: ``(its RecordBatch table, its body, where the next message starts)``."""
+    """The record batch message at ``at``: ``(where its RecordBatch table is, its body, where the next message
+    starts)``."""
     if bytes(view[at:at + 4]) != CONTINUATION:
         raise _Other
     size = _u(view, "<i", at + 4)
@@ -68,7 +69,7 @@ def _message(view: memoryview, at: int) -> tuple[int, memoryview, int]:
     body_start, body_length = flat + size, _scalar(view, message, 3, "<q", 0)
     if size < 0 or body_length < 0 or body_start + body_length > len(view):
         raise _Other
-    return _table(view, _offset(view, message, 2)), view[body_start:body_start + body_length], body_start + body_length
+    return _offset(view, message, 2), view[body_start:body_start + body_length], body_start + body_length
 
 
 def _message_end(view: memoryview, at: int) -> bool:
@@ -103,10 +104,9 @@ def _columns(view: memoryview, batch: int, body: memoryview,
 
 def _compression(view: memoryview, batch: int) -> bool:
     """Whether the body's buffers are compressed (zstd); another codec is not read here."""
-    at = _offset(view, batch, 3, required=False)
-    if at is None:
+    table = _offset(view, batch, 3, required=False)
+    if table is None:
         return False
-    table = _table(view, at)
     if _scalar(view, table, 0, "<b", 0) != ZSTD or _scalar(view, table, 1, "<b", 0) != 0:  # codec, method BUFFER
         raise _Other
     return True
@@ -141,12 +141,7 @@ def _u(view: memoryview, fmt: str, at: int) -> int:
 
 
 def _root(view: memoryview, flat: int) -> int:
-    return _table(view, flat + _u(view, "<I", flat))
-
-
-def _table(view: memoryview, at: int) -> int:
-    _u(view, "<i", at)  # in bounds
-    return at
+    return flat + _u(view, "<I", flat)
 
 
 def _slot(view: memoryview, table: int, slot: int) -> int | None:
